@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole check, as CI runs it: format, lint, types, tests. Run from the repo root inside the venv
+# (scripts/test.sh sets that up).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+echo "== ruff format --check"; "$PY" -m ruff format --check turbine tests benchmarks scripts
+echo "== ruff check";          "$PY" -m ruff check turbine tests benchmarks scripts
+echo "== mypy --strict";       "$PY" -m mypy --strict
+echo "== pytest";              "$PY" -m pytest -q -p no:cacheprovider "$@"

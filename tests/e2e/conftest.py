@@ -1,0 +1,147 @@
+"""Real processes on loopback: a file-discovery directory per test, frontends and workers as
+subprocesses started with the same commands users type, stopped (and killed if need be) afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MODEL = "turbine-tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """A raw HTTP call (for bodies no client library would send)."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+
+
+class Stack:
+    """Processes sharing one file-discovery directory and namespace."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.store = root / "store"
+        self.procs: list[Proc] = []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.env.pop("TURBINE_HTTP_PORT", None)
+
+    def _start(self, name: str, argv: list[str]) -> Proc:
+        proc = Proc(name, argv, self.root / f"{name}-{len(self.procs)}.log", self.env)
+        self.procs.append(proc)
+        return proc
+
+    def common(self) -> list[str]:
+        return ["--discovery-backend", "file", "--file-store-path", str(self.store), "--namespace", "test"]
+
+    def frontend(self, *args: str, wait: bool = True) -> tuple[Proc, str]:
+        port = free_port()
+        proc = self._start(
+            "frontend",
+            [sys.executable, "-m", "turbine.frontend", "--http-port", str(port), *self.common(), *args],
+        )
+        url = f"http://127.0.0.1:{port}"
+        if wait:
+            wait_until(lambda: http("GET", url + "/live", timeout=1)[0] == 200, 20, proc)
+        return proc, url
+
+    def worker(self, *args: str, ttl: float = 10.0) -> Proc:
+        return self._start(
+            "worker",
+            [sys.executable, "-m", "turbine.worker", *self.common(), "--lease-ttl-s", str(ttl), *args],
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def wait_until(predicate: Any, timeout: float, proc: Proc | None = None, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        if proc is not None and proc.popen.poll() is not None:
+            raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log()}")
+        time.sleep(interval)
+    detail = f"\n{proc.name} log:\n{proc.log()}" if proc is not None else ""
+    raise AssertionError(f"condition not met within {timeout}s{detail}")
+
+
+def live_instances(url: str, model: str = MODEL) -> int:
+    status, _, body = http("GET", url + "/health", timeout=2)
+    if status != 200:
+        return -1
+    count: int = json.loads(body)["models"].get(model, 0)
+    return count
+
+
+def wait_instances(url: str, count: int, timeout: float = 20.0, model: str = MODEL) -> None:
+    wait_until(lambda: live_instances(url, model) == count, timeout)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()

@@ -1,0 +1,1 @@
+"""Benchmark tooling: load generation against an OpenAI endpoint, and reports (markdown + PNG)."""

@@ -1,0 +1,91 @@
+"""Start and stop a local Turbine stack (frontend + worker processes) for benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+class LocalStack:
+    """A frontend and one worker process (with `--num-workers`) over a private file store."""
+
+    def __init__(self, frontend_args: list[str], worker_args: list[str], *, expect_instances: int = 1) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="turbine-bench-")
+        root = Path(self._dir.name)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        common = ["--discovery-backend", "file", "--file-store-path", str(root / "store"),
+                  "--namespace", "bench", "--log-level", "warning"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._logs = [open(root / name, "wb") for name in ("frontend.log", "worker.log")]  # noqa: SIM115
+        self.frontend = subprocess.Popen(
+            [sys.executable, "-m", "turbine.frontend", "--http-port", str(self.port), *common, *frontend_args],
+            stdout=self._logs[0], stderr=subprocess.STDOUT, env=env,
+        )
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "turbine.worker", *common, *worker_args],
+            stdout=self._logs[1], stderr=subprocess.STDOUT, env=env,
+        )
+        self._expect = expect_instances
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in (self.frontend, self.worker):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a stack process exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                    models = json.loads(resp.read())["models"]
+                    if sum(models.values()) >= self._expect:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("stack did not become ready")
+
+    def frontend_cpu_s(self) -> float:
+        return proc_cpu_seconds(self.frontend.pid)
+
+    def close(self) -> None:
+        for proc in (self.frontend, self.worker):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.frontend, self.worker):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in self._logs:
+            log.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> LocalStack:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.close()

@@ -1,0 +1,222 @@
+"""Configuration: frozen dataclasses parsed once from argv and `TURBINE_*` environment variables.
+
+This is the only module that reads argv or the environment. Every field is a flag (`--http-port`) and
+an environment variable (`TURBINE_HTTP_PORT`); a flag wins over the environment, which wins over the
+default. The field's docstring-like `help` is the flag's help text. Validation happens here, once,
+and fails with one clear `ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from turbine.errors import ConfigError
+
+ENV_PREFIX = "TURBINE_"
+ROUTER_MODES = ("round-robin", "random")
+DISCOVERY_BACKENDS = ("file", "mem", "etcd")
+REQUEST_PLANES = ("tcp",)
+ENGINES = ("mocker", "echo")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, secret: bool = False) -> Any:
+    """A config field: its default, help text, allowed values, and whether to redact it in dumps."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Where a process finds the others: shared by frontends and workers."""
+
+    namespace: str = opt("turbine", "Discovery namespace; frontends see only workers of theirs.")
+    discovery_backend: str = opt(
+        "file", "Discovery store: file (processes on one machine), mem (one process), etcd.",
+        choices=DISCOVERY_BACKENDS,
+    )
+    file_store_path: str | None = opt(
+        None, "Directory of the file discovery store (default: a per-user directory under the temp dir)."
+    )
+    request_plane: str = opt("tcp", "Request plane transport.", choices=REQUEST_PLANES)
+    lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
+    log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
+    log_json: bool = opt(False, "Write logs as JSON lines.")
+
+    def validate(self) -> None:
+        if self.discovery_backend == "etcd":
+            raise ConfigError("--discovery-backend etcd is not available yet; use file or mem")
+        if self.lease_ttl_s <= 0:
+            raise ConfigError("--lease-ttl-s must be positive")
+        if not self.namespace or "/" in self.namespace:
+            raise ConfigError("--namespace must be non-empty and contain no '/'")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontendConfig(RuntimeConfig):
+    http_host: str = opt("127.0.0.1", "Address the OpenAI HTTP server binds (0.0.0.0 to expose it).")
+    http_port: int = opt(8000, "Port of the OpenAI HTTP server.")
+    model_name: str | None = opt(None, "Serve only this model name (default: every discovered model).")
+    model_path: str | None = opt(
+        None, "Local model directory whose tokenizer and chat template override the workers' cards."
+    )
+    router_mode: str = opt("round-robin", "How to pick a worker.", choices=ROUTER_MODES)
+    max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.")
+    drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
+    tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
+    dump_config_to: str | None = opt(None, "Write the resolved config as JSON to this file.")
+
+    def validate(self) -> None:
+        _check_port("--http-port", self.http_port)
+        if self.model_path is not None and not Path(self.model_path).is_dir():
+            raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
+        if self.max_request_body_bytes < 1024:
+            raise ConfigError("--max-request-body-bytes must be at least 1024")
+        if self.tokenizer_threads < 1:
+            raise ConfigError("--tokenizer-threads must be at least 1")
+        super().validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig(RuntimeConfig):
+    engine: str = opt("mocker", "Engine to serve.", choices=ENGINES)
+    model_path: str | None = opt(None, "Model directory (tokenizer, template, config); default: bundled.")
+    model_name: str | None = opt(None, "Served model name (default: the model directory's name).")
+    component: str = opt("backend", "Discovery component name.")
+    endpoint: str = opt("generate", "Discovery endpoint name.")
+    host: str = opt("127.0.0.1", "Address the worker's request plane binds.")
+    num_workers: int = opt(1, "Independent workers run in this process.")
+    context_length: int | None = opt(None, "Override the model's context length.")
+    drain_timeout_s: float = opt(60.0, "On SIGTERM, how long in-flight requests may take to finish.")
+    # Mocker (names follow Dynamo's mocker).
+    block_size: int = opt(64, "KV block size in tokens.")
+    num_gpu_blocks_override: int = opt(16384, "KV blocks per worker.")
+    max_num_seqs: int = opt(256, "Most sequences in one batch.")
+    max_num_batched_tokens: int = opt(8192, "Token budget of one scheduler step.")
+    speedup_ratio: float = opt(1.0, "Divide simulated step times by this.")
+    enable_prefix_caching: bool = opt(True, "Reuse cached prefix blocks.")
+    eos_probability: float = opt(0.0, "Mocker: chance per decode step of ending with EOS.")
+    # Echo.
+    echo_delay_ms: float = opt(0.0, "Echo engine: delay between tokens.")
+
+    def validate(self) -> None:
+        if self.model_path is not None and not Path(self.model_path).is_dir():
+            raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
+        for name in ("num_workers", "block_size", "num_gpu_blocks_override", "max_num_seqs",
+                     "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.speedup_ratio <= 0:
+            raise ConfigError("--speedup-ratio must be positive")
+        if not 0.0 <= self.eos_probability <= 1.0:
+            raise ConfigError("--eos-probability must be within [0, 1]")
+        super().validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class UpConfig(FrontendConfig):
+    workers: int = opt(2, "Mocker workers to start beside the frontend.")
+    speedup_ratio: float = opt(1.0, "Mocker speedup ratio.")
+    num_gpu_blocks_override: int = opt(16384, "KV blocks per mocker worker.")
+    block_size: int = opt(64, "KV block size in tokens.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+
+
+def _check_port(flag: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{flag} {port} is out of range (1-65535)")
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+C = TypeVar("C", RuntimeConfig, FrontendConfig, WorkerConfig, UpConfig)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _field_type(field: dataclasses.Field[Any]) -> type:
+    text = str(field.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def _convert(kind: type, raw: str, source: str) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{source}={raw!r} is not a boolean")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{source}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def build_parser(cls: type[C], prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for field in dataclasses.fields(cls):
+        kind = _field_type(field)
+        help_text = f"{field.metadata.get('help', '')} [env {_env_name(field.name)}]"
+        if kind is bool:
+            parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(field.name), dest=field.name, type=str, default=None,
+                                metavar=field.name.upper(), help=help_text)
+    return parser
+
+
+def parse_config(
+    cls: type[C], argv: Sequence[str], env: Mapping[str, str], *, prog: str, description: str = ""
+) -> C:
+    """Parse and validate; raises ConfigError (argparse itself exits 2 on unknown flags)."""
+    args = vars(build_parser(cls, prog, description).parse_args(list(argv)))
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        kind = _field_type(field)
+        raw = args.get(field.name)
+        env_key = _env_name(field.name)
+        if raw is not None:
+            values[field.name] = raw if kind is bool else _convert(kind, raw, _flag(field.name))
+        elif env_key in env:
+            values[field.name] = _convert(kind, env[env_key], env_key)
+        choices = field.metadata.get("choices")
+        if choices and field.name in values and values[field.name] not in choices:
+            raise ConfigError(
+                f"{_flag(field.name)} {values[field.name]!r} is not one of: {', '.join(choices)}"
+            )
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def config_to_json(cfg: RuntimeConfig) -> str:
+    """The resolved config, secrets redacted, for --dump-config-to."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        out[field.name] = "<redacted>" if field.metadata.get("secret") and value else value
+    return json.dumps(out, indent=2, sort_keys=True)
+
+
+def process_env() -> Mapping[str, str]:
+    return os.environ

@@ -1,0 +1,195 @@
+"""The OpenAI-compatible HTTP edge (aiohttp): routes, error shapes, SSE streaming.
+
+Handlers decode bodies with msgspec and encode with orjson; nothing on this path validates through
+pydantic. Every error leaves as OpenAI's `{"error": {...}}` with the status from the error tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import web
+
+from turbine.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    TurbineError,
+)
+from turbine.frontend.models import ModelRegistry
+from turbine.frontend.openai_format import ChunkFormatter, chat_completion, new_id, text_completion
+from turbine.frontend.pipeline import Generation, ModelPipeline
+from turbine.preprocess.preprocessor import Prepared
+from turbine.protocol.openai import decode_chat_request, decode_completion_request
+
+log = logging.getLogger(__name__)
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: TurbineError) -> web.Response:
+    headers = {"Retry-After": "1"} if exc.http_status == 503 else None
+    return web.Response(
+        body=orjson.dumps(exc.to_openai()),
+        status=exc.http_status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except TurbineError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return error_response(PayloadTooLarge(f"request body too large: {exc.text}"))
+        if exc.status == 404:
+            return error_response(NotFound(f"no route for {request.method} {request.path}"))
+        if exc.status == 405:
+            return error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.path}"))
+        if exc.status < 500:
+            return error_response(InvalidRequest(exc.reason))
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(TurbineError("internal error; see the frontend's log"))
+
+
+def _decode(decoder: Callable[[bytes], Any], body: bytes) -> Any:
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return decoder(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        param = message.rsplit("`$.", 1)[1].rstrip("`") if "`$." in message else None
+        raise InvalidRequest(f"invalid request: {message}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+class OpenAIService:
+    """Routes of the OpenAI API plus health, over one ModelRegistry."""
+
+    def __init__(self, registry: ModelRegistry, *, max_body_bytes: int) -> None:
+        self._registry = registry
+        self._max_body_bytes = max_body_bytes
+        self.inflight = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_error_middleware], client_max_size=self._max_body_bytes)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/live", self._live)
+        return app
+
+    # --------------------------------------------------------------------------------- routes
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        req = _decode(decode_chat_request, await request.read())
+        pipeline = self._registry.get(req.model)
+        prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
+        return await self._serve(request, pipeline, prepared, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        req = _decode(decode_completion_request, await request.read())
+        pipeline = self._registry.get(req.model)
+        prepared = await pipeline.preprocessor.completion(req, new_id("cmpl"))
+        return await self._serve(request, pipeline, prepared, chat=False)
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": p.name, "object": "model", "created": p.created, "owned_by": "turbine"}
+            for p in self._registry.models()
+        ]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+    async def _health(self, request: web.Request) -> web.Response:
+        models = self._registry.models()
+        body = {
+            "status": "healthy" if models else "no_workers",
+            "models": {p.name: len(p.instance_ids) for p in models},
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"live"}', content_type="application/json")
+
+    # ------------------------------------------------------------------------------ serving
+
+    async def _serve(
+        self, request: web.Request, pipeline: ModelPipeline, prepared: Prepared, *, chat: bool
+    ) -> web.StreamResponse:
+        self.inflight += 1
+        gen = pipeline.generate(prepared)
+        try:
+            first = await gen.first()
+            headers = {}
+            if gen.decision is not None:
+                headers["x-turbine-worker"] = f"{gen.decision.instance_id:x}"
+            created = int(time.time())
+            rid = prepared.request.request_id
+            if prepared.stream:
+                return await self._stream(request, gen, first, prepared, pipeline.name, created, chat, headers)
+            parts = [first.text]
+            finish = first.finish_reason
+            if finish is None:
+                async for delta in gen:
+                    parts.append(delta.text)
+                    finish = delta.finish_reason
+            assert finish is not None
+            build = chat_completion if chat else text_completion
+            body = build(
+                request_id=rid, model=pipeline.name, created=created, text="".join(parts),
+                finish_reason=finish.value, usage=gen.usage(),
+            )
+            return web.Response(body=body, content_type="application/json", headers=headers)
+        finally:
+            self.inflight -= 1
+            await gen.aclose()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        gen: Generation,
+        first: Any,
+        prepared: Prepared,
+        model: str,
+        created: int,
+        chat: bool,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        await resp.prepare(request)
+        fmt = ChunkFormatter(
+            chat=chat, request_id=prepared.request.request_id, model=model, created=created,
+            include_usage=prepared.include_usage,
+        )
+        out = bytearray(fmt.role() if chat else b"")
+        out += fmt.delta(first)
+        await resp.write(bytes(out))
+        try:
+            if first.finish_reason is None:
+                async for delta in gen:
+                    await resp.write(fmt.delta(delta))
+            tail = fmt.usage(gen.usage()) if prepared.include_usage else b""
+            await resp.write(tail + ChunkFormatter.DONE)
+        except TurbineError as exc:
+            # Headers are gone: report the failure in-band, as OpenAI does, and end the stream.
+            log.warning("stream %s failed: %s", prepared.request.request_id, exc.message)
+            await resp.write(ChunkFormatter.error(exc.to_openai()) + ChunkFormatter.DONE)
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,115 @@
+"""Composition root of the frontend: `turbine frontend` / `python -m turbine.frontend`.
+
+Start-up: parse config → logging → optional config dump → discovery store + request-plane client →
+model registry (watches discovery) → OpenAI HTTP service → SIGTERM/SIGINT handlers.
+Shutdown: stop accepting → let in-flight requests finish (bounded by --drain-timeout-s) → close the
+registry, the request plane and the store → exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from turbine.config import FrontendConfig, config_to_json, parse_config, process_env
+from turbine.errors import ConfigError
+from turbine.frontend.http import OpenAIService
+from turbine.frontend.models import ModelRegistry
+from turbine.logs import configure_logging
+from turbine.router.simple import make_router
+from turbine.runtime.discovery.base import Store
+from turbine.runtime.factory import make_request_client, make_store
+
+log = logging.getLogger("turbine.frontend")
+
+
+async def run_frontend(
+    cfg: FrontendConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    store: Store | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until `stop` is set or SIGTERM/SIGINT arrives, then drain and return."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    own_store = store is None
+    store = store if store is not None else make_store(cfg)
+    client = make_request_client(cfg)
+    executor = concurrent.futures.ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="tokenize")
+    registry = ModelRegistry(
+        store=store,
+        namespace=cfg.namespace,
+        client=client,
+        router_factory=lambda: make_router(cfg.router_mode),
+        executor=executor,
+        only_model=cfg.model_name,
+        model_path_override=cfg.model_path,
+    )
+    service = OpenAIService(registry, max_body_bytes=cfg.max_request_body_bytes)
+    runner = web.AppRunner(
+        service.app(), handler_cancellation=True, access_log=None, shutdown_timeout=cfg.drain_timeout_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024)
+    watcher = loop.create_task(registry.run(), name="model-registry")
+    try:
+        await site.start()
+        url = f"http://{cfg.http_host}:{cfg.http_port}"
+        log.info("OpenAI API on %s (namespace %s, router %s)", url, cfg.namespace, cfg.router_mode)
+        if on_ready is not None:
+            on_ready(url)
+        stop_wait = loop.create_task(stop.wait())
+        await asyncio.wait({stop_wait, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if watcher.done():
+            watcher.result()  # discovery failed: surface the error
+        log.info("shutting down: draining %d in-flight request(s)", service.inflight)
+        await site.stop()
+        deadline = time.monotonic() + cfg.drain_timeout_s
+        while service.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        await runner.cleanup()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await client.close()
+        if own_store:
+            await store.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+        log.info("frontend stopped")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> int:
+    try:
+        cfg = parse_config(
+            FrontendConfig, sys.argv[1:] if argv is None else argv, process_env(), prog=prog,
+            description="Serve the OpenAI API for every model that workers register in discovery.",
+        )
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level, cfg.log_json)
+    if cfg.dump_config_to:
+        Path(cfg.dump_config_to).write_text(config_to_json(cfg) + "\n")
+    import uvloop
+
+    try:
+        uvloop.run(run_frontend(cfg))
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,180 @@
+"""Watch discovery and keep one ModelPipeline per served model, with its live instances.
+
+A model appears when its first worker has registered both its Instance and its card, and disappears
+when its last one goes. Instances join and leave the model's router live. Model files (tokenizer,
+template) are loaded once per model directory, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from turbine.errors import ModelNotFound, TurbineError
+from turbine.frontend.pipeline import ModelPipeline
+from turbine.preprocess.preprocessor import Preprocessor
+from turbine.preprocess.tokenizer import ModelFiles, load_model_files
+from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
+from turbine.protocol.model_card import ModelDeploymentCard
+from turbine.router.base import Router
+from turbine.runtime.discovery.base import Store, WatchKind
+from turbine.runtime.transport.base import RequestPlaneClient
+
+log = logging.getLogger(__name__)
+
+_decode_instance = msgspec.msgpack.Decoder(Instance).decode
+_decode_card = msgspec.msgpack.Decoder(ModelDeploymentCard).decode
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        namespace: str,
+        client: RequestPlaneClient,
+        router_factory: Callable[[], Router],
+        executor: concurrent.futures.Executor,
+        only_model: str | None = None,
+        model_path_override: str | None = None,
+    ) -> None:
+        self._store = store
+        self._namespace = namespace
+        self._client = client
+        self._router_factory = router_factory
+        self._executor = executor
+        self._only_model = only_model
+        self._model_path_override = model_path_override
+        self._instances: dict[int, Instance] = {}
+        self._cards: dict[int, ModelDeploymentCard] = {}
+        self._pipelines: dict[str, ModelPipeline] = {}
+        self._files: dict[str, ModelFiles] = {}
+        self._loading: set[str] = set()
+        self._failed: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.changed = asyncio.Event()
+
+    # ----------------------------------------------------------------------------- lookups
+
+    def get(self, name: str) -> ModelPipeline:
+        pipeline = self._pipelines.get(name)
+        if pipeline is None:
+            raise ModelNotFound(name)
+        return pipeline
+
+    def models(self) -> list[ModelPipeline]:
+        """Models with at least one live instance, by name."""
+        return sorted((p for p in self._pipelines.values() if p.instance_ids), key=lambda p: p.name)
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(p.instance_ids) for p in self._pipelines.values())
+
+    # ------------------------------------------------------------------------------ watching
+
+    async def run(self) -> None:
+        """Watch instances and cards until cancelled (owned by the frontend's task group)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_instances())
+                tg.create_task(self._watch_cards())
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+
+    async def _watch_instances(self) -> None:
+        async for event in self._store.watch_prefix(instances_prefix(self._namespace)):
+            instance_id = instance_id_from_key(event.key)
+            if event.kind is WatchKind.PUT and event.value is not None:
+                try:
+                    self._instances[instance_id] = _decode_instance(event.value)
+                except msgspec.DecodeError:
+                    log.warning("ignoring malformed instance at %s", event.key)
+                    continue
+            else:
+                gone = self._instances.pop(instance_id, None)
+                if gone is not None:
+                    forget = getattr(self._client, "forget", None)
+                    if forget is not None:
+                        forget(gone.address)
+            self._refresh_instance(instance_id)
+
+    async def _watch_cards(self) -> None:
+        async for event in self._store.watch_prefix(models_prefix(self._namespace)):
+            instance_id = instance_id_from_key(event.key)
+            old = self._cards.get(instance_id)
+            if event.kind is WatchKind.PUT and event.value is not None:
+                try:
+                    card = _decode_card(event.value)
+                except msgspec.DecodeError:
+                    log.warning("ignoring malformed model card at %s", event.key)
+                    continue
+                if self._only_model is not None and card.name != self._only_model:
+                    continue
+                self._cards[instance_id] = card
+                if card.name not in self._pipelines:
+                    self._load(card)
+            else:
+                self._cards.pop(instance_id, None)
+            if old is not None:
+                self._refresh_model(old.name)
+            self._refresh_instance(instance_id)
+
+    def _refresh_instance(self, instance_id: int) -> None:
+        card = self._cards.get(instance_id)
+        if card is not None:
+            self._refresh_model(card.name)
+
+    def _refresh_model(self, name: str) -> None:
+        live = {
+            iid: self._instances[iid]
+            for iid, card in self._cards.items()
+            if card.name == name and iid in self._instances
+        }
+        pipeline = self._pipelines.get(name)
+        if pipeline is not None:
+            if not any(card.name == name for card in self._cards.values()):
+                del self._pipelines[name]
+                log.info("model %s removed: its last worker left", name)
+            else:
+                before = len(pipeline.instance_ids)
+                pipeline.set_instances(live)
+                if before != len(live):
+                    log.info("model %s: %d live instance(s)", name, len(live))
+        self.changed.set()
+        self.changed.clear()
+
+    def _load(self, card: ModelDeploymentCard) -> None:
+        if card.name in self._loading or card.name in self._failed:
+            return
+        self._loading.add(card.name)
+        task = asyncio.get_running_loop().create_task(self._load_model(card))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load_model(self, card: ModelDeploymentCard) -> None:
+        path = self._model_path_override or card.model_path
+        try:
+            files = self._files.get(path)
+            if files is None:
+                files = await asyncio.to_thread(load_model_files, Path(path))
+                self._files[path] = files
+            preprocessor = Preprocessor(card.name, files, self._executor, card.context_length)
+        except TurbineError as exc:
+            log.error("cannot serve model %s from %s: %s", card.name, path, exc.message)
+            self._failed.add(card.name)
+            return
+        finally:
+            self._loading.discard(card.name)
+        if not any(c.name == card.name for c in self._cards.values()):
+            return  # every worker left while we were loading
+        self._pipelines[card.name] = ModelPipeline(
+            card.name, card, preprocessor, self._router_factory(), self._client
+        )
+        log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
+        self._refresh_model(card.name)

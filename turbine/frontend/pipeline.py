@@ -1,0 +1,153 @@
+"""One model's request path: preprocessed request → route → dispatch (with retry) → text deltas."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerUnreachable
+from turbine.postprocess.postprocessor import Postprocessor, TextDelta
+from turbine.preprocess.preprocessor import Prepared, Preprocessor
+from turbine.protocol.instance import Instance
+from turbine.protocol.model_card import ModelDeploymentCard
+from turbine.protocol.response import EngineOutput
+from turbine.router.base import Decision, Router
+from turbine.runtime.transport.base import RequestPlaneClient
+
+log = logging.getLogger(__name__)
+
+# After a worker refuses connections, skip it for this long (unless nobody else is left): discovery
+# will remove a dead worker only after its lease TTL, and every request in between should not pay
+# for a failed connect first.
+UNREACHABLE_QUARANTINE_S = 2.0
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_output = msgspec.msgpack.Decoder(EngineOutput).decode
+
+
+class Generation:
+    """The state of one request as it streams: which worker, token counts, and its text deltas."""
+
+    __slots__ = ("_deltas", "decision", "post", "prompt_tokens")
+
+    def __init__(self, pipeline: ModelPipeline, prepared: Prepared) -> None:
+        self.prompt_tokens = len(prepared.request.token_ids)
+        self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, prepared.stop_strings)
+        self.decision: Decision | None = None
+        self._deltas = pipeline._run(self, prepared)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.post.completion_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.post.cached_tokens
+
+    def usage(self) -> dict[str, object]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+    async def first(self) -> TextDelta:
+        """Wait for the first delta (so errors before any output can still become an HTTP status)."""
+        return await self._deltas.__anext__()
+
+    def __aiter__(self) -> AsyncIterator[TextDelta]:
+        return self._deltas
+
+    async def aclose(self) -> None:
+        await self._deltas.aclose()
+
+
+class ModelPipeline:
+    """Owns one model's preprocessor, router and live instance set."""
+
+    def __init__(
+        self,
+        name: str,
+        card: ModelDeploymentCard,
+        preprocessor: Preprocessor,
+        router: Router,
+        client: RequestPlaneClient,
+    ) -> None:
+        self.name = name
+        self.card = card
+        self.created = int(time.time())
+        self.preprocessor = preprocessor
+        self.router = router
+        self._client = client
+        self._instances: dict[int, Instance] = {}
+        self._ids: list[int] = []
+        self._quarantined: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ instances (from discovery)
+
+    def set_instances(self, instances: dict[int, Instance]) -> None:
+        self._instances = dict(instances)
+        self._ids = sorted(self._instances)
+        self._quarantined = {i: t for i, t in self._quarantined.items() if i in self._instances}
+        self.router.update_instances(self._ids)
+
+    @property
+    def instance_ids(self) -> list[int]:
+        return self._ids
+
+    # ------------------------------------------------------------------------------- requests
+
+    def generate(self, prepared: Prepared) -> Generation:
+        return Generation(self, prepared)
+
+    def _candidates(self, excluded: set[int]) -> list[int]:
+        now = time.monotonic()
+        live = [i for i in self._ids if i not in excluded]
+        healthy = [i for i in live if self._quarantined.get(i, 0.0) <= now]
+        return healthy or live
+
+    async def _run(self, gen: Generation, prepared: Prepared) -> AsyncIterator[TextDelta]:
+        request = prepared.request
+        payload = _encode(request)
+        post = gen.post
+        excluded: set[int] = set()
+        while True:
+            candidates = self._candidates(excluded)
+            if not candidates:
+                if excluded:
+                    raise ServiceUnavailable(f"no worker of model '{self.name}' could take the request")
+                raise ServiceUnavailable(f"model '{self.name}' has no live workers")
+            decision = self.router.select(request, candidates)
+            instance = self._instances[decision.instance_id]
+            gen.decision = decision
+            started = False
+            try:
+                stream = self._client.stream(instance.address, instance.endpoint, payload)
+                async with contextlib.aclosing(stream) as frames:
+                    async for frame in frames:
+                        out = _decode_output(frame)
+                        if not started:
+                            started = True
+                            self.router.on_first_token(request.request_id, decision)
+                        if out.error is not None:
+                            raise EngineError(f"worker {instance.instance_id:x}: {out.error}")
+                        delta = post.process(out)
+                        if delta.text or delta.finish_reason is not None:
+                            yield delta
+                        if delta.finish_reason is not None:
+                            return
+                raise WorkerUnreachable(f"worker {instance.instance_id:x} ended the stream without finishing")
+            except (WorkerUnreachable, WorkerDraining) as exc:
+                if started:
+                    raise
+                # Nothing reached the client yet, so another worker can take the request as is.
+                log.warning("request %s: %s; retrying on another worker", request.request_id, exc.message)
+                excluded.add(instance.instance_id)
+                self._quarantined[instance.instance_id] = time.monotonic() + UNREACHABLE_QUARANTINE_S
+            finally:
+                self.router.on_finish(request.request_id, decision)

@@ -1,0 +1,154 @@
+"""OpenAI request → PreprocessedRequest: template, tokenize, validate against the model's limits."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, NamedTuple
+
+from turbine.errors import InvalidRequest
+from turbine.preprocess.chat_template import ChatTemplate
+from turbine.preprocess.tokenizer import ModelFiles, Tokenizer
+from turbine.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
+
+
+class Prepared(NamedTuple):
+    """A request ready to route, plus what only the frontend needs to finish it."""
+
+    request: PreprocessedRequest
+    stop_strings: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls is not None:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _stop_strings(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if any(not s for s in stops):
+        raise InvalidRequest("stop strings must be non-empty", param="stop")
+    return stops
+
+
+class Preprocessor:
+    """One per model. Stateless per request; safe to use from many requests at once."""
+
+    def __init__(
+        self,
+        model: str,
+        files: ModelFiles,
+        executor: concurrent.futures.Executor | None,
+        context_length: int | None = None,
+    ) -> None:
+        self.model = model
+        self.files = files
+        self.tokenizer = Tokenizer(files.tokenizer)
+        self.template = (
+            ChatTemplate(files.chat_template, files.bos_token, files.eos_token)
+            if files.chat_template
+            else None
+        )
+        self.context_length = context_length or files.context_length
+        self._executor = executor
+        self._eos_ids = tuple(files.eos_token_ids)
+
+    async def chat(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
+        if not req.messages:
+            raise InvalidRequest("'messages' must contain at least one message", param="messages")
+        if self.template is None:
+            raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
+        extra = dict(req.chat_template_kwargs or {})
+        prompt = self.template.render(
+            [_message_dict(m) for m in req.messages],
+            add_generation_prompt=bool(extra.pop("add_generation_prompt", True)),
+            tools=req.tools,
+            **extra,
+        )
+        token_ids = await self.tokenizer.encode_async(prompt, self._executor)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        return self._finish(req, request_id, token_ids, max_tokens, param, "messages")
+
+    async def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
+        prompt = req.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if prompt is None or prompt == "" or prompt == []:
+            raise InvalidRequest("'prompt' is required and must not be empty", param="prompt")
+        if isinstance(prompt, str):
+            token_ids = await self.tokenizer.encode_async(prompt, self._executor)
+        elif all(type(t) is int for t in prompt):
+            vocab = self.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise InvalidRequest(f"prompt token ids must be within [0, {vocab})", param="prompt")
+            token_ids = list(prompt)
+        elif all(isinstance(p, (str, list)) for p in prompt):
+            raise InvalidRequest("batched prompts are not supported; send one prompt per request",
+                                 param="prompt")
+        else:
+            raise InvalidRequest("'prompt' must be a string, a list of token ids, or a batch of one",
+                                 param="prompt")
+        if req.echo:
+            raise InvalidRequest("'echo' is not supported", param="echo")
+        return self._finish(req, request_id, token_ids, req.max_tokens, "max_tokens", "prompt")
+
+    def _finish(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        token_ids: list[int],
+        max_tokens: int | None,
+        max_param: str,
+        prompt_param: str,
+    ) -> Prepared:
+        if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+            raise InvalidRequest("temperature must be within [0, 2]", param="temperature")
+        if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+            raise InvalidRequest("top_p must be within (0, 1]", param="top_p")
+        if req.n is not None and req.n != 1:
+            raise InvalidRequest("only n=1 is supported", param="n")
+        if max_tokens is not None and max_tokens < 1:
+            raise InvalidRequest(f"{max_param} must be at least 1", param=max_param)
+        if req.min_tokens < 0:
+            raise InvalidRequest("min_tokens must be at least 0", param="min_tokens")
+        if max_tokens is not None and req.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens must not exceed {max_param}", param="min_tokens")
+        stops = _stop_strings(req.stop)
+        prompt_len = len(token_ids)
+        ctx = self.context_length
+        if prompt_len >= ctx or (max_tokens is not None and prompt_len + max_tokens > ctx):
+            asked = prompt_len + (max_tokens or 1)
+            raise InvalidRequest(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{asked} tokens ({prompt_len} in the {prompt_param}, {max_tokens or 1} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        resolved_max = max_tokens if max_tokens is not None else ctx - prompt_len
+        preprocessed = PreprocessedRequest(
+            request_id=request_id,
+            model=self.model,
+            token_ids=token_ids,
+            sampling=SamplingOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed),
+            stop=StopConditions(
+                max_tokens=resolved_max,
+                min_tokens=req.min_tokens,
+                ignore_eos=req.ignore_eos,
+                stop_token_ids=tuple(req.stop_token_ids or ()),
+            ),
+            eos_token_ids=self._eos_ids,
+        )
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Prepared(preprocessed, stops, bool(req.stream), include_usage)

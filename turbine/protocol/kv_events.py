@@ -1,0 +1,44 @@
+"""KV-cache events a worker publishes so routers know which blocks it holds.
+
+Each worker numbers its event batches from 0 without gaps; a router that sees a gap drops that
+worker's state and asks for a full dump. Hashes follow `turbine.kv.hashing` (Dynamo-compatible).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class StoredBlock(msgspec.Struct, frozen=True, array_like=True):
+    block_hash: int  # chained sequence hash
+    tokens_hash: int  # local hash of this block's tokens
+
+
+class KvStored(msgspec.Struct, frozen=True, tag="stored"):
+    parent_hash: int | None
+    blocks: list[StoredBlock]
+
+
+class KvRemoved(msgspec.Struct, frozen=True, tag="removed"):
+    block_hashes: list[int]
+
+
+class KvCleared(msgspec.Struct, frozen=True, tag="cleared"):
+    pass
+
+
+KvEvent = KvStored | KvRemoved | KvCleared
+
+
+class KvEventBatch(msgspec.Struct, frozen=True):
+    worker_id: int
+    event_id: int
+    events: list[KvEvent]
+
+
+class LoadMetrics(msgspec.Struct, frozen=True):
+    worker_id: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_waiting: int
+    num_running: int

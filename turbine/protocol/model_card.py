@@ -1,0 +1,28 @@
+"""ModelDeploymentCard: what a worker tells every frontend about the model it serves."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ModelDeploymentCard(msgspec.Struct, frozen=True):
+    """Published under `turbine/models/{namespace}/{name}/{instance_id:x}`, attached to the worker's lease.
+
+    The frontend builds its preprocessor from `model_path` (tokenizer.json, tokenizer_config.json,
+    config.json) and routes to the instance found under the same id in the instances prefix.
+    """
+
+    name: str
+    model_path: str
+    namespace: str
+    component: str
+    endpoint: str
+    instance_id: int
+    # "chat" and/or "completions".
+    model_types: tuple[str, ...] = ("chat", "completions")
+    context_length: int = 4096
+    kv_block_size: int = 64
+    # Worker capacity, for the router. None when the engine has no such notion.
+    total_kv_blocks: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None

@@ -1,0 +1,68 @@
+"""OpenAI request shapes at the edge, decoded and type-checked by msgspec (no pydantic on the hot path).
+
+Unknown fields are ignored, as OpenAI-compatible servers do; known fields are type-checked, and a
+type error names the field (`$.temperature`) so the 400 can say which parameter is wrong. Range
+checks live in the preprocessor, which knows the model's limits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
+
+
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: str
+    # A string, or a list of content parts ({"type": "text", "text": ...}).
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _Sampling(msgspec.Struct, frozen=True):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM-style extra fields.
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+
+
+class ChatCompletionRequest(_Sampling, frozen=True):
+    messages: list[ChatMessage] = msgspec.field(default_factory=list)
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    # vLLM's name for extra template variables.
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling, frozen=True):
+    # Text, token ids, or a one-element list of either (a batch of one).
+    prompt: str | list[Any] | None = None
+    echo: bool = False
+
+
+_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+
+
+def decode_chat_request(body: bytes) -> ChatCompletionRequest:
+    return _chat_decoder.decode(body)
+
+
+def decode_completion_request(body: bytes) -> CompletionRequest:
+    return _completion_decoder.decode(body)

@@ -1,0 +1,1 @@
+"""Routers: pick which live worker instance serves a request."""

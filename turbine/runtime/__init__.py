@@ -1,0 +1,1 @@
+"""The distributed runtime: discovery store, request plane and event plane."""

@@ -1,0 +1,1 @@
+"""Discovery stores: where workers announce themselves and frontends watch for them."""

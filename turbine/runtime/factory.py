@@ -1,0 +1,28 @@
+"""Pick concrete runtime implementations from config (used by composition roots only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from turbine.config import RuntimeConfig
+from turbine.errors import ConfigError
+from turbine.runtime.discovery.base import Store
+from turbine.runtime.discovery.file import FileStore, default_file_store_path
+from turbine.runtime.discovery.memory import MemoryStore
+from turbine.runtime.transport.tcp import TcpRequestClient
+
+
+def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
+    """`memory` lets one process share a MemoryStore between its frontend and workers."""
+    if cfg.discovery_backend == "file":
+        root = Path(cfg.file_store_path) if cfg.file_store_path else default_file_store_path()
+        return FileStore(root)
+    if cfg.discovery_backend == "mem":
+        return memory if memory is not None else MemoryStore()
+    raise ConfigError(f"discovery backend {cfg.discovery_backend!r} is not available")
+
+
+def make_request_client(cfg: RuntimeConfig) -> TcpRequestClient:
+    if cfg.request_plane == "tcp":
+        return TcpRequestClient()
+    raise ConfigError(f"request plane {cfg.request_plane!r} is not available")

@@ -1,0 +1,1 @@
+"""Request planes: how a frontend streams a request to a worker and the worker's deltas back."""

@@ -1,0 +1,63 @@
+"""The RequestPlane seams.
+
+Payloads are single msgpack-encoded objects (frames embed them without re-encoding).
+
+Server (worker side): `start(handler)` begins accepting and returns the address to publish in the
+Instance; every incoming request runs `handler(endpoint, payload)` as its own task, whose yielded
+payloads are streamed back in order, then an End (or an Error if the handler raised). A Cancel from
+the client, or the connection dropping, cancels that task. `drain()` makes the server refuse new
+requests with a retriable "draining" error while running ones finish; `stop()` closes everything.
+
+Client (frontend side): `stream(address, endpoint, payload)` is an async iterator of the worker's
+payloads. It raises `WorkerUnreachable` (retriable) if the worker cannot be reached or the
+connection drops before the End, `WorkerDraining` if the worker refused it, `EngineError` for an
+engine failure. Leaving the iteration early (break, exception, task cancel, `aclose()`) sends a
+Cancel so the worker frees the request. Many streams to one address share one connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from typing import Protocol
+
+from turbine.errors import EngineError, InvalidRequest, TurbineError, WorkerDraining, WorkerUnreachable
+from turbine.runtime.transport import framing
+
+Handler = Callable[[str, bytes], AsyncGenerator[bytes, None]]
+
+
+class RequestPlaneServer(Protocol):
+    async def start(self, handler: Handler) -> str: ...
+
+    def drain(self) -> None: ...
+
+    @property
+    def active_streams(self) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
+class RequestPlaneClient(Protocol):
+    def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]: ...
+
+    async def close(self) -> None: ...
+
+
+def error_from_frame(code: str, message: str, address: str) -> TurbineError:
+    """Map a worker's Error frame onto the error tree."""
+    if code == framing.ERROR_DRAINING:
+        return WorkerDraining(f"worker {address} is draining: {message}")
+    if code in (framing.ERROR_BAD_REQUEST, framing.ERROR_UNKNOWN_ENDPOINT):
+        return InvalidRequest(message)
+    if code == framing.ERROR_ENGINE:
+        return EngineError(f"worker {address}: {message}")
+    return WorkerUnreachable(f"worker {address} failed the stream ({code}): {message}")
+
+
+def error_to_frame(exc: BaseException) -> tuple[str, str]:
+    """The Error frame (code, message) a server sends for a handler's exception."""
+    if isinstance(exc, WorkerDraining):
+        return framing.ERROR_DRAINING, exc.message
+    if isinstance(exc, InvalidRequest):
+        return framing.ERROR_BAD_REQUEST, exc.message
+    return framing.ERROR_ENGINE, f"{type(exc).__name__}: {exc}"

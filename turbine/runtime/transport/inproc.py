@@ -1,0 +1,74 @@
+"""In-process request plane: same contract as TCP, no sockets. For unit tests and one-process demos."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import AsyncGenerator
+
+from turbine.errors import WorkerDraining, WorkerUnreachable
+from turbine.runtime.transport.base import Handler
+
+
+class InprocHub:
+    """The 'network': maps addresses to the handlers of started servers. One per test or process."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, InprocServer] = {}
+        self._ids = itertools.count(1)
+
+    def next_address(self) -> str:
+        return f"inproc-{next(self._ids)}:0"
+
+
+class InprocServer:
+    def __init__(self, hub: InprocHub) -> None:
+        self._hub = hub
+        self._handler: Handler | None = None
+        self._address = ""
+        self._draining = False
+        self._active = 0
+
+    async def start(self, handler: Handler) -> str:
+        self._handler = handler
+        self._address = self._hub.next_address()
+        self._hub.servers[self._address] = self
+        return self._address
+
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def active_streams(self) -> int:
+        return self._active
+
+    async def stop(self) -> None:
+        self._hub.servers.pop(self._address, None)
+
+    async def serve(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+        if self._draining:
+            raise WorkerDraining(f"worker {self._address} is draining")
+        assert self._handler is not None
+        self._active += 1
+        try:
+            async with contextlib.aclosing(self._handler(endpoint, payload)) as outputs:
+                async for out in outputs:
+                    yield out
+        finally:
+            self._active -= 1
+
+
+class InprocClient:
+    def __init__(self, hub: InprocHub) -> None:
+        self._hub = hub
+
+    async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+        server = self._hub.servers.get(address)
+        if server is None:
+            raise WorkerUnreachable(f"no in-process worker at {address}")
+        async with contextlib.aclosing(server.serve(endpoint, payload)) as outputs:
+            async for out in outputs:
+                yield out
+
+    async def close(self) -> None:
+        return None

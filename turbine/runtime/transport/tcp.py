@@ -1,0 +1,334 @@
+"""The TCP request plane: one multiplexed connection per (frontend, worker) pair.
+
+Both ends are `asyncio.Protocol`s rather than streams: frames produced in the same event-loop
+iteration (many token deltas of a batch step) are coalesced into one socket write, which is most of
+the plane's cost at high token rates. asyncio and uvloop set TCP_NODELAY on TCP sockets, so a
+lone frame is never held back by Nagle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+
+import msgspec
+
+from turbine.errors import WorkerUnreachable
+from turbine.runtime.transport import framing
+from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame
+
+log = logging.getLogger(__name__)
+
+
+class _FrameWriter:
+    """Coalesces frames written in one loop iteration into a single transport.write."""
+
+    __slots__ = ("_buf", "_loop", "_paused", "_resumed", "_scheduled", "transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._buf = bytearray()
+        self._scheduled = False
+        self._paused = False
+        self._resumed: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def send(self, frame: framing.Frame) -> None:
+        framing.encode_frames_into(self._buf, frame)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._buf and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(bytes(self._buf))
+        self._buf.clear()
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        self._resumed = None
+
+    async def wait_writable(self) -> None:
+        """Backpressure: wait while the peer is not reading (transport buffer above its mark)."""
+        if self._paused:
+            if self._resumed is None:
+                self._resumed = self._loop.create_future()
+            await self._resumed
+
+
+# ---------------------------------------------------------------------------------------- server
+
+
+class _ServerConnection(asyncio.Protocol):
+    def __init__(self, server: TcpRequestServer) -> None:
+        self._server = server
+        self._decoder = framing.FrameDecoder()
+        self._writer = _FrameWriter(asyncio.get_running_loop())
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._writer.transport = transport
+        self._server._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except framing.FrameError as exc:
+            log.warning("closing request-plane connection: %s", exc.message)
+            assert self._transport is not None
+            self._transport.close()
+            return
+        for frame in frames:
+            if type(frame) is framing.Request:
+                self._start(frame)
+            elif type(frame) is framing.Cancel:
+                task = self._tasks.get(frame.stream_id)
+                if task is not None:
+                    task.cancel()
+
+    def _start(self, frame: framing.Request) -> None:
+        sid = frame.stream_id
+        if self._server._draining:
+            self._writer.send(framing.Error(sid, framing.ERROR_DRAINING, "not accepting new requests"))
+            return
+        if sid in self._tasks:
+            self._writer.send(framing.Error(sid, framing.ERROR_BAD_REQUEST, f"stream {sid} already open"))
+            return
+        handler = self._server._handler
+        assert handler is not None
+        task = asyncio.get_running_loop().create_task(self._run(sid, frame.endpoint, bytes(frame.payload)))
+        self._tasks[sid] = task
+        self._server._tasks.add(task)
+        task.add_done_callback(self._server._tasks.discard)
+
+    async def _run(self, sid: int, endpoint: str, payload: bytes) -> None:
+        handler = self._server._handler
+        assert handler is not None
+        writer = self._writer
+        try:
+            async for out in handler(endpoint, payload):
+                writer.send(framing.Data(sid, msgspec.Raw(out)))
+                await writer.wait_writable()
+            writer.send(framing.End(sid))
+        except asyncio.CancelledError:
+            # Cancelled by the client (Cancel frame) or because the connection closed: nobody is
+            # left to tell, and the handler's generator has already been closed by the cancel.
+            pass
+        except Exception as exc:
+            code, message = error_to_frame(exc)
+            if code == framing.ERROR_ENGINE:
+                log.exception("handler failed on stream %d", sid)
+            writer.send(framing.Error(sid, code, message))
+        finally:
+            self._tasks.pop(sid, None)
+
+    def pause_writing(self) -> None:
+        self._writer.pause()
+
+    def resume_writing(self) -> None:
+        self._writer.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._connections.discard(self)
+        self._writer.resume()
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class TcpRequestServer:
+    """Worker side of the TCP request plane. Binds loopback by default."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._host = host
+        self._port = port
+        self._handler: Handler | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[_ServerConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
+
+    async def start(self, handler: Handler) -> str:
+        self._handler = handler
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), self._host, self._port, reuse_address=True
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._tasks)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self._connections):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+
+# ---------------------------------------------------------------------------------------- client
+
+_LOST = object()
+_StreamItem = framing.Frame | object
+
+
+class _ClientConnection(asyncio.Protocol):
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.closed = False
+        self.streams: dict[int, asyncio.Queue[_StreamItem]] = {}
+        self._next_id = 0
+        self._decoder = framing.FrameDecoder()
+        self._writer = _FrameWriter(asyncio.get_running_loop())
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._writer.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except framing.FrameError as exc:
+            log.warning("worker %s sent a bad frame: %s", self.address, exc.message)
+            assert self._transport is not None
+            self._transport.close()
+            return
+        streams = self.streams
+        for frame in frames:
+            queue = streams.get(frame.stream_id)
+            if queue is not None:
+                queue.put_nowait(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._writer.resume()
+        for queue in self.streams.values():
+            queue.put_nowait(_LOST)
+
+    def pause_writing(self) -> None:
+        self._writer.pause()
+
+    def resume_writing(self) -> None:
+        self._writer.resume()
+
+    def open_stream(self) -> tuple[int, asyncio.Queue[_StreamItem]]:
+        self._next_id += 1
+        queue: asyncio.Queue[_StreamItem] = asyncio.Queue()
+        self.streams[self._next_id] = queue
+        return self._next_id, queue
+
+    def send(self, frame: framing.Frame) -> None:
+        self._writer.send(frame)
+
+    async def wait_writable(self) -> None:
+        await self._writer.wait_writable()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class TcpRequestClient:
+    """Frontend side: a pool of one connection per worker address, opened on first use."""
+
+    def __init__(self, connect_timeout_s: float = 5.0) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._connections: dict[str, _ClientConnection] = {}
+        self._connecting: dict[str, asyncio.Future[_ClientConnection]] = {}
+
+    async def _connection(self, address: str) -> _ClientConnection:
+        conn = self._connections.get(address)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(address)
+        if pending is not None:
+            # Another request is already connecting to this worker: share its connection.
+            return await asyncio.shield(pending)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_ClientConnection] = loop.create_future()
+        self._connecting[address] = fut
+        try:
+            host, _, port = address.rpartition(":")
+            _, new_conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _ClientConnection(address), host, int(port)),
+                self._connect_timeout_s,
+            )
+        except (OSError, TimeoutError, ValueError) as exc:
+            error = WorkerUnreachable(f"cannot connect to worker {address}: {exc}")
+            fut.set_exception(error)
+            fut.exception()  # retrieved: waiters that shield it re-raise on their own
+            raise error from exc
+        finally:
+            self._connecting.pop(address, None)
+        self._connections[address] = new_conn
+        fut.set_result(new_conn)
+        return new_conn
+
+    async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+        conn = await self._connection(address)
+        sid, queue = conn.open_stream()
+        finished = False
+        try:
+            conn.send(framing.Request(sid, endpoint, msgspec.Raw(payload)))
+            while True:
+                item = await queue.get()
+                kind = type(item)
+                if kind is framing.Data:
+                    assert isinstance(item, framing.Data)
+                    yield bytes(item.payload)
+                elif kind is framing.End:
+                    finished = True
+                    return
+                elif kind is framing.Error:
+                    assert isinstance(item, framing.Error)
+                    finished = True
+                    raise error_from_frame(item.code, item.message, address)
+                else:
+                    finished = True
+                    raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
+        finally:
+            conn.streams.pop(sid, None)
+            if not finished and not conn.closed:
+                conn.send(framing.Cancel(sid))
+
+    def forget(self, address: str) -> None:
+        """Close the connection to a worker that left discovery."""
+        conn = self._connections.pop(address, None)
+        if conn is not None:
+            conn.close()
+
+    async def close(self) -> None:
+        for conn in list(self._connections.values()):
+            conn.close()
+        self._connections.clear()
+        # Let the transports finish closing before the loop goes away.
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)

@@ -1,0 +1,137 @@
+"""Composition root of a worker process: `turbine worker` / `python -m turbine.worker`.
+
+Builds `--num-workers` independent engines (each its own request-plane server, lease and instance id)
+in one process, registers them, and on SIGTERM/SIGINT drains them all and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from turbine.config import WorkerConfig, config_to_json, parse_config, process_env
+from turbine.engines.base import Engine, NullEventSink
+from turbine.engines.echo import EchoEngine
+from turbine.engines.mocker.engine import MockerConfig, MockerEngine
+from turbine.errors import ConfigError
+from turbine.logs import configure_logging
+from turbine.models import bundled_model_path
+from turbine.preprocess.tokenizer import ModelFiles, load_model_files
+from turbine.runtime.discovery.base import Store
+from turbine.runtime.factory import make_store
+from turbine.runtime.transport.tcp import TcpRequestServer
+from turbine.worker.sdk import EngineWorker, WorkerIdentity
+
+log = logging.getLogger("turbine.worker")
+
+BUNDLED_MODEL_NAME = "turbine-tiny"
+
+# Byte-level BPE vocabularies start with 256 single-byte tokens; generating those at random would
+# produce invalid UTF-8, so the mocker draws from the merged tokens after them when there are enough.
+_BYTE_TOKENS = 256
+
+
+def ordinary_token_range(files: ModelFiles) -> tuple[int, int]:
+    """Token ids the mocker may generate: the vocabulary without special (added) tokens."""
+    vocab = files.tokenizer.get_vocab_size(with_added_tokens=True)
+    special = sorted(i for i, tok in files.tokenizer.get_added_tokens_decoder().items() if tok.special)
+    if not special:
+        return 0, vocab
+    if special[0] > vocab // 2:
+        return 0, special[0]  # specials at the end (Llama-style)
+    lo = special[-1] + 1
+    if vocab - lo > 4 * _BYTE_TOKENS:
+        lo += _BYTE_TOKENS
+    return lo, vocab
+
+
+def build_engine(cfg: WorkerConfig, files: ModelFiles, worker_index: int) -> Engine:
+    if cfg.engine == "echo":
+        return EchoEngine(delay_s=cfg.echo_delay_ms / 1000.0, block_size=cfg.block_size)
+    mocker = MockerConfig(
+        block_size=cfg.block_size,
+        num_gpu_blocks=cfg.num_gpu_blocks_override,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        speedup_ratio=cfg.speedup_ratio,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        eos_probability=cfg.eos_probability,
+        token_id_range=ordinary_token_range(files),
+    )
+    return MockerEngine(mocker, worker_id=worker_index, events=NullEventSink())
+
+
+async def run_workers(
+    cfg: WorkerConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    store: Store | None = None,
+    on_ready: Callable[[list[EngineWorker]], None] | None = None,
+) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    model_dir = Path(cfg.model_path) if cfg.model_path else bundled_model_path()
+    files = await asyncio.to_thread(load_model_files, model_dir)
+    model_name = cfg.model_name or (model_dir.resolve().name if cfg.model_path else BUNDLED_MODEL_NAME)
+    own_store = store is None
+    store = store if store is not None else make_store(cfg)
+    identity = WorkerIdentity(
+        namespace=cfg.namespace,
+        component=cfg.component,
+        endpoint=cfg.endpoint,
+        model_name=model_name,
+        model_path=str(model_dir.resolve()),
+        context_length=cfg.context_length or files.context_length,
+    )
+    workers = [
+        EngineWorker(
+            engine=build_engine(cfg, files, i),
+            store=store,
+            server=TcpRequestServer(cfg.host),
+            identity=identity,
+            lease_ttl_s=cfg.lease_ttl_s,
+        )
+        for i in range(cfg.num_workers)
+    ]
+    started: list[EngineWorker] = []
+    try:
+        for worker in workers:
+            await worker.start()
+            started.append(worker)
+        if on_ready is not None:
+            on_ready(started)
+        await stop.wait()
+        log.info("shutting down %d worker(s)", len(started))
+    finally:
+        await asyncio.gather(*(w.shutdown(cfg.drain_timeout_s) for w in started), return_exceptions=True)
+        if own_store:
+            await store.close()
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "turbine worker") -> int:
+    try:
+        cfg = parse_config(
+            WorkerConfig, sys.argv[1:] if argv is None else argv, process_env(), prog=prog,
+            description="Serve a model with an engine (mocker or echo) and register it in discovery.",
+        )
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level, cfg.log_json)
+    log.debug("config: %s", config_to_json(cfg))
+    import uvloop
+
+    try:
+        uvloop.run(run_workers(cfg))
+    except ConfigError as exc:
+        log.error("%s", exc.message)
+        return 2
+    return 0

@@ -1,0 +1,131 @@
+"""Serve an engine as a discoverable worker.
+
+`EngineWorker` lifecycle: `start()` → engine started, request plane listening, lease granted, Instance
+and ModelDeploymentCard registered under the lease → serving → `shutdown()`: unregister (frontends
+stop routing here), refuse new requests with a retriable "draining" error, let in-flight streams
+finish (bounded), revoke the lease, close the request plane, stop the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import msgspec
+
+from turbine.engines.base import Engine
+from turbine.errors import InvalidRequest
+from turbine.protocol.instance import Instance, model_key
+from turbine.protocol.model_card import ModelDeploymentCard
+from turbine.protocol.request import PreprocessedRequest
+from turbine.runtime.discovery.base import Store
+from turbine.runtime.discovery.lease import LeaseKeeper
+from turbine.runtime.transport.base import RequestPlaneServer
+
+log = logging.getLogger(__name__)
+
+_decode_request = msgspec.msgpack.Decoder(PreprocessedRequest).decode
+_encode = msgspec.msgpack.Encoder().encode
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Where the worker registers and what it serves."""
+
+    namespace: str
+    component: str
+    endpoint: str
+    model_name: str
+    model_path: str
+    context_length: int
+    transport: str = "tcp"
+
+
+class EngineWorker:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        store: Store,
+        server: RequestPlaneServer,
+        identity: WorkerIdentity,
+        lease_ttl_s: float,
+        instance_id: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self._store = store
+        self._server = server
+        self._identity = identity
+        self._lease_ttl_s = lease_ttl_s
+        self.instance_id = instance_id if instance_id is not None else secrets.randbits(63)
+        self._lease: LeaseKeeper | None = None
+        self._keys: list[str] = []
+        self.address = ""
+
+    async def start(self) -> None:
+        ident = self._identity
+        await self.engine.start()
+        self.address = await self._server.start(self._handle)
+        capacity = self.engine.capacity()
+        instance = Instance(
+            namespace=ident.namespace,
+            component=ident.component,
+            endpoint=ident.endpoint,
+            instance_id=self.instance_id,
+            transport=ident.transport,
+            address=self.address,
+        )
+        card = ModelDeploymentCard(
+            name=ident.model_name,
+            model_path=ident.model_path,
+            namespace=ident.namespace,
+            component=ident.component,
+            endpoint=ident.endpoint,
+            instance_id=self.instance_id,
+            context_length=ident.context_length,
+            kv_block_size=capacity.kv_block_size,
+            total_kv_blocks=capacity.total_kv_blocks,
+            max_num_seqs=capacity.max_num_seqs,
+            max_num_batched_tokens=capacity.max_num_batched_tokens,
+        )
+        self._lease = LeaseKeeper(self._store)
+        await self._lease.start(self._lease_ttl_s)
+        # The instance first, then the card: a frontend that sees the card can already route.
+        self._keys = [instance.key(), model_key(ident.namespace, ident.model_name, self.instance_id)]
+        await self._lease.put(self._keys[0], _encode(instance))
+        await self._lease.put(self._keys[1], _encode(card))
+        log.info("worker %x serving %s on %s", self.instance_id, ident.model_name, self.address)
+
+    async def _handle(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+        if endpoint != self._identity.endpoint:
+            raise InvalidRequest(f"unknown endpoint {endpoint!r}")
+        try:
+            request = _decode_request(payload)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"malformed request: {exc}") from None
+        # aclosing: a cancelled stream must close the engine's generator now, not at GC time.
+        async with contextlib.aclosing(self.engine.generate(request)) as outputs:
+            async for out in outputs:
+                yield _encode(out)
+
+    async def shutdown(self, drain_timeout_s: float) -> None:
+        lease = self._lease
+        if lease is not None:
+            for key in self._keys:
+                await lease.delete(key)
+        self._server.drain()
+        deadline = time.monotonic() + drain_timeout_s
+        if self._server.active_streams:
+            log.info("worker %x draining %d stream(s)", self.instance_id, self._server.active_streams)
+        while self._server.active_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if lease is not None:
+            await lease.revoke()
+        await self._server.stop()
+        await self.engine.stop()
+        log.info("worker %x stopped", self.instance_id)
