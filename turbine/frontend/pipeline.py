@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import msgspec
 
@@ -111,7 +111,7 @@ class ModelPipeline:
         healthy = [i for i in live if self._quarantined.get(i, 0.0) <= now]
         return healthy or live
 
-    async def _run(self, gen: Generation, prepared: Prepared) -> AsyncIterator[TextDelta]:
+    async def _run(self, gen: Generation, prepared: Prepared) -> AsyncGenerator[TextDelta, None]:
         request = prepared.request
         payload = _encode(request)
         post = gen.post
