@@ -12,7 +12,6 @@ and per streamed token, as markdown and a PNG.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,28 @@ from turbine.bench.loadgen import RunResult, run_closed_loop
 from turbine.bench.stack import LocalStack
 
 MODEL = "turbine-tiny"
-WORDS = ("inference", "cache", "token", "router", "worker", "prefix", "stream", "latency", "batch", "model",
-         "request", "frontend", "queue", "block", "decode", "prefill", "GPU", "memory", "throughput", "client")
+WORDS = (
+    "inference",
+    "cache",
+    "token",
+    "router",
+    "worker",
+    "prefix",
+    "stream",
+    "latency",
+    "batch",
+    "model",
+    "request",
+    "frontend",
+    "queue",
+    "block",
+    "decode",
+    "prefill",
+    "GPU",
+    "memory",
+    "throughput",
+    "client",
+)
 
 
 def prompt_of_about(tokens: int, rng: random.Random) -> str:
@@ -47,13 +66,24 @@ class Row:
         return self.cpu_s / max(1, tokens) * 1e6
 
 
-async def measure(stack: LocalStack, name: str, bodies: list[dict[str, Any]], *, concurrency: int,
-                  stream: bool, new_conn: bool) -> Row:
+async def measure(
+    stack: LocalStack,
+    name: str,
+    bodies: list[dict[str, Any]],
+    *,
+    concurrency: int,
+    stream: bool,
+    new_conn: bool,
+) -> Row:
     bar = tqdm(total=len(bodies), desc=name, unit="req", leave=False)
     cpu0 = stack.frontend_cpu_s()
     run = await run_closed_loop(
-        stack.url + "/v1/completions", bodies, concurrency=concurrency, stream=stream,
-        new_connection_per_request=new_conn, on_done=lambda _r: bar.update(),
+        stack.url + "/v1/completions",
+        bodies,
+        concurrency=concurrency,
+        stream=stream,
+        new_connection_per_request=new_conn,
+        on_done=lambda _r: bar.update(),
     )
     cpu = stack.frontend_cpu_s() - cpu0
     bar.close()
@@ -98,10 +128,16 @@ async def main_async(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     worker_args = ["--engine", "mocker", "--speedup-ratio", str(args.speedup), "--max-num-seqs", "1024"]
     with LocalStack([], worker_args) as stack:
+
         def bodies(n: int, max_tokens: int) -> list[dict[str, Any]]:
             return [
-                {"model": MODEL, "prompt": prompt_of_about(150, rng), "max_tokens": max_tokens,
-                 "ignore_eos": True, "stream_options": {"include_usage": True}}
+                {
+                    "model": MODEL,
+                    "prompt": prompt_of_about(150, rng),
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                    "stream_options": {"include_usage": True},
+                }
                 for _ in range(n)
             ]
 
@@ -109,18 +145,44 @@ async def main_async(args: argparse.Namespace) -> None:
         rows = []
         for conc in (1, 16, 64):
             n = args.requests if conc > 1 else max(200, args.requests // 4)
-            rows.append(await measure(stack, f"non-stream c={conc}", bodies(n, 16), concurrency=conc,
-                                      stream=False, new_conn=False))
+            rows.append(
+                await measure(
+                    stack,
+                    f"non-stream c={conc}",
+                    bodies(n, 16),
+                    concurrency=conc,
+                    stream=False,
+                    new_conn=False,
+                )
+            )
         n_stream = max(128, args.requests // 8)
-        rows.append(await measure(stack, "stream c=64 new-conn", bodies(n_stream, 256), concurrency=64,
-                                  stream=True, new_conn=True))
-        rows.append(await measure(stack, "stream c=64 keep-alive", bodies(n_stream, 256), concurrency=64,
-                                  stream=True, new_conn=False))
+        rows.append(
+            await measure(
+                stack,
+                "stream c=64 new-conn",
+                bodies(n_stream, 256),
+                concurrency=64,
+                stream=True,
+                new_conn=True,
+            )
+        )
+        rows.append(
+            await measure(
+                stack,
+                "stream c=64 keep-alive",
+                bodies(n_stream, 256),
+                concurrency=64,
+                stream=True,
+                new_conn=False,
+            )
+        )
     print(report(rows, Path(args.out)))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000, help="requests per non-streaming run")
     parser.add_argument("--speedup", type=float, default=1_000_000.0, help="mocker speedup ratio")
     parser.add_argument("--seed", type=int, default=0)

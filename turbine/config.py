@@ -37,7 +37,8 @@ class RuntimeConfig:
 
     namespace: str = opt("turbine", "Discovery namespace; frontends see only workers of theirs.")
     discovery_backend: str = opt(
-        "file", "Discovery store: file (processes on one machine), mem (one process), etcd.",
+        "file",
+        "Discovery store: file (processes on one machine), mem (one process), etcd.",
         choices=DISCOVERY_BACKENDS,
     )
     file_store_path: str | None = opt(
@@ -107,8 +108,13 @@ class WorkerConfig(RuntimeConfig):
     def validate(self) -> None:
         if self.model_path is not None and not Path(self.model_path).is_dir():
             raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
-        for name in ("num_workers", "block_size", "num_gpu_blocks_override", "max_num_seqs",
-                     "max_num_batched_tokens"):
+        for name in (
+            "num_workers",
+            "block_size",
+            "num_gpu_blocks_override",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.speedup_ratio <= 0:
@@ -177,11 +183,22 @@ def build_parser(cls: type[C], prog: str, description: str) -> argparse.Argument
         kind = _field_type(field)
         help_text = f"{field.metadata.get('help', '')} [env {_env_name(field.name)}]"
         if kind is bool:
-            parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            parser.add_argument(
+                _flag(field.name),
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
         else:
-            parser.add_argument(_flag(field.name), dest=field.name, type=str, default=None,
-                                metavar=field.name.upper(), help=help_text)
+            parser.add_argument(
+                _flag(field.name),
+                dest=field.name,
+                type=str,
+                default=None,
+                metavar=field.name.upper(),
+                help=help_text,
+            )
     return parser
 
 
@@ -196,14 +213,14 @@ def parse_config(
         raw = args.get(field.name)
         env_key = _env_name(field.name)
         if raw is not None:
-            values[field.name] = raw if kind is bool else _convert(kind, raw, _flag(field.name))
+            source = _flag(field.name)
+            values[field.name] = raw if kind is bool else _convert(kind, raw, source)
         elif env_key in env:
+            source = env_key
             values[field.name] = _convert(kind, env[env_key], env_key)
         choices = field.metadata.get("choices")
         if choices and field.name in values and values[field.name] not in choices:
-            raise ConfigError(
-                f"{_flag(field.name)} {values[field.name]!r} is not one of: {', '.join(choices)}"
-            )
+            raise ConfigError(f"{source} {values[field.name]!r} is not one of: {', '.join(choices)}")
     cfg = cls(**values)
     cfg.validate()
     return cfg

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -29,16 +28,27 @@ log = logging.getLogger("turbine.up")
 
 def _worker_argv(cfg: UpConfig) -> list[str]:
     argv = [
-        sys.executable, "-m", "turbine.worker",
-        "--engine", "mocker",
-        "--num-workers", str(cfg.workers),
-        "--speedup-ratio", str(cfg.speedup_ratio),
-        "--num-gpu-blocks-override", str(cfg.num_gpu_blocks_override),
-        "--block-size", str(cfg.block_size),
-        "--namespace", cfg.namespace,
-        "--discovery-backend", cfg.discovery_backend,
-        "--lease-ttl-s", str(cfg.lease_ttl_s),
-        "--log-level", cfg.log_level,
+        sys.executable,
+        "-m",
+        "turbine.worker",
+        "--engine",
+        "mocker",
+        "--num-workers",
+        str(cfg.workers),
+        "--speedup-ratio",
+        str(cfg.speedup_ratio),
+        "--num-gpu-blocks-override",
+        str(cfg.num_gpu_blocks_override),
+        "--block-size",
+        str(cfg.block_size),
+        "--namespace",
+        cfg.namespace,
+        "--discovery-backend",
+        cfg.discovery_backend,
+        "--lease-ttl-s",
+        str(cfg.lease_ttl_s),
+        "--log-level",
+        cfg.log_level,
     ]
     if cfg.file_store_path:
         argv += ["--file-store-path", cfg.file_store_path]
@@ -53,32 +63,38 @@ def _banner(url: str, model: str) -> str:
     return (
         f"\nTurbine is serving the OpenAI API on {url}\n"
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
         "Press Ctrl-C to stop.\n"
     )
 
 
-async def _run(cfg: UpConfig) -> int:
+def _served_model_name(cfg: UpConfig) -> str:
+    if cfg.model_name:
+        return cfg.model_name
+    return os.path.basename(os.path.abspath(cfg.model_path)) if cfg.model_path else BUNDLED_MODEL_NAME
+
+
+async def _run(cfg: UpConfig, model: str) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    model = cfg.model_name or BUNDLED_MODEL_NAME
-    if cfg.model_path and not cfg.model_name:
-        model = os.path.basename(os.path.abspath(cfg.model_path))
 
     def ready(url: str) -> None:
         print(_banner(url.replace("0.0.0.0", "127.0.0.1"), model), flush=True)
 
-    frontend_cfg = FrontendConfig(
-        **{f: getattr(cfg, f) for f in FrontendConfig.__dataclass_fields__}
-    )
+    frontend_cfg = FrontendConfig(**{f: getattr(cfg, f) for f in FrontendConfig.__dataclass_fields__})
     if cfg.discovery_backend == "mem":
         store = MemoryStore()
         worker_cfg = WorkerConfig(
-            namespace=cfg.namespace, discovery_backend="mem", model_path=cfg.model_path,
-            model_name=cfg.model_name, num_workers=cfg.workers, speedup_ratio=cfg.speedup_ratio,
-            num_gpu_blocks_override=cfg.num_gpu_blocks_override, block_size=cfg.block_size,
+            namespace=cfg.namespace,
+            discovery_backend="mem",
+            model_path=cfg.model_path,
+            model_name=cfg.model_name,
+            num_workers=cfg.workers,
+            speedup_ratio=cfg.speedup_ratio,
+            num_gpu_blocks_override=cfg.num_gpu_blocks_override,
+            block_size=cfg.block_size,
         )
         workers = loop.create_task(run_workers(worker_cfg, stop=stop, store=store))
         try:
@@ -90,17 +106,18 @@ async def _run(cfg: UpConfig) -> int:
         return 0
 
     # start_new_session: Ctrl-C reaches only us; we stop the workers after the frontend has drained.
-    child = subprocess.Popen(_worker_argv(cfg), start_new_session=True)
+    argv = _worker_argv(cfg)
+    child = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
     try:
         await run_frontend(frontend_cfg, stop=stop, on_ready=ready)
     finally:
-        if child.poll() is None:
+        if child.returncode is None:
             child.send_signal(signal.SIGTERM)
         try:
-            code = await asyncio.to_thread(child.wait, 30)
-        except subprocess.TimeoutExpired:
+            code = await asyncio.wait_for(child.wait(), 30)
+        except TimeoutError:
             child.kill()
-            code = await asyncio.to_thread(child.wait)
+            code = await child.wait()
     if code != 0:
         log.error("workers exited with status %d", code)
         return 1
@@ -111,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "turbine up"
     try:
         cfg = parse_config(
-            UpConfig, sys.argv[1:] if argv is None else argv, process_env(), prog=prog,
+            UpConfig,
+            sys.argv[1:] if argv is None else argv,
+            process_env(),
+            prog=prog,
             description="Start a frontend plus mocker workers serving the bundled (or given) model.",
         )
     except ConfigError as exc:
@@ -124,5 +144,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):
-        return uvloop.run(_run(cfg))
+        return uvloop.run(_run(cfg, _served_model_name(cfg)))
     return 0

@@ -28,8 +28,13 @@ def free_port() -> int:
         return port
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, str], bytes]:
     """A raw HTTP call (for bodies no client library would send)."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:

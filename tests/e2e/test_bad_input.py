@@ -35,7 +35,11 @@ def _post(url: str, path: str, body: object | bytes) -> tuple[int, dict[str, obj
 
 
 def _chat(**overrides: object) -> dict[str, object]:
-    body: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    body: dict[str, object] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+    }
     body.update(overrides)
     return {k: v for k, v in body.items() if v is not None}
 
@@ -57,20 +61,30 @@ CASES = [
     ("max_tokens zero", "/v1/chat/completions", _chat(max_tokens=0), 400, "max_tokens"),
     ("max_tokens negative", "/v1/chat/completions", _chat(max_tokens=-5), 400, "max_tokens"),
     ("max_tokens over context", "/v1/chat/completions", _chat(max_tokens=10**6), 400, "messages"),
-    ("max_completion_tokens zero", "/v1/chat/completions", _chat(max_completion_tokens=0), 400,
-     "max_completion_tokens"),
+    (
+        "max_completion_tokens zero",
+        "/v1/chat/completions",
+        _chat(max_completion_tokens=0),
+        400,
+        "max_completion_tokens",
+    ),
     ("n above one", "/v1/chat/completions", _chat(n=3), 400, "n"),
     ("stop wrong type", "/v1/chat/completions", _chat(stop=5), 400, "stop"),
     ("min over max", "/v1/chat/completions", _chat(min_tokens=10, max_tokens=2), 400, "min_tokens"),
-    ("bad message part", "/v1/chat/completions",
-     _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, None),
+    (
+        "bad message part",
+        "/v1/chat/completions",
+        _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        400,
+        None,
+    ),
     ("missing prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("prompt wrong type", "/v1/completions", {"model": MODEL, "prompt": 12}, 400, "prompt"),
     ("token id out of vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "prompt"),
     ("batched prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
     ("unknown model completions", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
-    ("prompt over context", "/v1/completions", {"model": MODEL, "prompt": "word " * 20000}, 400, "prompt"),
+    ("prompt over context", "/v1/completions", {"model": MODEL, "prompt": "word " * 10000}, 400, "prompt"),
 ]
 
 
@@ -114,7 +128,9 @@ def test_bad_requests_do_not_disturb_concurrent_streams(served: str) -> None:
 
     def good() -> str | None:
         chunks = list(
-            oai.completions.create(model=MODEL, prompt="steady", max_tokens=64, ignore_eos=True, stream=True)
+            oai.completions.create(
+                model=MODEL, prompt="steady", max_tokens=64, extra_body={"ignore_eos": True}, stream=True
+            )
         )
         return chunks[-1].choices[0].finish_reason
 

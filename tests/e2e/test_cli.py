@@ -19,8 +19,20 @@ pytestmark = pytest.mark.e2e
 def test_turbine_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     argv = [
-        sys.executable, "-m", "turbine", "up", "--http-port", str(port), "--workers", "2",
-        "--file-store-path", str(tmp_path / "store"), "--namespace", "up-test", "--speedup-ratio", "100",
+        sys.executable,
+        "-m",
+        "turbine",
+        "up",
+        "--http-port",
+        str(port),
+        "--workers",
+        "2",
+        "--file-store-path",
+        str(tmp_path / "store"),
+        "--namespace",
+        "up-test",
+        "--speedup-ratio",
+        "100",
     ]
     proc = Proc("up", argv, tmp_path / "up.log", env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -28,7 +40,9 @@ def test_turbine_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         wait_instances(url, 2, timeout=30)
         assert "curl" in proc.log() and url in proc.log()
         oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        out = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=5)
+        out = oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=5
+        )
         assert out.choices[0].finish_reason == "length"
         proc.signal(signal.SIGINT)
         assert proc.wait(30) == 0, proc.log()
@@ -38,14 +52,27 @@ def test_turbine_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
 
 def test_turbine_up_in_memory_discovery(tmp_path: Path) -> None:
     port = free_port()
-    argv = [sys.executable, "-m", "turbine", "up", "--http-port", str(port), "--discovery-backend", "mem",
-            "--workers", "1", "--speedup-ratio", "100"]
+    argv = [
+        sys.executable,
+        "-m",
+        "turbine",
+        "up",
+        "--http-port",
+        str(port),
+        "--discovery-backend",
+        "mem",
+        "--workers",
+        "1",
+        "--speedup-ratio",
+        "100",
+    ]
     proc = Proc("up-mem", argv, tmp_path / "up.log", env={**__import__("os").environ})
     try:
         url = f"http://127.0.0.1:{port}"
         wait_instances(url, 1, timeout=30)
         status, _, body = http(
-            "POST", url + "/v1/completions",
+            "POST",
+            url + "/v1/completions",
             json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 3}).encode(),
             {"Content-Type": "application/json"},
         )
@@ -57,8 +84,9 @@ def test_turbine_up_in_memory_discovery(tmp_path: Path) -> None:
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "turbine", *args], capture_output=True, text=True, timeout=60,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "turbine", *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,8 +122,18 @@ def test_dump_config_writes_resolved_json(tmp_path: Path) -> None:
     port = free_port()
     dump = tmp_path / "config.json"
     env = {**os.environ, "TURBINE_ROUTER_MODE": "random", "TURBINE_HTTP_PORT": "1"}
-    argv = [sys.executable, "-m", "turbine", "frontend", "--http-port", str(port), "--dump-config-to", str(dump),
-            "--file-store-path", str(tmp_path / "store")]
+    argv = [
+        sys.executable,
+        "-m",
+        "turbine",
+        "frontend",
+        "--http-port",
+        str(port),
+        "--dump-config-to",
+        str(dump),
+        "--file-store-path",
+        str(tmp_path / "store"),
+    ]
     proc = Proc("frontend", argv, tmp_path / "frontend.log", env=env)
     try:
         wait_until(lambda: dump.exists() and dump.stat().st_size > 0, 20, proc)

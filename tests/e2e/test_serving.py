@@ -44,8 +44,12 @@ def test_chat_and_completions_stream_and_not(stack: Stack) -> None:
 
     chunks = list(
         oai.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12, seed=7,
-            stream=True, stream_options={"include_usage": True},
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hello there"}],
+            max_tokens=12,
+            seed=7,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -94,8 +98,9 @@ def test_stop_strings_are_never_emitted(stack: Stack) -> None:
     assert out.choices[0].text == "alpha beta "
     assert out.choices[0].finish_reason == "stop"
     chunks = list(
-        oai.completions.create(model=MODEL, prompt="alpha beta STOP gamma", max_tokens=50, stop="STOP",
-                               stream=True)
+        oai.completions.create(
+            model=MODEL, prompt="alpha beta STOP gamma", max_tokens=50, stop="STOP", stream=True
+        )
     )
     assert "".join(c.choices[0].text for c in chunks) == "alpha beta "
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -119,7 +124,9 @@ def test_random_router_uses_every_worker(stack: Stack) -> None:
     wait_instances(url, 2)
     oai = client(url)
     seen = {
-        oai.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=1).headers["x-turbine-worker"]
+        oai.completions.with_raw_response.create(model=MODEL, prompt="hi", max_tokens=1).headers[
+            "x-turbine-worker"
+        ]
         for _ in range(40)
     }
     assert len(seen) == 2
@@ -164,7 +171,11 @@ def test_sigterm_worker_mid_stream_finishes_the_stream(stack: Stack) -> None:
     wait_instances(url, 1)
     oai = client(url)
     stream = oai.completions.create(
-        model=MODEL, prompt="tell me a long story", max_tokens=100, stream=True, ignore_eos=True,
+        model=MODEL,
+        prompt="tell me a long story",
+        max_tokens=100,
+        stream=True,
+        extra_body={"ignore_eos": True},
         stream_options={"include_usage": True},
     )
     chunks = [next(stream)]
@@ -184,7 +195,9 @@ def test_sigterm_frontend_drains_and_exits_zero(stack: Stack) -> None:
     oai = client(url)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
-            lambda: oai.completions.create(model=MODEL, prompt="drain me", max_tokens=100, ignore_eos=True)
+            lambda: oai.completions.create(
+                model=MODEL, prompt="drain me", max_tokens=100, extra_body={"ignore_eos": True}
+            )
         )
         time.sleep(0.3)
         frontend.signal(signal.SIGTERM)

@@ -25,9 +25,14 @@ def test_env_then_flag_precedence() -> None:
 
 
 def test_boolean_flags_both_ways() -> None:
-    assert parse_config(WorkerConfig, ["--no-enable-prefix-caching"], {}, prog="t").enable_prefix_caching is False
+    assert (
+        parse_config(WorkerConfig, ["--no-enable-prefix-caching"], {}, prog="t").enable_prefix_caching
+        is False
+    )
     env = {"TURBINE_ENABLE_PREFIX_CACHING": "0"}
-    assert parse_config(WorkerConfig, ["--enable-prefix-caching"], env, prog="t").enable_prefix_caching is True
+    assert (
+        parse_config(WorkerConfig, ["--enable-prefix-caching"], env, prog="t").enable_prefix_caching is True
+    )
     with pytest.raises(ConfigError, match="not a boolean"):
         parse_config(WorkerConfig, [], {"TURBINE_ENABLE_PREFIX_CACHING": "maybe"}, prog="t")
 

@@ -71,8 +71,9 @@ async def one_request(
     tokens = 0
     usage: dict[str, Any] = {}
     try:
-        async with session.post(url, data=orjson.dumps({**body, "stream": stream}),
-                                headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(
+            url, data=orjson.dumps({**body, "stream": stream}), headers={"Content-Type": "application/json"}
+        ) as resp:
             worker = resp.headers.get("x-turbine-worker", "")
             if resp.status != 200:
                 return RequestResult(False, time.perf_counter() - start, 0.0, 0, error=await resp.text())
@@ -94,12 +95,17 @@ async def one_request(
                         tokens += 1
                 if usage:
                     tokens = usage.get("completion_tokens", tokens)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return RequestResult(False, time.perf_counter() - start, 0.0, 0, error=repr(exc))
     details = usage.get("prompt_tokens_details") or {}
     return RequestResult(
-        True, time.perf_counter() - start, ttft, tokens, usage.get("prompt_tokens", 0),
-        details.get("cached_tokens", 0), worker,
+        True,
+        time.perf_counter() - start,
+        ttft,
+        tokens,
+        usage.get("prompt_tokens", 0),
+        details.get("cached_tokens", 0),
+        worker,
     )
 
 

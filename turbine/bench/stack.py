@@ -32,22 +32,44 @@ def proc_cpu_seconds(pid: int) -> float:
 class LocalStack:
     """A frontend and one worker process (with `--num-workers`) over a private file store."""
 
-    def __init__(self, frontend_args: list[str], worker_args: list[str], *, expect_instances: int = 1) -> None:
+    def __init__(
+        self, frontend_args: list[str], worker_args: list[str], *, expect_instances: int = 1
+    ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="turbine-bench-")
         root = Path(self._dir.name)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        common = ["--discovery-backend", "file", "--file-store-path", str(root / "store"),
-                  "--namespace", "bench", "--log-level", "warning"]
+        common = [
+            "--discovery-backend",
+            "file",
+            "--file-store-path",
+            str(root / "store"),
+            "--namespace",
+            "bench",
+            "--log-level",
+            "warning",
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._logs = [open(root / name, "wb") for name in ("frontend.log", "worker.log")]  # noqa: SIM115
         self.frontend = subprocess.Popen(
-            [sys.executable, "-m", "turbine.frontend", "--http-port", str(self.port), *common, *frontend_args],
-            stdout=self._logs[0], stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "turbine.frontend",
+                "--http-port",
+                str(self.port),
+                *common,
+                *frontend_args,
+            ],
+            stdout=self._logs[0],
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "turbine.worker", *common, *worker_args],
-            stdout=self._logs[1], stderr=subprocess.STDOUT, env=env,
+            stdout=self._logs[1],
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self._expect = expect_instances
 
@@ -87,5 +109,7 @@ class LocalStack:
         self.wait_ready()
         return self
 
-    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    def __exit__(
+        self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+    ) -> None:
         self.close()

@@ -6,6 +6,8 @@ pydantic. Every error leaves as OpenAI's `{"error": {...}}` with the status from
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -84,6 +86,14 @@ class OpenAIService:
         self._registry = registry
         self._max_body_bytes = max_body_bytes
         self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight (or the timeout passes); True if idle."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return not self.inflight
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_error_middleware], client_max_size=self._max_body_bytes)
@@ -113,7 +123,9 @@ class OpenAIService:
             {"id": p.name, "object": "model", "created": p.created, "owned_by": "turbine"}
             for p in self._registry.models()
         ]
-        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+        )
 
     async def _health(self, request: web.Request) -> web.Response:
         models = self._registry.models()
@@ -132,6 +144,7 @@ class OpenAIService:
         self, request: web.Request, pipeline: ModelPipeline, prepared: Prepared, *, chat: bool
     ) -> web.StreamResponse:
         self.inflight += 1
+        self._idle.clear()
         gen = pipeline.generate(prepared)
         try:
             first = await gen.first()
@@ -141,7 +154,9 @@ class OpenAIService:
             created = int(time.time())
             rid = prepared.request.request_id
             if prepared.stream:
-                return await self._stream(request, gen, first, prepared, pipeline.name, created, chat, headers)
+                return await self._stream(
+                    request, gen, first, prepared, pipeline.name, created, chat, headers
+                )
             parts = [first.text]
             finish = first.finish_reason
             if finish is None:
@@ -151,12 +166,18 @@ class OpenAIService:
             assert finish is not None
             build = chat_completion if chat else text_completion
             body = build(
-                request_id=rid, model=pipeline.name, created=created, text="".join(parts),
-                finish_reason=finish.value, usage=gen.usage(),
+                request_id=rid,
+                model=pipeline.name,
+                created=created,
+                text="".join(parts),
+                finish_reason=finish.value,
+                usage=gen.usage(),
             )
             return web.Response(body=body, content_type="application/json", headers=headers)
         finally:
             self.inflight -= 1
+            if not self.inflight:
+                self._idle.set()
             await gen.aclose()
 
     async def _stream(
@@ -175,7 +196,10 @@ class OpenAIService:
         )
         await resp.prepare(request)
         fmt = ChunkFormatter(
-            chat=chat, request_id=prepared.request.request_id, model=model, created=created,
+            chat=chat,
+            request_id=prepared.request.request_id,
+            model=model,
+            created=created,
             include_usage=prepared.include_usage,
         )
         out = bytearray(fmt.role() if chat else b"")

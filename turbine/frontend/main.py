@@ -14,7 +14,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -78,9 +77,8 @@ async def run_frontend(
             watcher.result()  # discovery failed: surface the error
         log.info("shutting down: draining %d in-flight request(s)", service.inflight)
         await site.stop()
-        deadline = time.monotonic() + cfg.drain_timeout_s
-        while service.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if not await service.wait_idle(cfg.drain_timeout_s):
+            log.warning("drain timed out with %d request(s) in flight", service.inflight)
     finally:
         await runner.cleanup()
         watcher.cancel()
@@ -96,7 +94,10 @@ async def run_frontend(
 def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> int:
     try:
         cfg = parse_config(
-            FrontendConfig, sys.argv[1:] if argv is None else argv, process_env(), prog=prog,
+            FrontendConfig,
+            sys.argv[1:] if argv is None else argv,
+            process_env(),
+            prog=prog,
             description="Serve the OpenAI API for every model that workers register in discovery.",
         )
     except ConfigError as exc:

@@ -40,7 +40,12 @@ class ChunkFormatter:
     def role(self) -> bytes:
         """Chat streams open with an empty assistant delta, as OpenAI's do."""
         return self._event(
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
         )
 
     def delta(self, delta: TextDelta) -> bytes:

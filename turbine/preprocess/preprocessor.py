@@ -94,11 +94,13 @@ class Preprocessor:
                 raise InvalidRequest(f"prompt token ids must be within [0, {vocab})", param="prompt")
             token_ids = list(prompt)
         elif all(isinstance(p, (str, list)) for p in prompt):
-            raise InvalidRequest("batched prompts are not supported; send one prompt per request",
-                                 param="prompt")
+            raise InvalidRequest(
+                "batched prompts are not supported; send one prompt per request", param="prompt"
+            )
         else:
-            raise InvalidRequest("'prompt' must be a string, a list of token ids, or a batch of one",
-                                 param="prompt")
+            raise InvalidRequest(
+                "'prompt' must be a string, a list of token ids, or a batch of one", param="prompt"
+            )
         if req.echo:
             raise InvalidRequest("'echo' is not supported", param="echo")
         return self._finish(req, request_id, token_ids, req.max_tokens, "max_tokens", "prompt")

@@ -119,7 +119,10 @@ async def run_workers(
 def main(argv: Sequence[str] | None = None, prog: str = "turbine worker") -> int:
     try:
         cfg = parse_config(
-            WorkerConfig, sys.argv[1:] if argv is None else argv, process_env(), prog=prog,
+            WorkerConfig,
+            sys.argv[1:] if argv is None else argv,
+            process_env(),
+            prog=prog,
             description="Serve a model with an engine (mocker or echo) and register it in discovery.",
         )
     except ConfigError as exc:

@@ -8,11 +8,9 @@ finish (bounded), revoke the lease, close the request plane, stop the engine.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -119,11 +117,10 @@ class EngineWorker:
             for key in self._keys:
                 await lease.delete(key)
         self._server.drain()
-        deadline = time.monotonic() + drain_timeout_s
         if self._server.active_streams:
             log.info("worker %x draining %d stream(s)", self.instance_id, self._server.active_streams)
-        while self._server.active_streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if not await self._server.wait_idle(drain_timeout_s):
+            log.warning("worker %x: drain timed out, cancelling the rest", self.instance_id)
         if lease is not None:
             await lease.revoke()
         await self._server.stop()

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from turbine.engines.base import NullEventSink
 from turbine.engines.echo import EchoEngine
 from turbine.engines.mocker.engine import MockerConfig, MockerEngine
-from turbine.engines.base import NullEventSink
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.models import ModelRegistry
 from turbine.models import bundled_model_path
@@ -34,13 +34,18 @@ class Harness:
         self.workers: list[EngineWorker] = []
         self.executor = concurrent.futures.ThreadPoolExecutor(1)
         self.registry = ModelRegistry(
-            store=self.store, namespace="ns", client=InprocClient(self.hub), router_factory=RoundRobinRouter,
+            store=self.store,
+            namespace="ns",
+            client=InprocClient(self.hub),
+            router_factory=RoundRobinRouter,
             executor=self.executor,
         )
 
     async def add_worker(self, engine: Any) -> EngineWorker:
         worker = EngineWorker(
-            engine=engine, store=self.store, server=InprocServer(self.hub),
+            engine=engine,
+            store=self.store,
+            server=InprocServer(self.hub),
             identity=WorkerIdentity("ns", "backend", "generate", MODEL, str(bundled_model_path()), 8192),
             lease_ttl_s=5.0,
         )
@@ -80,7 +85,9 @@ async def test_echo_round_trip_and_usage(harness: tuple[Harness, TestClient[Any,
     h, client = harness
     await h.add_worker(EchoEngine())
     await h.wait_instances(1)
-    resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "hello world", "max_tokens": 50})
+    resp = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "hello world", "max_tokens": 50}
+    )
     assert resp.status == 200
     body = await resp.json()
     assert body["choices"][0]["text"] == "hello world"
@@ -100,8 +107,9 @@ async def test_utf8_split_across_tokens_streams_whole_characters(
     raw = (await resp.read()).decode()
     import json
 
-    pieces = [json.loads(line[6:])["choices"][0]["text"] for line in raw.split("\n")
-              if line.startswith("data: {")]
+    pieces = [
+        json.loads(line[6:])["choices"][0]["text"] for line in raw.split("\n") if line.startswith("data: {")
+    ]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert raw.rstrip().endswith("data: [DONE]")
@@ -142,11 +150,14 @@ async def test_draining_worker_requests_go_elsewhere(harness: tuple[Harness, Tes
 async def test_engine_error_is_reported_not_hung(harness: tuple[Harness, TestClient[Any, Any]]) -> None:
     h, client = harness
     # A cache of two 64-token blocks cannot hold a 300-token prompt: the engine fails the request.
-    engine = MockerEngine(MockerConfig(num_gpu_blocks=2, speedup_ratio=1e6, token_id_range=(300, 4000)), 0,
-                          NullEventSink())
+    engine = MockerEngine(
+        MockerConfig(num_gpu_blocks=2, speedup_ratio=1e6, token_id_range=(300, 4000)), 0, NullEventSink()
+    )
     await h.add_worker(engine)
     await h.wait_instances(1)
-    resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 300, "max_tokens": 5})
+    resp = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "word " * 300, "max_tokens": 5}
+    )
     assert resp.status >= 400
     body = await resp.json()
     assert "error" in body and body["error"]["message"]

@@ -1,7 +1,7 @@
 """The TCP request plane over real loopback sockets, in one process."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 import pytest
@@ -21,7 +21,7 @@ class _Echo:
         self.cancelled: list[bytes] = []
         self.finished: list[bytes] = []
 
-    async def handler(self, endpoint: str, payload: bytes) -> AsyncIterator[bytes]:
+    async def handler(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
         if endpoint == "fail":
             raise RuntimeError("engine exploded")
         if endpoint == "bad":
@@ -81,7 +81,7 @@ async def test_leaving_early_cancels_at_the_server() -> None:
         stream = client.stream(address, "slow", _enc(100000))
         async for _chunk in stream:
             break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         for _ in range(200):
             if echo.cancelled:
                 break
@@ -132,6 +132,23 @@ async def test_draining_server_refuses_new_streams_but_finishes_running_ones() -
         with pytest.raises(WorkerDraining):
             await _collect(client, address, "gen", _enc(1))
         assert len(await running) == 50
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_forget_waits_for_open_streams_to_end() -> None:
+    echo = _Echo()
+    server = TcpRequestServer()
+    address = await server.start(echo.handler)
+    client = TcpRequestClient()
+    try:
+        running = asyncio.create_task(_collect(client, address, "slow", _enc(30)))
+        await asyncio.sleep(0.01)
+        client.forget(address)
+        assert len(await running) == 30
+        # A new stream opens a fresh connection.
+        assert await _collect(client, address, "gen", _enc(2)) == [_enc(0), _enc(1)]
     finally:
         await client.close()
         await server.stop()

@@ -6,7 +6,8 @@ Server (worker side): `start(handler)` begins accepting and returns the address 
 Instance; every incoming request runs `handler(endpoint, payload)` as its own task, whose yielded
 payloads are streamed back in order, then an End (or an Error if the handler raised). A Cancel from
 the client, or the connection dropping, cancels that task. `drain()` makes the server refuse new
-requests with a retriable "draining" error while running ones finish; `stop()` closes everything.
+requests with a retriable "draining" error while running ones finish (see `wait_idle()`);
+`stop()` closes everything.
 
 Client (frontend side): `stream(address, endpoint, payload)` is an async iterator of the worker's
 payloads. It raises `WorkerUnreachable` (retriable) if the worker cannot be reached or the
@@ -33,6 +34,8 @@ class RequestPlaneServer(Protocol):
 
     @property
     def active_streams(self) -> int: ...
+
+    async def wait_idle(self, timeout_s: float) -> bool: ...
 
     async def stop(self) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncGenerator
@@ -28,6 +29,8 @@ class InprocServer:
         self._address = ""
         self._draining = False
         self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self, handler: Handler) -> str:
         self._handler = handler
@@ -42,6 +45,11 @@ class InprocServer:
     def active_streams(self) -> int:
         return self._active
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._active == 0
+
     async def stop(self) -> None:
         self._hub.servers.pop(self._address, None)
 
@@ -50,12 +58,15 @@ class InprocServer:
             raise WorkerDraining(f"worker {self._address} is draining")
         assert self._handler is not None
         self._active += 1
+        self._idle.clear()
         try:
             async with contextlib.aclosing(self._handler(endpoint, payload)) as outputs:
                 async for out in outputs:
                     yield out
         finally:
             self._active -= 1
+            if not self._active:
+                self._idle.set()
 
 
 class InprocClient:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from typing import cast
 
 import msgspec
 
@@ -76,9 +77,9 @@ class _ServerConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._writer.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface.
+        self._transport = cast(asyncio.Transport, transport)
+        self._writer.transport = self._transport
         self._server._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -178,6 +179,12 @@ class TcpRequestServer:
     def active_streams(self) -> int:
         return len(self._tasks)
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stream is running (or the timeout passes); True if idle."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return not self._tasks
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -202,6 +209,7 @@ class _ClientConnection(asyncio.Protocol):
     def __init__(self, address: str) -> None:
         self.address = address
         self.closed = False
+        self.close_when_idle = False
         self.streams: dict[int, asyncio.Queue[_StreamItem]] = {}
         self._next_id = 0
         self._decoder = framing.FrameDecoder()
@@ -209,9 +217,9 @@ class _ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._writer.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface.
+        self._transport = cast(asyncio.Transport, transport)
+        self._writer.transport = self._transport
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -318,12 +326,18 @@ class TcpRequestClient:
             conn.streams.pop(sid, None)
             if not finished and not conn.closed:
                 conn.send(framing.Cancel(sid))
+            if conn.close_when_idle and not conn.streams:
+                conn.close()
 
     def forget(self, address: str) -> None:
-        """Close the connection to a worker that left discovery."""
+        """Close the connection to a worker that left discovery, once its open streams have ended
+        (a draining worker unregisters first and then finishes what it was streaming)."""
         conn = self._connections.pop(address, None)
         if conn is not None:
-            conn.close()
+            if conn.streams:
+                conn.close_when_idle = True
+            else:
+                conn.close()
 
     async def close(self) -> None:
         for conn in list(self._connections.values()):
