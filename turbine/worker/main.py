@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from turbine.config import WorkerConfig, config_to_json, parse_config, process_env
-from turbine.engines.base import Engine, NullEventSink
+from turbine.engines.base import Engine, EventSink
 from turbine.engines.echo import EchoEngine
 from turbine.engines.mocker.engine import MockerConfig, MockerEngine
 from turbine.errors import ConfigError
@@ -23,6 +24,8 @@ from turbine.logs import configure_logging
 from turbine.models import bundled_model_path
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.runtime.discovery.base import Store
+from turbine.runtime.events.memory import MemoryEventPlane
+from turbine.runtime.events.sink import EventPlaneSink
 from turbine.runtime.factory import make_store
 from turbine.runtime.transport.tcp import TcpRequestServer
 from turbine.worker.sdk import EngineWorker, WorkerIdentity
@@ -50,7 +53,7 @@ def ordinary_token_range(files: ModelFiles) -> tuple[int, int]:
     return lo, vocab
 
 
-def build_engine(cfg: WorkerConfig, files: ModelFiles, worker_index: int) -> Engine:
+def build_engine(cfg: WorkerConfig, files: ModelFiles, instance_id: int, events: EventSink) -> Engine:
     if cfg.engine == "echo":
         return EchoEngine(delay_s=cfg.echo_delay_ms / 1000.0, block_size=cfg.block_size)
     mocker = MockerConfig(
@@ -63,7 +66,7 @@ def build_engine(cfg: WorkerConfig, files: ModelFiles, worker_index: int) -> Eng
         eos_probability=cfg.eos_probability,
         token_id_range=ordinary_token_range(files),
     )
-    return MockerEngine(mocker, worker_id=worker_index, events=NullEventSink())
+    return MockerEngine(mocker, worker_id=instance_id, events=events)
 
 
 async def run_workers(
@@ -91,16 +94,22 @@ async def run_workers(
         model_path=str(model_dir.resolve()),
         context_length=cfg.context_length or files.context_length,
     )
-    workers = [
-        EngineWorker(
-            engine=build_engine(cfg, files, i),
-            store=store,
-            server=TcpRequestServer(cfg.host),
-            identity=identity,
-            lease_ttl_s=cfg.lease_ttl_s,
+    # KV events and load metrics go on an in-process plane for now; routers subscribe through it.
+    plane = MemoryEventPlane()
+    workers = []
+    for _ in range(cfg.num_workers):
+        instance_id = secrets.randbits(63)
+        sink = EventPlaneSink(plane, cfg.namespace, model_name, instance_id)
+        workers.append(
+            EngineWorker(
+                engine=build_engine(cfg, files, instance_id, sink),
+                store=store,
+                server=TcpRequestServer(cfg.host),
+                identity=identity,
+                lease_ttl_s=cfg.lease_ttl_s,
+                instance_id=instance_id,
+            )
         )
-        for i in range(cfg.num_workers)
-    ]
     started: list[EngineWorker] = []
     try:
         for worker in workers:
@@ -112,6 +121,7 @@ async def run_workers(
         log.info("shutting down %d worker(s)", len(started))
     finally:
         await asyncio.gather(*(w.shutdown(cfg.drain_timeout_s) for w in started), return_exceptions=True)
+        await plane.close()
         if own_store:
             await store.close()
 

@@ -1,1 +1,1 @@
-"""runtime/events."""
+"""Event planes: publish/subscribe of KV events and load metrics."""
