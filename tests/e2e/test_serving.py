@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, Stack, live_instances, wait_instances, wait_until
+from turbine.models import bundled_model_path
 
 pytestmark = pytest.mark.e2e
 
@@ -204,3 +207,19 @@ def test_sigterm_frontend_drains_and_exits_zero(stack: Stack) -> None:
         result = pending.result(20)
     assert result.choices[0].finish_reason == "length"
     assert frontend.wait(15) == 0
+
+
+def test_any_local_model_directory_serves_under_its_name(stack: Stack, tmp_path: Path) -> None:
+    model_dir = tmp_path / "my-org-model"
+    shutil.copytree(bundled_model_path(), model_dir)
+    _, url = stack.frontend("--model-path", str(model_dir))
+    stack.worker(*FAST, "--model-path", str(model_dir))
+    wait_instances(url, 1, model="my-org-model")
+    oai = client(url)
+    assert [m.id for m in oai.models.list().data] == ["my-org-model"]
+    out = oai.chat.completions.create(
+        model="my-org-model",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=4,
+    )
+    assert out.model == "my-org-model" and out.usage is not None and out.usage.completion_tokens == 4
