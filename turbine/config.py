@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from turbine.errors import ConfigError
 
 ENV_PREFIX = "TURBINE_"
-ROUTER_MODES = ("round-robin", "random")
+ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv")
 DISCOVERY_BACKENDS = ("file", "mem", "etcd")
 REQUEST_PLANES = ("tcp",)
 ENGINES = ("mocker", "echo")
@@ -67,6 +67,27 @@ class FrontendConfig(RuntimeConfig):
         None, "Local model directory whose tokenizer and chat template override the workers' cards."
     )
     router_mode: str = opt("round-robin", "How to pick a worker.", choices=ROUTER_MODES)
+    kv_overlap_score_weight: float = opt(
+        1.0, "KV router: weight of the prefill cost (uncached blocks) against the decode cost."
+    )
+    router_temperature: float = opt(
+        0.0, "KV router: 0 picks the cheapest worker; above 0 samples from a softmax over costs."
+    )
+    kv_events: bool = opt(
+        True, "KV router: follow workers' KV events (--no-kv-events: approximate from routing history)."
+    )
+    router_ttl_secs: float = opt(
+        120.0, "KV router without events: how long a routed prefix counts as cached."
+    )
+    active_decode_blocks_threshold: float | None = opt(
+        None, "A worker whose active decode blocks exceed this fraction of its KV blocks is busy (skipped)."
+    )
+    active_prefill_tokens_threshold: int | None = opt(
+        None, "A worker with more active prefill tokens than this is busy (skipped)."
+    )
+    kv_cache_block_size: int | None = opt(
+        None, "Block size the KV router hashes with (default: the workers' advertised block size)."
+    )
     max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.")
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
     tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
@@ -80,6 +101,16 @@ class FrontendConfig(RuntimeConfig):
             raise ConfigError("--max-request-body-bytes must be at least 1024")
         if self.tokenizer_threads < 1:
             raise ConfigError("--tokenizer-threads must be at least 1")
+        if self.router_temperature < 0 or self.kv_overlap_score_weight < 0:
+            raise ConfigError("--router-temperature and --kv-overlap-score-weight must not be negative")
+        if self.router_ttl_secs <= 0:
+            raise ConfigError("--router-ttl-secs must be positive")
+        if self.active_decode_blocks_threshold is not None and self.active_decode_blocks_threshold <= 0:
+            raise ConfigError("--active-decode-blocks-threshold must be positive")
+        if self.active_prefill_tokens_threshold is not None and self.active_prefill_tokens_threshold < 1:
+            raise ConfigError("--active-prefill-tokens-threshold must be at least 1")
+        if self.kv_cache_block_size is not None and self.kv_cache_block_size < 1:
+            raise ConfigError("--kv-cache-block-size must be at least 1")
         super().validate()
 
 

@@ -24,6 +24,7 @@ class RequestResult:
     cached_tokens: int = 0
     worker: str = ""
     error: str = ""
+    text: str = ""
 
 
 @dataclass
@@ -70,6 +71,7 @@ async def one_request(
     ttft = 0.0
     tokens = 0
     usage: dict[str, Any] = {}
+    text: list[str] = []
     try:
         async with session.post(
             url, data=orjson.dumps({**body, "stream": stream}), headers={"Content-Type": "application/json"}
@@ -80,6 +82,8 @@ async def one_request(
             if not stream:
                 payload = orjson.loads(await resp.read())
                 usage = payload.get("usage") or {}
+                choice = (payload.get("choices") or [{}])[0]
+                text.append(choice.get("text") or (choice.get("message") or {}).get("content") or "")
                 tokens = usage.get("completion_tokens", 0)
                 ttft = time.perf_counter() - start
             else:
@@ -93,6 +97,8 @@ async def one_request(
                         if not ttft:
                             ttft = time.perf_counter() - start
                         tokens += 1
+                        choice = chunk["choices"][0]
+                        text.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
                 if usage:
                     tokens = usage.get("completion_tokens", tokens)
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -106,6 +112,7 @@ async def one_request(
         usage.get("prompt_tokens", 0),
         details.get("cached_tokens", 0),
         worker,
+        text="".join(text),
     )
 
 
@@ -134,6 +141,52 @@ async def run_closed_loop(
                 run.results.append(result)
                 if on_done is not None:
                     on_done(result)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        run.wall_s = time.perf_counter() - start
+    return run
+
+
+async def run_conversations(
+    url: str,
+    conversations: Sequence[tuple[list[dict[str, Any]], list[str]]],
+    *,
+    model: str,
+    concurrency: int,
+    max_tokens: int,
+    on_done: Callable[[RequestResult], None] | None = None,
+) -> RunResult:
+    """Multi-turn chats: each conversation is (opening messages, later user turns). Turns of one
+    conversation are sequential and carry the previous answers; `concurrency` conversations at once."""
+    queue: asyncio.Queue[tuple[list[dict[str, Any]], list[str]]] = asyncio.Queue()
+    for conv in conversations:
+        queue.put_nowait(conv)
+    run = RunResult(concurrency, 0.0)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+
+        async def client() -> None:
+            while not queue.empty():
+                opening, turns = queue.get_nowait()
+                messages = list(opening)
+                for i in range(len(turns) + 1):
+                    if i:
+                        messages.append({"role": "user", "content": turns[i - 1]})
+                    body = {
+                        "model": model,
+                        "messages": messages,
+                        "max_tokens": max_tokens,
+                        "ignore_eos": True,
+                        "stream_options": {"include_usage": True},
+                    }
+                    result = await one_request(session, url, body, stream=True)
+                    run.results.append(result)
+                    if on_done is not None:
+                        on_done(result)
+                    if not result.ok:
+                        break
+                    messages = [*messages, {"role": "assistant", "content": result.text}]
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))

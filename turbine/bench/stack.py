@@ -12,7 +12,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 
 def free_port() -> int:
@@ -30,53 +29,48 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 class LocalStack:
-    """A frontend and one worker process (with `--num-workers`) over a private file store."""
+    """A frontend and worker processes (each with its own `--num-workers`) over a private file store."""
 
     def __init__(
-        self, frontend_args: list[str], worker_args: list[str], *, expect_instances: int = 1
+        self,
+        frontend_args: list[str],
+        worker_args: list[str],
+        *,
+        expect_instances: int = 1,
+        worker_processes: int = 1,
     ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="turbine-bench-")
-        root = Path(self._dir.name)
+        self.root = Path(self._dir.name)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        common = [
-            "--discovery-backend",
-            "file",
-            "--file-store-path",
-            str(root / "store"),
-            "--namespace",
-            "bench",
-            "--log-level",
-            "warning",
-        ]
+        common = ["--discovery-backend", "file", "--file-store-path", str(self.root / "store")]
+        common += ["--namespace", "bench", "--log-level", "warning"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._logs = [open(root / name, "wb") for name in ("frontend.log", "worker.log")]  # noqa: SIM115
+        names = ["frontend.log", *(f"worker-{i}.log" for i in range(worker_processes))]
+        self._logs = [open(self.root / name, "wb") for name in names]  # noqa: SIM115
+        frontend = [sys.executable, "-m", "turbine.frontend", "--http-port", str(self.port)]
         self.frontend = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "turbine.frontend",
-                "--http-port",
-                str(self.port),
-                *common,
-                *frontend_args,
-            ],
-            stdout=self._logs[0],
-            stderr=subprocess.STDOUT,
-            env=env,
+            [*frontend, *common, *frontend_args], stdout=self._logs[0], stderr=subprocess.STDOUT, env=env
         )
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "turbine.worker", *common, *worker_args],
-            stdout=self._logs[1],
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        self.workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "turbine.worker", *common, *worker_args],
+                stdout=self._logs[1 + i],
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            for i in range(worker_processes)
+        ]
         self._expect = expect_instances
+
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [self.frontend, *self.workers]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for proc in (self.frontend, self.worker):
+            for proc in self.processes:
                 if proc.poll() is not None:
                     raise RuntimeError(f"a stack process exited with {proc.returncode}")
             try:
@@ -93,10 +87,10 @@ class LocalStack:
         return proc_cpu_seconds(self.frontend.pid)
 
     def close(self) -> None:
-        for proc in (self.frontend, self.worker):
+        for proc in self.processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in (self.frontend, self.worker):
+        for proc in self.processes:
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -106,10 +100,12 @@ class LocalStack:
         self._dir.cleanup()
 
     def __enter__(self) -> LocalStack:
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
         return self
 
-    def __exit__(
-        self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

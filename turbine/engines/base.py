@@ -14,11 +14,11 @@ Contract of `generate(request)`:
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from turbine.protocol.kv_events import KvEventBatch, LoadMetrics
+from turbine.protocol.kv_events import KvDump, KvEventBatch, LoadMetrics
 from turbine.protocol.request import PreprocessedRequest
 from turbine.protocol.response import EngineOutput
 
@@ -58,3 +58,10 @@ class Engine(Protocol):
     def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class KvCacheReporter(Protocol):
+    """Engines with a prefix cache also answer for its whole state (routers re-sync from it)."""
+
+    def kv_dump(self) -> KvDump: ...

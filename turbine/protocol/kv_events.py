@@ -42,3 +42,28 @@ class LoadMetrics(msgspec.Struct, frozen=True):
     kv_blocks_total: int
     num_waiting: int
     num_running: int
+
+
+class KvDump(msgspec.Struct, frozen=True):
+    """A worker's whole prefix cache: every cached block hash, as of just before `next_event_id`.
+
+    A router that lost events (a gap) replaces its view of the worker with this, then applies
+    batches from `next_event_id` on.
+    """
+
+    worker_id: int
+    block_hashes: list[int]
+    next_event_id: int
+    block_size: int
+
+
+class WorkerEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One message of a worker's event stream (the `kv_events` endpoint): a KV batch or load metrics."""
+
+    kv: KvEventBatch | None = None
+    load: LoadMetrics | None = None
+
+
+# Request-plane endpoints every worker with an event plane serves beside its generate endpoint.
+KV_EVENTS_ENDPOINT = "kv_events"
+KV_DUMP_ENDPOINT = "kv_dump"

@@ -94,11 +94,12 @@ async def run_workers(
         model_path=str(model_dir.resolve()),
         context_length=cfg.context_length or files.context_length,
     )
-    # KV events and load metrics go on an in-process plane for now; routers subscribe through it.
-    plane = MemoryEventPlane()
     workers = []
     for _ in range(cfg.num_workers):
         instance_id = secrets.randbits(63)
+        # Each worker publishes KV events and load metrics on its own in-process plane; frontends
+        # subscribe through the worker's kv_events endpoint on the request plane.
+        plane = MemoryEventPlane()
         sink = EventPlaneSink(plane, cfg.namespace, model_name, instance_id)
         workers.append(
             EngineWorker(
@@ -108,6 +109,7 @@ async def run_workers(
                 identity=identity,
                 lease_ttl_s=cfg.lease_ttl_s,
                 instance_id=instance_id,
+                events=plane,
             )
         )
     started: list[EngineWorker] = []
@@ -121,7 +123,6 @@ async def run_workers(
         log.info("shutting down %d worker(s)", len(started))
     finally:
         await asyncio.gather(*(w.shutdown(cfg.drain_timeout_s) for w in started), return_exceptions=True)
-        await plane.close()
         if own_store:
             await store.close()
 

@@ -16,19 +16,29 @@ from dataclasses import dataclass
 
 import msgspec
 
-from turbine.engines.base import Engine
+from turbine.engines.base import Engine, KvCacheReporter
 from turbine.errors import InvalidRequest
 from turbine.protocol.instance import Instance, model_key
+from turbine.protocol.kv_events import (
+    KV_DUMP_ENDPOINT,
+    KV_EVENTS_ENDPOINT,
+    KvEventBatch,
+    LoadMetrics,
+    WorkerEvent,
+)
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.lease import LeaseKeeper
+from turbine.runtime.events.base import EventPlane, kv_events_subject, load_subject
 from turbine.runtime.transport.base import RequestPlaneServer
 
 log = logging.getLogger(__name__)
 
 _decode_request = msgspec.msgpack.Decoder(PreprocessedRequest).decode
 _encode = msgspec.msgpack.Encoder().encode
+_decode_batch = msgspec.msgpack.Decoder(KvEventBatch).decode
+_decode_load = msgspec.msgpack.Decoder(LoadMetrics).decode
 
 
 @dataclass(frozen=True)
@@ -54,12 +64,16 @@ class EngineWorker:
         identity: WorkerIdentity,
         lease_ttl_s: float,
         instance_id: int | None = None,
+        events: EventPlane | None = None,
     ) -> None:
         self.engine = engine
         self._store = store
         self._server = server
         self._identity = identity
         self._lease_ttl_s = lease_ttl_s
+        # This worker's own event plane (its engine publishes there); frontends read it through
+        # the kv_events endpoint of the request plane.
+        self._events = events
         self.instance_id = instance_id if instance_id is not None else secrets.randbits(63)
         self._lease: LeaseKeeper | None = None
         self._keys: list[str] = []
@@ -99,9 +113,16 @@ class EngineWorker:
         await self._lease.put(self._keys[1], _encode(card))
         log.info("worker %x serving %s on %s", self.instance_id, ident.model_name, self.address)
 
-    async def _handle(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+    def _handle(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
         if endpoint != self._identity.endpoint:
+            if endpoint == KV_EVENTS_ENDPOINT:
+                return self._stream_events()
+            if endpoint == KV_DUMP_ENDPOINT:
+                return self._dump()
             raise InvalidRequest(f"unknown endpoint {endpoint!r}")
+        return self._generate(payload)
+
+    async def _generate(self, payload: bytes) -> AsyncGenerator[bytes, None]:
         try:
             request = _decode_request(payload)
         except msgspec.DecodeError as exc:
@@ -111,12 +132,33 @@ class EngineWorker:
             async for out in outputs:
                 yield _encode(out)
 
+    async def _stream_events(self) -> AsyncGenerator[bytes, None]:
+        """This worker's KV event batches and load metrics, from now on, until shutdown."""
+        if self._events is None:
+            raise InvalidRequest("this worker publishes no events")
+        kv_subject = kv_events_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
+        load_subject_ = load_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
+        async with contextlib.aclosing(self._events.subscribe(kv_subject.rsplit(".", 2)[0] + ".")) as sub:
+            async for subject, data in sub:
+                if subject == kv_subject:
+                    yield _encode(WorkerEvent(kv=_decode_batch(data)))
+                elif subject == load_subject_:
+                    yield _encode(WorkerEvent(load=_decode_load(data)))
+
+    async def _dump(self) -> AsyncGenerator[bytes, None]:
+        if not isinstance(self.engine, KvCacheReporter):
+            raise InvalidRequest("this worker's engine has no prefix cache to dump")
+        yield _encode(self.engine.kv_dump())
+
     async def shutdown(self, drain_timeout_s: float) -> None:
         lease = self._lease
         if lease is not None:
             for key in self._keys:
                 await lease.delete(key)
         self._server.drain()
+        if self._events is not None:
+            # Event subscriptions never end by themselves; close them so the drain below can finish.
+            await self._events.close()
         if self._server.active_streams:
             log.info("worker %x draining %d stream(s)", self.instance_id, self._server.active_streams)
         if not await self._server.wait_idle(drain_timeout_s):

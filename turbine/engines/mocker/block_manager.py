@@ -112,6 +112,10 @@ class BlockManager:
     def is_cached(self, seq_hash: int) -> bool:
         return seq_hash in self._active or seq_hash in self._evictable
 
+    def cached_hashes(self) -> list[int]:
+        """Every block hash in the prefix cache (referenced or evictable), for full-state dumps."""
+        return [*self._active, *self._evictable]
+
     def evictable_hashes(self) -> list[int]:
         """Evictable cached blocks in eviction order (first goes first)."""
         return list(self._evictable)

@@ -41,7 +41,7 @@ from turbine.engines.mocker.scheduler import (
     Update,
 )
 from turbine.engines.mocker.timing import TimingModel
-from turbine.protocol.kv_events import KvEvent, KvEventBatch, LoadMetrics
+from turbine.protocol.kv_events import KvDump, KvEvent, KvEventBatch, LoadMetrics
 from turbine.protocol.request import PreprocessedRequest
 from turbine.protocol.response import EngineOutput, FinishReason
 
@@ -158,6 +158,13 @@ class MockerEngine:
         ok = self.blocks.reset()
         self._flush_events()
         return ok
+
+    def kv_dump(self) -> KvDump:
+        """The whole prefix cache, consistent with the event stream: pending events go out first."""
+        self._flush_events()
+        return KvDump(
+            self.worker_id, self.blocks.cached_hashes(), self._next_event_id, self.config.block_size
+        )
 
     def load_metrics(self) -> LoadMetrics:
         return LoadMetrics(
