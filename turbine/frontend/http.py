@@ -151,6 +151,7 @@ class OpenAIService:
             headers = {}
             if gen.decision is not None:
                 headers["x-turbine-worker"] = f"{gen.decision.instance_id:x}"
+                headers["x-turbine-overlap-blocks"] = str(gen.decision.overlap_blocks)
             created = int(time.time())
             rid = prepared.request.request_id
             if prepared.stream:

@@ -36,12 +36,18 @@ _decode_event = msgspec.msgpack.Decoder(WorkerEvent).decode
 _decode_dump = msgspec.msgpack.Decoder(KvDump).decode
 
 
+class _StillBehind(Exception):
+    """The dump was older than events already seen: take another."""
+
+
 class KvEventConsumer(Protocol):
     def apply_kv_events(self, batch: KvEventBatch) -> bool:
         """Apply a batch; True when it revealed a gap and the worker's state must be re-dumped."""
         ...
 
-    def load_kv_dump(self, dump: KvDump) -> None: ...
+    def load_kv_dump(self, dump: KvDump) -> bool:
+        """Replace the worker's state; True if buffered batches replayed after it still show a gap."""
+        ...
 
     def apply_load(self, metrics: LoadMetrics) -> None: ...
 
@@ -75,10 +81,20 @@ class EventFollowers:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _dump(self, instance: Instance) -> None:
+        for _ in range(3):
+            try:
+                await self._dump_once(instance)
+                return
+            except _StillBehind:
+                continue
+        log.warning("worker %x: still missing KV events after 3 dumps", instance.instance_id)
+
+    async def _dump_once(self, instance: Instance) -> None:
         stream = self._client.stream(instance.address, KV_DUMP_ENDPOINT, _NIL)
         async with contextlib.aclosing(stream) as frames:
             async for frame in frames:
-                self._consumer.load_kv_dump(_decode_dump(frame))
+                if self._consumer.load_kv_dump(_decode_dump(frame)):
+                    raise _StillBehind()
 
     async def _follow(self, instance: Instance) -> None:
         consumer = self._consumer

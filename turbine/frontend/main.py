@@ -24,7 +24,7 @@ from turbine.errors import ConfigError
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.models import ModelRegistry
 from turbine.logs import configure_logging
-from turbine.router.simple import make_router
+from turbine.router.factory import make_router
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.factory import make_request_client, make_store
 
@@ -52,7 +52,7 @@ async def run_frontend(
         store=store,
         namespace=cfg.namespace,
         client=client,
-        router_factory=lambda: make_router(cfg.router_mode),
+        router_factory=lambda: make_router(cfg),
         executor=executor,
         only_model=cfg.model_name,
         model_path_override=cfg.model_path,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -86,6 +87,8 @@ class ModelRegistry:
         finally:
             for task in list(self._tasks):
                 task.cancel()
+            for pipeline in self._pipelines.values():
+                await pipeline.close()
 
     async def _watch_instances(self) -> None:
         async for event in self._store.watch_prefix(instances_prefix(self._namespace)):
@@ -140,10 +143,11 @@ class ModelRegistry:
         if pipeline is not None:
             if not any(card.name == name for card in self._cards.values()):
                 del self._pipelines[name]
+                self._spawn(pipeline.close())
                 log.info("model %s removed: its last worker left", name)
             else:
                 before = len(pipeline.instance_ids)
-                pipeline.set_instances(live)
+                pipeline.set_instances(live, {iid: self._cards[iid] for iid in live})
                 if before != len(live):
                     log.info("model %s: %d live instance(s)", name, len(live))
         self.changed.set()
@@ -153,7 +157,10 @@ class ModelRegistry:
         if card.name in self._loading or card.name in self._failed:
             return
         self._loading.add(card.name)
-        task = asyncio.get_running_loop().create_task(self._load_model(card))
+        self._spawn(self._load_model(card))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -10,12 +10,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import msgspec
 
 from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerUnreachable
+from turbine.frontend.kv_events import EventFollowers
 from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
 from turbine.protocol.instance import Instance
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.response import EngineOutput
 from turbine.router.base import Decision, Router
+from turbine.router.kv_router import KvRouter
 from turbine.runtime.transport.base import RequestPlaneClient
 
 log = logging.getLogger(__name__)
@@ -87,14 +89,25 @@ class ModelPipeline:
         self._instances: dict[int, Instance] = {}
         self._ids: list[int] = []
         self._quarantined: dict[int, float] = {}
+        # A KV router fed by events needs one event stream per worker; other routers need none.
+        self._followers = (
+            EventFollowers(client, router) if isinstance(router, KvRouter) and router.wants_events else None
+        )
 
     # ------------------------------------------------------------------ instances (from discovery)
 
-    def set_instances(self, instances: dict[int, Instance]) -> None:
+    def set_instances(self, instances: dict[int, Instance], cards: dict[int, ModelDeploymentCard]) -> None:
         self._instances = dict(instances)
         self._ids = sorted(self._instances)
         self._quarantined = {i: t for i, t in self._quarantined.items() if i in self._instances}
-        self.router.update_instances(self._ids)
+        self.router.update_instances({i: cards[i] for i in self._ids})
+        if self._followers is not None:
+            self._followers.sync(self._instances)
+
+    async def close(self) -> None:
+        """Stop following workers' events (the model left, or the frontend is stopping)."""
+        if self._followers is not None:
+            await self._followers.close()
 
     @property
     def instance_ids(self) -> list[int]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest
 from turbine.router.base import Decision
 
 
 class _Stateless:
-    def update_instances(self, instance_ids: Sequence[int]) -> None:
+    def update_instances(self, cards: Mapping[int, ModelDeploymentCard]) -> None:
         return None
 
     def on_first_token(self, request_id: str, decision: Decision) -> None:
@@ -40,11 +41,3 @@ class RandomRouter(_Stateless):
     def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:
         assert candidates, "the pipeline never asks a router to choose among no instances"
         return Decision(self._rng.choice(candidates))
-
-
-def make_router(mode: str, rng: random.Random | None = None) -> RoundRobinRouter | RandomRouter:
-    if mode == "round-robin":
-        return RoundRobinRouter()
-    if mode == "random":
-        return RandomRouter(rng)
-    raise ValueError(f"unknown router mode {mode!r}")

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
-from turbine.router.simple import RandomRouter, RoundRobinRouter, make_router
+from turbine.router.simple import RandomRouter, RoundRobinRouter
 
 pytestmark = pytest.mark.unit
 
@@ -34,10 +34,3 @@ def test_random_is_seeded_and_covers_every_candidate() -> None:
     counts = collections.Counter(picks_a)
     assert set(counts) == {1, 2, 3}
     assert all(60 < c < 140 for c in counts.values())
-
-
-def test_make_router_rejects_unknown_modes() -> None:
-    assert isinstance(make_router("round-robin"), RoundRobinRouter)
-    assert isinstance(make_router("random"), RandomRouter)
-    with pytest.raises(ValueError):
-        make_router("nope")

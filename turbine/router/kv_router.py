@@ -1,0 +1,200 @@
+"""The KV-aware router (`--router-mode kv`) and the load-only routers (least-loaded, power-of-two).
+
+KvRouter: hash the request's prompt into chained blocks, ask the index how long a prefix each worker
+already caches, and pick by Dynamo's cost (uncached prefill + active decode load; see cost.py). The
+index follows the workers' KV events (RadixIndex) or, with `--no-kv-events`, remembers where the
+router itself sent each prefix (ApproxIndex, TTL + LRU). Load is counted from the router's own
+decisions (load.py) so a burst sees the load it creates. Busy workers are skipped; when every
+candidate is busy the request is rejected with 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from turbine.errors import ServiceUnavailable
+from turbine.kv.hashing import block_hashes
+from turbine.protocol.kv_events import KvDump, KvEventBatch, LoadMetrics
+from turbine.protocol.model_card import ModelDeploymentCard
+from turbine.protocol.request import PreprocessedRequest
+from turbine.router.approx_index import ApproxIndex
+from turbine.router.base import Decision
+from turbine.router.cost import AllBusy, KvRouterConfig, least_loaded, power_of_two, select_worker
+from turbine.router.load import LoadTracker, request_blocks
+from turbine.router.radix_index import RadixIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KvRouterSettings:
+    """Everything but the block size, which comes from the workers' cards unless overridden."""
+
+    overlap_score_weight: float = 1.0
+    temperature: float = 0.0
+    use_kv_events: bool = True
+    ttl_s: float = 120.0
+    active_decode_blocks_threshold: float | None = None
+    active_prefill_tokens_threshold: int | None = None
+    block_size_override: int | None = None
+
+
+class _LoadCounting:
+    """Lifecycle callbacks shared by every router that counts its own decisions."""
+
+    def __init__(self) -> None:
+        self.load = LoadTracker()
+        self._workers: set[int] = set()
+
+    def _forget_missing(self, cards: Mapping[int, ModelDeploymentCard]) -> list[int]:
+        gone = [w for w in self._workers if w not in cards]
+        for worker in gone:
+            self.load.remove_worker(worker)
+        self._workers = set(cards)
+        return gone
+
+    def update_instances(self, cards: Mapping[int, ModelDeploymentCard]) -> None:
+        self._forget_missing(cards)
+
+    def on_first_token(self, request_id: str, decision: Decision) -> None:
+        self.load.prefill_done(request_id)
+
+    def on_finish(self, request_id: str, decision: Decision) -> None:
+        self.load.finish(request_id)
+
+
+class LoadRouter(_LoadCounting):
+    """least-loaded (fewest active requests, then decode blocks) or power-of-two choices."""
+
+    def __init__(self, mode: str, rng: random.Random | None = None) -> None:
+        super().__init__()
+        if mode not in ("least-loaded", "power-of-two"):
+            raise ValueError(f"unknown load router mode {mode!r}")
+        self._pick = least_loaded if mode == "least-loaded" else power_of_two
+        self._rng = rng or random.Random()
+        self._block_size = 64
+
+    def update_instances(self, cards: Mapping[int, ModelDeploymentCard]) -> None:
+        super().update_instances(cards)
+        if cards:
+            self._block_size = next(iter(cards.values())).kv_block_size
+
+    def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:
+        worker = self._pick(candidates, self.load.loads, self._rng)
+        prompt = len(request.token_ids)
+        self.load.add_request(request.request_id, worker, prompt, request_blocks(prompt, 0, self._block_size))
+        return Decision(worker)
+
+
+class KvRouter(_LoadCounting):
+    def __init__(self, settings: KvRouterSettings, rng: random.Random | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self._rng = rng or random.Random()
+        self._config: KvRouterConfig | None = None
+        self._capacity: dict[int, int] = {}
+        self.index = RadixIndex()
+        self.approx = ApproxIndex(settings.ttl_s)
+        self.worker_load: dict[int, LoadMetrics] = {}
+        self._warned: set[int] = set()
+
+    @property
+    def wants_events(self) -> bool:
+        return self.settings.use_kv_events
+
+    @property
+    def block_size(self) -> int | None:
+        return self._config.block_size if self._config else None
+
+    # -------------------------------------------------------------------------------- instances
+
+    def update_instances(self, cards: Mapping[int, ModelDeploymentCard]) -> None:
+        for worker in self._forget_missing(cards):
+            self.index.remove_worker(worker)
+            self.approx.remove_worker(worker)
+            self._capacity.pop(worker, None)
+            self.worker_load.pop(worker, None)
+            self._warned.discard(worker)
+        if self._config is None and cards:
+            s = self.settings
+            block_size = s.block_size_override or next(iter(cards.values())).kv_block_size
+            self._config = KvRouterConfig(
+                block_size=block_size,
+                overlap_score_weight=s.overlap_score_weight,
+                temperature=s.temperature,
+                active_decode_blocks_threshold=s.active_decode_blocks_threshold,
+                active_prefill_tokens_threshold=s.active_prefill_tokens_threshold,
+            )
+        for worker, card in cards.items():
+            mismatch = self._config is not None and card.kv_block_size != self._config.block_size
+            if mismatch and worker not in self._warned and self._config is not None:
+                self._warned.add(worker)
+                log.warning(
+                    "KV ROUTING IS DEGRADED: worker %x of %s uses KV block size %d but the router hashes "
+                    "with %d; its cache overlap will read as zero. Align --block-size on the workers or "
+                    "--kv-cache-block-size on the frontend.",
+                    worker,
+                    card.name,
+                    card.kv_block_size,
+                    self._config.block_size,
+                )
+            if card.total_kv_blocks is not None and self._capacity.get(worker) != card.total_kv_blocks:
+                self._capacity[worker] = card.total_kv_blocks
+                self.approx.set_capacity(worker, card.total_kv_blocks)
+
+    # --------------------------------------------------------------------------------- routing
+
+    def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:
+        config = self._config
+        assert config is not None, "instances are known before any request is routed"
+        tokens = request.token_ids
+        hashes = block_hashes(tokens, config.block_size).sequence
+        index = self.index if self.settings.use_kv_events else self.approx
+        overlap = index.find_matches(hashes)
+        isl = len(tokens)
+        blocks = request_blocks(isl, 0, config.block_size)
+        chosen = select_worker(
+            config,
+            candidates,
+            isl_tokens=isl,
+            request_blocks=blocks,
+            overlap=overlap,
+            loads=self.load.loads,
+            rng=self._rng,
+            total_kv_blocks=self._capacity,
+        )
+        if isinstance(chosen, AllBusy):
+            raise ServiceUnavailable(
+                f"all {len(chosen.busy)} worker(s) of model '{request.model}' are busy; retry later"
+            )
+        uncached = max(0, isl - chosen.overlap_blocks * config.block_size)
+        self.load.add_request(request.request_id, chosen.worker, uncached, blocks)
+        if not self.settings.use_kv_events:
+            self.approx.record(chosen.worker, hashes)
+        return Decision(chosen.worker, chosen.overlap_blocks)
+
+    # ---------------------------------------------------------------- events (KvEventConsumer)
+
+    def apply_kv_events(self, batch: KvEventBatch) -> bool:
+        if batch.worker_id not in self._workers:
+            return False  # a late batch from a worker that already left
+        return self.index.apply(batch).gap
+
+    def load_kv_dump(self, dump: KvDump) -> bool:
+        if dump.worker_id not in self._workers:
+            return False
+        if self._config is not None and dump.block_size != self._config.block_size:
+            log.warning(
+                "worker %x dumps blocks of size %d, router uses %d",
+                dump.worker_id,
+                dump.block_size,
+                self._config.block_size,
+            )
+        return self.index.load_dump(dump.worker_id, dump.block_hashes, dump.next_event_id).gap
+
+    def apply_load(self, metrics: LoadMetrics) -> None:
+        if metrics.worker_id in self._workers:
+            self.worker_load[metrics.worker_id] = metrics
