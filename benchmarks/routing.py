@@ -100,11 +100,16 @@ class Prompts:
         self.tokenizer = Tokenizer(files.tokenizer)
         assert files.chat_template is not None
         self.template = ChatTemplate(files.chat_template, files.bos_token, files.eos_token)
+        # Tokens each word adds after a space (byte-level BPE: " word" is how it appears mid-text).
+        self._cost = {w: len(self.tokenizer.encode(" " + w)) for w in WORDS}
 
     def text(self, rng: random.Random, tokens: int, head: str = "") -> str:
         words = [head] if head else []
-        while len(self.tokenizer.encode(" ".join(words))) < tokens:
-            words += [rng.choice(WORDS) for _ in range(max(1, (tokens - len(words)) // 2))]
+        count = len(self.tokenizer.encode(head)) if head else 0
+        while count < tokens:
+            word = rng.choice(WORDS)
+            words.append(word)
+            count += self._cost[word]
         return " ".join(words)
 
     def token_ids(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -224,7 +229,7 @@ MODES: dict[str, list[str]] = {
 def sglang_stack(python: str, blocks: int) -> Iterator[str]:
     """4 single-worker Turbine stacks behind SGLang's cache-aware gateway."""
     stacks = [
-        LocalStack([], [*worker_args(blocks)[:2], "1", *worker_args(blocks)[4:]]) for _ in range(WORKERS)
+        LocalStack([], [*worker_args(blocks)[:3], "1", *worker_args(blocks)[4:]]) for _ in range(WORKERS)
     ]
     router: subprocess.Popen[bytes] | None = None
     try:

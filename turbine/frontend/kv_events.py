@@ -100,15 +100,12 @@ class EventFollowers:
         consumer = self._consumer
         while True:
             try:
+                # Dump first, then subscribe: an event that falls between the two makes the next
+                # batch's id jump, which the index reports as a gap, which asks for another dump.
+                await self._dump(instance)
                 stream = self._client.stream(instance.address, KV_EVENTS_ENDPOINT, _NIL)
                 async with contextlib.aclosing(stream) as frames:
-                    dumped = False
                     async for frame in frames:
-                        if not dumped:
-                            # The first message proves the subscription is live: dump now, so no event
-                            # falls between the dump and the stream.
-                            dumped = True
-                            await self._dump(instance)
                         event = _decode_event(frame)
                         if event.kv is not None and consumer.apply_kv_events(event.kv):
                             log.info("worker %x: KV event gap, re-syncing from a dump", instance.instance_id)

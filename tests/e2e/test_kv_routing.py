@@ -1,0 +1,94 @@
+"""KV-aware routing through the real frontend and 4 mocker workers (one process, file discovery)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import time
+
+import pytest
+
+from tests.e2e.conftest import MODEL, Stack, http, wait_instances
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 16
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
+
+
+def _prefix(rng: random.Random, group: int) -> str:
+    return f"[group {group}] " + " ".join(rng.choice(WORDS) for _ in range(150))
+
+
+def _complete(url: str, prompt: str) -> tuple[int, str, int, int, int]:
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 3}).encode()
+    status, headers, raw = http("POST", url + "/v1/completions", body, {"Content-Type": "application/json"})
+    assert status == 200, raw
+    usage = json.loads(raw)["usage"]
+    return (
+        status,
+        headers["x-turbine-worker"],
+        int(headers["x-turbine-overlap-blocks"]),
+        usage["prompt_tokens_details"]["cached_tokens"],
+        usage["prompt_tokens"],
+    )
+
+
+def _workers(stack: Stack) -> None:
+    stack.worker(
+        "--engine", "mocker", "--num-workers", "4", "--block-size", str(BLOCK), "--speedup-ratio", "20"
+    )
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["kv-events", "approximate"])
+def test_every_request_after_the_first_lands_on_a_worker_holding_its_prefix(
+    stack: Stack, events: bool
+) -> None:
+    args = ["--router-mode", "kv", "--active-decode-blocks-threshold", "0.9"]
+    if not events:
+        args.append("--no-kv-events")
+    _, url = stack.frontend(*args)
+    _workers(stack)
+    wait_instances(url, 4)
+    rng = random.Random(5)
+    prefixes = [_prefix(rng, g) for g in range(6)]
+    owner: dict[int, str] = {}
+    for round_ in range(4):
+        for group, prefix in enumerate(prefixes):
+            _, worker, overlap, cached, prompt_tokens = _complete(url, f"{prefix} question {round_}-{group}")
+            if round_ == 0:
+                owner[group] = worker
+                continue
+            # The prefix is ~150 words: well over one block is shared with the group's earlier requests.
+            assert worker == owner[group], (group, round_)
+            assert overlap >= 8
+            assert cached >= overlap * BLOCK - BLOCK
+            assert cached < prompt_tokens
+    # Six groups spread over four workers: cache affinity did not pile them onto one.
+    assert max(collections.Counter(owner.values()).values()) <= 2
+
+
+def test_a_frontend_started_later_learns_the_workers_caches(stack: Stack) -> None:
+    _, first = stack.frontend("--router-mode", "kv")
+    _workers(stack)
+    wait_instances(first, 4)
+    rng = random.Random(9)
+    prefixes = [_prefix(rng, g) for g in range(4)]
+    owners = {g: _complete(first, f"{p} warm")[1] for g, p in enumerate(prefixes)}
+    # A second frontend joins now: it never saw these events and re-syncs from the workers' dumps.
+    _, second = stack.frontend("--router-mode", "kv")
+    wait_instances(second, 4)
+    time.sleep(0.5)  # its event followers fetch each worker's dump as soon as the worker appears
+    for group, prefix in enumerate(prefixes):
+        _, worker, overlap, cached, _ = _complete(second, f"{prefix} later")
+        assert worker == owners[group]
+        assert overlap >= 8 and cached > 0
+
+
+def test_block_size_mismatch_is_a_loud_warning(stack: Stack) -> None:
+    frontend, url = stack.frontend("--router-mode", "kv", "--kv-cache-block-size", "32")
+    _workers(stack)
+    wait_instances(url, 4)
+    _complete(url, "hello there")
+    assert "KV ROUTING IS DEGRADED" in frontend.log()
