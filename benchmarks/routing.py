@@ -372,6 +372,8 @@ async def main_async(args: argparse.Namespace) -> None:
         ("shared prefix, 96 blocks/worker", "shared", 96),
         ("multi-turn, 160 blocks/worker", "multi", 160),
     ]
+    if args.configs:
+        configs = [configs[i] for i in args.configs]
     for title, workload, blocks in configs:
         outcomes: list[Outcome] = []
         oracles: list[float] = []
@@ -443,6 +445,7 @@ def main() -> None:
         help="python of a venv with sglang-router==0.3.2 ('' to skip)",
     )
     parser.add_argument("--modes", nargs="*", default=[], help="subset of modes to run")
+    parser.add_argument("--configs", nargs="*", type=int, default=[], help="indexes of configurations to run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

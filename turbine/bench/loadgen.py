@@ -25,6 +25,7 @@ class RequestResult:
     worker: str = ""
     error: str = ""
     text: str = ""
+    overlap_blocks: int = 0
 
 
 @dataclass
@@ -77,6 +78,7 @@ async def one_request(
             url, data=orjson.dumps({**body, "stream": stream}), headers={"Content-Type": "application/json"}
         ) as resp:
             worker = resp.headers.get("x-turbine-worker", "")
+            overlap = int(resp.headers.get("x-turbine-overlap-blocks", "0"))
             if resp.status != 200:
                 return RequestResult(False, time.perf_counter() - start, 0.0, 0, error=await resp.text())
             if not stream:
@@ -113,6 +115,7 @@ async def one_request(
         details.get("cached_tokens", 0),
         worker,
         text="".join(text),
+        overlap_blocks=overlap,
     )
 
 

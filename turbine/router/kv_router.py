@@ -20,13 +20,18 @@ from turbine.kv.hashing import block_hashes
 from turbine.protocol.kv_events import KvDump, KvEventBatch, LoadMetrics
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest
+from turbine.router.active_blocks import ActiveBlocks
 from turbine.router.approx_index import ApproxIndex
 from turbine.router.base import Decision
 from turbine.router.cost import AllBusy, KvRouterConfig, least_loaded, power_of_two, select_worker
-from turbine.router.load import LoadTracker, request_blocks
-from turbine.router.radix_index import RadixIndex
+from turbine.router.load import IDLE, LoadTracker, request_blocks
+from turbine.router.radix_index import OverlapScores, RadixIndex
 
 log = logging.getLogger(__name__)
+
+# How long a routing decision counts as "this worker will hold that prefix" before KV events confirm
+# it; a few prefill times is enough, and an over-estimate after an eviction lasts no longer.
+PENDING_TTL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class KvRouter(_LoadCounting):
         self._capacity: dict[int, int] = {}
         self.index = RadixIndex()
         self.approx = ApproxIndex(settings.ttl_s)
+        self.pending = ApproxIndex(PENDING_TTL_S)
+        self.active = ActiveBlocks()
         self.worker_load: dict[int, LoadMetrics] = {}
         self._warned: set[int] = set()
 
@@ -115,6 +122,8 @@ class KvRouter(_LoadCounting):
         for worker in self._forget_missing(cards):
             self.index.remove_worker(worker)
             self.approx.remove_worker(worker)
+            self.pending.remove_worker(worker)
+            self.active.remove_worker(worker)
             self._capacity.pop(worker, None)
             self.worker_load.pop(worker, None)
             self._warned.discard(worker)
@@ -152,29 +161,72 @@ class KvRouter(_LoadCounting):
         assert config is not None, "instances are known before any request is routed"
         tokens = request.token_ids
         hashes = block_hashes(tokens, config.block_size).sequence
-        index = self.index if self.settings.use_kv_events else self.approx
-        overlap = index.find_matches(hashes)
+        if self.settings.use_kv_events:
+            overlap = self.index.find_matches(hashes)
+            # Requests routed moments ago have not produced KV events yet, but their prefixes will be
+            # cached by the time a request sent after them is scheduled: count them too, or a burst
+            # of one new prefix would scatter over every worker.
+            pending = self.pending.find_matches(hashes).scores
+            if pending:
+                scores = dict(overlap.scores)
+                for worker, blocks in pending.items():
+                    if blocks > scores.get(worker, 0):
+                        scores[worker] = blocks
+                overlap = OverlapScores(scores, overlap.tree_sizes)
+        else:
+            overlap = self.approx.find_matches(hashes)
         isl = len(tokens)
-        blocks = request_blocks(isl, 0, config.block_size)
+        # Decode load counts the KV blocks each request makes its worker allocate: the blocks it
+        # had to compute (not the cached prefix it reuses, which the worker holds either way) and
+        # its partial tail, each distinct block once. This request's own blocks are included, per
+        # worker: few where its prefix is cached, all of them elsewhere.
+        tail = request_blocks(isl, 0, config.block_size) - len(hashes)
+        active = self.active
+        loads = self.load.loads
+        scores = overlap.scores
+        effective = {}
+        pressure: dict[int, float] = {}
+        capacity = self._capacity
+        sizes = overlap.tree_sizes
+        for w in candidates:
+            new = active.new_blocks(w, hashes[scores.get(w, 0) :]) + tail
+            in_use = active.count(w) + new
+            effective[w] = loads.get(w, IDLE)._replace(active_decode_blocks=in_use)
+            # Cache pressure: the blocks this request would push out of a full cache are other
+            # prefixes' future misses, so they cost like prefill blocks. Without it, spilling a
+            # prefix onto a second worker looks cheap and the duplicate evicts some third prefix.
+            total = capacity.get(w)
+            if total is not None:
+                evicted = min(new, sizes.get(w, 0) + in_use - total)
+                if evicted > 0:
+                    pressure[w] = config.overlap_score_weight * evicted
         chosen = select_worker(
             config,
             candidates,
             isl_tokens=isl,
-            request_blocks=blocks,
+            request_blocks=0,
             overlap=overlap,
-            loads=self.load.loads,
+            loads=effective,
             rng=self._rng,
-            total_kv_blocks=self._capacity,
+            total_kv_blocks=capacity,
+            extra_cost=pressure,
         )
         if isinstance(chosen, AllBusy):
             raise ServiceUnavailable(
                 f"all {len(chosen.busy)} worker(s) of model '{request.model}' are busy; retry later"
             )
         uncached = max(0, isl - chosen.overlap_blocks * config.block_size)
-        self.load.add_request(request.request_id, chosen.worker, uncached, blocks)
-        if not self.settings.use_kv_events:
+        self.load.add_request(request.request_id, chosen.worker, uncached, 0)
+        active.add(request.request_id, chosen.worker, hashes[chosen.overlap_blocks :], tail)
+        if self.settings.use_kv_events:
+            self.pending.record(chosen.worker, hashes)
+        else:
             self.approx.record(chosen.worker, hashes)
         return Decision(chosen.worker, chosen.overlap_blocks)
+
+    def on_finish(self, request_id: str, decision: Decision) -> None:
+        super().on_finish(request_id, decision)
+        self.active.remove(request_id)
 
     # ---------------------------------------------------------------- events (KvEventConsumer)
 
