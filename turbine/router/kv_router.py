@@ -161,6 +161,7 @@ class KvRouter(_LoadCounting):
         assert config is not None, "instances are known before any request is routed"
         tokens = request.token_ids
         hashes = block_hashes(tokens, config.block_size).sequence
+        in_flight: dict[int, int] = {}
         if self.settings.use_kv_events:
             overlap = self.index.find_matches(hashes)
             # Requests routed moments ago have not produced KV events yet, but their prefixes will be
@@ -170,8 +171,12 @@ class KvRouter(_LoadCounting):
             if pending:
                 scores = dict(overlap.scores)
                 for worker, blocks in pending.items():
-                    if blocks > scores.get(worker, 0):
+                    cached = scores.get(worker, 0)
+                    if blocks > cached:
                         scores[worker] = blocks
+                        # Those blocks are still being prefilled by the earlier request; this one
+                        # waits for that work instead of repeating it, so it is not extra queue.
+                        in_flight[worker] = (blocks - cached) * config.block_size
                 overlap = OverlapScores(scores, overlap.tree_sizes)
         else:
             overlap = self.approx.find_matches(hashes)
@@ -191,7 +196,11 @@ class KvRouter(_LoadCounting):
         for w in candidates:
             new = active.new_blocks(w, hashes[scores.get(w, 0) :]) + tail
             in_use = active.count(w) + new
-            effective[w] = loads.get(w, IDLE)._replace(active_decode_blocks=in_use)
+            load = loads.get(w, IDLE)
+            shared = min(in_flight.get(w, 0), load.active_prefill_tokens)
+            effective[w] = load._replace(
+                active_decode_blocks=in_use, active_prefill_tokens=load.active_prefill_tokens - shared
+            )
             # Cache pressure: the blocks this request would push out of a full cache are other
             # prefixes' future misses, so they cost like prefill blocks. Without it, spilling a
             # prefix onto a second worker looks cheap and the duplicate evicts some third prefix.
