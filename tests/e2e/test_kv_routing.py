@@ -92,3 +92,32 @@ def test_block_size_mismatch_is_a_loud_warning(stack: Stack) -> None:
     wait_instances(url, 4)
     _complete(url, "hello there")
     assert "KV ROUTING IS DEGRADED" in frontend.log()
+
+
+def test_all_workers_busy_is_503_with_retry_after(stack: Stack) -> None:
+    _, url = stack.frontend("--router-mode", "kv", "--active-prefill-tokens-threshold", "1")
+    stack.worker("--engine", "mocker", "--block-size", str(BLOCK), "--speedup-ratio", "0.5")
+    wait_instances(url, 1)
+    import concurrent.futures
+
+    body = json.dumps({"model": MODEL, "prompt": "word " * 1500, "max_tokens": 2}).encode()
+
+    def post() -> tuple[int, dict[str, str], bytes]:
+        return http("POST", url + "/v1/completions", body, {"Content-Type": "application/json"})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: post(), range(4)))
+    statuses = sorted(r[0] for r in results)
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    busy = next(r for r in results if r[0] == 503)
+    assert busy[1]["Retry-After"] == "1"
+    assert "busy" in json.loads(busy[2])["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["least-loaded", "power-of-two"])
+def test_load_based_modes_use_every_worker(stack: Stack, mode: str) -> None:
+    _, url = stack.frontend("--router-mode", mode)
+    _workers(stack)
+    wait_instances(url, 4)
+    seen = {_complete(url, f"hello {i}")[1] for i in range(12)}
+    assert len(seen) >= 3

@@ -241,3 +241,19 @@ def test_power_of_two_takes_the_less_loaded_of_two_samples() -> None:
         power_of_two([], {}, rng)
     with pytest.raises(ValueError):
         least_loaded([], {}, rng)
+
+
+def test_extra_cost_is_added_per_worker() -> None:
+    chosen = select_worker(
+        KvRouterConfig(block_size=4),
+        [1, 2],
+        isl_tokens=8,
+        request_blocks=2,
+        overlap=OverlapScores({}, {}),
+        loads={},
+        rng=random.Random(0),
+        extra_cost={1: 100.0},
+    )
+    assert not isinstance(chosen, AllBusy)
+    assert chosen.worker == 2
+    assert {c.worker: c.cost for c in chosen.costs}[1] == pytest.approx(104.0)
