@@ -29,10 +29,6 @@ from turbine.router.radix_index import OverlapScores, RadixIndex
 
 log = logging.getLogger(__name__)
 
-# How long a routing decision counts as "this worker will hold that prefix" before KV events confirm
-# it; a few prefill times is enough, and an over-estimate after an eviction lasts no longer.
-PENDING_TTL_S = 5.0
-
 
 @dataclass(frozen=True)
 class KvRouterSettings:
@@ -103,7 +99,7 @@ class KvRouter(_LoadCounting):
         self._capacity: dict[int, int] = {}
         self.index = RadixIndex()
         self.approx = ApproxIndex(settings.ttl_s)
-        self.pending = ApproxIndex(PENDING_TTL_S)
+        self.pending = ApproxIndex(settings.ttl_s)
         self.active = ActiveBlocks()
         self.worker_load: dict[int, LoadMetrics] = {}
         self._warned: set[int] = set()
@@ -153,6 +149,7 @@ class KvRouter(_LoadCounting):
             if card.total_kv_blocks is not None and self._capacity.get(worker) != card.total_kv_blocks:
                 self._capacity[worker] = card.total_kv_blocks
                 self.approx.set_capacity(worker, card.total_kv_blocks)
+                self.pending.set_capacity(worker, card.total_kv_blocks)
 
     # --------------------------------------------------------------------------------- routing
 
@@ -164,9 +161,10 @@ class KvRouter(_LoadCounting):
         in_flight: dict[int, int] = {}
         if self.settings.use_kv_events:
             overlap = self.index.find_matches(hashes)
-            # Requests routed moments ago have not produced KV events yet, but their prefixes will be
-            # cached by the time a request sent after them is scheduled: count them too, or a burst
-            # of one new prefix would scatter over every worker.
+            # The router's own routing history (TTL + LRU per worker capacity, as in approximate
+            # mode) raises the event-based overlap: requests routed moments ago have produced no
+            # KV events yet, and a prefix whose blocks a worker just evicted is best re-cached
+            # where it lived, not copied onto a second worker where it evicts some third prefix.
             pending = self.pending.find_matches(hashes).scores
             if pending:
                 scores = dict(overlap.scores)
@@ -174,8 +172,9 @@ class KvRouter(_LoadCounting):
                     cached = scores.get(worker, 0)
                     if blocks > cached:
                         scores[worker] = blocks
-                        # Those blocks are still being prefilled by the earlier request; this one
-                        # waits for that work instead of repeating it, so it is not extra queue.
+                        # Blocks not (or no longer) in the index: if an earlier request is still
+                        # prefilling them, this one waits for that work rather than repeating it,
+                        # so that part of the worker's active prefill is not extra queue.
                         in_flight[worker] = (blocks - cached) * config.block_size
                 overlap = OverlapScores(scores, overlap.tree_sizes)
         else:
