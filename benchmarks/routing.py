@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -311,7 +312,9 @@ def table(title: str, oracle: float, outcomes: list[Outcome]) -> str:
     lines = [
         f"### {title}",
         "",
-        f"Oracle hit ratio on this trace: **{oracle:.2f}**",
+        f"Oracle hit ratio on this trace: **{oracle:.2f}**"
+        if not math.isnan(oracle)
+        else "Oracle: not computed for this workload (turns depend on earlier answers).",
         "",
         "| router | hit ratio | % of oracle | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | req/s | "
         "TTFT p50 vs RR | busiest worker | split | failed |",
@@ -321,8 +324,10 @@ def table(title: str, oracle: float, outcomes: list[Outcome]) -> str:
         r = o.run
         speedup = rr.run.ttft_ms(0.5) / r.ttft_ms(0.5) if rr else float("nan")
         split = o.split()
+        of_oracle = "n/a" if math.isnan(oracle) else f"{o.hit_ratio / oracle:.0%}"
         lines.append(
-            f"| {o.mode} | {o.hit_ratio:.2f} | {o.hit_ratio / oracle:.0%} | {r.ttft_ms(0.5):.0f} | "
+            f"| {o.mode} | {o.hit_ratio:.2f} | {of_oracle} | "
+            f"{r.ttft_ms(0.5):.0f} | "
             f"{r.ttft_ms(0.99):.0f} | {r.latency_ms(0.5):.0f} | {r.latency_ms(0.99):.0f} | "
             f"{r.requests_per_s:.1f} | {speedup:.2f}x | {split[0] if split else float('nan'):.0%} | "
             f"{'/'.join(f'{s:.0%}' for s in split) or 'n/a'} | {r.failures} |"
@@ -341,10 +346,11 @@ def plot(sections: list[tuple[str, float, list[Outcome]]], out: Path) -> None:
         names = [o.mode for o in outcomes]
         ax = axes[row][0]
         ax.bar(names, [o.hit_ratio for o in outcomes], color="#4c72b0")
-        ax.axhline(oracle, color="#c44e52", linestyle="--", label=f"oracle {oracle:.2f}")
+        if not math.isnan(oracle):
+            ax.axhline(oracle, color="#c44e52", linestyle="--", label=f"oracle {oracle:.2f}")
+            ax.legend(loc="lower right")
         ax.set_ylim(0, 1)
         ax.set_title(f"{title}: prompt-cache hit ratio")
-        ax.legend(loc="lower right")
         ax.tick_params(axis="x", rotation=20)
         ax = axes[row][1]
         x = range(len(outcomes))
