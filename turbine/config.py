@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +49,7 @@ class RuntimeConfig:
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
     log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
     log_json: bool = opt(False, "Write logs as JSON lines.")
+    dump_config_to: str | None = opt(None, "Write the resolved config as JSON to this file.")
 
     def validate(self) -> None:
         if self.discovery_backend == "etcd":
@@ -91,7 +93,6 @@ class FrontendConfig(RuntimeConfig):
     max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.")
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
     tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
-    dump_config_to: str | None = opt(None, "Write the resolved config as JSON to this file.")
 
     def validate(self) -> None:
         _check_port("--http-port", self.http_port)
@@ -266,5 +267,16 @@ def config_to_json(cfg: RuntimeConfig) -> str:
     return json.dumps(out, indent=2, sort_keys=True)
 
 
-def process_env() -> Mapping[str, str]:
-    return os.environ
+def config_from_cli(cls: type[C], argv: Sequence[str] | None, *, prog: str, description: str) -> C | None:
+    """Parse the process's flags and environment for an entry point; on a config error print one
+    clear line to stderr and return None (the caller exits 2). Also writes --dump-config-to."""
+    try:
+        cfg = parse_config(
+            cls, sys.argv[1:] if argv is None else argv, os.environ, prog=prog, description=description
+        )
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        return None
+    if cfg.dump_config_to:
+        Path(cfg.dump_config_to).write_text(config_to_json(cfg) + "\n")
+    return cfg

@@ -16,8 +16,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from turbine.config import FrontendConfig, UpConfig, WorkerConfig, config_to_json, parse_config, process_env
-from turbine.errors import ConfigError
+from turbine.config import (
+    FrontendConfig,
+    UpConfig,
+    WorkerConfig,
+    config_from_cli,
+)
 from turbine.frontend.main import run_frontend
 from turbine.logs import configure_logging
 from turbine.runtime.discovery.memory import MemoryStore
@@ -126,21 +130,15 @@ async def _run(cfg: UpConfig, model: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "turbine up"
-    try:
-        cfg = parse_config(
-            UpConfig,
-            sys.argv[1:] if argv is None else argv,
-            process_env(),
-            prog=prog,
-            description="Start a frontend plus mocker workers serving the bundled (or given) model.",
-        )
-    except ConfigError as exc:
-        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+    cfg = config_from_cli(
+        UpConfig,
+        argv,
+        prog=prog,
+        description="Start a frontend plus mocker workers serving the bundled (or given) model.",
+    )
+    if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_json)
-    if cfg.dump_config_to:
-        with open(cfg.dump_config_to, "w") as fh:
-            fh.write(config_to_json(cfg) + "\n")
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):

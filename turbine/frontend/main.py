@@ -13,14 +13,11 @@ import concurrent.futures
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from aiohttp import web
 
-from turbine.config import FrontendConfig, config_to_json, parse_config, process_env
-from turbine.errors import ConfigError
+from turbine.config import FrontendConfig, config_from_cli
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.models import ModelRegistry
 from turbine.logs import configure_logging
@@ -92,20 +89,15 @@ async def run_frontend(
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> int:
-    try:
-        cfg = parse_config(
-            FrontendConfig,
-            sys.argv[1:] if argv is None else argv,
-            process_env(),
-            prog=prog,
-            description="Serve the OpenAI API for every model that workers register in discovery.",
-        )
-    except ConfigError as exc:
-        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+    cfg = config_from_cli(
+        FrontendConfig,
+        argv,
+        prog=prog,
+        description="Serve the OpenAI API for every model that workers register in discovery.",
+    )
+    if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_json)
-    if cfg.dump_config_to:
-        Path(cfg.dump_config_to).write_text(config_to_json(cfg) + "\n")
     import uvloop
 
     try:

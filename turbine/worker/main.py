@@ -11,11 +11,10 @@ import contextlib
 import logging
 import secrets
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from turbine.config import WorkerConfig, config_to_json, parse_config, process_env
+from turbine.config import WorkerConfig, config_from_cli
 from turbine.engines.base import Engine, EventSink
 from turbine.engines.echo import EchoEngine
 from turbine.engines.mocker.engine import MockerConfig, MockerEngine
@@ -128,19 +127,15 @@ async def run_workers(
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "turbine worker") -> int:
-    try:
-        cfg = parse_config(
-            WorkerConfig,
-            sys.argv[1:] if argv is None else argv,
-            process_env(),
-            prog=prog,
-            description="Serve a model with an engine (mocker or echo) and register it in discovery.",
-        )
-    except ConfigError as exc:
-        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+    cfg = config_from_cli(
+        WorkerConfig,
+        argv,
+        prog=prog,
+        description="Serve a model with an engine (mocker or echo) and register it in discovery.",
+    )
+    if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_json)
-    log.debug("config: %s", config_to_json(cfg))
     import uvloop
 
     try:
