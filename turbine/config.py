@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -92,6 +93,7 @@ class FrontendConfig(RuntimeConfig):
     )
     max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.")
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
+    metrics_prefix: str = opt("turbine", "Prefix of the Prometheus metric names served at /metrics.")
     tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
 
     def validate(self) -> None:
@@ -102,6 +104,8 @@ class FrontendConfig(RuntimeConfig):
             raise ConfigError("--max-request-body-bytes must be at least 1024")
         if self.tokenizer_threads < 1:
             raise ConfigError("--tokenizer-threads must be at least 1")
+        if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_prefix):
+            raise ConfigError(f"--metrics-prefix {self.metrics_prefix!r} is not a valid Prometheus metric name")
         if self.router_temperature < 0 or self.kv_overlap_score_weight < 0:
             raise ConfigError("--router-temperature and --kv-overlap-score-weight must not be negative")
         if self.router_ttl_secs <= 0:

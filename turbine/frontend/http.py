@@ -24,6 +24,8 @@ from turbine.errors import (
     PayloadTooLarge,
     TurbineError,
 )
+from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import ChunkFormatter, chat_completion, new_id, text_completion
 from turbine.frontend.pipeline import Generation, ModelPipeline
@@ -33,6 +35,7 @@ from turbine.protocol.openai import decode_chat_request, decode_completion_reque
 log = logging.getLogger(__name__)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_MODEL_KEY = "turbine.model"
 
 
 def error_response(exc: TurbineError) -> web.Response:
@@ -45,8 +48,7 @@ def error_response(exc: TurbineError) -> web.Response:
     )
 
 
-@web.middleware
-async def _error_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def _handle_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except TurbineError as exc:
@@ -82,9 +84,14 @@ def _decode(decoder: Callable[[bytes], Any], body: bytes) -> Any:
 class OpenAIService:
     """Routes of the OpenAI API plus health, over one ModelRegistry."""
 
-    def __init__(self, registry: ModelRegistry, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, registry: ModelRegistry, *, max_body_bytes: int, metrics_prefix: str = "turbine"
+    ) -> None:
         self._registry = registry
         self._max_body_bytes = max_body_bytes
+        self.metrics = FrontendMetrics(
+            metrics_prefix, lambda: {p.name: len(p.instance_ids) for p in registry.models()}
+        )
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -96,24 +103,39 @@ class OpenAIService:
         return not self.inflight
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_error_middleware], client_max_size=self._max_body_bytes)
+        metrics = self.metrics
+
+        @web.middleware
+        async def errors_and_counts(request: web.Request, handler: _Handler) -> web.StreamResponse:
+            response = await _handle_errors(request, handler)
+            if request.path.startswith("/v1/"):
+                model = request.get(_MODEL_KEY, "")
+                metrics.requests.labels(model, request.path, str(response.status)).inc()
+                if response.status == 503 and model:
+                    metrics.rejections.labels(model).inc()
+            return response
+
+        app = web.Application(middlewares=[errors_and_counts], client_max_size=self._max_body_bytes)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/live", self._live)
+        app.router.add_get("/metrics", self._metrics)
         return app
 
     # --------------------------------------------------------------------------------- routes
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         req = _decode(decode_chat_request, await request.read())
+        request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
         return await self._serve(request, pipeline, prepared, chat=True)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         req = _decode(decode_completion_request, await request.read())
+        request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         prepared = await pipeline.preprocessor.completion(req, new_id("cmpl"))
         return await self._serve(request, pipeline, prepared, chat=False)
@@ -135,6 +157,9 @@ class OpenAIService:
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
     async def _live(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"live"}', content_type="application/json")
 
@@ -145,13 +170,21 @@ class OpenAIService:
     ) -> web.StreamResponse:
         self.inflight += 1
         self._idle.clear()
+        metrics = self.metrics
+        model = pipeline.name
+        started = time.perf_counter()
+        metrics.inflight.labels(model).inc()
         gen = pipeline.generate(prepared)
         try:
             first = await gen.first()
+            metrics.ttft.labels(model).observe(time.perf_counter() - started)
             headers = {}
             if gen.decision is not None:
-                headers["x-turbine-worker"] = f"{gen.decision.instance_id:x}"
+                worker = f"{gen.decision.instance_id:x}"
+                headers["x-turbine-worker"] = worker
                 headers["x-turbine-overlap-blocks"] = str(gen.decision.overlap_blocks)
+                metrics.routed.labels(model, worker).inc()
+                metrics.overlap_blocks.labels(model).inc(gen.decision.overlap_blocks)
             created = int(time.time())
             rid = prepared.request.request_id
             if prepared.stream:
@@ -180,6 +213,12 @@ class OpenAIService:
             if not self.inflight:
                 self._idle.set()
             await gen.aclose()
+            metrics.inflight.labels(model).dec()
+            metrics.duration.labels(model).observe(time.perf_counter() - started)
+            metrics.input_tokens.labels(model).observe(gen.prompt_tokens)
+            metrics.output_tokens.labels(model).observe(gen.completion_tokens)
+            metrics.prompt_tokens.labels(model).inc(gen.prompt_tokens)
+            metrics.cached_tokens.labels(model).inc(gen.cached_tokens)
 
     async def _stream(
         self,

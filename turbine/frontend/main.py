@@ -54,7 +54,9 @@ async def run_frontend(
         only_model=cfg.model_name,
         model_path_override=cfg.model_path,
     )
-    service = OpenAIService(registry, max_body_bytes=cfg.max_request_body_bytes)
+    service = OpenAIService(
+        registry, max_body_bytes=cfg.max_request_body_bytes, metrics_prefix=cfg.metrics_prefix
+    )
     runner = web.AppRunner(
         service.app(), handler_cancellation=True, access_log=None, shutdown_timeout=cfg.drain_timeout_s
     )

@@ -223,6 +223,18 @@ class KvRouter(_LoadCounting):
             raise ServiceUnavailable(
                 f"all {len(chosen.busy)} worker(s) of model '{request.model}' are busy; retry later"
             )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s -> %x (overlap %d): %s",
+                request.request_id,
+                chosen.worker,
+                chosen.overlap_blocks,
+                ", ".join(
+                    f"{c.worker:x}: ov {c.overlap_blocks} pf {c.prefill_blocks:.1f} dc {c.decode_blocks}"
+                    f" +{pressure.get(c.worker, 0):.0f} = {c.cost:.1f}"
+                    for c in chosen.costs
+                ),
+            )
         uncached = max(0, isl - chosen.overlap_blocks * config.block_size)
         self.load.add_request(request.request_id, chosen.worker, uncached, 0)
         active.add(request.request_id, chosen.worker, hashes[chosen.overlap_blocks :], tail)
