@@ -105,7 +105,9 @@ class FrontendConfig(RuntimeConfig):
         if self.tokenizer_threads < 1:
             raise ConfigError("--tokenizer-threads must be at least 1")
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_prefix):
-            raise ConfigError(f"--metrics-prefix {self.metrics_prefix!r} is not a valid Prometheus metric name")
+            raise ConfigError(
+                f"--metrics-prefix {self.metrics_prefix!r} is not a valid Prometheus metric name"
+            )
         if self.router_temperature < 0 or self.kv_overlap_score_weight < 0:
             raise ConfigError("--router-temperature and --kv-overlap-score-weight must not be negative")
         if self.router_ttl_secs <= 0:
