@@ -35,7 +35,7 @@ from turbine.protocol.openai import decode_chat_request, decode_completion_reque
 log = logging.getLogger(__name__)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_MODEL_KEY = "turbine.model"
+_MODEL_KEY = web.RequestKey("turbine.model", str)
 
 
 def error_response(exc: TurbineError) -> web.Response:
