@@ -68,7 +68,8 @@ CASES = [
         400,
         "max_completion_tokens",
     ),
-    ("n above one", "/v1/chat/completions", _chat(n=3), 400, "n"),
+    ("n too large", "/v1/chat/completions", _chat(n=17), 400, "n"),
+    ("n zero", "/v1/chat/completions", _chat(n=0), 400, "n"),
     ("stop wrong type", "/v1/chat/completions", _chat(stop=5), 400, "stop"),
     ("min over max", "/v1/chat/completions", _chat(min_tokens=10, max_tokens=2), 400, "min_tokens"),
     (

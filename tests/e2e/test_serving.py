@@ -32,6 +32,9 @@ def test_chat_and_completions_stream_and_not(stack: Stack) -> None:
 
     models = oai.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert oai.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-model")
 
     chat = oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=12
@@ -223,3 +226,33 @@ def test_any_local_model_directory_serves_under_its_name(stack: Stack, tmp_path:
         max_tokens=4,
     )
     assert out.model == "my-org-model" and out.usage is not None and out.usage.completion_tokens == 4
+
+
+def test_n_choices_fan_out_stream_and_not(stack: Stack) -> None:
+    _, url = stack.frontend()
+    stack.worker(*FAST, "--num-workers", "2")
+    wait_instances(url, 2)
+    oai = client(url)
+    out = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Pick a word"}], max_tokens=6, n=3, seed=11
+    )
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    texts = [c.message.content for c in out.choices]
+    assert len(set(texts)) == 3  # each choice samples with its own seed
+    assert out.usage is not None and out.usage.completion_tokens == 18
+    again = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Pick a word"}], max_tokens=6, n=3, seed=11
+    )
+    assert [c.message.content for c in again.choices] == texts
+
+    chunks = list(
+        oai.completions.create(model=MODEL, prompt="Pick a word", max_tokens=5, n=2, stream=True, seed=3)
+    )
+    by_index: dict[int, str] = collections.defaultdict(str)
+    finished = set()
+    for chunk in chunks:
+        for choice in chunk.choices:
+            by_index[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and by_index[0] and by_index[1]

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -20,6 +20,7 @@ from aiohttp import web
 from turbine.errors import (
     InvalidRequest,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     PayloadTooLarge,
     TurbineError,
@@ -29,6 +30,7 @@ from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import ChunkFormatter, chat_completion, new_id, text_completion
 from turbine.frontend.pipeline import Generation, ModelPipeline
+from turbine.postprocess.postprocessor import TextDelta
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.openai import decode_chat_request, decode_completion_request
 
@@ -119,6 +121,7 @@ class OpenAIService:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/v1/models/{model:.+}", self._get_model)
         app.router.add_get("/health", self._health)
         app.router.add_get("/live", self._live)
         app.router.add_get("/metrics", self._metrics)
@@ -141,13 +144,16 @@ class OpenAIService:
         return await self._serve(request, pipeline, prepared, chat=False)
 
     async def _list_models(self, request: web.Request) -> web.Response:
-        data = [
-            {"id": p.name, "object": "model", "created": p.created, "owned_by": "turbine"}
-            for p in self._registry.models()
-        ]
+        data = [_model_object(p) for p in self._registry.models()]
         return web.Response(
             body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
         )
+
+    async def _get_model(self, request: web.Request) -> web.Response:
+        pipeline = self._registry.get(request.match_info["model"])
+        if not pipeline.instance_ids:
+            raise ModelNotFound(pipeline.name)
+        return web.Response(body=orjson.dumps(_model_object(pipeline)), content_type="application/json")
 
     async def _health(self, request: web.Request) -> web.Response:
         models = self._registry.models()
@@ -174,57 +180,54 @@ class OpenAIService:
         model = pipeline.name
         started = time.perf_counter()
         metrics.inflight.labels(model).inc()
-        gen = pipeline.generate(prepared)
+        gens = pipeline.generate_choices(prepared)
         try:
-            first = await gen.first()
+            # Wait for every choice's first delta before answering, so that a request no worker
+            # can take still becomes an HTTP error status rather than an in-band stream error.
+            firsts = list(await asyncio.gather(*(g.first() for g in gens)))
             metrics.ttft.labels(model).observe(time.perf_counter() - started)
             headers = {}
-            if gen.decision is not None:
-                worker = f"{gen.decision.instance_id:x}"
-                headers["x-turbine-worker"] = worker
-                headers["x-turbine-overlap-blocks"] = str(gen.decision.overlap_blocks)
-                metrics.routed.labels(model, worker).inc()
-                metrics.overlap_blocks.labels(model).inc(gen.decision.overlap_blocks)
+            for gen in gens:
+                if gen.decision is not None:
+                    worker = f"{gen.decision.instance_id:x}"
+                    metrics.routed.labels(model, worker).inc()
+                    metrics.overlap_blocks.labels(model).inc(gen.decision.overlap_blocks)
+            decision = gens[0].decision
+            if decision is not None:
+                headers["x-turbine-worker"] = f"{decision.instance_id:x}"
+                headers["x-turbine-overlap-blocks"] = str(decision.overlap_blocks)
             created = int(time.time())
-            rid = prepared.request.request_id
             if prepared.stream:
-                return await self._stream(
-                    request, gen, first, prepared, pipeline.name, created, chat, headers
-                )
-            parts = [first.text]
-            finish = first.finish_reason
-            if finish is None:
-                async for delta in gen:
-                    parts.append(delta.text)
-                    finish = delta.finish_reason
-            assert finish is not None
+                return await self._stream(request, gens, firsts, prepared, model, created, chat, headers)
+            choices = await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts, strict=True)))
             build = chat_completion if chat else text_completion
             body = build(
-                request_id=rid,
-                model=pipeline.name,
+                request_id=prepared.request.request_id,
+                model=model,
                 created=created,
-                text="".join(parts),
-                finish_reason=finish.value,
-                usage=gen.usage(),
+                choices=list(choices),
+                usage=_usage(gens),
             )
             return web.Response(body=body, content_type="application/json", headers=headers)
         finally:
             self.inflight -= 1
             if not self.inflight:
                 self._idle.set()
-            await gen.aclose()
+            for gen in gens:
+                await gen.aclose()
             metrics.inflight.labels(model).dec()
             metrics.duration.labels(model).observe(time.perf_counter() - started)
-            metrics.input_tokens.labels(model).observe(gen.prompt_tokens)
-            metrics.output_tokens.labels(model).observe(gen.completion_tokens)
-            metrics.prompt_tokens.labels(model).inc(gen.prompt_tokens)
-            metrics.cached_tokens.labels(model).inc(gen.cached_tokens)
+            usage = _usage(gens)
+            metrics.input_tokens.labels(model).observe(usage["prompt_tokens"])
+            metrics.output_tokens.labels(model).observe(usage["completion_tokens"])
+            metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
+            metrics.cached_tokens.labels(model).inc(gens[0].cached_tokens)
 
     async def _stream(
         self,
         request: web.Request,
-        gen: Generation,
-        first: Any,
+        gens: list[Generation],
+        firsts: list[TextDelta],
         prepared: Prepared,
         model: str,
         created: int,
@@ -242,14 +245,21 @@ class OpenAIService:
             created=created,
             include_usage=prepared.include_usage,
         )
-        out = bytearray(fmt.role() if chat else b"")
-        out += fmt.delta(first)
+        out = bytearray()
+        for index, first in enumerate(firsts):
+            if chat:
+                out += fmt.role(index)
+            out += fmt.delta(first, index)
         await resp.write(bytes(out))
         try:
-            if first.finish_reason is None:
-                async for delta in gen:
-                    await resp.write(fmt.delta(delta))
-            tail = fmt.usage(gen.usage()) if prepared.include_usage else b""
+            if len(gens) == 1:
+                if firsts[0].finish_reason is None:
+                    async for delta in gens[0]:
+                        await resp.write(fmt.delta(delta))
+            else:
+                async for index, delta in _merge(gens, firsts):
+                    await resp.write(fmt.delta(delta, index))
+            tail = fmt.usage(_usage(gens)) if prepared.include_usage else b""
             await resp.write(tail + ChunkFormatter.DONE)
         except TurbineError as exc:
             # Headers are gone: report the failure in-band, as OpenAI does, and end the stream.
@@ -257,3 +267,62 @@ class OpenAIService:
             await resp.write(ChunkFormatter.error(exc.to_openai()) + ChunkFormatter.DONE)
         await resp.write_eof()
         return resp
+
+
+def _model_object(pipeline: ModelPipeline) -> dict[str, Any]:
+    return {"id": pipeline.name, "object": "model", "created": pipeline.created, "owned_by": "turbine"}
+
+
+def _usage(gens: list[Generation]) -> dict[str, Any]:
+    """One prompt, n completions: the prompt counts once (as OpenAI's usage does)."""
+    usage = gens[0].usage()
+    if len(gens) > 1:
+        completion = sum(g.completion_tokens for g in gens)
+        usage["completion_tokens"] = completion
+        usage["total_tokens"] = gens[0].prompt_tokens + completion
+    return usage
+
+
+async def _collect(gen: Generation, first: TextDelta) -> tuple[str, str]:
+    parts = [first.text]
+    finish = first.finish_reason
+    if finish is None:
+        async for delta in gen:
+            parts.append(delta.text)
+            finish = delta.finish_reason
+    assert finish is not None
+    return "".join(parts), finish.value
+
+
+async def _merge(gens: list[Generation], firsts: list[TextDelta]) -> AsyncIterator[tuple[int, TextDelta]]:
+    """Interleave the choices' deltas as they arrive, each tagged with its choice index."""
+    queue: asyncio.Queue[tuple[int, TextDelta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, gen: Generation) -> None:
+        try:
+            async for delta in gen:
+                queue.put_nowait((index, delta))
+        except Exception as exc:
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(None)
+
+    pumps = [
+        asyncio.create_task(pump(i, g))
+        for i, (g, f) in enumerate(zip(gens, firsts, strict=True))
+        if f.finish_reason is None
+    ]
+    try:
+        remaining = len(pumps)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)

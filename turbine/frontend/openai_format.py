@@ -37,23 +37,23 @@ class ChunkFormatter:
             body["usage"] = None
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
-    def role(self) -> bytes:
-        """Chat streams open with an empty assistant delta, as OpenAI's do."""
+    def role(self, index: int = 0) -> bytes:
+        """Chat streams open with an empty assistant delta per choice, as OpenAI's do."""
         return self._event(
             {
-                "index": 0,
+                "index": index,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
                 "finish_reason": None,
             }
         )
 
-    def delta(self, delta: TextDelta) -> bytes:
+    def delta(self, delta: TextDelta, index: int = 0) -> bytes:
         finish = delta.finish_reason.value if delta.finish_reason is not None else None
         if self._chat:
             content = {"content": delta.text} if delta.text or finish is None else {}
-            return self._event({"index": 0, "delta": content, "logprobs": None, "finish_reason": finish})
-        return self._event({"index": 0, "text": delta.text, "logprobs": None, "finish_reason": finish})
+            return self._event({"index": index, "delta": content, "logprobs": None, "finish_reason": finish})
+        return self._event({"index": index, "text": delta.text, "logprobs": None, "finish_reason": finish})
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         body = {**self._base, "choices": [], "usage": usage}
@@ -67,8 +67,9 @@ class ChunkFormatter:
 
 
 def chat_completion(
-    *, request_id: str, model: str, created: int, text: str, finish_reason: str, usage: dict[str, Any]
+    *, request_id: str, model: str, created: int, choices: list[tuple[str, str]], usage: dict[str, Any]
 ) -> bytes:
+    """`choices` are (text, finish_reason) per choice index."""
     return orjson.dumps(
         {
             "id": request_id,
@@ -78,11 +79,12 @@ def chat_completion(
             "system_fingerprint": None,
             "choices": [
                 {
-                    "index": 0,
+                    "index": i,
                     "message": {"role": "assistant", "content": text, "refusal": None},
                     "logprobs": None,
-                    "finish_reason": finish_reason,
+                    "finish_reason": finish,
                 }
+                for i, (text, finish) in enumerate(choices)
             ],
             "usage": usage,
         }
@@ -90,7 +92,7 @@ def chat_completion(
 
 
 def text_completion(
-    *, request_id: str, model: str, created: int, text: str, finish_reason: str, usage: dict[str, Any]
+    *, request_id: str, model: str, created: int, choices: list[tuple[str, str]], usage: dict[str, Any]
 ) -> bytes:
     return orjson.dumps(
         {
@@ -99,7 +101,10 @@ def text_completion(
             "created": created,
             "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                for i, (text, finish) in enumerate(choices)
+            ],
             "usage": usage,
         }
     )

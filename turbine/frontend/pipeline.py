@@ -15,6 +15,7 @@ from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
 from turbine.protocol.instance import Instance
 from turbine.protocol.model_card import ModelDeploymentCard
+from turbine.protocol.request import PreprocessedRequest
 from turbine.protocol.response import EngineOutput
 from turbine.router.base import Decision, Router
 from turbine.router.kv_router import KvRouter
@@ -36,11 +37,13 @@ class Generation:
 
     __slots__ = ("_deltas", "decision", "post", "prompt_tokens")
 
-    def __init__(self, pipeline: ModelPipeline, prepared: Prepared) -> None:
-        self.prompt_tokens = len(prepared.request.token_ids)
-        self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, prepared.stop_strings)
+    def __init__(
+        self, pipeline: ModelPipeline, request: PreprocessedRequest, stop_strings: list[str]
+    ) -> None:
+        self.prompt_tokens = len(request.token_ids)
+        self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, stop_strings)
         self.decision: Decision | None = None
-        self._deltas = pipeline._run(self, prepared)
+        self._deltas = pipeline._run(self, request)
 
     @property
     def completion_tokens(self) -> int:
@@ -116,7 +119,12 @@ class ModelPipeline:
     # ------------------------------------------------------------------------------- requests
 
     def generate(self, prepared: Prepared) -> Generation:
-        return Generation(self, prepared)
+        """The request's single generation (its first choice when n > 1)."""
+        return Generation(self, prepared.request, prepared.stop_strings)
+
+    def generate_choices(self, prepared: Prepared) -> list[Generation]:
+        """One generation per choice (`n`), each routed on its own."""
+        return [Generation(self, request, prepared.stop_strings) for request in prepared.choices()]
 
     def _candidates(self, excluded: set[int]) -> list[int]:
         now = time.monotonic()
@@ -124,8 +132,7 @@ class ModelPipeline:
         healthy = [i for i in live if self._quarantined.get(i, 0.0) <= now]
         return healthy or live
 
-    async def _run(self, gen: Generation, prepared: Prepared) -> AsyncGenerator[TextDelta, None]:
-        request = prepared.request
+    async def _run(self, gen: Generation, request: PreprocessedRequest) -> AsyncGenerator[TextDelta, None]:
         payload = _encode(request)
         post = gen.post
         excluded: set[int] = set()

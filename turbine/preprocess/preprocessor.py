@@ -5,11 +5,16 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, NamedTuple
 
+import msgspec
+
 from turbine.errors import InvalidRequest
 from turbine.preprocess.chat_template import ChatTemplate
 from turbine.preprocess.tokenizer import ModelFiles, Tokenizer
 from turbine.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
+
+# Choices per request (`n`): each is a separate generation on some worker.
+MAX_N = 16
 
 
 class Prepared(NamedTuple):
@@ -19,6 +24,17 @@ class Prepared(NamedTuple):
     stop_strings: list[str]
     stream: bool
     include_usage: bool
+    n: int = 1
+
+    def choices(self) -> list[PreprocessedRequest]:
+        """One engine request per choice. Choice i > 0 gets its own id and seed (seed + i), so the
+        choices differ from each other yet stay reproducible for a given seed."""
+        base = self.request
+        out = [base]
+        for i in range(1, self.n):
+            sampling = msgspec.structs.replace(base.sampling, seed=(base.sampling.seed or 0) + i)
+            out.append(msgspec.structs.replace(base, request_id=f"{base.request_id}-{i}", sampling=sampling))
+        return out
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -118,8 +134,8 @@ class Preprocessor:
             raise InvalidRequest("temperature must be within [0, 2]", param="temperature")
         if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
             raise InvalidRequest("top_p must be within (0, 1]", param="top_p")
-        if req.n is not None and req.n != 1:
-            raise InvalidRequest("only n=1 is supported", param="n")
+        if req.n is not None and not 1 <= req.n <= MAX_N:
+            raise InvalidRequest(f"n must be within [1, {MAX_N}]", param="n")
         if max_tokens is not None and max_tokens < 1:
             raise InvalidRequest(f"{max_param} must be at least 1", param=max_param)
         if req.min_tokens < 0:
@@ -153,4 +169,4 @@ class Preprocessor:
             eos_token_ids=self._eos_ids,
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Prepared(preprocessed, stops, bool(req.stream), include_usage)
+        return Prepared(preprocessed, stops, bool(req.stream), include_usage, req.n or 1)
