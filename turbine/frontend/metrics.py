@@ -91,6 +91,12 @@ class FrontendMetrics:
             ["model"],
             registry=r,
         )
+        self.migrations = Counter(
+            f"{p}_migrations",
+            "Streams continued on another worker after theirs failed.",
+            ["model"],
+            registry=r,
+        )
         self.rejections = Counter(
             f"{p}_rejections",
             "Requests refused with 503 (no worker free or reachable).",

@@ -35,7 +35,7 @@ _decode_output = msgspec.msgpack.Decoder(EngineOutput).decode
 class Generation:
     """The state of one request as it streams: which worker, token counts, and its text deltas."""
 
-    __slots__ = ("_deltas", "decision", "post", "prompt_tokens")
+    __slots__ = ("_deltas", "decision", "migrations", "post", "prompt_tokens")
 
     def __init__(
         self, pipeline: ModelPipeline, request: PreprocessedRequest, stop_strings: list[str]
@@ -43,6 +43,7 @@ class Generation:
         self.prompt_tokens = len(request.token_ids)
         self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, stop_strings)
         self.decision: Decision | None = None
+        self.migrations = 0
         self._deltas = pipeline._run(self, request)
 
     @property
@@ -82,6 +83,7 @@ class ModelPipeline:
         preprocessor: Preprocessor,
         router: Router,
         client: RequestPlaneClient,
+        migration_limit: int = 0,
     ) -> None:
         self.name = name
         self.card = card
@@ -89,6 +91,7 @@ class ModelPipeline:
         self.preprocessor = preprocessor
         self.router = router
         self._client = client
+        self._migration_limit = migration_limit
         self._instances: dict[int, Instance] = {}
         self._ids: list[int] = []
         self._quarantined: dict[int, float] = {}
@@ -133,9 +136,11 @@ class ModelPipeline:
         return healthy or live
 
     async def _run(self, gen: Generation, request: PreprocessedRequest) -> AsyncGenerator[TextDelta, None]:
+        original = request
         payload = _encode(request)
         post = gen.post
         excluded: set[int] = set()
+        generated: list[int] = []
         while True:
             candidates = self._candidates(excluded)
             if not candidates:
@@ -156,6 +161,7 @@ class ModelPipeline:
                             self.router.on_first_token(request.request_id, decision)
                         if out.error is not None:
                             raise EngineError(f"worker {instance.instance_id:x}: {out.error}")
+                        generated += out.token_ids
                         delta = post.process(out)
                         if delta.text or delta.finish_reason is not None:
                             yield delta
@@ -163,11 +169,38 @@ class ModelPipeline:
                             return
                 raise WorkerUnreachable(f"worker {instance.instance_id:x} ended the stream without finishing")
             except (WorkerUnreachable, WorkerDraining) as exc:
-                if started:
-                    raise
-                # Nothing reached the client yet, so another worker can take the request as is.
-                log.warning("request %s: %s; retrying on another worker", request.request_id, exc.message)
                 excluded.add(instance.instance_id)
                 self._quarantined[instance.instance_id] = time.monotonic() + UNREACHABLE_QUARANTINE_S
+                if started:
+                    if gen.migrations >= self._migration_limit:
+                        raise
+                    # Migration: the client keeps its stream; another worker continues from the
+                    # tokens generated so far (the prompt grows by them, the budget shrinks).
+                    gen.migrations += 1
+                    request = _continuation(original, generated)
+                    payload = _encode(request)
+                    log.warning(
+                        "request %s: %s; migrating after %d token(s) (%d/%d)",
+                        request.request_id,
+                        exc.message,
+                        len(generated),
+                        gen.migrations,
+                        self._migration_limit,
+                    )
+                else:
+                    # Nothing came back yet, so another worker can take the request as it is.
+                    log.warning("request %s: %s; retrying on another worker", request.request_id, exc.message)
             finally:
                 self.router.on_finish(request.request_id, decision)
+
+
+def _continuation(original: PreprocessedRequest, generated: list[int]) -> PreprocessedRequest:
+    stop = original.stop
+    n = len(generated)
+    return msgspec.structs.replace(
+        original,
+        token_ids=[*original.token_ids, *generated],
+        stop=msgspec.structs.replace(
+            stop, max_tokens=max(1, stop.max_tokens - n), min_tokens=max(0, stop.min_tokens - n)
+        ),
+    )
