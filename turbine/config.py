@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 from turbine.errors import ConfigError
 
 ENV_PREFIX = "TURBINE_"
+# The few fields that also take a short flag.
+SHORT_FLAGS = {"interactive": "-i"}
 ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv")
 DISCOVERY_BACKENDS = ("file", "mem", "etcd")
 REQUEST_PLANES = ("tcp",)
@@ -46,6 +48,9 @@ class RuntimeConfig:
     file_store_path: str | None = opt(
         None, "Directory of the file discovery store (default: a per-user directory under the temp dir)."
     )
+    etcd_endpoints: str = opt(
+        "http://127.0.0.1:2379", "etcd client URLs for the etcd discovery store, comma-separated."
+    )
     request_plane: str = opt("tcp", "Request plane transport.", choices=REQUEST_PLANES)
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
     log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
@@ -53,8 +58,6 @@ class RuntimeConfig:
     dump_config_to: str | None = opt(None, "Write the resolved config as JSON to this file.")
 
     def validate(self) -> None:
-        if self.discovery_backend == "etcd":
-            raise ConfigError("--discovery-backend etcd is not available yet; use file or mem")
         if self.lease_ttl_s <= 0:
             raise ConfigError("--lease-ttl-s must be positive")
         if not self.namespace or "/" in self.namespace:
@@ -65,6 +68,10 @@ class RuntimeConfig:
 class FrontendConfig(RuntimeConfig):
     http_host: str = opt("127.0.0.1", "Address the OpenAI HTTP server binds (0.0.0.0 to expose it).")
     http_port: int = opt(8000, "Port of the OpenAI HTTP server.")
+    kserve_grpc_server: bool = opt(
+        False, "Also serve the KServe v2 gRPC API (on --http-host, --grpc-port) beside HTTP."
+    )
+    grpc_port: int = opt(8001, "Port of the KServe v2 gRPC server (with --kserve-grpc-server).")
     model_name: str | None = opt(None, "Serve only this model name (default: every discovered model).")
     model_path: str | None = opt(
         None, "Local model directory whose tokenizer and chat template override the workers' cards."
@@ -94,14 +101,41 @@ class FrontendConfig(RuntimeConfig):
     max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.")
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
     metrics_prefix: str = opt("turbine", "Prefix of the Prometheus metric names served at /metrics.")
+    migration_limit: int = opt(
+        0, "How many times a stream broken by a failing worker may continue on another one (0: never)."
+    )
     tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
+    # TLS: paths are not secrets (the key file's contents are), so they stay visible in dumps.
+    tls_cert_path: str | None = opt(
+        None, "Serve HTTPS with this PEM certificate chain (needs --tls-key-path)."
+    )
+    tls_key_path: str | None = opt(None, "PEM private key of --tls-cert-path.")
+    tls_client_ca_cert_path: str | None = opt(
+        None, "Require client certificates signed by this PEM CA bundle (mTLS; needs --tls-cert-path)."
+    )
+    interactive: bool = opt(False, "Chat with a discovered model in the terminal instead of serving HTTP.")
+    interactive_max_tokens: int | None = opt(
+        None, "Interactive mode: most tokens per answer (default: up to the context length)."
+    )
+    interactive_system_prompt: str | None = opt(None, "Interactive mode: system prompt of the conversation.")
 
     def validate(self) -> None:
         _check_port("--http-port", self.http_port)
+        _check_port("--grpc-port", self.grpc_port)
+        if self.kserve_grpc_server and self.grpc_port == self.http_port:
+            raise ConfigError("--grpc-port must differ from --http-port")
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ConfigError("--tls-cert-path and --tls-key-path must be given together")
+        if self.tls_client_ca_cert_path is not None and self.tls_cert_path is None:
+            raise ConfigError("--tls-client-ca-cert-path needs --tls-cert-path and --tls-key-path")
+        if self.interactive_max_tokens is not None and self.interactive_max_tokens < 1:
+            raise ConfigError("--interactive-max-tokens must be at least 1")
         if self.model_path is not None and not Path(self.model_path).is_dir():
             raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
         if self.max_request_body_bytes < 1024:
             raise ConfigError("--max-request-body-bytes must be at least 1024")
+        if self.migration_limit < 0:
+            raise ConfigError("--migration-limit must not be negative")
         if self.tokenizer_threads < 1:
             raise ConfigError("--tokenizer-threads must be at least 1")
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_prefix):
@@ -223,6 +257,7 @@ def build_parser(cls: type[C], prog: str, description: str) -> argparse.Argument
         if kind is bool:
             parser.add_argument(
                 _flag(field.name),
+                *([SHORT_FLAGS[field.name]] if field.name in SHORT_FLAGS else []),
                 dest=field.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,

@@ -22,6 +22,7 @@ from turbine.config import (
     WorkerConfig,
     config_from_cli,
 )
+from turbine.errors import ConfigError
 from turbine.frontend.main import run_frontend
 from turbine.logs import configure_logging
 from turbine.runtime.discovery.memory import MemoryStore
@@ -141,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(cfg.log_level, cfg.log_json)
     import uvloop
 
-    with contextlib.suppress(KeyboardInterrupt):
-        return uvloop.run(_run(cfg, _served_model_name(cfg)))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return uvloop.run(_run(cfg, _served_model_name(cfg)))
+    except ConfigError as exc:  # e.g. a TLS certificate that does not load
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        return 2
     return 0

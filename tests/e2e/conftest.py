@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -34,11 +35,12 @@ def http(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """A raw HTTP call (for bodies no client library would send)."""
+    """A raw HTTP call (for bodies no client library would send); `context` for https:// URLs."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
@@ -94,15 +96,19 @@ class Stack:
     def common(self) -> list[str]:
         return ["--discovery-backend", "file", "--file-store-path", str(self.store), "--namespace", "test"]
 
-    def frontend(self, *args: str, wait: bool = True) -> tuple[Proc, str]:
+    def frontend(
+        self, *args: str, wait: bool = True, ssl_context: ssl.SSLContext | None = None
+    ) -> tuple[Proc, str]:
+        """Start a frontend; with `ssl_context` (it serves TLS) the URL is https:// and the wait for
+        /live goes through that client context."""
         port = free_port()
         proc = self._start(
             "frontend",
             [sys.executable, "-m", "turbine.frontend", "--http-port", str(port), *self.common(), *args],
         )
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
         if wait:
-            wait_until(lambda: http("GET", url + "/live", timeout=1)[0] == 200, 20, proc)
+            wait_until(lambda: http("GET", url + "/live", timeout=1, context=ssl_context)[0] == 200, 20, proc)
         return proc, url
 
     def worker(self, *args: str, ttl: float = 10.0) -> Proc:

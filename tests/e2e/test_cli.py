@@ -97,7 +97,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["frontend", "--http-port", "70000"], "out of range"),
         (["frontend", "--http-port", "eighty"], "not a valid int"),
         (["worker", "--speedup-ratio", "0"], "must be positive"),
-        (["worker", "--discovery-backend", "etcd"], "not available yet"),
+        (["worker", "--lease-ttl-s", "0"], "must be positive"),
         (["up", "--workers", "0"], "at least 1"),
     ],
 )

@@ -222,6 +222,9 @@ class OpenAIService:
             metrics.output_tokens.labels(model).observe(usage["completion_tokens"])
             metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
             metrics.cached_tokens.labels(model).inc(gens[0].cached_tokens)
+            migrations = sum(g.migrations for g in gens)
+            if migrations:
+                metrics.migrations.labels(model).inc(migrations)
 
     async def _stream(
         self,

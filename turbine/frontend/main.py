@@ -1,7 +1,9 @@
 """Composition root of the frontend: `turbine frontend` / `python -m turbine.frontend`.
 
 Start-up: parse config → logging → optional config dump → discovery store + request-plane client →
-model registry (watches discovery) → OpenAI HTTP service → SIGTERM/SIGINT handlers.
+model registry (watches discovery) → OpenAI HTTP service (HTTPS/mTLS with --tls-*), or a terminal chat
+with -i (`interactive.py`); plus the KServe v2 gRPC service with --kserve-grpc-server (`kserve.py`)
+→ SIGTERM/SIGINT handlers.
 Shutdown: stop accepting → let in-flight requests finish (bounded by --drain-timeout-s) → close the
 registry, the request plane and the store → exit 0.
 """
@@ -13,13 +15,18 @@ import concurrent.futures
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
 from turbine.config import FrontendConfig, config_from_cli
+from turbine.errors import ConfigError
 from turbine.frontend.http import OpenAIService
+from turbine.frontend.interactive import serve_interactive
+from turbine.frontend.kserve import KServeServer
 from turbine.frontend.models import ModelRegistry
+from turbine.frontend.tls import server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
 from turbine.runtime.discovery.base import Store
@@ -37,6 +44,10 @@ async def run_frontend(
 ) -> None:
     """Serve until `stop` is set or SIGTERM/SIGINT arrives, then drain and return."""
     stop = stop or asyncio.Event()
+    # First, so a bad certificate or key fails as one ConfigError line before anything starts.
+    ssl_context = None
+    if cfg.tls_cert_path is not None and cfg.tls_key_path is not None:
+        ssl_context = server_ssl_context(cfg.tls_cert_path, cfg.tls_key_path, cfg.tls_client_ca_cert_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -53,7 +64,17 @@ async def run_frontend(
         executor=executor,
         only_model=cfg.model_name,
         model_path_override=cfg.model_path,
+        migration_limit=cfg.migration_limit,
     )
+    if cfg.interactive:
+        try:
+            await serve_interactive(cfg, registry, stop)
+        finally:
+            await client.close()
+            if own_store:
+                await store.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+        return
     service = OpenAIService(
         registry, max_body_bytes=cfg.max_request_body_bytes, metrics_prefix=cfg.metrics_prefix
     )
@@ -61,11 +82,14 @@ async def run_frontend(
         service.app(), handler_cancellation=True, access_log=None, shutdown_timeout=cfg.drain_timeout_s
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024)
+    site = web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024, ssl_context=ssl_context)
     watcher = loop.create_task(registry.run(), name="model-registry")
+    grpc_server = KServeServer(registry, cfg.http_host, cfg.grpc_port) if cfg.kserve_grpc_server else None
     try:
         await site.start()
-        url = f"http://{cfg.http_host}:{cfg.http_port}"
+        if grpc_server is not None:
+            await grpc_server.start()
+        url = f"{'https' if ssl_context else 'http'}://{cfg.http_host}:{cfg.http_port}"
         log.info("OpenAI API on %s (namespace %s, router %s)", url, cfg.namespace, cfg.router_mode)
         if on_ready is not None:
             on_ready(url)
@@ -76,9 +100,15 @@ async def run_frontend(
             watcher.result()  # discovery failed: surface the error
         log.info("shutting down: draining %d in-flight request(s)", service.inflight)
         await site.stop()
+        # grpc.aio's stop refuses new RPCs at once and cancels what is left after the grace period.
+        grpc_drained = loop.create_task(grpc_server.stop(cfg.drain_timeout_s)) if grpc_server else None
         if not await service.wait_idle(cfg.drain_timeout_s):
             log.warning("drain timed out with %d request(s) in flight", service.inflight)
+        if grpc_drained is not None:
+            await grpc_drained
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(None)
         await runner.cleanup()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -104,6 +134,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> i
 
     try:
         uvloop.run(run_frontend(cfg))
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

@@ -43,6 +43,7 @@ class ModelRegistry:
         executor: concurrent.futures.Executor,
         only_model: str | None = None,
         model_path_override: str | None = None,
+        migration_limit: int = 0,
     ) -> None:
         self._store = store
         self._namespace = namespace
@@ -51,6 +52,7 @@ class ModelRegistry:
         self._executor = executor
         self._only_model = only_model
         self._model_path_override = model_path_override
+        self._migration_limit = migration_limit
         self._instances: dict[int, Instance] = {}
         self._cards: dict[int, ModelDeploymentCard] = {}
         self._pipelines: dict[str, ModelPipeline] = {}
@@ -181,7 +183,7 @@ class ModelRegistry:
         if not any(c.name == card.name for c in self._cards.values()):
             return  # every worker left while we were loading
         self._pipelines[card.name] = ModelPipeline(
-            card.name, card, preprocessor, self._router_factory(), self._client
+            card.name, card, preprocessor, self._router_factory(), self._client, self._migration_limit
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)

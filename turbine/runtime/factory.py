@@ -7,6 +7,7 @@ from pathlib import Path
 from turbine.config import RuntimeConfig
 from turbine.errors import ConfigError
 from turbine.runtime.discovery.base import Store
+from turbine.runtime.discovery.etcd import EtcdStore
 from turbine.runtime.discovery.file import FileStore, default_file_store_path
 from turbine.runtime.discovery.memory import MemoryStore
 from turbine.runtime.transport.tcp import TcpRequestClient
@@ -19,6 +20,8 @@ def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
         return FileStore(root)
     if cfg.discovery_backend == "mem":
         return memory if memory is not None else MemoryStore()
+    if cfg.discovery_backend == "etcd":
+        return EtcdStore(cfg.etcd_endpoints)
     raise ConfigError(f"discovery backend {cfg.discovery_backend!r} is not available")
 
 

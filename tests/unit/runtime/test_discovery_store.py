@@ -1,4 +1,7 @@
-"""The Store contract, run against every in-tree implementation (memory and file)."""
+"""The Store contract, run against every in-tree implementation (memory, file, and etcd).
+
+The etcd store runs against a real etcd (see conftest.py); its TTLs are whole seconds, so the tests
+that time a sub-second expiry skip it (tests/unit/runtime/test_etcd_store.py times its expiry)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.etcd_server import EtcdServer
 from turbine.runtime.discovery.base import KeyValue, Store, WatchEvent, WatchKind
+from turbine.runtime.discovery.etcd import EtcdStore
 from turbine.runtime.discovery.file import FileStore
 from turbine.runtime.discovery.memory import MemoryStore
 
@@ -20,13 +25,25 @@ TTL = 0.3
 EVENT_TIMEOUT = 2.0
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", pytest.param("etcd", marks=pytest.mark.integration)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    impl: Store = MemoryStore() if request.param == "memory" else FileStore(tmp_path / "store", 0.02)
+    impl: Store
+    if request.param == "memory":
+        impl = MemoryStore()
+    elif request.param == "file":
+        impl = FileStore(tmp_path / "store", 0.02)
+    else:
+        server: EtcdServer = request.getfixturevalue("etcd_server")
+        impl = EtcdStore(server.endpoint)
     try:
         yield impl
     finally:
         await impl.close()
+
+
+def skip_whole_second_ttls(store: Store) -> None:
+    if isinstance(store, EtcdStore):
+        pytest.skip("etcd lease TTLs are whole seconds; test_etcd_store.py covers its expiry")
 
 
 def put(key: str, value: bytes) -> WatchEvent:
@@ -136,6 +153,7 @@ async def test_put_moves_a_key_to_its_new_lease(store: Store) -> None:
 
 
 async def test_keys_expire_after_ttl_without_keep_alive(store: Store) -> None:
+    skip_whole_second_ttls(store)
     lease = await store.grant_lease(TTL)
     await store.put("e/1", b"x", lease)
     await store.put("e/2", b"y")
@@ -214,6 +232,7 @@ async def test_two_watchers_see_the_same_changes(store: Store) -> None:
 
 
 async def test_watch_sees_expiry_without_anyone_calling_the_store(store: Store) -> None:
+    skip_whole_second_ttls(store)
     before_grant = time.monotonic()
     lease = await store.grant_lease(TTL)
     await store.put("x/1", b"alive", lease)
