@@ -1,0 +1,301 @@
+"""Turbine vs NVIDIA Dynamo 1.6.1 frontend overhead, side by side on this machine.
+
+Both stacks serve the bundled tiny model with their own mocker at speedup 1e6 (near-instant engine,
+so the figures are frontend + request-plane overhead), are driven by the same load generator and
+run the same workloads alternately (A, B, A, B ... `--pairs` times). Reported: medians per figure,
+the ratio Turbine/Dynamo, and each frontend process's CPU per request and per streamed token (from
+/proc). Streaming is measured with a new connection per request (Dynamo's HTTP sockets leave Nagle
+on, which stalls reused keep-alive streams) and, separately, with keep-alive.
+
+Set up Dynamo once (a separate venv; its `aisimulate` dependency is not needed):
+    python3.11 -m venv .bench/dynamo
+    .bench/dynamo/bin/pip install --no-deps ai-dynamo==1.6.1 ai-dynamo-runtime==1.6.1
+    .bench/dynamo/bin/pip install aiohttp msgspec prometheus-client pyzmq "redis>=6.2,<9" tqdm transformers \\
+        zstandard "pydantic>=2.10.6,<=2.13.5" uvloop "kubernetes>=32.0.1,<33" certifi typing-extensions
+
+    .venv/bin/python benchmarks/vs_dynamo.py [--pairs 3] [--requests 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from turbine.bench.loadgen import RunResult, run_closed_loop
+from turbine.bench.stack import LocalStack, free_port, proc_cpu_seconds
+from turbine.models import bundled_model_path
+
+WORDS = ("inference", "cache", "token", "router", "worker", "prefix", "stream", "latency", "batch", "model")
+
+
+class Stack(Protocol):
+    url: str
+    model: str
+
+    def frontend_cpu_s(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+class TurbineStack:
+    def __init__(self) -> None:
+        self._stack = LocalStack(
+            [], ["--engine", "mocker", "--speedup-ratio", "1000000", "--max-num-seqs", "1024"]
+        )
+        self._stack.wait_ready()
+        self.url = self._stack.url
+        self.model = "turbine-tiny"
+
+    def frontend_cpu_s(self) -> float:
+        return self._stack.frontend_cpu_s()
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+class DynamoStack:
+    def __init__(self, python: str) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="dynamo-bench-")
+        root = Path(self._dir.name)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "DYN_FILE_KV": str(root / "kv"), "HOME": str(root), "DYN_LOG": "warn"}
+        common = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
+        self._logs = [open(root / n, "wb") for n in ("frontend.log", "mocker.log")]  # noqa: SIM115
+        self.frontend = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "dynamo.frontend",
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(port),
+                *common,
+                "--router-mode",
+                "round-robin",
+            ],
+            stdout=self._logs[0],
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.mocker = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "dynamo.mocker",
+                "--model-path",
+                str(bundled_model_path()),
+                *common,
+                "--speedup-ratio",
+                "1000000",
+            ],
+            stdout=self._logs[1],
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.model = self._wait_model()
+
+    def _wait_model(self) -> str:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for proc in (self.frontend, self.mocker):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a Dynamo process exited; logs in {self._dir.name}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=1) as resp:
+                    data = json.loads(resp.read())["data"]
+                    if data:
+                        model: str = data[0]["id"]
+                        return model
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("Dynamo did not come up")
+
+    def frontend_cpu_s(self) -> float:
+        return proc_cpu_seconds(self.frontend.pid)
+
+    def close(self) -> None:
+        for proc in (self.frontend, self.mocker):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.frontend, self.mocker):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in self._logs:
+            log.close()
+        self._dir.cleanup()
+
+
+# A workload: name, concurrency, stream, new connection per request, max_tokens, request count scale.
+WORKLOADS = [
+    ("non-stream c=1", 1, False, False, 16, 0.25),
+    ("non-stream c=16", 16, False, False, 16, 1.0),
+    ("non-stream c=64", 64, False, False, 16, 1.0),
+    ("stream c=64 new-conn", 64, True, True, 256, 0.125),
+    ("stream c=64 keep-alive", 64, True, False, 256, 0.125),
+]
+
+
+def bodies(model: str, n: int, max_tokens: int, stream: bool, rng: random.Random) -> list[dict[str, Any]]:
+    # stream_options only with stream: Dynamo rejects it on non-streaming requests, as OpenAI does.
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
+    return [
+        {
+            "model": model,
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(150)),
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            **extra,
+        }
+        for _ in range(n)
+    ]
+
+
+async def measure(
+    stack: Stack, workload: tuple[Any, ...], n: int, rng: random.Random, bar: tqdm
+) -> dict[str, float]:
+    _, conc, stream, new_conn, max_tokens, _ = workload
+    cpu0 = stack.frontend_cpu_s()
+    run: RunResult = await run_closed_loop(
+        stack.url + "/v1/completions",
+        bodies(stack.model, n, max_tokens, stream, rng),
+        concurrency=conc,
+        stream=stream,
+        new_connection_per_request=new_conn,
+        on_done=lambda _r: bar.update(),
+    )
+    cpu = stack.frontend_cpu_s() - cpu0
+    tokens = sum(r.output_tokens for r in run.ok)
+    return {
+        "req_s": run.requests_per_s,
+        "tok_s": run.tokens_per_s,
+        "p50_ms": run.latency_ms(0.5),
+        "p99_ms": run.latency_ms(0.99),
+        "cpu_ms_req": cpu / max(1, len(run.ok)) * 1000,
+        "cpu_us_tok": cpu / max(1, tokens) * 1e6,
+        "failed": float(run.failures),
+    }
+
+
+FIGURES = [
+    ("req_s", "req/s", True),
+    ("tok_s", "output tok/s", True),
+    ("p50_ms", "p50 ms", False),
+    ("p99_ms", "p99 ms", False),
+    ("cpu_ms_req", "frontend CPU ms/req", False),
+    ("cpu_us_tok", "frontend CPU µs/token", False),
+]
+
+
+def report(results: dict[str, dict[str, list[dict[str, float]]]], out: Path, pairs: int) -> str:
+    lines = [
+        f"# Turbine vs Dynamo 1.6.1 frontend ({pairs} alternating pairs, medians)",
+        "",
+        "| workload | figure | Turbine | Dynamo | Turbine/Dynamo | better |",
+        "|---|---|---|---|---|---|",
+    ]
+    ratios: dict[str, list[float]] = {}
+    for name, *_ in WORKLOADS:
+        for key, label, higher_better in FIGURES:
+            t = statistics.median(r[key] for r in results["turbine"][name])
+            d = statistics.median(r[key] for r in results["dynamo"][name])
+            ratio = t / d if d else float("nan")
+            better = (ratio >= 1.0) if higher_better else (ratio <= 1.0)
+            ratios.setdefault(name, []).append(
+                ratio if higher_better else (1 / ratio if ratio else float("nan"))
+            )
+            winner = "Turbine" if better else "Dynamo"
+            lines.append(f"| {name} | {label} | {t:,.2f} | {d:,.2f} | {ratio:.2f} | {winner} |")
+    failed = {k: sum(r["failed"] for rs in v.values() for r in rs) for k, v in results.items()}
+    lines += [
+        "",
+        f"Failed requests: Turbine {failed['turbine']:.0f}, Dynamo {failed['dynamo']:.0f}.",
+        "",
+        "![vs dynamo](vs_dynamo.png)",
+        "",
+    ]
+    text = "\n".join(lines)
+    (out / "vs_dynamo.md").write_text(text)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    names = [w[0] for w in WORKLOADS]
+    width = 0.8 / len(FIGURES)
+    for i, (_, label, _) in enumerate(FIGURES):
+        ax.bar([x + i * width for x in range(len(names))], [ratios[n][i] for n in names], width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=10)
+    ax.set_ylabel("Turbine advantage (>1: Turbine better)")
+    ax.set_title("Turbine vs Dynamo 1.6.1 frontend, same machine, same mocker speed, same load generator")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "vs_dynamo.png", dpi=100)
+    return text
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    makers: dict[str, Callable[[], Stack]] = {
+        "turbine": TurbineStack,
+        "dynamo": lambda: DynamoStack(args.dynamo),
+    }
+    stacks = {name: make() for name, make in makers.items()}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {k: {} for k in stacks}
+    total = 2 * args.pairs * sum(max(64, int(args.requests * w[5])) for w in WORKLOADS)
+    try:
+        with tqdm(total=total, unit="req", desc="vs dynamo") as bar:
+            for stack in stacks.values():  # warm-up
+                await measure(stack, WORKLOADS[1], 200, rng, tqdm(disable=True))
+            for _ in range(args.pairs):
+                for workload in WORKLOADS:
+                    n = max(64, int(args.requests * workload[5]))
+                    for name, stack in stacks.items():
+                        bar.set_postfix_str(f"{name}: {workload[0]}")
+                        results[name].setdefault(workload[0], []).append(
+                            await measure(stack, workload, n, rng, bar)
+                        )
+    finally:
+        for stack in stacks.values():
+            stack.close()
+    print(report(results, out, args.pairs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dynamo", default=".bench/dynamo/bin/python", help="python of the Dynamo venv")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=1000, help="requests per non-streaming run at c>=16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    import uvloop
+
+    uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
