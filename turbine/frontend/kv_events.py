@@ -91,10 +91,11 @@ class EventFollowers:
 
     async def _dump_once(self, instance: Instance) -> None:
         stream = self._client.stream(instance.address, KV_DUMP_ENDPOINT, _NIL)
-        async with contextlib.aclosing(stream) as frames:
-            async for frame in frames:
-                if self._consumer.load_kv_dump(_decode_dump(frame)):
-                    raise _StillBehind()
+        async with contextlib.aclosing(stream) as batches:
+            async for batch in batches:
+                for frame in batch:
+                    if self._consumer.load_kv_dump(_decode_dump(frame)):
+                        raise _StillBehind()
 
     async def _follow(self, instance: Instance) -> None:
         consumer = self._consumer
@@ -104,14 +105,17 @@ class EventFollowers:
                 # batch's id jump, which the index reports as a gap, which asks for another dump.
                 await self._dump(instance)
                 stream = self._client.stream(instance.address, KV_EVENTS_ENDPOINT, _NIL)
-                async with contextlib.aclosing(stream) as frames:
-                    async for frame in frames:
-                        event = _decode_event(frame)
-                        if event.kv is not None and consumer.apply_kv_events(event.kv):
-                            log.info("worker %x: KV event gap, re-syncing from a dump", instance.instance_id)
-                            await self._dump(instance)
-                        if event.load is not None:
-                            consumer.apply_load(event.load)
+                async with contextlib.aclosing(stream) as batches:
+                    async for batch in batches:
+                        for frame in batch:
+                            event = _decode_event(frame)
+                            if event.kv is not None and consumer.apply_kv_events(event.kv):
+                                log.info(
+                                    "worker %x: KV event gap, re-syncing from a dump", instance.instance_id
+                                )
+                                await self._dump(instance)
+                            if event.load is not None:
+                                consumer.apply_load(event.load)
             except (TurbineError, msgspec.DecodeError) as exc:
                 log.debug("worker %x: event stream ended: %s", instance.instance_id, exc)
             await asyncio.sleep(self._retry_s)

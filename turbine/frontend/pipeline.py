@@ -153,20 +153,25 @@ class ModelPipeline:
             started = False
             try:
                 stream = self._client.stream(instance.address, instance.endpoint, payload)
-                async with contextlib.aclosing(stream) as frames:
-                    async for frame in frames:
-                        out = _decode_output(frame)
+                async with contextlib.aclosing(stream) as batches:
+                    async for batch in batches:
                         if not started:
                             started = True
                             self.router.on_first_token(request.request_id, decision)
-                        if out.error is not None:
-                            raise EngineError(f"worker {instance.instance_id:x}: {out.error}")
-                        generated += out.token_ids
-                        delta = post.process(out)
-                        if delta.text or delta.finish_reason is not None:
-                            yield delta
-                        if delta.finish_reason is not None:
-                            return
+                        # A batch of frames that arrived together becomes one delta (one SSE event).
+                        text = ""
+                        for frame in batch:
+                            out = _decode_output(frame)
+                            if out.error is not None:
+                                raise EngineError(f"worker {instance.instance_id:x}: {out.error}")
+                            generated += out.token_ids
+                            delta = post.process(out)
+                            if delta.finish_reason is not None:
+                                yield TextDelta(text + delta.text, delta.finish_reason)
+                                return
+                            text += delta.text
+                        if text:
+                            yield TextDelta(text, None)
                 raise WorkerUnreachable(f"worker {instance.instance_id:x} ended the stream without finishing")
             except (WorkerUnreachable, WorkerDraining) as exc:
                 excluded.add(instance.instance_id)

@@ -37,7 +37,7 @@ class _Echo:
 
 
 async def _collect(client: TcpRequestClient, address: str, endpoint: str, payload: bytes) -> list[bytes]:
-    return [chunk async for chunk in client.stream(address, endpoint, payload)]
+    return [chunk async for batch in client.stream(address, endpoint, payload) for chunk in batch]
 
 
 async def test_many_concurrent_streams_share_one_connection() -> None:

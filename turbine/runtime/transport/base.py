@@ -10,7 +10,8 @@ requests with a retriable "draining" error while running ones finish (see `wait_
 `stop()` closes everything.
 
 Client (frontend side): `stream(address, endpoint, payload)` is an async iterator of the worker's
-payloads. It raises `WorkerUnreachable` (retriable) if the worker cannot be reached or the
+payloads, in order, grouped: each item is the list of every payload that had arrived by then (at
+least one), so a consumer can handle a burst of token deltas with one write downstream. It raises `WorkerUnreachable` (retriable) if the worker cannot be reached or the
 connection drops before the End, `WorkerDraining` if the worker refused it, `EngineError` for an
 engine failure. Leaving the iteration early (break, exception, task cancel, `aclose()`) sends a
 Cancel so the worker frees the request. Many streams to one address share one connection.
@@ -41,7 +42,7 @@ class RequestPlaneServer(Protocol):
 
 
 class RequestPlaneClient(Protocol):
-    def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]: ...
+    def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]: ...
 
     async def close(self) -> None: ...
 

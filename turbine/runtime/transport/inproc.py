@@ -73,13 +73,13 @@ class InprocClient:
     def __init__(self, hub: InprocHub) -> None:
         self._hub = hub
 
-    async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+    async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]:
         server = self._hub.servers.get(address)
         if server is None:
             raise WorkerUnreachable(f"no in-process worker at {address}")
         async with contextlib.aclosing(server.serve(endpoint, payload)) as outputs:
             async for out in outputs:
-                yield out
+                yield [out]
 
     async def close(self) -> None:
         return None

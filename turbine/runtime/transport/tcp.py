@@ -300,7 +300,7 @@ class TcpRequestClient:
         fut.set_result(new_conn)
         return new_conn
 
-    async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+    async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]:
         conn = await self._connection(address)
         sid, queue = conn.open_stream()
         finished = False
@@ -308,20 +308,25 @@ class TcpRequestClient:
             conn.send(framing.Request(sid, endpoint, msgspec.Raw(payload)))
             while True:
                 item = await queue.get()
-                kind = type(item)
-                if kind is framing.Data:
-                    assert isinstance(item, framing.Data)
-                    yield bytes(item.payload)
-                elif kind is framing.End:
-                    finished = True
-                    return
-                elif kind is framing.Error:
-                    assert isinstance(item, framing.Error)
-                    finished = True
-                    raise error_from_frame(item.code, item.message, address)
+                # Everything that arrived with this item goes out as one batch: a worker's batch
+                # step sends many frames at once, and downstream writes are cheaper in bulk.
+                batch: list[bytes] = []
+                while type(item) is framing.Data:
+                    batch.append(bytes(item.payload))
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
                 else:
+                    if batch:
+                        yield batch
+                        batch = []
                     finished = True
+                    if type(item) is framing.End:
+                        return
+                    if type(item) is framing.Error:
+                        raise error_from_frame(item.code, item.message, address)
                     raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
+                yield batch
         finally:
             conn.streams.pop(sid, None)
             if not finished and not conn.closed:
