@@ -37,6 +37,7 @@ from tqdm import tqdm
 from turbine.bench.loadgen import RunResult, run_closed_loop
 from turbine.bench.stack import LocalStack, free_port, proc_cpu_seconds
 from turbine.models import bundled_model_path
+from turbine.preprocess.tokenizer import Tokenizer, load_model_files
 
 WORDS = ("inference", "cache", "token", "router", "worker", "prefix", "stream", "latency", "batch", "model")
 
@@ -51,10 +52,9 @@ class Stack(Protocol):
 
 
 class TurbineStack:
-    def __init__(self) -> None:
-        self._stack = LocalStack(
-            [], ["--engine", "mocker", "--speedup-ratio", "1000000", "--max-num-seqs", "1024"]
-        )
+    def __init__(self, frontend_args: list[str] | None = None) -> None:
+        worker = ["--engine", "mocker", "--speedup-ratio", "1000000", "--max-num-seqs", "1024"]
+        self._stack = LocalStack(frontend_args or [], worker)
         self._stack.wait_ready()
         self.url = self._stack.url
         self.model = "turbine-tiny"
@@ -281,6 +281,70 @@ async def main_async(args: argparse.Namespace) -> None:
     print(report(results, out, args.pairs))
 
 
+def long_prompt_bodies(model: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """~7.8k-token chat prompts: one shared ~6k-token system prompt plus a unique ~1.8k-token question."""
+    files = load_model_files(bundled_model_path())
+    tok = Tokenizer(files.tokenizer)
+    cost = {w: len(tok.encode(" " + w)) for w in WORDS}
+
+    def text(tokens: int) -> str:
+        words: list[str] = []
+        count = 0
+        while count < tokens:
+            words.append(rng.choice(WORDS))
+            count += cost[words[-1]]
+        return " ".join(words)
+
+    system = text(6000)
+    return [
+        {
+            "model": model,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": text(1800)}],
+            "max_tokens": 16,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+        for _ in range(n)
+    ]
+
+
+async def long_prompts(args: argparse.Namespace) -> str:
+    """Long prompts with a shared system prompt, concurrency 32: Turbine with and without its
+    tokenization cache, and Dynamo, each on a fresh stack (so no cache carries over)."""
+    rng = random.Random(args.seed)
+    configs: list[tuple[str, Callable[[], Stack]]] = [
+        ("Turbine (prefix tokenization cache)", TurbineStack),
+        ("Turbine (cache off)", lambda: TurbineStack(["--tokenizer-cache-entries", "0"])),
+        ("Dynamo", lambda: DynamoStack(args.dynamo)),
+    ]
+    rows = ["| stack | req/s | TTFT p50 ms | TTFT p99 ms | failed |", "|---|---|---|---|---|"]
+    for name, make in configs:
+        stack = make()
+        try:
+            payload = long_prompt_bodies(stack.model, args.long_requests, rng)
+            with tqdm(total=len(payload), unit="req", desc=name) as bar:
+                run = await run_closed_loop(
+                    stack.url + "/v1/chat/completions",
+                    payload,
+                    concurrency=32,
+                    stream=True,
+                    on_done=lambda _r: bar.update(),
+                )
+        finally:
+            stack.close()
+        rows.append(
+            f"| {name} | {run.requests_per_s:,.1f} | {run.ttft_ms(0.5):.1f} | {run.ttft_ms(0.99):.1f} | "
+            f"{run.failures} |"
+        )
+    text = (
+        "# Long prompts: ~7.8k tokens, shared ~6k-token system prompt, concurrency 32\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+    (Path(args.out) / "vs_dynamo_long.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -289,12 +353,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=1000, help="requests per non-streaming run at c>=16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long", action="store_true", help="run only the long-prompt comparison")
+    parser.add_argument("--long-requests", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     import uvloop
 
-    uvloop.run(main_async(args))
+    if args.long:
+        print(uvloop.run(long_prompts(args)))
+    else:
+        uvloop.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,9 @@ class FrontendConfig(RuntimeConfig):
         0, "How many times a stream broken by a failing worker may continue on another one (0: never)."
     )
     tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
+    tokenizer_cache_entries: int = opt(
+        256, "Long prompt pieces (e.g. shared system prompts) kept tokenized; 0 turns the cache off."
+    )
     # TLS: paths are not secrets (the key file's contents are), so they stay visible in dumps.
     tls_cert_path: str | None = opt(
         None, "Serve HTTPS with this PEM certificate chain (needs --tls-key-path)."
@@ -136,6 +139,8 @@ class FrontendConfig(RuntimeConfig):
             raise ConfigError("--max-request-body-bytes must be at least 1024")
         if self.migration_limit < 0:
             raise ConfigError("--migration-limit must not be negative")
+        if self.tokenizer_cache_entries < 0:
+            raise ConfigError("--tokenizer-cache-entries must not be negative")
         if self.tokenizer_threads < 1:
             raise ConfigError("--tokenizer-threads must be at least 1")
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_prefix):

@@ -65,6 +65,7 @@ async def run_frontend(
         only_model=cfg.model_name,
         model_path_override=cfg.model_path,
         migration_limit=cfg.migration_limit,
+        tokenizer_cache_entries=cfg.tokenizer_cache_entries,
     )
     if cfg.interactive:
         try:

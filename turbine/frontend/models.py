@@ -44,6 +44,7 @@ class ModelRegistry:
         only_model: str | None = None,
         model_path_override: str | None = None,
         migration_limit: int = 0,
+        tokenizer_cache_entries: int = 0,
     ) -> None:
         self._store = store
         self._namespace = namespace
@@ -53,6 +54,7 @@ class ModelRegistry:
         self._only_model = only_model
         self._model_path_override = model_path_override
         self._migration_limit = migration_limit
+        self._tokenizer_cache_entries = tokenizer_cache_entries
         self._instances: dict[int, Instance] = {}
         self._cards: dict[int, ModelDeploymentCard] = {}
         self._pipelines: dict[str, ModelPipeline] = {}
@@ -173,7 +175,9 @@ class ModelRegistry:
             if files is None:
                 files = await asyncio.to_thread(load_model_files, Path(path))
                 self._files[path] = files
-            preprocessor = Preprocessor(card.name, files, self._executor, card.context_length)
+            preprocessor = Preprocessor(
+                card.name, files, self._executor, card.context_length, self._tokenizer_cache_entries
+            )
         except TurbineError as exc:
             log.error("cannot serve model %s from %s: %s", card.name, path, exc.message)
             self._failed.add(card.name)

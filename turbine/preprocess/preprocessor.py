@@ -66,10 +66,11 @@ class Preprocessor:
         files: ModelFiles,
         executor: concurrent.futures.Executor | None,
         context_length: int | None = None,
+        tokenizer_cache_entries: int = 0,
     ) -> None:
         self.model = model
         self.files = files
-        self.tokenizer = Tokenizer(files.tokenizer)
+        self.tokenizer = Tokenizer(files.tokenizer, cache_entries=tokenizer_cache_entries)
         self.template = (
             ChatTemplate(files.chat_template, files.bos_token, files.eos_token)
             if files.chat_template

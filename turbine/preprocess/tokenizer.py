@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -169,6 +172,19 @@ def load_model_files(model_dir: Path) -> ModelFiles:
     )
 
 
+def _added_token_splitter(tokenizer: tokenizers.Tokenizer) -> re.Pattern[str] | None:
+    """A regex splitting text around added tokens, if piecewise encoding is exact for this tokenizer.
+
+    Added tokens that strip neighbouring whitespace, or are matched after normalization, make a
+    piece's ids depend on its neighbours; then there is no splitter and no cache.
+    """
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if not added or any(t.lstrip or t.rstrip or t.normalized or t.single_word for t in added):
+        return None
+    contents = sorted({t.content for t in added}, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(c) for c in contents) + ")")
+
+
 class Tokenizer:
     """Text → token ids for prompts. Thread-safe: the HF tokenizer is immutable once loaded.
 
@@ -181,9 +197,23 @@ class Tokenizer:
     # gain nothing from the hop and the longest inline one stalls the loop for only ~0.3 ms.
     INLINE_MAX_CHARS = 2000
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, *, inline_max_chars: int = INLINE_MAX_CHARS) -> None:
+    # Prompt pieces at least this long are remembered (see `encode`).
+    CACHE_MIN_CHARS = 1000
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        *,
+        inline_max_chars: int = INLINE_MAX_CHARS,
+        cache_entries: int = 0,
+    ) -> None:
         self._tokenizer = tokenizer
         self._inline_max_chars = inline_max_chars
+        self._cache_entries = cache_entries
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._split = _added_token_splitter(tokenizer) if cache_entries > 0 else None
+        self.cache_hits = 0
 
     @property
     def hf(self) -> tokenizers.Tokenizer:
@@ -199,8 +229,36 @@ class Tokenizer:
         return self._tokenizer.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return ids
+        """Token ids of `text`, reusing remembered long pieces (a shared system prompt, say).
+
+        `tokenizers` cuts the input at added tokens (`<|im_start|>` ...) before anything else and
+        encodes the pieces between them independently, so encoding piece by piece gives the same ids
+        as encoding the whole, and a long piece seen before costs a dictionary lookup.
+        """
+        split = self._split
+        if split is None or len(text) < self.CACHE_MIN_CHARS:
+            ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+            return ids
+        out: list[int] = []
+        for piece in split.split(text):
+            if not piece:
+                continue
+            if len(piece) < self.CACHE_MIN_CHARS:
+                out += self._tokenizer.encode(piece, add_special_tokens=False).ids
+                continue
+            with self._lock:
+                cached = self._cache.get(piece)
+                if cached is not None:
+                    self._cache.move_to_end(piece)
+                    self.cache_hits += 1
+            if cached is None:
+                cached = self._tokenizer.encode(piece, add_special_tokens=False).ids
+                with self._lock:
+                    self._cache[piece] = cached
+                    if len(self._cache) > self._cache_entries:
+                        self._cache.popitem(last=False)
+            out += cached
+        return out
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         # encode_batch parallelises across texts inside Rust.

@@ -230,3 +230,39 @@ async def test_encode_async_default_executor() -> None:
     long = "The quick brown fox. " * 200
     assert len(long) >= Tokenizer.INLINE_MAX_CHARS
     assert await tok.encode_async(long) == tok.encode(long)
+
+
+def test_piecewise_cache_gives_the_same_ids_and_hits_on_shared_prefixes() -> None:
+    import random
+
+    from turbine.models import bundled_model_path
+    from turbine.preprocess.tokenizer import Tokenizer as _Tokenizer
+    from turbine.preprocess.tokenizer import load_model_files as _load
+
+    hf = _load(bundled_model_path()).tokenizer
+    plain = _Tokenizer(hf)
+    cached = _Tokenizer(hf, cache_entries=4)
+    rng = random.Random(7)
+    alphabet = [
+        "a",
+        "b",
+        " ",
+        "\n",
+        "é",
+        "日本",
+        "🚀",
+        "<|im_start|>",
+        "<|im_end|>",
+        "word",
+        "  x",
+        "<|endoftext|>",
+    ]
+    system = "".join(rng.choice(alphabet[:7]) for _ in range(1500))  # no added tokens inside
+    for i in range(30):
+        text = (
+            f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+            + "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 3000)))
+            + f"{i}<|im_end|>\n<|im_start|>assistant\n"
+        )
+        assert cached.encode(text) == plain.encode(text)
+    assert cached.cache_hits >= 29

@@ -11,8 +11,9 @@ requests with a retriable "draining" error while running ones finish (see `wait_
 
 Client (frontend side): `stream(address, endpoint, payload)` is an async iterator of the worker's
 payloads, in order, grouped: each item is the list of every payload that had arrived by then (at
-least one), so a consumer can handle a burst of token deltas with one write downstream. It raises `WorkerUnreachable` (retriable) if the worker cannot be reached or the
-connection drops before the End, `WorkerDraining` if the worker refused it, `EngineError` for an
+least one), so a consumer can handle a burst of token deltas with one write downstream. It raises
+`WorkerUnreachable` (retriable) if the worker cannot be reached or the connection drops before the
+End, `WorkerDraining` if the worker refused it, `EngineError` for an
 engine failure. Leaving the iteration early (break, exception, task cancel, `aclose()`) sends a
 Cancel so the worker frees the request. Many streams to one address share one connection.
 """
