@@ -25,7 +25,7 @@ PROMPT = "The quick brown fox"
 def served(stack: Stack) -> Iterator[tuple[triton.InferenceServerClient, str]]:
     grpc_port = free_port()
     _, url = stack.frontend("--kserve-grpc-server", "--grpc-port", str(grpc_port))
-    stack.worker("--engine", "mocker", "--speedup-ratio", "100")
+    stack.worker("--engine", "mocker", "--speedup-ratio", "5")
     wait_instances(url, 1)
     client = triton.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
     try:
