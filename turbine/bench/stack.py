@@ -38,6 +38,7 @@ class LocalStack:
         *,
         expect_instances: int = 1,
         worker_processes: int = 1,
+        worker_extra: list[list[str]] | None = None,
     ) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="turbine-bench-")
         self.root = Path(self._dir.name)
@@ -54,7 +55,14 @@ class LocalStack:
         )
         self.workers = [
             subprocess.Popen(
-                [sys.executable, "-m", "turbine.worker", *common, *worker_args],
+                [
+                    sys.executable,
+                    "-m",
+                    "turbine.worker",
+                    *common,
+                    *worker_args,
+                    *(worker_extra[i] if worker_extra else []),
+                ],
                 stdout=self._logs[1 + i],
                 stderr=subprocess.STDOUT,
                 env=env,

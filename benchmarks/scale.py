@@ -1,0 +1,157 @@
+"""How the frontend's cost grows with the number of worker instances and of models.
+
+For 1, 64 and 512 registered mocker instances (one worker process, `--num-workers N`, speedup 1e6)
+and for round-robin and kv routing: the frontend's resident memory and CPU per request under the same
+non-streaming load (c=16, ~150-token prompts, 16 output tokens). Then 10 models at once (10 worker
+processes), requests spread over all of them. Markdown + PNG.
+
+    .venv/bin/python benchmarks/scale.py [--requests 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from turbine.bench.loadgen import run_closed_loop
+from turbine.bench.stack import LocalStack
+
+WORDS = ("inference", "cache", "token", "router", "worker", "prefix", "stream", "latency", "batch", "model")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bodies(models: list[str], n: int, rng: random.Random) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": models[i % len(models)],
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(150)),
+            "max_tokens": 16,
+            "ignore_eos": True,
+        }
+        for i in range(n)
+    ]
+
+
+async def measure(
+    stack: LocalStack, models: list[str], n: int, rng: random.Random, desc: str
+) -> dict[str, float]:
+    await run_closed_loop(
+        stack.url + "/v1/completions", bodies(models, 200, rng), concurrency=16, stream=False
+    )
+    bar = tqdm(total=n, desc=desc, unit="req", leave=False)
+    cpu0 = stack.frontend_cpu_s()
+    run = await run_closed_loop(
+        stack.url + "/v1/completions",
+        bodies(models, n, rng),
+        concurrency=16,
+        stream=False,
+        on_done=lambda _r: bar.update(),
+    )
+    cpu = stack.frontend_cpu_s() - cpu0
+    bar.close()
+    return {
+        "req_s": run.requests_per_s,
+        "cpu_ms_req": cpu / max(1, len(run.ok)) * 1000,
+        "rss_mib": rss_mib(stack.frontend.pid),
+        "p50_ms": run.latency_ms(0.5),
+        "failed": run.failures,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    rng = random.Random(0)
+    rows: list[tuple[str, dict[str, float]]] = []
+    worker = ["--engine", "mocker", "--speedup-ratio", "1000000", "--num-gpu-blocks-override", "512"]
+    for mode in ("round-robin", "kv"):
+        for n in (1, 64, 512):
+            stack = LocalStack(
+                ["--router-mode", mode], [*worker, "--num-workers", str(n)], expect_instances=n
+            )
+            try:
+                stack.wait_ready(timeout=300)
+                rows.append(
+                    (
+                        f"{mode}, {n} instance(s)",
+                        await measure(stack, ["turbine-tiny"], args.requests, rng, f"{mode} x{n}"),
+                    )
+                )
+            finally:
+                stack.close()
+    for mode in ("round-robin", "kv"):
+        models = [f"model-{i}" for i in range(10)]
+        stack = LocalStack(
+            ["--router-mode", mode],
+            worker,
+            expect_instances=10,
+            worker_processes=10,
+            worker_extra=[["--model-name", m] for m in models],
+        )
+        try:
+            stack.wait_ready(timeout=300)
+            rows.append(
+                (
+                    f"{mode}, 10 models x 1 instance",
+                    await measure(stack, models, args.requests, rng, f"{mode} 10 models"),
+                )
+            )
+        finally:
+            stack.close()
+    lines = [
+        "| setup | req/s | frontend CPU ms/req | frontend RSS MiB | p50 ms | failed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['req_s']:,.0f} | {r['cpu_ms_req']:.2f} | {r['rss_mib']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['failed']:.0f} |"
+        )
+    text = "# Frontend cost vs workers and models\n\n" + "\n".join(lines) + "\n\n![scale](scale.png)\n"
+    out = Path(args.out)
+    (out / "scale.md").write_text(text)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in ("round-robin", "kv"):
+        xs = [1, 64, 512]
+        sel = [r for name, r in rows if name.startswith(mode + ",") and "models" not in name]
+        ax1.plot(xs, [r["cpu_ms_req"] for r in sel], marker="o", label=mode)
+        ax2.plot(xs, [r["rss_mib"] for r in sel], marker="o", label=mode)
+    for ax, label in ((ax1, "frontend CPU ms/request"), (ax2, "frontend RSS MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("registered worker instances")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scale.png", dpi=100)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    import uvloop
+
+    uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
