@@ -130,6 +130,8 @@ class ModelPipeline:
         return [Generation(self, request, prepared.stop_strings) for request in prepared.choices()]
 
     def _candidates(self, excluded: set[int]) -> list[int]:
+        if not excluded and not self._quarantined:
+            return self._ids  # the common case, without a copy per request
         now = time.monotonic()
         live = [i for i in self._ids if i not in excluded]
         healthy = [i for i in live if self._quarantined.get(i, 0.0) <= now]

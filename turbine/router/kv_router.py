@@ -10,6 +10,7 @@ candidate is busy the request is rejected with 503.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,10 @@ from turbine.router.load import IDLE, LoadTracker, request_blocks
 from turbine.router.radix_index import OverlapScores, RadixIndex
 
 log = logging.getLogger(__name__)
+
+# With more candidates than this, only a shortlist of them is scored (see `KvRouter._shortlist`).
+SHORTLIST_ABOVE = 16
+IDLE_SHORTLIST = 4
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,8 @@ class KvRouter(_LoadCounting):
                 overlap = OverlapScores(scores, overlap.tree_sizes)
         else:
             overlap = self.approx.find_matches(hashes)
+        if len(candidates) > SHORTLIST_ABOVE:
+            candidates = self._shortlist(candidates, overlap)
         isl = len(tokens)
         # Decode load counts the KV blocks each request makes its worker allocate: the blocks it
         # had to compute (not the cached prefix it reuses, which the worker holds either way) and
@@ -247,6 +254,21 @@ class KvRouter(_LoadCounting):
     def on_finish(self, request_id: str, decision: Decision) -> None:
         super().on_finish(request_id, decision)
         self.active.remove(request_id)
+
+    def _shortlist(self, candidates: Sequence[int], overlap: OverlapScores) -> list[int]:
+        """The candidates that can differ in cost: those caching part of the prompt, those with
+        active work, and the few idle ones with the emptiest caches. Every other idle worker costs
+        exactly what the kept idle ones cost or more (same prefill and decode, fuller cache), so
+        scoring them cannot change the choice, and with hundreds of workers it would dominate."""
+        scores = overlap.scores
+        loads = self.load.loads
+        sizes = overlap.tree_sizes
+        keep: list[int] = []
+        idle: list[int] = []
+        for w in candidates:
+            (keep if w in scores or w in loads else idle).append(w)
+        keep += heapq.nsmallest(IDLE_SHORTLIST, idle, key=lambda w: sizes.get(w, 0))
+        return keep
 
     # ---------------------------------------------------------------- events (KvEventConsumer)
 

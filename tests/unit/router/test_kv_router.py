@@ -129,3 +129,16 @@ def test_least_loaded_and_power_of_two_balance_active_requests() -> None:
         for i, w in enumerate(picks):
             router.on_finish(f"r{i}", Decision(w))
         assert dict(router.load.loads) == {}
+
+
+def test_many_workers_are_shortlisted_without_changing_the_choice() -> None:
+    router = KvRouter(KvRouterSettings(), random.Random(0))
+    router.update_instances({w: _card(w) for w in range(1, 101)})
+    router.apply_kv_events(_stored(77, 0, PROMPT))
+    assert router.select(_req("a", [*PROMPT, 5]), list(range(1, 101))) == Decision(77, 10)
+    # Load every worker but one: a cold prompt goes to the idle one.
+    for w in range(1, 101):
+        if w != 42:
+            router.load.add_request(f"busy-{w}", w, 10_000, 500)
+    cold = [9000 + i for i in range(40)]
+    assert router.select(_req("b", cold), list(range(1, 101))).instance_id == 42
