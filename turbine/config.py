@@ -25,8 +25,10 @@ ENV_PREFIX = "TURBINE_"
 SHORT_FLAGS = {"interactive": "-i"}
 ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv")
 DISCOVERY_BACKENDS = ("file", "mem", "etcd")
-REQUEST_PLANES = ("tcp",)
+REQUEST_PLANES = ("tcp", "nats")
 ENGINES = ("mocker", "echo")
+# Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
+MODEL_TYPES = ("chat", "completions", "embedding")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -52,6 +54,7 @@ class RuntimeConfig:
         "http://127.0.0.1:2379", "etcd client URLs for the etcd discovery store, comma-separated."
     )
     request_plane: str = opt("tcp", "Request plane transport.", choices=REQUEST_PLANES)
+    nats_server: str = opt("nats://127.0.0.1:4222", "NATS server URL (with --request-plane nats).")
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
     log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
     log_json: bool = opt(False, "Write logs as JSON lines.")
@@ -167,6 +170,10 @@ class WorkerConfig(RuntimeConfig):
     model_name: str | None = opt(None, "Served model name (default: the model directory's name).")
     component: str = opt("backend", "Discovery component name.")
     endpoint: str = opt("generate", "Discovery endpoint name.")
+    model_type: str = opt(
+        "chat,completions",
+        "What the model serves, comma-separated: chat, completions, embedding (e.g. 'embedding').",
+    )
     host: str = opt("127.0.0.1", "Address the worker's request plane binds.")
     num_workers: int = opt(1, "Independent workers run in this process.")
     context_length: int | None = opt(None, "Override the model's context length.")
@@ -181,6 +188,10 @@ class WorkerConfig(RuntimeConfig):
     eos_probability: float = opt(0.0, "Mocker: chance per decode step of ending with EOS.")
     # Echo.
     echo_delay_ms: float = opt(0.0, "Echo engine: delay between tokens.")
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.model_type.split(",") if t.strip())
 
     def validate(self) -> None:
         if self.model_path is not None and not Path(self.model_path).is_dir():
@@ -198,6 +209,11 @@ class WorkerConfig(RuntimeConfig):
             raise ConfigError("--speedup-ratio must be positive")
         if not 0.0 <= self.eos_probability <= 1.0:
             raise ConfigError("--eos-probability must be within [0, 1]")
+        types = self.model_types
+        if not types or any(t not in MODEL_TYPES for t in types):
+            raise ConfigError(
+                f"--model-type {self.model_type!r}: each must be one of {', '.join(MODEL_TYPES)}"
+            )
         super().validate()
 
 

@@ -46,6 +46,7 @@ def test_boolean_flags_both_ways() -> None:
         (FrontendConfig, ["--namespace", "a/b"], "namespace"),
         (WorkerConfig, ["--num-workers", "0"], "at least 1"),
         (WorkerConfig, ["--eos-probability", "2"], "within"),
+        (WorkerConfig, ["--model-type", "chat,images"], "model-type"),
         (UpConfig, ["--workers", "0"], "at least 1"),
     ],
 )

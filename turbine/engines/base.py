@@ -65,3 +65,13 @@ class KvCacheReporter(Protocol):
     """Engines with a prefix cache also answer for its whole state (routers re-sync from it)."""
 
     def kv_dump(self) -> KvDump: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Engines that embed: one vector per token sequence (models whose card lists "embedding").
+
+    Must not block the loop; the same token ids must give the same vector.
+    """
+
+    async def embed(self, token_ids: list[int]) -> list[float]: ...

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 from turbine.engines.base import EngineCapacity
+from turbine.engines.embedding import hash_embedding
 from turbine.protocol.request import PreprocessedRequest
 from turbine.protocol.response import EngineOutput, FinishReason
 
@@ -37,6 +38,10 @@ class EchoEngine:
 
     async def stop(self) -> None:
         return None
+
+    async def embed(self, token_ids: list[int]) -> list[float]:
+        """A deterministic hash vector (see `turbine.engines.embedding`)."""
+        return hash_embedding(token_ids)
 
     async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         prompt = request.token_ids

@@ -7,8 +7,10 @@ pydantic. Every error leaves as OpenAI's `{"error": {...}}` with the status from
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -28,11 +30,28 @@ from turbine.errors import (
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.models import ModelRegistry
-from turbine.frontend.openai_format import ChunkFormatter, chat_completion, new_id, text_completion
+from turbine.frontend.openai_format import (
+    ChunkFormatter,
+    ResponsesStreamFormatter,
+    chat_completion,
+    embedding_list,
+    new_id,
+    response_object,
+    text_completion,
+)
+from turbine.frontend.openapi import serve_openapi
 from turbine.frontend.pipeline import Generation, ModelPipeline
 from turbine.postprocess.postprocessor import TextDelta
 from turbine.preprocess.preprocessor import Prepared
-from turbine.protocol.openai import decode_chat_request, decode_completion_request
+from turbine.protocol.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ResponsesRequest,
+    decode_chat_request,
+    decode_completion_request,
+    decode_embedding_request,
+    decode_responses_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +131,10 @@ class OpenAIService:
             response = await _handle_errors(request, handler)
             if request.path.startswith("/v1/"):
                 model = request.get(_MODEL_KEY, "")
-                metrics.requests.labels(model, request.path, str(response.status)).inc()
+                # The route's pattern, not the path: a label per requested URL would grow forever.
+                resource = request.match_info.route.resource
+                endpoint = resource.canonical if resource is not None else "unmatched"
+                metrics.requests.labels(model, endpoint, str(response.status)).inc()
                 if response.status == 503 and model:
                     metrics.rejections.labels(model).inc()
             return response
@@ -120,11 +142,14 @@ class OpenAIService:
         app = web.Application(middlewares=[errors_and_counts], client_max_size=self._max_body_bytes)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model:.+}", self._get_model)
         app.router.add_get("/health", self._health)
         app.router.add_get("/live", self._live)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/openapi.json", serve_openapi)
         return app
 
     # --------------------------------------------------------------------------------- routes
@@ -133,6 +158,7 @@ class OpenAIService:
         req = _decode(decode_chat_request, await request.read())
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
+        _require_type(pipeline, "chat")
         prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
         return await self._serve(request, pipeline, prepared, chat=True)
 
@@ -140,8 +166,44 @@ class OpenAIService:
         req = _decode(decode_completion_request, await request.read())
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
+        _require_type(pipeline, "completions")
         prepared = await pipeline.preprocessor.completion(req, new_id("cmpl"))
         return await self._serve(request, pipeline, prepared, chat=False)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API (non-stateful), served as a chat completion with one choice."""
+        req = _decode(decode_responses_request, await request.read())
+        request[_MODEL_KEY] = req.model
+        pipeline = self._registry.get(req.model)
+        _require_type(pipeline, "chat")
+        if req.max_output_tokens is not None and req.max_output_tokens < 1:
+            raise InvalidRequest("max_output_tokens must be at least 1", param="max_output_tokens")
+        chat = ChatCompletionRequest(
+            model=req.model,
+            messages=_responses_messages(req),
+            max_tokens=req.max_output_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stream=req.stream,
+            user=req.user,
+        )
+        prepared = await pipeline.preprocessor.chat(chat, new_id("resp"))
+        return await self._serve(request, pipeline, prepared, chat=True, responses=True)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        req = _decode(decode_embedding_request, await request.read())
+        request[_MODEL_KEY] = req.model
+        pipeline = self._registry.get(req.model)
+        _require_type(pipeline, "embedding")
+        if req.encoding_format not in ("float", "base64"):
+            raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
+        batch = await _embedding_inputs(pipeline, req.input)
+        vectors = await pipeline.embed(batch)
+        out: list[bytes | list[float]] = list(vectors)
+        if req.encoding_format == "base64":
+            out = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)) for v in vectors]
+        body = embedding_list(model=pipeline.name, vectors=out, prompt_tokens=sum(map(len, batch)))
+        return web.Response(body=body, content_type="application/json")
 
     async def _list_models(self, request: web.Request) -> web.Response:
         data = [_model_object(p) for p in self._registry.models()]
@@ -172,7 +234,13 @@ class OpenAIService:
     # ------------------------------------------------------------------------------ serving
 
     async def _serve(
-        self, request: web.Request, pipeline: ModelPipeline, prepared: Prepared, *, chat: bool
+        self,
+        request: web.Request,
+        pipeline: ModelPipeline,
+        prepared: Prepared,
+        *,
+        chat: bool,
+        responses: bool = False,
     ) -> web.StreamResponse:
         self.inflight += 1
         self._idle.clear()
@@ -197,9 +265,25 @@ class OpenAIService:
                 headers["x-turbine-worker"] = f"{decision.instance_id:x}"
                 headers["x-turbine-overlap-blocks"] = str(decision.overlap_blocks)
             created = int(time.time())
+            if prepared.stream and responses:
+                return await self._stream_response(
+                    request, gens[0], firsts[0], prepared, model, created, headers
+                )
             if prepared.stream:
                 return await self._stream(request, gens, firsts, prepared, model, created, chat, headers)
             choices = await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts, strict=True)))
+            if responses:
+                text, finish = choices[0]
+                obj = response_object(
+                    response_id=prepared.request.request_id,
+                    message_id=new_id("msg"),
+                    model=model,
+                    created=created,
+                    text=text,
+                    finish=finish,
+                    usage=_usage(gens),
+                )
+                return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=headers)
             build = chat_completion if chat else text_completion
             body = build(
                 request_id=prepared.request.request_id,
@@ -270,6 +354,134 @@ class OpenAIService:
             await resp.write(ChunkFormatter.error(exc.to_openai()) + ChunkFormatter.DONE)
         await resp.write_eof()
         return resp
+
+    async def _stream_response(
+        self,
+        request: web.Request,
+        gen: Generation,
+        first: TextDelta,
+        prepared: Prepared,
+        model: str,
+        created: int,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """A Responses API stream: typed SSE events (`event:` lines), numbered by sequence_number."""
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        await resp.prepare(request)
+        fmt = ResponsesStreamFormatter(
+            response_id=prepared.request.request_id, message_id=new_id("msg"), model=model, created=created
+        )
+        parts = [first.text]
+        finish = first.finish_reason
+        await resp.write(fmt.start() + fmt.delta(first.text))
+        try:
+            if finish is None:
+                async for delta in gen:
+                    parts.append(delta.text)
+                    finish = delta.finish_reason
+                    await resp.write(fmt.delta(delta.text))
+            assert finish is not None
+            await resp.write(fmt.finish("".join(parts), finish.value, _usage([gen])))
+        except TurbineError as exc:
+            log.warning("stream %s failed: %s", prepared.request.request_id, exc.message)
+            await resp.write(fmt.error(exc.to_openai()))
+        await resp.write_eof()
+        return resp
+
+
+def _require_type(pipeline: ModelPipeline, kind: str) -> None:
+    """A model serves only the request kinds its card lists (`--model-type` of its workers)."""
+    types = pipeline.card.model_types
+    if kind not in types:
+        what = {"chat": "chat", "completions": "completions", "embedding": "embeddings"}[kind]
+        raise InvalidRequest(
+            f"model '{pipeline.name}' does not serve {what} (it serves: {', '.join(types)})", param="model"
+        )
+
+
+_RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def _responses_messages(req: ResponsesRequest) -> list[ChatMessage]:
+    """`instructions` and `input` of a Responses request → chat messages."""
+    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    items = req.input
+    if isinstance(items, str):
+        if not items:
+            raise InvalidRequest("'input' must not be empty", param="input")
+        return [*messages, ChatMessage(role="user", content=items)]
+    if not items:
+        raise InvalidRequest("'input' is required: a string or a list of message items", param="input")
+    for i, item in enumerate(items):
+        role, content = item.get("role"), item.get("content")
+        if item.get("type", "message") != "message" or role not in (
+            "user",
+            "assistant",
+            "system",
+            "developer",
+        ):
+            raise InvalidRequest(
+                f"input[{i}] must be a message item with role user, assistant, system or developer",
+                param=f"input[{i}]",
+            )
+        if isinstance(content, list):
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            kinds = [p.get("type") for p in content if isinstance(p, dict)]
+            if len(texts) != len(content) or any(
+                not isinstance(t, str) or k not in _RESPONSES_TEXT_PARTS
+                for t, k in zip(texts, kinds, strict=True)
+            ):
+                raise InvalidRequest(
+                    f"input[{i}].content parts must be {{'type': 'input_text', 'text': ...}}",
+                    param=f"input[{i}].content",
+                )
+            content = "".join(t for t in texts if isinstance(t, str))
+        if not isinstance(content, str):
+            raise InvalidRequest(
+                f"input[{i}].content must be a string or a list of input_text parts",
+                param=f"input[{i}].content",
+            )
+        messages.append(ChatMessage(role="system" if role == "developer" else str(role), content=content))
+    return messages
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+async def _embedding_inputs(pipeline: ModelPipeline, inputs: str | list[Any] | None) -> list[list[int]]:
+    """An embeddings request's `input` → one token id list per input, each checked."""
+    bad = InvalidRequest(
+        "'input' must be a non-empty string, list of strings, list of token ids, or list of token id lists",
+        param="input",
+    )
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs:
+        raise bad
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    tokenizer = pipeline.preprocessor.tokenizer
+    if all(isinstance(x, str) for x in inputs):
+        if any(not x for x in inputs):
+            raise bad
+        batch = await asyncio.to_thread(tokenizer.encode_batch, inputs)
+    elif all(type(x) is int for x in inputs):
+        batch = [list(inputs)]
+    elif all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in inputs):
+        batch = [list(x) for x in inputs]
+    else:
+        raise bad
+    vocab, ctx = tokenizer.vocab_size, pipeline.preprocessor.context_length
+    for ids in batch:
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"input token ids must be within [0, {vocab})", param="input")
+        if len(ids) > ctx:
+            raise InvalidRequest(
+                f"an input has {len(ids)} tokens; the model's context is {ctx}", param="input"
+            )
+    return batch
 
 
 def _model_object(pipeline: ModelPipeline) -> dict[str, Any]:

@@ -108,3 +108,142 @@ def text_completion(
             "usage": usage,
         }
     )
+
+
+# ------------------------------------------------------------------------- Responses API
+
+
+def _output_message(message_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}]
+    return {"type": "message", "id": message_id, "status": status, "role": "assistant", "content": content}
+
+
+def responses_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Chat usage → the Responses API's names."""
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+        "output_tokens": usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage["total_tokens"],
+    }
+
+
+def response_object(
+    *,
+    response_id: str,
+    message_id: str,
+    model: str,
+    created: int,
+    text: str | None,
+    finish: str | None,
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A `response` object; `finish` None means still in progress (the stream's first events)."""
+    status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
+    output = [] if text is None else [_output_message(message_id, text, "completed")]
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": False,
+        "tool_choice": "none",
+        "tools": [],
+        "usage": None if usage is None else responses_usage(usage),
+    }
+
+
+class ResponsesStreamFormatter:
+    """The SSE events of one streamed response (one message, one output_text part), numbered."""
+
+    __slots__ = ("_seq", "created", "message_id", "model", "response_id")
+
+    def __init__(self, *, response_id: str, message_id: str, model: str, created: int) -> None:
+        self.response_id = response_id
+        self.message_id = message_id
+        self.model = model
+        self.created = created
+        self._seq = 0
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        body = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
+
+    def _response(self, text: str | None, finish: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
+        return response_object(
+            response_id=self.response_id,
+            message_id=self.message_id,
+            model=self.model,
+            created=self.created,
+            text=text,
+            finish=finish,
+            usage=usage,
+        )
+
+    def start(self) -> bytes:
+        item = {**_output_message(self.message_id, "", "in_progress"), "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return (
+            self.event("response.created", response=self._response(None, None, None))
+            + self.event("response.in_progress", response=self._response(None, None, None))
+            + self.event("response.output_item.added", output_index=0, item=item)
+            + self.event(
+                "response.content_part.added",
+                item_id=self.message_id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            )
+        )
+
+    def delta(self, text: str) -> bytes:
+        if not text:
+            return b""
+        return self.event(
+            "response.output_text.delta",
+            item_id=self.message_id,
+            output_index=0,
+            content_index=0,
+            delta=text,
+            logprobs=[],
+        )
+
+    def finish(self, text: str, finish: str, usage: dict[str, Any]) -> bytes:
+        part = {"type": "output_text", "text": text, "annotations": []}
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        done = "response.incomplete" if finish == "length" else "response.completed"
+        return (
+            self.event("response.output_text.done", **where, text=text, logprobs=[])
+            + self.event("response.content_part.done", **where, part=part)
+            + self.event(
+                "response.output_item.done",
+                output_index=0,
+                item=_output_message(self.message_id, text, "completed"),
+            )
+            + self.event(done, response=self._response(text, finish, usage))
+        )
+
+    def error(self, error: dict[str, Any]) -> bytes:
+        inner = error.get("error", {})
+        return self.event(
+            "error", code=inner.get("code"), message=inner.get("message", ""), param=inner.get("param")
+        )
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def embedding_list(*, model: str, vectors: list[bytes | list[float]], prompt_tokens: int) -> bytes:
+    """`vectors` are float lists, or base64 text (already encoded) for encoding_format=base64."""
+    data = [
+        {"object": "embedding", "index": i, "embedding": v.decode() if isinstance(v, bytes) else v}
+        for i, v in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": model, "usage": usage})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import msgspec
@@ -14,8 +15,8 @@ from turbine.frontend.kv_events import EventFollowers
 from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
 from turbine.protocol.instance import Instance
-from turbine.protocol.model_card import ModelDeploymentCard
-from turbine.protocol.request import PreprocessedRequest
+from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard
+from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.response import EngineOutput
 from turbine.router.base import Decision, Router
 from turbine.router.kv_router import KvRouter
@@ -30,6 +31,7 @@ UNREACHABLE_QUARANTINE_S = 2.0
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_output = msgspec.msgpack.Decoder(EngineOutput).decode
+_decode_vectors = msgspec.msgpack.Decoder(list[list[float]]).decode
 
 
 class Generation:
@@ -128,6 +130,31 @@ class ModelPipeline:
     def generate_choices(self, prepared: Prepared) -> list[Generation]:
         """One generation per choice (`n`), each routed on its own."""
         return [Generation(self, request, prepared.stop_strings) for request in prepared.choices()]
+
+    async def embed(self, batch: list[list[int]]) -> list[list[float]]:
+        """One vector per token id list, from one instance the router picks (another on failure)."""
+        payload = _encode(batch)
+        probe = PreprocessedRequest(
+            f"embd-{uuid.uuid4().hex}", self.name, batch[0], SamplingOptions(), StopConditions(max_tokens=1)
+        )
+        excluded: set[int] = set()
+        while candidates := self._candidates(excluded):
+            decision = self.router.select(probe, candidates)
+            instance = self._instances[decision.instance_id]
+            try:
+                async with contextlib.aclosing(
+                    self._client.stream(instance.address, EMBED_ENDPOINT, payload)
+                ) as s:
+                    async for frames in s:
+                        return _decode_vectors(frames[0])
+                raise WorkerUnreachable(f"worker {instance.instance_id:x} sent no embeddings")
+            except (WorkerUnreachable, WorkerDraining) as exc:
+                log.warning("embed: %s; retrying on another worker", exc.message)
+                excluded.add(instance.instance_id)
+                self._quarantined[instance.instance_id] = time.monotonic() + UNREACHABLE_QUARANTINE_S
+            finally:
+                self.router.on_finish(probe.request_id, decision)
+        raise ServiceUnavailable(f"no worker of model '{self.name}' could take the request")
 
     def _candidates(self, excluded: set[int]) -> list[int]:
         if not excluded and not self._quarantined:

@@ -15,6 +15,8 @@ from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopC
 
 # Choices per request (`n`): each is a separate generation on some worker.
 MAX_N = 16
+# `seed` must fit the request plane's 64-bit integers (choice i > 0 uses seed + i).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class Prepared(NamedTuple):
@@ -143,6 +145,11 @@ class Preprocessor:
             raise InvalidRequest("min_tokens must be at least 0", param="min_tokens")
         if max_tokens is not None and req.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens must not exceed {max_param}", param="min_tokens")
+        if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
+            raise InvalidRequest(f"seed must be within [{SEED_MIN}, {SEED_MAX}]", param="seed")
+        vocab = self.tokenizer.vocab_size
+        if req.stop_token_ids and any(not 0 <= t < vocab for t in req.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be within [0, {vocab})", param="stop_token_ids")
         stops = _stop_strings(req.stop)
         prompt_len = len(token_ids)
         ctx = self.context_length
@@ -156,6 +163,8 @@ class Preprocessor:
                 code="context_length_exceeded",
             )
         resolved_max = max_tokens if max_tokens is not None else ctx - prompt_len
+        if req.min_tokens > resolved_max:
+            raise InvalidRequest(f"min_tokens must not exceed {resolved_max} here", param="min_tokens")
         preprocessed = PreprocessedRequest(
             request_id=request_id,
             model=self.model,

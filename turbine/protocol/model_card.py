@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import msgspec
 
+# What a model can serve; a card lists one or more (`--model-type`).
+MODEL_TYPES = ("chat", "completions", "embedding")
+# Request-plane endpoint of workers whose model embeds: payload is a msgpack list of token id lists,
+# the reply one frame with a msgpack list of vectors (one per input, in order).
+EMBED_ENDPOINT = "embed"
+
 
 class ModelDeploymentCard(msgspec.Struct, frozen=True):
     """Published under `turbine/models/{namespace}/{name}/{instance_id:x}`, attached to the worker's lease.
@@ -18,7 +24,7 @@ class ModelDeploymentCard(msgspec.Struct, frozen=True):
     component: str
     endpoint: str
     instance_id: int
-    # "chat" and/or "completions".
+    # Any of MODEL_TYPES: "chat", "completions", "embedding".
     model_types: tuple[str, ...] = ("chat", "completions")
     context_length: int = 4096
     kv_block_size: int = 64

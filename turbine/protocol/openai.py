@@ -66,3 +66,38 @@ def decode_chat_request(body: bytes) -> ChatCompletionRequest:
 
 def decode_completion_request(body: bytes) -> CompletionRequest:
     return _completion_decoder.decode(body)
+
+
+class ResponsesRequest(msgspec.Struct, frozen=True):
+    """OpenAI Responses API (non-stateful): translated onto a chat request by the frontend."""
+
+    model: str
+    # A string (one user message), or a list of message items
+    # `{"role": ..., "content": str | [{"type": "input_text", "text": ...}]}`.
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    user: str | None = None
+
+
+class EmbeddingRequest(msgspec.Struct, frozen=True):
+    model: str
+    # A string, a list of strings, a list of token ids, or a list of token id lists.
+    input: str | list[Any] | None = None
+    encoding_format: str = "float"
+    user: str | None = None
+
+
+_responses_decoder = msgspec.json.Decoder(ResponsesRequest)
+_embedding_decoder = msgspec.json.Decoder(EmbeddingRequest)
+
+
+def decode_responses_request(body: bytes) -> ResponsesRequest:
+    return _responses_decoder.decode(body)
+
+
+def decode_embedding_request(body: bytes) -> EmbeddingRequest:
+    return _embedding_decoder.decode(body)

@@ -10,7 +10,9 @@ from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.etcd import EtcdStore
 from turbine.runtime.discovery.file import FileStore, default_file_store_path
 from turbine.runtime.discovery.memory import MemoryStore
-from turbine.runtime.transport.tcp import TcpRequestClient
+from turbine.runtime.transport.base import RequestPlaneClient, RequestPlaneServer
+from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
+from turbine.runtime.transport.tcp import TcpRequestClient, TcpRequestServer
 
 
 def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
@@ -25,7 +27,18 @@ def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
     raise ConfigError(f"discovery backend {cfg.discovery_backend!r} is not available")
 
 
-def make_request_client(cfg: RuntimeConfig) -> TcpRequestClient:
+def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
     if cfg.request_plane == "tcp":
         return TcpRequestClient()
+    if cfg.request_plane == "nats":
+        return NatsRequestClient(cfg.nats_server)
+    raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
+
+
+def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestPlaneServer:
+    """A worker's server; `host` is the TCP plane's bind address (the NATS plane connects out)."""
+    if cfg.request_plane == "tcp":
+        return TcpRequestServer(host)
+    if cfg.request_plane == "nats":
+        return NatsRequestServer(cfg.nats_server)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")

@@ -25,8 +25,7 @@ from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.events.memory import MemoryEventPlane
 from turbine.runtime.events.sink import EventPlaneSink
-from turbine.runtime.factory import make_store
-from turbine.runtime.transport.tcp import TcpRequestServer
+from turbine.runtime.factory import make_request_server, make_store
 from turbine.worker.sdk import EngineWorker, WorkerIdentity
 
 log = logging.getLogger("turbine.worker")
@@ -92,6 +91,8 @@ async def run_workers(
         model_name=model_name,
         model_path=str(model_dir.resolve()),
         context_length=cfg.context_length or files.context_length,
+        model_types=cfg.model_types,
+        transport=cfg.request_plane,
     )
     workers = []
     for _ in range(cfg.num_workers):
@@ -104,7 +105,7 @@ async def run_workers(
             EngineWorker(
                 engine=build_engine(cfg, files, instance_id, sink),
                 store=store,
-                server=TcpRequestServer(cfg.host),
+                server=make_request_server(cfg, cfg.host),
                 identity=identity,
                 lease_ttl_s=cfg.lease_ttl_s,
                 instance_id=instance_id,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from turbine.engines.base import Engine, KvCacheReporter
+from turbine.engines.base import Embedder, Engine, KvCacheReporter
 from turbine.errors import InvalidRequest
 from turbine.protocol.instance import Instance, model_key
 from turbine.protocol.kv_events import (
@@ -26,7 +26,7 @@ from turbine.protocol.kv_events import (
     LoadMetrics,
     WorkerEvent,
 )
-from turbine.protocol.model_card import ModelDeploymentCard
+from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.lease import LeaseKeeper
@@ -39,6 +39,7 @@ _decode_request = msgspec.msgpack.Decoder(PreprocessedRequest).decode
 _encode = msgspec.msgpack.Encoder().encode
 _decode_batch = msgspec.msgpack.Decoder(KvEventBatch).decode
 _decode_load = msgspec.msgpack.Decoder(LoadMetrics).decode
+_decode_embed = msgspec.msgpack.Decoder(list[list[int]]).decode
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class WorkerIdentity:
     model_path: str
     context_length: int
     transport: str = "tcp"
+    model_types: tuple[str, ...] = ("chat", "completions")
 
 
 class EngineWorker:
@@ -100,6 +102,7 @@ class EngineWorker:
             endpoint=ident.endpoint,
             instance_id=self.instance_id,
             context_length=ident.context_length,
+            model_types=ident.model_types,
             kv_block_size=capacity.kv_block_size,
             total_kv_blocks=capacity.total_kv_blocks,
             max_num_seqs=capacity.max_num_seqs,
@@ -119,6 +122,8 @@ class EngineWorker:
                 return self._stream_events()
             if endpoint == KV_DUMP_ENDPOINT:
                 return self._dump()
+            if endpoint == EMBED_ENDPOINT:
+                return self._embed(payload)
             raise InvalidRequest(f"unknown endpoint {endpoint!r}")
         return self._generate(payload)
 
@@ -149,6 +154,17 @@ class EngineWorker:
         if not isinstance(self.engine, KvCacheReporter):
             raise InvalidRequest("this worker's engine has no prefix cache to dump")
         yield _encode(self.engine.kv_dump())
+
+    async def _embed(self, payload: bytes) -> AsyncGenerator[bytes, None]:
+        """Payload: msgpack list of token id lists; reply: one frame, the list of vectors."""
+        engine = self.engine
+        if "embedding" not in self._identity.model_types or not isinstance(engine, Embedder):
+            raise InvalidRequest(f"model '{self._identity.model_name}' does not serve embeddings")
+        try:
+            batch = _decode_embed(payload)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"malformed embed request: {exc}") from None
+        yield _encode([await engine.embed(ids) for ids in batch])
 
     async def shutdown(self, drain_timeout_s: float) -> None:
         lease = self._lease

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from turbine.engines.base import EngineCapacity, EventSink
+from turbine.engines.embedding import hash_embedding
 from turbine.engines.mocker.block_manager import BlockManager
 from turbine.engines.mocker.scheduler import (
     Sampled,
@@ -174,6 +175,10 @@ class MockerEngine:
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
         )
+
+    async def embed(self, token_ids: list[int]) -> list[float]:
+        """A deterministic hash vector (see `turbine.engines.embedding`); no scheduling or KV use."""
+        return hash_embedding(token_ids)
 
     async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._task is None:
