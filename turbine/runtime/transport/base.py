@@ -20,8 +20,9 @@ Cancel so the worker frees the request. Many streams to one address share one co
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from turbine.errors import EngineError, InvalidRequest, TurbineError, WorkerDraining, WorkerUnreachable
 from turbine.runtime.transport import framing
@@ -66,3 +67,17 @@ def error_to_frame(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, InvalidRequest):
         return framing.ERROR_BAD_REQUEST, exc.message
     return framing.ERROR_ENGINE, f"{type(exc).__name__}: {exc}"
+
+
+def take_batch(item: Any, queue: asyncio.Queue[Any]) -> tuple[list[bytes], Any]:
+    """Starting from `item` (just taken from a stream's queue), the payloads of every Data frame
+    already queued behind it, in order, and the first non-Data item that ended the run (None when
+    the queue simply ran dry). Clients yield such a batch as one item: a worker's batch step sends
+    many frames at once, and downstream (detokenize, one SSE write) is cheaper in bulk."""
+    batch: list[bytes] = []
+    while type(item) is framing.Data:
+        batch.append(bytes(item.payload))
+        if queue.empty():
+            return batch, None
+        item = queue.get_nowait()
+    return batch, item

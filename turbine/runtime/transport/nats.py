@@ -44,7 +44,7 @@ from nats.aio.msg import Msg
 
 from turbine.errors import InvalidRequest, WorkerUnreachable
 from turbine.runtime.transport import framing
-from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame
+from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame, take_batch
 
 log = logging.getLogger(__name__)
 
@@ -404,29 +404,22 @@ class NatsRequestClient:
         try:
             outbox.send(address, reply, request)
             while True:
-                item = await queue.get()
-                batch: list[bytes] = []
-                while type(item) is framing.Data:
-                    batch.append(bytes(item.payload))
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                else:
-                    if batch:
-                        yield batch
-                        batch = []
-                    finished = True
-                    if type(item) is framing.End:
-                        return
-                    if type(item) is framing.Error:
-                        raise error_from_frame(item.code, item.message, address)
-                    if item is _NO_RESPONDERS:
-                        raise WorkerUnreachable(f"worker {address} has no subscriber on NATS")
-                    if item is _STALE:
-                        finished = False  # maybe only slow: tell it to stop anyway
-                        raise WorkerUnreachable(f"worker {address} went silent")
-                    raise WorkerUnreachable(f"lost the NATS connection while streaming from {address}")
-                yield batch
+                batch, last = take_batch(await queue.get(), queue)
+                if batch:
+                    yield batch
+                if last is None:
+                    continue
+                finished = True
+                if type(last) is framing.End:
+                    return
+                if type(last) is framing.Error:
+                    raise error_from_frame(last.code, last.message, address)
+                if last is _NO_RESPONDERS:
+                    raise WorkerUnreachable(f"worker {address} has no subscriber on NATS")
+                if last is _STALE:
+                    finished = False  # maybe only slow: tell it to stop anyway
+                    raise WorkerUnreachable(f"worker {address} went silent")
+                raise WorkerUnreachable(f"lost the NATS connection while streaming from {address}")
         finally:
             self._streams.pop(sid, None)
             if not finished and self._outbox is not None:

@@ -18,7 +18,7 @@ import msgspec
 
 from turbine.errors import WorkerUnreachable
 from turbine.runtime.transport import framing
-from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame
+from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame, take_batch
 
 log = logging.getLogger(__name__)
 
@@ -307,26 +307,17 @@ class TcpRequestClient:
         try:
             conn.send(framing.Request(sid, endpoint, msgspec.Raw(payload)))
             while True:
-                item = await queue.get()
-                # Everything that arrived with this item goes out as one batch: a worker's batch
-                # step sends many frames at once, and downstream writes are cheaper in bulk.
-                batch: list[bytes] = []
-                while type(item) is framing.Data:
-                    batch.append(bytes(item.payload))
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                else:
-                    if batch:
-                        yield batch
-                        batch = []
-                    finished = True
-                    if type(item) is framing.End:
-                        return
-                    if type(item) is framing.Error:
-                        raise error_from_frame(item.code, item.message, address)
-                    raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
-                yield batch
+                batch, last = take_batch(await queue.get(), queue)
+                if batch:
+                    yield batch
+                if last is None:
+                    continue
+                finished = True
+                if type(last) is framing.End:
+                    return
+                if type(last) is framing.Error:
+                    raise error_from_frame(last.code, last.message, address)
+                raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
         finally:
             conn.streams.pop(sid, None)
             if not finished and not conn.closed:
