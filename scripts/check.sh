@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-echo "== ruff format --check"; "$PY" -m ruff format --check turbine tests benchmarks scripts
-echo "== ruff check";          "$PY" -m ruff check turbine tests benchmarks scripts
+echo "== ruff format --check"; "$PY" -m ruff format --check turbine tests benchmarks scripts examples
+echo "== ruff check";          "$PY" -m ruff check turbine tests benchmarks scripts examples
 echo "== mypy --strict";       "$PY" -m mypy --strict
 echo "== pytest";              "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -108,6 +108,9 @@ class FrontendConfig(RuntimeConfig):
         0, "How many times a stream broken by a failing worker may continue on another one (0: never)."
     )
     tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
+    exp_python_factory: str | None = opt(
+        None, "module:function building a Python engine per discovered model (experimental)."
+    )
     tokenizer_cache_entries: int = opt(
         256, "Long prompt pieces (e.g. shared system prompts) kept tokenized; 0 turns the cache off."
     )

@@ -26,6 +26,7 @@ from turbine.frontend.http import OpenAIService
 from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
 from turbine.frontend.models import ModelRegistry
+from turbine.frontend.python_engine import load_factory
 from turbine.frontend.tls import server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
@@ -66,6 +67,7 @@ async def run_frontend(
         model_path_override=cfg.model_path,
         migration_limit=cfg.migration_limit,
         tokenizer_cache_entries=cfg.tokenizer_cache_entries,
+        engine_factory=load_factory(cfg.exp_python_factory) if cfg.exp_python_factory else None,
     )
     if cfg.interactive:
         try:

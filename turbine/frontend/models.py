@@ -18,6 +18,7 @@ import msgspec
 
 from turbine.errors import ModelNotFound, TurbineError
 from turbine.frontend.pipeline import ModelPipeline
+from turbine.frontend.python_engine import EngineFactory
 from turbine.preprocess.preprocessor import Preprocessor
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
@@ -45,6 +46,7 @@ class ModelRegistry:
         model_path_override: str | None = None,
         migration_limit: int = 0,
         tokenizer_cache_entries: int = 0,
+        engine_factory: EngineFactory | None = None,
     ) -> None:
         self._store = store
         self._namespace = namespace
@@ -55,6 +57,7 @@ class ModelRegistry:
         self._model_path_override = model_path_override
         self._migration_limit = migration_limit
         self._tokenizer_cache_entries = tokenizer_cache_entries
+        self._engine_factory = engine_factory
         self._instances: dict[int, Instance] = {}
         self._cards: dict[int, ModelDeploymentCard] = {}
         self._pipelines: dict[str, ModelPipeline] = {}
@@ -186,8 +189,9 @@ class ModelRegistry:
             self._loading.discard(card.name)
         if not any(c.name == card.name for c in self._cards.values()):
             return  # every worker left while we were loading
+        engine = self._engine_factory(card) if self._engine_factory is not None else None
         self._pipelines[card.name] = ModelPipeline(
-            card.name, card, preprocessor, self._router_factory(), self._client, self._migration_limit
+            card.name, card, preprocessor, self._router_factory(), self._client, self._migration_limit, engine
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)

@@ -12,6 +12,7 @@ import msgspec
 
 from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerUnreachable
 from turbine.frontend.kv_events import EventFollowers
+from turbine.frontend.python_engine import PythonEngine
 from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
 from turbine.protocol.instance import Instance
@@ -86,8 +87,10 @@ class ModelPipeline:
         router: Router,
         client: RequestPlaneClient,
         migration_limit: int = 0,
+        engine: PythonEngine | None = None,
     ) -> None:
         self.name = name
+        self._engine = engine
         self.card = card
         self.created = int(time.time())
         self.preprocessor = preprocessor
@@ -165,6 +168,10 @@ class ModelPipeline:
         return healthy or live
 
     async def _run(self, gen: Generation, request: PreprocessedRequest) -> AsyncGenerator[TextDelta, None]:
+        if self._engine is not None:
+            async for delta in _python_engine_deltas(self._engine, gen, request):
+                yield delta
+            return
         original = request
         payload = _encode(request)
         post = gen.post
@@ -226,6 +233,26 @@ class ModelPipeline:
                     log.warning("request %s: %s; retrying on another worker", request.request_id, exc.message)
             finally:
                 self.router.on_finish(request.request_id, decision)
+
+
+async def _python_engine_deltas(
+    engine: PythonEngine, gen: Generation, request: PreprocessedRequest
+) -> AsyncGenerator[TextDelta, None]:
+    outputs = engine(request)
+    try:
+        async for out in outputs:
+            if out.error is not None:
+                raise EngineError(f"python engine: {out.error}")
+            delta = gen.post.process(out)
+            if delta.text or delta.finish_reason is not None:
+                yield delta
+            if delta.finish_reason is not None:
+                return
+        raise EngineError("python engine ended the stream without a finish reason")
+    finally:
+        aclose = getattr(outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _continuation(original: PreprocessedRequest, generated: list[int]) -> PreprocessedRequest:
