@@ -75,6 +75,9 @@ class FrontendConfig(RuntimeConfig):
         False, "Also serve the KServe v2 gRPC API (on --http-host, --grpc-port) beside HTTP."
     )
     grpc_port: int = opt(8001, "Port of the KServe v2 gRPC server (with --kserve-grpc-server).")
+    grpc_metrics_port: int | None = opt(
+        None, "Also serve Prometheus /metrics on this port (for gRPC deployments that scrape apart)."
+    )
     model_name: str | None = opt(None, "Serve only this model name (default: every discovered model).")
     model_path: str | None = opt(
         None, "Local model directory whose tokenizer and chat template override the workers' cards."
@@ -131,6 +134,10 @@ class FrontendConfig(RuntimeConfig):
     def validate(self) -> None:
         _check_port("--http-port", self.http_port)
         _check_port("--grpc-port", self.grpc_port)
+        if self.grpc_metrics_port is not None:
+            _check_port("--grpc-metrics-port", self.grpc_metrics_port)
+            if self.grpc_metrics_port in (self.http_port, self.grpc_port):
+                raise ConfigError("--grpc-metrics-port must differ from --http-port and --grpc-port")
         if self.kserve_grpc_server and self.grpc_port == self.http_port:
             raise ConfigError("--grpc-port must differ from --http-port")
         if (self.tls_cert_path is None) != (self.tls_key_path is None):

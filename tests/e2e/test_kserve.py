@@ -196,3 +196,15 @@ def test_sigterm_stops_both_servers(stack: Stack) -> None:
     proc.signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     assert "KServe gRPC API on" in proc.log()
+
+
+def test_metrics_on_their_own_port_in_grpc_mode(stack: Stack) -> None:
+    grpc_port, metrics_port = free_port(), free_port()
+    _, url = stack.frontend(
+        "--kserve-grpc-server", "--grpc-port", str(grpc_port), "--grpc-metrics-port", str(metrics_port)
+    )
+    stack.worker("--engine", "mocker", "--speedup-ratio", "100")
+    wait_instances(url, 1)
+    status, _, body = http("GET", f"http://127.0.0.1:{metrics_port}/metrics")
+    assert status == 200
+    assert f'turbine_live_workers{{model="{MODEL}"}} 1.0' in body.decode()

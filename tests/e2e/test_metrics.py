@@ -47,6 +47,7 @@ def test_metrics_count_requests_routing_and_cache_hits(stack: Stack) -> None:
     assert _total(m, "tb_routing_decisions_total", model=MODEL) == 4
     assert _total(m, "tb_time_to_first_token_seconds_count", model=MODEL) == 4
     assert _total(m, "tb_output_sequence_tokens_sum", model=MODEL) == 12
+    assert _total(m, "tb_inter_token_latency_seconds_count", model=MODEL) == 4
     assert _total(m, "tb_live_workers", model=MODEL) == 2
     assert _total(m, "tb_inflight_requests", model=MODEL) == 0
     # The same prompt four times: every request after the first hits the prefix cache.

@@ -225,6 +225,12 @@ class OpenAIService:
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
+    def metrics_app(self) -> web.Application:
+        """Only /metrics, for a separate metrics port (`--grpc-metrics-port`)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -306,6 +312,10 @@ class OpenAIService:
             metrics.output_tokens.labels(model).observe(usage["completion_tokens"])
             metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
             metrics.cached_tokens.labels(model).inc(gens[0].cached_tokens)
+            for gen in gens:
+                itl = gen.post.inter_token_latency_s
+                if itl is not None:
+                    metrics.itl.labels(model).observe(itl)
             migrations = sum(g.migrations for g in gens)
             if migrations:
                 metrics.migrations.labels(model).inc(migrations)

@@ -88,10 +88,14 @@ async def run_frontend(
     site = web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024, ssl_context=ssl_context)
     watcher = loop.create_task(registry.run(), name="model-registry")
     grpc_server = KServeServer(registry, cfg.http_host, cfg.grpc_port) if cfg.kserve_grpc_server else None
+    metrics_runner = web.AppRunner(service.metrics_app(), access_log=None) if cfg.grpc_metrics_port else None
     try:
         await site.start()
         if grpc_server is not None:
             await grpc_server.start()
+        if metrics_runner is not None and cfg.grpc_metrics_port is not None:
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, cfg.http_host, cfg.grpc_metrics_port).start()
         url = f"{'https' if ssl_context else 'http'}://{cfg.http_host}:{cfg.http_port}"
         log.info("OpenAI API on %s (namespace %s, router %s)", url, cfg.namespace, cfg.router_mode)
         if on_ready is not None:
@@ -112,6 +116,8 @@ async def run_frontend(
     finally:
         if grpc_server is not None:
             await grpc_server.stop(None)
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -51,6 +51,13 @@ class FrontendMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.itl = Histogram(
+            f"{p}_inter_token_latency_seconds",
+            "Mean time between output tokens of a request.",
+            ["model"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.duration = Histogram(
             f"{p}_request_duration_seconds",
             "Request duration.",
