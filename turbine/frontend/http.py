@@ -12,7 +12,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -27,6 +27,8 @@ from turbine.errors import (
     PayloadTooLarge,
     TurbineError,
 )
+from turbine.frontend.choices import collect, merge, usage_of
+from turbine.frontend.edge_requests import embedding_inputs, require_type, responses_messages
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.models import ModelRegistry
@@ -45,8 +47,6 @@ from turbine.postprocess.postprocessor import TextDelta
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.openai import (
     ChatCompletionRequest,
-    ChatMessage,
-    ResponsesRequest,
     decode_chat_request,
     decode_completion_request,
     decode_embedding_request,
@@ -158,7 +158,7 @@ class OpenAIService:
         req = _decode(decode_chat_request, await request.read())
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
-        _require_type(pipeline, "chat")
+        require_type(pipeline, "chat")
         prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
         return await self._serve(request, pipeline, prepared, chat=True)
 
@@ -166,7 +166,7 @@ class OpenAIService:
         req = _decode(decode_completion_request, await request.read())
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
-        _require_type(pipeline, "completions")
+        require_type(pipeline, "completions")
         prepared = await pipeline.preprocessor.completion(req, new_id("cmpl"))
         return await self._serve(request, pipeline, prepared, chat=False)
 
@@ -175,12 +175,12 @@ class OpenAIService:
         req = _decode(decode_responses_request, await request.read())
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
-        _require_type(pipeline, "chat")
+        require_type(pipeline, "chat")
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_output_tokens")
         chat = ChatCompletionRequest(
             model=req.model,
-            messages=_responses_messages(req),
+            messages=responses_messages(req),
             max_tokens=req.max_output_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
@@ -194,10 +194,10 @@ class OpenAIService:
         req = _decode(decode_embedding_request, await request.read())
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
-        _require_type(pipeline, "embedding")
+        require_type(pipeline, "embedding")
         if req.encoding_format not in ("float", "base64"):
             raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
-        batch = await _embedding_inputs(pipeline, req.input)
+        batch = await embedding_inputs(pipeline, req.input)
         vectors = await pipeline.embed(batch)
         out: list[bytes | list[float]] = list(vectors)
         if req.encoding_format == "base64":
@@ -277,7 +277,7 @@ class OpenAIService:
                 )
             if prepared.stream:
                 return await self._stream(request, gens, firsts, prepared, model, created, chat, headers)
-            choices = await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts, strict=True)))
+            choices = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts, strict=True)))
             if responses:
                 text, finish = choices[0]
                 obj = response_object(
@@ -287,7 +287,7 @@ class OpenAIService:
                     created=created,
                     text=text,
                     finish=finish,
-                    usage=_usage(gens),
+                    usage=usage_of(gens),
                 )
                 return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=headers)
             build = chat_completion if chat else text_completion
@@ -296,7 +296,7 @@ class OpenAIService:
                 model=model,
                 created=created,
                 choices=list(choices),
-                usage=_usage(gens),
+                usage=usage_of(gens),
             )
             return web.Response(body=body, content_type="application/json", headers=headers)
         finally:
@@ -307,7 +307,7 @@ class OpenAIService:
                 await gen.aclose()
             metrics.inflight.labels(model).dec()
             metrics.duration.labels(model).observe(time.perf_counter() - started)
-            usage = _usage(gens)
+            usage = usage_of(gens)
             metrics.input_tokens.labels(model).observe(usage["prompt_tokens"])
             metrics.output_tokens.labels(model).observe(usage["completion_tokens"])
             metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
@@ -354,9 +354,9 @@ class OpenAIService:
                     async for delta in gens[0]:
                         await resp.write(fmt.delta(delta))
             else:
-                async for index, delta in _merge(gens, firsts):
+                async for index, delta in merge(gens, firsts):
                     await resp.write(fmt.delta(delta, index))
-            tail = fmt.usage(_usage(gens)) if prepared.include_usage else b""
+            tail = fmt.usage(usage_of(gens)) if prepared.include_usage else b""
             await resp.write(tail + ChunkFormatter.DONE)
         except TurbineError as exc:
             # Headers are gone: report the failure in-band, as OpenAI does, and end the stream.
@@ -393,7 +393,7 @@ class OpenAIService:
                     finish = delta.finish_reason
                     await resp.write(fmt.delta(delta.text))
             assert finish is not None
-            await resp.write(fmt.finish("".join(parts), finish.value, _usage([gen])))
+            await resp.write(fmt.finish("".join(parts), finish.value, usage_of([gen])))
         except TurbineError as exc:
             log.warning("stream %s failed: %s", prepared.request.request_id, exc.message)
             await resp.write(fmt.error(exc.to_openai()))
@@ -401,153 +401,5 @@ class OpenAIService:
         return resp
 
 
-def _require_type(pipeline: ModelPipeline, kind: str) -> None:
-    """A model serves only the request kinds its card lists (`--model-type` of its workers)."""
-    types = pipeline.card.model_types
-    if kind not in types:
-        what = {"chat": "chat", "completions": "completions", "embedding": "embeddings"}[kind]
-        raise InvalidRequest(
-            f"model '{pipeline.name}' does not serve {what} (it serves: {', '.join(types)})", param="model"
-        )
-
-
-_RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
-
-
-def _responses_messages(req: ResponsesRequest) -> list[ChatMessage]:
-    """`instructions` and `input` of a Responses request → chat messages."""
-    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
-    items = req.input
-    if isinstance(items, str):
-        if not items:
-            raise InvalidRequest("'input' must not be empty", param="input")
-        return [*messages, ChatMessage(role="user", content=items)]
-    if not items:
-        raise InvalidRequest("'input' is required: a string or a list of message items", param="input")
-    for i, item in enumerate(items):
-        role, content = item.get("role"), item.get("content")
-        if item.get("type", "message") != "message" or role not in (
-            "user",
-            "assistant",
-            "system",
-            "developer",
-        ):
-            raise InvalidRequest(
-                f"input[{i}] must be a message item with role user, assistant, system or developer",
-                param=f"input[{i}]",
-            )
-        if isinstance(content, list):
-            texts = [p.get("text") for p in content if isinstance(p, dict)]
-            kinds = [p.get("type") for p in content if isinstance(p, dict)]
-            if len(texts) != len(content) or any(
-                not isinstance(t, str) or k not in _RESPONSES_TEXT_PARTS
-                for t, k in zip(texts, kinds, strict=True)
-            ):
-                raise InvalidRequest(
-                    f"input[{i}].content parts must be {{'type': 'input_text', 'text': ...}}",
-                    param=f"input[{i}].content",
-                )
-            content = "".join(t for t in texts if isinstance(t, str))
-        if not isinstance(content, str):
-            raise InvalidRequest(
-                f"input[{i}].content must be a string or a list of input_text parts",
-                param=f"input[{i}].content",
-            )
-        messages.append(ChatMessage(role="system" if role == "developer" else str(role), content=content))
-    return messages
-
-
-MAX_EMBEDDING_INPUTS = 2048
-
-
-async def _embedding_inputs(pipeline: ModelPipeline, inputs: str | list[Any] | None) -> list[list[int]]:
-    """An embeddings request's `input` → one token id list per input, each checked."""
-    bad = InvalidRequest(
-        "'input' must be a non-empty string, list of strings, list of token ids, or list of token id lists",
-        param="input",
-    )
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not inputs:
-        raise bad
-    if len(inputs) > MAX_EMBEDDING_INPUTS:
-        raise InvalidRequest(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
-    tokenizer = pipeline.preprocessor.tokenizer
-    if all(isinstance(x, str) for x in inputs):
-        if any(not x for x in inputs):
-            raise bad
-        batch = await asyncio.to_thread(tokenizer.encode_batch, inputs)
-    elif all(type(x) is int for x in inputs):
-        batch = [list(inputs)]
-    elif all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in inputs):
-        batch = [list(x) for x in inputs]
-    else:
-        raise bad
-    vocab, ctx = tokenizer.vocab_size, pipeline.preprocessor.context_length
-    for ids in batch:
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequest(f"input token ids must be within [0, {vocab})", param="input")
-        if len(ids) > ctx:
-            raise InvalidRequest(
-                f"an input has {len(ids)} tokens; the model's context is {ctx}", param="input"
-            )
-    return batch
-
-
 def _model_object(pipeline: ModelPipeline) -> dict[str, Any]:
     return {"id": pipeline.name, "object": "model", "created": pipeline.created, "owned_by": "turbine"}
-
-
-def _usage(gens: list[Generation]) -> dict[str, Any]:
-    """One prompt, n completions: the prompt counts once (as OpenAI's usage does)."""
-    usage = gens[0].usage()
-    if len(gens) > 1:
-        completion = sum(g.completion_tokens for g in gens)
-        usage["completion_tokens"] = completion
-        usage["total_tokens"] = gens[0].prompt_tokens + completion
-    return usage
-
-
-async def _collect(gen: Generation, first: TextDelta) -> tuple[str, str]:
-    parts = [first.text]
-    finish = first.finish_reason
-    if finish is None:
-        async for delta in gen:
-            parts.append(delta.text)
-            finish = delta.finish_reason
-    assert finish is not None
-    return "".join(parts), finish.value
-
-
-async def _merge(gens: list[Generation], firsts: list[TextDelta]) -> AsyncIterator[tuple[int, TextDelta]]:
-    """Interleave the choices' deltas as they arrive, each tagged with its choice index."""
-    queue: asyncio.Queue[tuple[int, TextDelta] | BaseException | None] = asyncio.Queue()
-
-    async def pump(index: int, gen: Generation) -> None:
-        try:
-            async for delta in gen:
-                queue.put_nowait((index, delta))
-        except Exception as exc:
-            queue.put_nowait(exc)
-        finally:
-            queue.put_nowait(None)
-
-    pumps = [
-        asyncio.create_task(pump(i, g))
-        for i, (g, f) in enumerate(zip(gens, firsts, strict=True))
-        if f.finish_reason is None
-    ]
-    try:
-        remaining = len(pumps)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
