@@ -1,4 +1,4 @@
-"""Request planes compared: TCP vs NATS on the same stack (a frontend and one mocker worker at a very
+"""Request planes compared: TCP vs HTTP vs NATS on the same stack (a frontend and one mocker worker at a very
 high speedup ratio, so the plane and the frontend are most of the cost).
 
 Workloads: non-streaming completions (~150-token prompt, max_tokens 16) at concurrency 16 →
@@ -88,6 +88,7 @@ async def measure(plane_args: list[str], args: argparse.Namespace) -> tuple[RunR
 async def main_async(args: argparse.Namespace) -> str:
     rows: list[tuple[str, RunResult, RunResult]] = []
     rows.append(("tcp", *await measure(["--request-plane", "tcp"], args)))
+    rows.append(("http", *await measure(["--request-plane", "http"], args)))
     with nats_server() as url:
         rows.append(("nats", *await measure(["--request-plane", "nats", "--nats-server", url], args)))
     lines = [

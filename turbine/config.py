@@ -25,7 +25,7 @@ ENV_PREFIX = "TURBINE_"
 SHORT_FLAGS = {"interactive": "-i"}
 ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv")
 DISCOVERY_BACKENDS = ("file", "mem", "etcd")
-REQUEST_PLANES = ("tcp", "nats")
+REQUEST_PLANES = ("tcp", "nats", "http")
 ENGINES = ("mocker", "echo")
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")

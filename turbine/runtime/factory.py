@@ -11,6 +11,7 @@ from turbine.runtime.discovery.etcd import EtcdStore
 from turbine.runtime.discovery.file import FileStore, default_file_store_path
 from turbine.runtime.discovery.memory import MemoryStore
 from turbine.runtime.transport.base import RequestPlaneClient, RequestPlaneServer
+from turbine.runtime.transport.http import HttpRequestClient, HttpRequestServer
 from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
 from turbine.runtime.transport.tcp import TcpRequestClient, TcpRequestServer
 
@@ -32,13 +33,17 @@ def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
         return TcpRequestClient()
     if cfg.request_plane == "nats":
         return NatsRequestClient(cfg.nats_server)
+    if cfg.request_plane == "http":
+        return HttpRequestClient()
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
 
 
 def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestPlaneServer:
-    """A worker's server; `host` is the TCP plane's bind address (the NATS plane connects out)."""
+    """A worker's server; `host` is the TCP or HTTP plane's bind address (NATS connects out)."""
     if cfg.request_plane == "tcp":
         return TcpRequestServer(host)
     if cfg.request_plane == "nats":
         return NatsRequestServer(cfg.nats_server)
+    if cfg.request_plane == "http":
+        return HttpRequestServer(host)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
