@@ -2,12 +2,12 @@
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 
-import msgspec
 import pytest
 
 from tests.nats_server import NatsServer, nats_binary
+from tests.unit.runtime.plane_helpers import Echo, collect, enc
 from turbine.errors import EngineError, InvalidRequest, WorkerDraining, WorkerUnreachable
 from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
 
@@ -27,43 +27,15 @@ def nats_server() -> Iterator[NatsServer]:
         server.close()
 
 
-def _enc(n: int) -> bytes:
-    return msgspec.msgpack.encode(n)
-
-
-class _Echo:
-    def __init__(self) -> None:
-        self.cancelled: list[bytes] = []
-        self.finished: list[bytes] = []
-
-    async def handler(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
-        if endpoint == "fail":
-            raise RuntimeError("engine exploded")
-        if endpoint == "bad":
-            raise InvalidRequest("bad payload")
-        try:
-            for i in range(msgspec.msgpack.decode(payload)):
-                yield _enc(i)
-                await asyncio.sleep(0.001 if endpoint == "slow" else 0)
-            self.finished.append(payload)
-        except asyncio.CancelledError:
-            self.cancelled.append(payload)
-            raise
-
-
-async def _collect(client: NatsRequestClient, address: str, endpoint: str, payload: bytes) -> list[bytes]:
-    return [chunk async for batch in client.stream(address, endpoint, payload) for chunk in batch]
-
-
 async def test_many_concurrent_streams(nats_server: NatsServer) -> None:
     server = NatsRequestServer(nats_server.url)
-    address = await server.start(_Echo().handler)
+    address = await server.start(Echo().handler)
     client = NatsRequestClient(nats_server.url)
     try:
         assert address.startswith("turbine.req.")
-        results = await asyncio.gather(*(_collect(client, address, "gen", _enc(n)) for n in range(50)))
+        results = await asyncio.gather(*(collect(client, address, "gen", enc(n)) for n in range(50)))
         for n, chunks in enumerate(results):
-            assert chunks == [_enc(i) for i in range(n)]
+            assert chunks == [enc(i) for i in range(n)]
     finally:
         await client.close()
         await server.stop()
@@ -71,26 +43,26 @@ async def test_many_concurrent_streams(nats_server: NatsServer) -> None:
 
 async def test_errors_map_onto_the_error_tree(nats_server: NatsServer) -> None:
     server = NatsRequestServer(nats_server.url)
-    address = await server.start(_Echo().handler)
+    address = await server.start(Echo().handler)
     client = NatsRequestClient(nats_server.url)
     try:
         with pytest.raises(EngineError, match="engine exploded"):
-            await _collect(client, address, "fail", _enc(1))
+            await collect(client, address, "fail", enc(1))
         with pytest.raises(InvalidRequest, match="bad payload"):
-            await _collect(client, address, "bad", _enc(1))
-        assert await _collect(client, address, "gen", _enc(2)) == [_enc(0), _enc(1)]
+            await collect(client, address, "bad", enc(1))
+        assert await collect(client, address, "gen", enc(2)) == [enc(0), enc(1)]
     finally:
         await client.close()
         await server.stop()
 
 
 async def test_leaving_early_cancels_at_the_server(nats_server: NatsServer) -> None:
-    echo = _Echo()
+    echo = Echo()
     server = NatsRequestServer(nats_server.url)
     address = await server.start(echo.handler)
     client = NatsRequestClient(nats_server.url)
     try:
-        stream = client.stream(address, "slow", _enc(100000))
+        stream = client.stream(address, "slow", enc(100000))
         async for _chunk in stream:
             break
         await stream.aclose()
@@ -98,7 +70,7 @@ async def test_leaving_early_cancels_at_the_server(nats_server: NatsServer) -> N
             if echo.cancelled and server.active_streams == 0:
                 break
             await asyncio.sleep(0.01)
-        assert echo.cancelled == [_enc(100000)]
+        assert echo.cancelled == [enc(100000)]
         assert server.active_streams == 0
     finally:
         await client.close()
@@ -107,13 +79,13 @@ async def test_leaving_early_cancels_at_the_server(nats_server: NatsServer) -> N
 
 async def test_unreachable_worker_fails_fast_and_is_retriable(nats_server: NatsServer) -> None:
     server = NatsRequestServer(nats_server.url)
-    address = await server.start(_Echo().handler)
+    address = await server.start(Echo().handler)
     await server.stop()
     client = NatsRequestClient(nats_server.url)
     try:
         started = time.monotonic()
         with pytest.raises(WorkerUnreachable) as info:
-            await _collect(client, address, "gen", _enc(1))
+            await collect(client, address, "gen", enc(1))
         assert info.value.retriable
         # NATS answers "no responders" at once: no need to wait for the first-frame timeout.
         assert time.monotonic() - started < 1.0
@@ -127,19 +99,19 @@ async def test_unreachable_nats_server_is_retriable(nats_server: NatsServer) -> 
     client = NatsRequestClient(url, connect_timeout_s=0.5)
     try:
         with pytest.raises(WorkerUnreachable):
-            await _collect(client, "turbine.req.nobody", "gen", _enc(1))
+            await collect(client, "turbine.req.nobody", "gen", enc(1))
     finally:
         await client.close()
 
 
 async def test_silent_worker_fails_open_streams(nats_server: NatsServer) -> None:
     """A worker that stops answering mid-stream (killed: no keep-alives) fails its streams."""
-    echo = _Echo()
+    echo = Echo()
     server = NatsRequestServer(nats_server.url, heartbeat_s=0.1)
     address = await server.start(echo.handler)
     client = NatsRequestClient(nats_server.url, first_frame_timeout_s=0.5, stale_after_s=0.5)
     try:
-        tasks = [asyncio.create_task(_collect(client, address, "slow", _enc(100000))) for _ in range(5)]
+        tasks = [asyncio.create_task(collect(client, address, "slow", enc(100000))) for _ in range(5)]
         await asyncio.sleep(0.1)
         # Freeze the worker without unsubscribing, as a SIGSTOPped or partitioned process would.
         server._on_disconnect()
@@ -157,14 +129,14 @@ async def test_silent_worker_fails_open_streams(nats_server: NatsServer) -> None
 
 async def test_draining_server_refuses_new_streams_but_finishes_running_ones(nats_server: NatsServer) -> None:
     server = NatsRequestServer(nats_server.url)
-    address = await server.start(_Echo().handler)
+    address = await server.start(Echo().handler)
     client = NatsRequestClient(nats_server.url)
     try:
-        running = asyncio.create_task(_collect(client, address, "slow", _enc(50)))
+        running = asyncio.create_task(collect(client, address, "slow", enc(50)))
         await asyncio.sleep(0.05)
         server.drain()
         with pytest.raises(WorkerDraining):
-            await _collect(client, address, "gen", _enc(1))
+            await collect(client, address, "gen", enc(1))
         assert len(await running) == 50
         assert await server.wait_idle(1.0)
     finally:
@@ -174,15 +146,15 @@ async def test_draining_server_refuses_new_streams_but_finishes_running_ones(nat
 
 async def test_streams_work_again_after_a_nats_restart(nats_server: NatsServer) -> None:
     server = NatsRequestServer(nats_server.url)
-    address = await server.start(_Echo().handler)
+    address = await server.start(Echo().handler)
     client = NatsRequestClient(nats_server.url)
     try:
-        assert await _collect(client, address, "gen", _enc(2)) == [_enc(0), _enc(1)]
+        assert await collect(client, address, "gen", enc(2)) == [enc(0), enc(1)]
         nats_server.restart()
         deadline = time.monotonic() + 10
         while True:
             try:
-                assert await _collect(client, address, "gen", _enc(3)) == [_enc(i) for i in range(3)]
+                assert await collect(client, address, "gen", enc(3)) == [enc(i) for i in range(3)]
                 break
             except WorkerUnreachable:
                 if time.monotonic() > deadline:
