@@ -217,3 +217,40 @@ def test_bad_tls_flags_exit_2_with_one_line(tmp_path: Path, pki: Pki, flags: lis
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_kserve_grpc_uses_the_same_certificates(stack: Stack, pki: Pki) -> None:
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    from tests.e2e.conftest import free_port
+
+    grpc_port = free_port()
+    tls = [
+        "--tls-cert-path",
+        str(pki.server_cert),
+        "--tls-key-path",
+        str(pki.server_key),
+        "--tls-client-ca-cert-path",
+        str(pki.ca),
+    ]
+    ctx = pki.client_context(with_cert=True)
+    stack.frontend(*tls, "--kserve-grpc-server", "--grpc-port", str(grpc_port), ssl_context=ctx)
+    target = f"localhost:{grpc_port}"
+    trusted = triton.InferenceServerClient(
+        url=target,
+        ssl=True,
+        root_certificates=str(pki.ca),
+        private_key=str(pki.client_key),
+        certificate_chain=str(pki.client_cert),
+    )
+    try:
+        assert trusted.is_server_live()
+    finally:
+        trusted.close()
+    anonymous = triton.InferenceServerClient(url=target, ssl=True, root_certificates=str(pki.ca))
+    try:
+        with pytest.raises(InferenceServerException):
+            anonymous.is_server_live(client_timeout=5)
+    finally:
+        anonymous.close()

@@ -301,23 +301,29 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 class KServeServer:
     """Owns the grpc.aio server: bind on start, drain on stop."""
 
-    def __init__(self, registry: ModelRegistry, host: str, port: int) -> None:
+    def __init__(
+        self, registry: ModelRegistry, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self._credentials = credentials
         self._server = aio.server()
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(registry), self._server)
 
     async def start(self) -> None:
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
-            bound = self._server.add_insecure_port(address)
+            if self._credentials is not None:
+                bound = self._server.add_secure_port(address, self._credentials)
+            else:
+                bound = self._server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot bind the KServe gRPC server to {address}: {exc}") from exc
         if bound == 0:
             raise OSError(f"cannot bind the KServe gRPC server to {address}")
         self.port = bound
         await self._server.start()
-        log.info("KServe gRPC API on %s", address)
+        log.info("KServe gRPC API on %s%s", address, " (TLS)" if self._credentials is not None else "")
 
     async def stop(self, grace_s: float | None) -> None:
         """Refuse new RPCs, let in-flight ones finish for `grace_s` seconds, then cancel them."""

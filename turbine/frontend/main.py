@@ -27,7 +27,7 @@ from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.python_engine import load_factory
-from turbine.frontend.tls import server_ssl_context
+from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
 from turbine.runtime.discovery.base import Store
@@ -87,7 +87,16 @@ async def run_frontend(
     await runner.setup()
     site = web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024, ssl_context=ssl_context)
     watcher = loop.create_task(registry.run(), name="model-registry")
-    grpc_server = KServeServer(registry, cfg.http_host, cfg.grpc_port) if cfg.kserve_grpc_server else None
+    grpc_credentials = (
+        grpc_server_credentials(cfg.tls_cert_path, cfg.tls_key_path, cfg.tls_client_ca_cert_path)
+        if cfg.kserve_grpc_server and cfg.tls_cert_path is not None and cfg.tls_key_path is not None
+        else None
+    )
+    grpc_server = (
+        KServeServer(registry, cfg.http_host, cfg.grpc_port, grpc_credentials)
+        if cfg.kserve_grpc_server
+        else None
+    )
     metrics_runner = web.AppRunner(service.metrics_app(), access_log=None) if cfg.grpc_metrics_port else None
     try:
         await site.start()

@@ -8,6 +8,9 @@ it binds a port.
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
+
+import grpc
 
 from turbine.errors import ConfigError
 
@@ -49,3 +52,16 @@ def server_ssl_context(cert_path: str, key_path: str, client_ca_path: str | None
             ) from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def grpc_server_credentials(
+    cert_path: str, key_path: str, client_ca_path: str | None = None
+) -> grpc.ServerCredentials:
+    """The same certificate (and client CA, for mTLS) for the KServe gRPC server."""
+    server_ssl_context(cert_path, key_path, client_ca_path)  # validates the files, one clear error
+    key = Path(key_path).read_bytes()
+    chain = Path(cert_path).read_bytes()
+    ca = Path(client_ca_path).read_bytes() if client_ca_path is not None else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=client_ca_path is not None
+    )
