@@ -21,35 +21,14 @@ from tqdm import tqdm
 
 from turbine.bench.loadgen import RunResult, run_closed_loop
 from turbine.bench.stack import LocalStack
+from turbine.bench.workloads import random_words
 
 MODEL = "turbine-tiny"
-WORDS = (
-    "inference",
-    "cache",
-    "token",
-    "router",
-    "worker",
-    "prefix",
-    "stream",
-    "latency",
-    "batch",
-    "model",
-    "request",
-    "frontend",
-    "queue",
-    "block",
-    "decode",
-    "prefill",
-    "GPU",
-    "memory",
-    "throughput",
-    "client",
-)
 
 
 def prompt_of_about(tokens: int, rng: random.Random) -> str:
     # The tiny tokenizer gives roughly one token per common word plus its space.
-    return " ".join(rng.choice(WORDS) for _ in range(tokens))
+    return random_words(rng, tokens)
 
 
 @dataclass

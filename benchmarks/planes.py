@@ -26,9 +26,9 @@ from typing import Any
 
 from turbine.bench.loadgen import RunResult, run_closed_loop
 from turbine.bench.stack import LocalStack, free_port
+from turbine.bench.workloads import random_words
 
 MODEL = "turbine-tiny"
-WORDS = ("inference", "cache", "token", "router", "worker", "prefix", "stream", "latency", "batch")
 
 
 @contextmanager
@@ -63,7 +63,7 @@ def bodies(n: int, max_tokens: int, rng: random.Random) -> list[dict[str, Any]]:
     return [
         {
             "model": MODEL,
-            "prompt": " ".join(rng.choice(WORDS) for _ in range(150)),
+            "prompt": random_words(rng, 150),
             "max_tokens": max_tokens,
             "ignore_eos": True,
             "stream_options": {"include_usage": True},

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from turbine.bench.loadgen import RequestResult, RunResult, run_closed_loop, run_conversations
 from turbine.bench.stack import LocalStack, free_port
+from turbine.bench.workloads import SizedText
 from turbine.kv.hashing import block_hashes
 from turbine.models import bundled_model_path
 from turbine.preprocess.chat_template import ChatTemplate
@@ -45,49 +46,6 @@ from turbine.preprocess.tokenizer import Tokenizer, load_model_files
 MODEL = "turbine-tiny"
 BLOCK = 64
 WORKERS = 4
-WORDS = (
-    "inference",
-    "cache",
-    "token",
-    "router",
-    "worker",
-    "prefix",
-    "stream",
-    "latency",
-    "batch",
-    "model",
-    "request",
-    "frontend",
-    "queue",
-    "block",
-    "decode",
-    "prefill",
-    "memory",
-    "throughput",
-    "client",
-    "server",
-    "cluster",
-    "kernel",
-    "tensor",
-    "layer",
-    "weight",
-    "attention",
-    "schedule",
-    "policy",
-    "replica",
-    "shard",
-    "region",
-    "metric",
-    "trace",
-    "span",
-    "budget",
-    "window",
-    "context",
-    "system",
-    "prompt",
-    "answer",
-    "question",
-)
 
 
 # ------------------------------------------------------------------------------------ workloads
@@ -101,17 +59,10 @@ class Prompts:
         self.tokenizer = Tokenizer(files.tokenizer)
         assert files.chat_template is not None
         self.template = ChatTemplate(files.chat_template, files.bos_token, files.eos_token)
-        # Tokens each word adds after a space (byte-level BPE: " word" is how it appears mid-text).
-        self._cost = {w: len(self.tokenizer.encode(" " + w)) for w in WORDS}
+        self._sized = SizedText(self.tokenizer)
 
     def text(self, rng: random.Random, tokens: int, head: str = "") -> str:
-        words = [head] if head else []
-        count = len(self.tokenizer.encode(head)) if head else 0
-        while count < tokens:
-            word = rng.choice(WORDS)
-            words.append(word)
-            count += self._cost[word]
-        return " ".join(words)
+        return self._sized.text(rng, tokens, head)
 
     def token_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.tokenizer.encode(self.template.render(messages, add_generation_prompt=True))

@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from turbine.bench.loadgen import run_closed_loop
 from turbine.bench.stack import LocalStack
-
-WORDS = ("inference", "cache", "token", "router", "worker", "prefix", "stream", "latency", "batch", "model")
+from turbine.bench.workloads import random_words
 
 
 def rss_mib(pid: int) -> float:
@@ -34,7 +33,7 @@ def bodies(models: list[str], n: int, rng: random.Random) -> list[dict[str, Any]
     return [
         {
             "model": models[i % len(models)],
-            "prompt": " ".join(rng.choice(WORDS) for _ in range(150)),
+            "prompt": random_words(rng, 150),
             "max_tokens": 16,
             "ignore_eos": True,
         }

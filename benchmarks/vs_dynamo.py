@@ -36,10 +36,9 @@ from tqdm import tqdm
 
 from turbine.bench.loadgen import RunResult, run_closed_loop
 from turbine.bench.stack import LocalStack, free_port, proc_cpu_seconds
+from turbine.bench.workloads import SizedText, random_words
 from turbine.models import bundled_model_path
 from turbine.preprocess.tokenizer import Tokenizer, load_model_files
-
-WORDS = ("inference", "cache", "token", "router", "worker", "prefix", "stream", "latency", "batch", "model")
 
 
 class Stack(Protocol):
@@ -159,7 +158,7 @@ def bodies(model: str, n: int, max_tokens: int, stream: bool, rng: random.Random
     return [
         {
             "model": model,
-            "prompt": " ".join(rng.choice(WORDS) for _ in range(150)),
+            "prompt": random_words(rng, 150),
             "max_tokens": max_tokens,
             "ignore_eos": True,
             **extra,
@@ -284,16 +283,10 @@ async def main_async(args: argparse.Namespace) -> None:
 def long_prompt_bodies(model: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
     """~7.8k-token chat prompts: one shared ~6k-token system prompt plus a unique ~1.8k-token question."""
     files = load_model_files(bundled_model_path())
-    tok = Tokenizer(files.tokenizer)
-    cost = {w: len(tok.encode(" " + w)) for w in WORDS}
+    sized = SizedText(Tokenizer(files.tokenizer))
 
     def text(tokens: int) -> str:
-        words: list[str] = []
-        count = 0
-        while count < tokens:
-            words.append(rng.choice(WORDS))
-            count += cost[words[-1]]
-        return " ".join(words)
+        return sized.text(rng, tokens)
 
     system = text(6000)
     return [

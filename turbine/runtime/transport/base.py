@@ -81,3 +81,39 @@ def take_batch(item: Any, queue: asyncio.Queue[Any]) -> tuple[list[bytes], Any]:
             return batch, None
         item = queue.get_nowait()
     return batch, item
+
+
+class StreamTasks:
+    """Bookkeeping shared by servers that run each stream as a task: draining, counting, waiting
+    and cancelling them. Subclasses add tasks with `track()` and check `draining` on new requests."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._tasks)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stream is running (or the timeout passes); True if idle."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return not self._tasks
+
+    async def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -44,7 +44,7 @@ from nats.aio.msg import Msg
 
 from turbine.errors import InvalidRequest, WorkerUnreachable
 from turbine.runtime.transport import framing
-from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame, take_batch
+from turbine.runtime.transport.base import Handler, StreamTasks, error_from_frame, error_to_frame, take_batch
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,11 @@ class _Outbox:
 # ---------------------------------------------------------------------------------------- server
 
 
-class NatsRequestServer:
+class NatsRequestServer(StreamTasks):
     """Worker side: subscribes to its own subject on the NATS server at `server_url`."""
 
     def __init__(self, server_url: str = "nats://127.0.0.1:4222", heartbeat_s: float = 0.5) -> None:
+        super().__init__()
         self._url = server_url
         self._heartbeat_s = heartbeat_s
         self._handler: Handler | None = None
@@ -167,9 +168,7 @@ class NatsRequestServer:
         self._outbox: _Outbox | None = None
         self._subject = REQUEST_SUBJECT_PREFIX + secrets.token_hex(8)
         self._streams: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
-        self._draining = False
 
     async def start(self, handler: Handler) -> str:
         self._handler = handler
@@ -215,7 +214,7 @@ class NatsRequestServer:
         outbox = self._outbox
         assert outbox is not None
         sid = frame.stream_id
-        if self._draining:
+        if self.draining:
             outbox.send(inbox, self._subject, framing.Error(sid, framing.ERROR_DRAINING, "not accepting"))
             return
         key = (inbox, sid)
@@ -227,8 +226,7 @@ class NatsRequestServer:
         outbox.send(inbox, self._subject, None)
         task = asyncio.get_running_loop().create_task(self._run(key, frame.endpoint, bytes(frame.payload)))
         self._streams[key] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.track(task)
 
     async def _run(self, key: tuple[str, int], endpoint: str, payload: bytes) -> None:
         handler = self._handler
@@ -250,24 +248,8 @@ class NatsRequestServer:
         finally:
             self._streams.pop(key, None)
 
-    def drain(self) -> None:
-        self._draining = True
-
-    @property
-    def active_streams(self) -> int:
-        return len(self._tasks)
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stream is running (or the timeout passes); True if idle."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        return not self._tasks
-
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cancel_all()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

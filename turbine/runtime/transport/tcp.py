@@ -18,7 +18,7 @@ import msgspec
 
 from turbine.errors import WorkerUnreachable
 from turbine.runtime.transport import framing
-from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame, take_batch
+from turbine.runtime.transport.base import Handler, StreamTasks, error_from_frame, error_to_frame, take_batch
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class _ServerConnection(asyncio.Protocol):
 
     def _start(self, frame: framing.Request) -> None:
         sid = frame.stream_id
-        if self._server._draining:
+        if self._server.draining:
             self._writer.send(framing.Error(sid, framing.ERROR_DRAINING, "not accepting new requests"))
             return
         if sid in self._tasks:
@@ -110,8 +110,7 @@ class _ServerConnection(asyncio.Protocol):
         assert handler is not None
         task = asyncio.get_running_loop().create_task(self._run(sid, frame.endpoint, bytes(frame.payload)))
         self._tasks[sid] = task
-        self._server._tasks.add(task)
-        task.add_done_callback(self._server._tasks.discard)
+        self._server.track(task)
 
     async def _run(self, sid: int, endpoint: str, payload: bytes) -> None:
         handler = self._server._handler
@@ -151,17 +150,16 @@ class _ServerConnection(asyncio.Protocol):
             self._transport.close()
 
 
-class TcpRequestServer:
+class TcpRequestServer(StreamTasks):
     """Worker side of the TCP request plane. Binds loopback by default."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__()
         self._host = host
         self._port = port
         self._handler: Handler | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[_ServerConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._draining = False
 
     async def start(self, handler: Handler) -> str:
         self._handler = handler
@@ -172,26 +170,10 @@ class TcpRequestServer:
         host, port = self._server.sockets[0].getsockname()[:2]
         return f"{host}:{port}"
 
-    def drain(self) -> None:
-        self._draining = True
-
-    @property
-    def active_streams(self) -> int:
-        return len(self._tasks)
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stream is running (or the timeout passes); True if idle."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        return not self._tasks
-
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cancel_all()
         for conn in list(self._connections):
             conn.close()
         if self._server is not None:
