@@ -88,6 +88,24 @@ def test_cached_prefix_is_skipped_and_one_token_always_computed() -> None:
     assert work == [(b.seq_id, 4)]
 
 
+def test_a_prefix_scheduled_in_this_step_is_reused_by_the_next_admission() -> None:
+    """vLLM v1 caches blocks when it schedules them: a same-prefix request admitted in the same
+    step (or while the step runs) computes only what the first one does not."""
+    s = make(budget=100)
+    first, second = seq(17), seq(17)  # the same 17 tokens: 4 full blocks + 1
+    s.add(first)
+    s.add(second)
+    work, _ = step(s)
+    assert work == [(first.seq_id, 17), (second.seq_id, 1)]
+    assert (first.cached_tokens, second.cached_tokens) == (0, 16)
+    # A later arrival finds them as well (they stay cached after the step).
+    third = seq(17)
+    s.add(third)
+    plan = s.schedule()
+    assert [(c.seq.seq_id, c.num_new_tokens) for c in plan.chunks][-1] == (third.seq_id, 1)
+    assert third.cached_tokens == 16
+
+
 def test_preempts_latest_when_blocks_run_out_and_readmits_it() -> None:
     s = make(num_blocks=4, budget=100)
     a, b = seq(4, max_tokens=8), seq(4, max_tokens=8, start=50)

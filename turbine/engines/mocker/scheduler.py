@@ -9,8 +9,10 @@ Each step:
    sequence slots (`max_num_seqs`), budget and blocks; the queue head blocks the rest (no overtaking).
    Admission takes the longest cached prefix, always leaving at least one token to compute.
 
-`complete()` then advances what the step computed, caches newly full blocks and samples one token for
-every sequence whose context is fully computed, applying the stop conditions.
+Blocks a step will fill are cached when the step is scheduled (vLLM v1's `allocate_slots`), so a
+sequence admitted after them reuses them at once. `complete()` then advances what the step computed
+and samples one token for every sequence whose context is fully computed, applying the stop
+conditions.
 
 A sequence that can never fit (it needs more blocks than the whole cache) is finished instead of
 waiting forever: with an error if nothing was generated yet, else with "length" (its context is full).
@@ -200,6 +202,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                self._cache_scheduled(seq, num_new)
                 chunks.append(Chunk(seq, num_new, is_decode))
                 budget -= num_new
                 i += 1
@@ -229,6 +232,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             is_decode = num_new == 1 and seq.num_output > 0
+            self._cache_scheduled(seq, num_new)
             chunks.append(Chunk(seq, num_new, is_decode))
             budget -= num_new
 
@@ -256,6 +260,14 @@ class Scheduler:
         return updates
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _cache_scheduled(self, seq: Seq, num_new: int) -> None:
+        """Name the full blocks this step will compute as cached now, at scheduling time, as vLLM v1
+        does (`allocate_slots` caches up to computed + new tokens): a request scheduled later in the
+        same step, or while this step runs, reuses them instead of computing the prefix again. Within
+        one forward pass that is sound because each layer writes the batch's new KV before attention
+        reads it."""
+        self.blocks.commit(seq.seq_id, seq.hashes, seq.num_computed + num_new)
 
     def _apply(self, seq: Seq, sampled: Sampled) -> Update:
         """Stop conditions, in vLLM's order: EOS/stop tokens (after min_tokens), then max_tokens."""
