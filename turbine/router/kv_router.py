@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from turbine.errors import ServiceUnavailable
@@ -21,11 +21,13 @@ from turbine.kv.hashing import block_hashes
 from turbine.protocol.kv_events import KvDump, KvEventBatch, LoadMetrics
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest
+from turbine.protocol.router_events import Finished, PrefillDone, Routed, RouterEvent, RouterSyncBatch
 from turbine.router.active_blocks import ActiveBlocks
 from turbine.router.approx_index import ApproxIndex
 from turbine.router.base import Decision
 from turbine.router.cost import AllBusy, KvRouterConfig, least_loaded, power_of_two, select_worker
 from turbine.router.load import IDLE, LoadTracker, request_blocks
+from turbine.router.peers import PeerRequests, peer_key
 from turbine.router.radix_index import OverlapScores, RadixIndex
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,16 @@ class KvRouterSettings:
 
 
 class _LoadCounting:
-    """Lifecycle callbacks shared by every router that counts its own decisions."""
+    """Lifecycle callbacks shared by every router that counts its own decisions, and the peer side
+    of replica sync: with a listener set (`sync_with_peers`), every routing lifecycle step is also
+    reported as a `RouterEvent`, and peers' events are counted as load under replica-scoped keys."""
 
     def __init__(self) -> None:
         self.load = LoadTracker()
         self._workers: set[int] = set()
+        self._listener: Callable[[RouterEvent], None] | None = None
+        self._own: set[str] = set()
+        self.peers: PeerRequests | None = None
 
     def _forget_missing(self, cards: Mapping[int, ModelDeploymentCard]) -> list[int]:
         gone = [w for w in self._workers if w not in cards]
@@ -67,9 +74,65 @@ class _LoadCounting:
 
     def on_first_token(self, request_id: str, decision: Decision) -> None:
         self.load.prefill_done(request_id)
+        if self._listener is not None and request_id in self._own:
+            self._listener(PrefillDone(request_id))
 
     def on_finish(self, request_id: str, decision: Decision) -> None:
-        self.load.finish(request_id)
+        self._drop(request_id)
+        if self._listener is not None and request_id in self._own:
+            self._own.discard(request_id)
+            self._listener(Finished(request_id))
+
+    def _drop(self, key: str) -> None:
+        """Stop counting a request (own id or peer key), whatever state it was in."""
+        self.load.finish(key)
+
+    def _count_peer(self, key: str, event: Routed) -> None:
+        self.load.add_request(key, event.worker, event.prefill_tokens, event.decode_blocks)
+
+    def _report_routed(self, event: Routed) -> None:
+        if self._listener is not None:
+            self._own.add(event.request_id)
+            self._listener(event)
+
+    # ------------------------------------------------------------------------- replica sync
+
+    def sync_with_peers(self, listener: Callable[[RouterEvent], None], expiry_s: float) -> None:
+        """Report every routing step to `listener`; count peers' requests (see `apply_peer_batch`)."""
+        self._listener = listener
+        self.peers = PeerRequests(expiry_s)
+
+    def own_active(self) -> list[str]:
+        """This replica's active request ids (the heartbeat's content)."""
+        return list(self._own)
+
+    def apply_peer_batch(self, batch: RouterSyncBatch) -> None:
+        peers = self.peers
+        if peers is None:
+            return
+        replica = batch.replica_id
+        peers.seen(replica)
+        for event in batch.events:
+            if isinstance(event, Routed):
+                # A worker this replica does not know (yet, or any more) has no load to count.
+                if event.worker in self._workers:
+                    self._count_peer(peers.add(replica, event.request_id), event)
+            elif isinstance(event, PrefillDone):
+                self.load.prefill_done(peer_key(replica, event.request_id))
+            elif isinstance(event, Finished):
+                self._drop(peers.discard(replica, event.request_id))
+            else:
+                for key in peers.reconcile(replica, event.active):
+                    self._drop(key)
+
+    def expire_peers(self) -> int:
+        """Stop counting the requests of peers that fell silent; returns how many were dropped."""
+        if self.peers is None:
+            return 0
+        keys = self.peers.expire()
+        for key in keys:
+            self._drop(key)
+        return len(keys)
 
 
 class LoadRouter(_LoadCounting):
@@ -91,7 +154,10 @@ class LoadRouter(_LoadCounting):
     def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:
         worker = self._pick(candidates, self.load.loads, self._rng)
         prompt = len(request.token_ids)
-        self.load.add_request(request.request_id, worker, prompt, request_blocks(prompt, 0, self._block_size))
+        blocks = request_blocks(prompt, 0, self._block_size)
+        self.load.add_request(request.request_id, worker, prompt, blocks)
+        if self._listener is not None:
+            self._report_routed(Routed(request.request_id, worker, prompt, blocks, [], 0, 0))
         return Decision(worker)
 
 
@@ -245,15 +311,30 @@ class KvRouter(_LoadCounting):
         uncached = max(0, isl - chosen.overlap_blocks * config.block_size)
         self.load.add_request(request.request_id, chosen.worker, uncached, 0)
         active.add(request.request_id, chosen.worker, hashes[chosen.overlap_blocks :], tail)
-        if self.settings.use_kv_events:
-            self.pending.record(chosen.worker, hashes)
-        else:
-            self.approx.record(chosen.worker, hashes)
+        self._record_history(chosen.worker, hashes)
+        if self._listener is not None:
+            self._report_routed(
+                Routed(request.request_id, chosen.worker, uncached, 0, hashes, chosen.overlap_blocks, tail)
+            )
         return Decision(chosen.worker, chosen.overlap_blocks)
 
-    def on_finish(self, request_id: str, decision: Decision) -> None:
-        super().on_finish(request_id, decision)
-        self.active.remove(request_id)
+    def _record_history(self, worker: int, hashes: list[int]) -> None:
+        if self.settings.use_kv_events:
+            self.pending.record(worker, hashes)
+        else:
+            self.approx.record(worker, hashes)
+
+    def _drop(self, key: str) -> None:
+        self.load.finish(key)
+        self.active.remove(key)
+
+    def _count_peer(self, key: str, event: Routed) -> None:
+        # A peer's placement counts here exactly as this replica's own would: active load, the
+        # blocks it makes the worker allocate, and the routing history that stands in for KV
+        # events not yet arrived (so two replicas send a new prefix's burst to one worker).
+        self.load.add_request(key, event.worker, event.prefill_tokens, 0)
+        self.active.add(key, event.worker, event.hashes[event.overlap :], event.tail)
+        self._record_history(event.worker, event.hashes)
 
     def _shortlist(self, candidates: Sequence[int], overlap: OverlapScores) -> list[int]:
         """The candidates that can differ in cost: those caching part of the prompt, those with
