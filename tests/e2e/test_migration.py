@@ -5,15 +5,24 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, Stack, http, live_instances, wait_instances, wait_until
+from tests.e2e.distributed import DistStack, dist_stack_at
 
 pytestmark = pytest.mark.e2e
 
 WORKER = ("--engine", "mocker", "--speedup-ratio", "1", "--block-size", "16")
+
+
+@pytest.fixture
+def dist_stack(tmp_path: Path) -> Iterator[DistStack]:
+    with dist_stack_at(tmp_path) as stack:
+        yield stack
 
 
 def _stream(oai: openai.OpenAI, i: int) -> tuple[str, str | None, int]:
@@ -36,14 +45,16 @@ def _stream(oai: openai.OpenAI, i: int) -> tuple[str, str | None, int]:
     return text, finish, usage.completion_tokens if usage else -1
 
 
-def test_killed_worker_streams_migrate_and_match_an_uninterrupted_run(stack: Stack) -> None:
+def _kill_one_under_load(stack: Stack, streams: int) -> None:
+    """Failure test 1: kill -9 one of two workers while `streams` streams run through a frontend
+    with --migration-limit 3: none fails, and every text equals an uninterrupted run's."""
     _, url = stack.frontend("--migration-limit", "3")
     victim = stack.worker(*WORKER, ttl=2.0)
     stack.worker(*WORKER, ttl=2.0)
     wait_instances(url, 2)
     oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(_stream, oai, i) for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        futures = [pool.submit(_stream, oai, i) for i in range(streams)]
         time.sleep(0.25)  # every stream is under way, none finished
         victim.signal(signal.SIGKILL)
         results = [f.result() for f in futures]
@@ -55,9 +66,17 @@ def test_killed_worker_streams_migrate_and_match_an_uninterrupted_run(stack: Sta
 
     # The same requests on the surviving worker alone, uninterrupted: the same text.
     wait_until(lambda: live_instances(url) == 1, 15)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        reference = list(pool.map(lambda i: _stream(oai, i), range(16)))
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        reference = list(pool.map(lambda i: _stream(oai, i), range(streams)))
     assert [r[0] for r in results] == [r[0] for r in reference]
+
+
+def test_killed_worker_streams_migrate_and_match_an_uninterrupted_run(stack: Stack) -> None:
+    _kill_one_under_load(stack, 16)
+
+
+def test_killed_worker_under_64_streams_over_etcd_and_nats(dist_stack: DistStack) -> None:
+    _kill_one_under_load(dist_stack, 64)
 
 
 def test_without_migration_a_killed_worker_fails_its_streams_in_band(stack: Stack) -> None:
