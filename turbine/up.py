@@ -54,6 +54,13 @@ def _worker_argv(cfg: UpConfig) -> list[str]:
         str(cfg.lease_ttl_s),
         "--log-level",
         cfg.log_level,
+        # The workers must speak the frontend's planes.
+        "--request-plane",
+        cfg.request_plane,
+        "--event-plane",
+        cfg.event_plane,
+        "--nats-server",
+        cfg.nats_server,
     ]
     if cfg.file_store_path:
         argv += ["--file-store-path", cfg.file_store_path]
@@ -100,6 +107,9 @@ async def _run(cfg: UpConfig, model: str) -> int:
             speedup_ratio=cfg.speedup_ratio,
             num_gpu_blocks_override=cfg.num_gpu_blocks_override,
             block_size=cfg.block_size,
+            request_plane=cfg.request_plane,
+            event_plane=cfg.event_plane,
+            nats_server=cfg.nats_server,
         )
         workers = loop.create_task(run_workers(worker_cfg, stop=stop, store=store))
         try:

@@ -10,6 +10,7 @@ from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.etcd import EtcdStore
 from turbine.runtime.discovery.file import FileStore, default_file_store_path
 from turbine.runtime.discovery.memory import MemoryStore
+from turbine.runtime.events.nats import NatsEventPlane
 from turbine.runtime.transport.base import RequestPlaneClient, RequestPlaneServer
 from turbine.runtime.transport.http import HttpRequestClient, HttpRequestServer
 from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
@@ -47,3 +48,14 @@ def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestP
     if cfg.request_plane == "http":
         return HttpRequestServer(host)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
+
+
+def make_event_plane(cfg: RuntimeConfig) -> NatsEventPlane | None:
+    """The process's shared event plane, or None with `--event-plane request` (each worker keeps
+    its own in-process plane and frontends stream from it over the request plane). Not yet
+    connected: `start()` it (workers, to fail fast) or let the first `subscribe` do it."""
+    if cfg.event_plane == "request":
+        return None
+    if cfg.event_plane == "nats":
+        return NatsEventPlane(cfg.nats_server)
+    raise ConfigError(f"event plane {cfg.event_plane!r} is not available")

@@ -6,6 +6,8 @@ import asyncio
 import collections
 from collections.abc import AsyncGenerator
 
+from turbine.runtime.events.base import OnLive
+
 
 class _Subscription:
     __slots__ = ("dropped", "pending", "prefix", "wake")
@@ -31,9 +33,14 @@ class MemoryEventPlane:
                 sub.pending.append((subject, payload))
                 sub.wake.set()
 
-    async def subscribe(self, prefix: str) -> AsyncGenerator[tuple[str, bytes], None]:
+    async def subscribe(
+        self, prefix: str, on_live: OnLive | None = None
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
         sub = _Subscription(prefix, self._max_pending)
         self._subs.append(sub)
+        # In one process nothing is ever lost after this point, so it is live once, right away.
+        if on_live is not None:
+            on_live()
         try:
             while not self._closed:
                 while sub.pending:
