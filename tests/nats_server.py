@@ -41,10 +41,12 @@ def _free_port() -> int:
 
 class NatsServer:
     """One nats-server on loopback. `start()` waits until it accepts connections; `restart()` keeps
-    the port (clients reconnect to the same URL)."""
+    the port (clients reconnect to the same URL). `jetstream=True` enables JetStream (`-js`) with its
+    storage in the server's temp directory (removed by `close()`)."""
 
-    def __init__(self, binary: Path, port: int | None = None) -> None:
+    def __init__(self, binary: Path, port: int | None = None, *, jetstream: bool = False) -> None:
         self._binary = binary
+        self.jetstream = jetstream
         self.port = port if port is not None else _free_port()
         self._root = Path(tempfile.mkdtemp(prefix="turbine-nats-"))
         self._log_path = self._root / "nats.log"
@@ -62,6 +64,8 @@ class NatsServer:
         if self.running:
             raise RuntimeError("nats-server already running")
         args = [str(self._binary), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self._root / "jetstream")]
         with open(self._log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -11,11 +11,27 @@ MODEL_TYPES = ("chat", "completions", "embedding")
 EMBED_ENDPOINT = "embed"
 
 
+class ModelFile(msgspec.Struct, frozen=True):
+    """One file of the model directory that frontends need, published by the worker.
+
+    `location` is where the frontend fetches it (`store:turbine/files/{sha256}` or
+    `nats-os:{bucket}/{sha256}`, see turbine/runtime/blobs.py); `sha256` (hex) is what the fetched
+    bytes must hash to, or the frontend refuses the model.
+    """
+
+    name: str
+    size: int
+    sha256: str
+    location: str
+
+
 class ModelDeploymentCard(msgspec.Struct, frozen=True):
     """Published under `turbine/models/{namespace}/{name}/{instance_id:x}`, attached to the worker's lease.
 
     The frontend builds its preprocessor from `model_path` (tokenizer.json, tokenizer_config.json,
-    config.json) and routes to the instance found under the same id in the instances prefix.
+    config.json) and routes to the instance found under the same id in the instances prefix. When
+    `model_path` is not on the frontend's machine (or its files differ), the frontend fetches `files`
+    instead (turbine/runtime/model_files.py); cards of older workers have none.
     """
 
     name: str
@@ -32,3 +48,5 @@ class ModelDeploymentCard(msgspec.Struct, frozen=True):
     total_kv_blocks: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # The tokenizer/template/config files, published where frontends on other machines can fetch them.
+    files: tuple[ModelFile, ...] = ()
