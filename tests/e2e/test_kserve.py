@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import MODEL, Stack, free_port, http, wait_instances
+from tests.e2e.conftest import MODEL, Stack, free_port, http, wait_instances, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -183,6 +184,63 @@ def test_errors_are_status_codes(served: tuple[triton.InferenceServerClient, str
     # After all that, it still serves.
     result = client.infer(MODEL, [text_input()], parameters={"max_tokens": 3})
     assert params_of(result.get_response())["completion_tokens"] == 3
+
+
+def _samples(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    status, _, body = http("GET", url + "/metrics")
+    assert status == 200
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def test_grpc_requests_are_counted(served: tuple[triton.InferenceServerClient, str]) -> None:
+    client, url = served
+    for _ in range(2):
+        client.infer(MODEL, [text_input()], parameters={"max_tokens": 4})
+    for model, params in (("no-such-model", {}), (MODEL, {"temperature": 5.0})):
+        with pytest.raises(InferenceServerException):
+            client.infer(model, [text_input()], parameters=params or None)
+    responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(MODEL, [text_input()], parameters={"max_tokens": 5})
+        while True:
+            result, error = responses.get(timeout=20)
+            assert error is None, error
+            if params_of(result.get_response()).get("triton_final_response"):
+                break
+        client.async_stream_infer("no-such-model", [text_input()])
+        assert responses.get(timeout=20)[1] is not None
+    finally:
+        client.stop_stream()
+
+    def requests() -> dict[tuple[str, str, str], float]:
+        return {
+            (labels["model"], labels["endpoint"], labels["status"]): value
+            for labels, value in ((dict(k), v) for k, v in _samples(url, "turbine_requests_total").items())
+        }
+
+    expected = {
+        (MODEL, "grpc_infer", "OK"): 2.0,
+        ("no-such-model", "grpc_infer", "NOT_FOUND"): 1.0,
+        (MODEL, "grpc_infer", "INVALID_ARGUMENT"): 1.0,
+        (MODEL, "grpc_stream_infer", "OK"): 1.0,
+        ("no-such-model", "grpc_stream_infer", "NOT_FOUND"): 1.0,
+    }
+    # A stream's request is counted just after its last response is queued: wait for it.
+    wait_until(lambda: requests() == expected, 10)
+    labels = (("model", MODEL),)
+    # Served requests (not the refused ones) are timed and measured as HTTP ones are.
+    assert _samples(url, "turbine_time_to_first_token_seconds_count")[labels] == 3
+    assert _samples(url, "turbine_request_duration_seconds_count")[labels] == 3
+    assert _samples(url, "turbine_input_sequence_tokens_count")[labels] == 3
+    assert _samples(url, "turbine_output_sequence_tokens_sum")[labels] == 4 + 4 + 5
+    assert _samples(url, "turbine_inflight_requests")[labels] == 0
+    assert sum(_samples(url, "turbine_routing_decisions_total").values()) == 3
 
 
 def test_sigterm_stops_both_servers(stack: Stack) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from turbine.frontend.openai_format import Choice
 from turbine.frontend.pipeline import Generation
 from turbine.postprocess.postprocessor import TextDelta
 
@@ -20,15 +21,19 @@ def usage_of(gens: list[Generation]) -> dict[str, Any]:
     return usage
 
 
-async def collect(gen: Generation, first: TextDelta) -> tuple[str, str]:
+async def collect(gen: Generation, first: TextDelta) -> Choice:
+    """The whole choice: its text, finish reason and logprobs (None if no delta carried any)."""
     parts = [first.text]
     finish = first.finish_reason
+    logprobs = first.logprobs
     if finish is None:
         async for delta in gen:
             parts.append(delta.text)
             finish = delta.finish_reason
+            if delta.logprobs is not None:
+                logprobs = delta.logprobs if logprobs is None else logprobs + delta.logprobs
     assert finish is not None
-    return "".join(parts), finish.value
+    return "".join(parts), finish.value, logprobs
 
 
 async def merge(gens: list[Generation], firsts: list[TextDelta]) -> AsyncIterator[tuple[int, TextDelta]]:

@@ -11,6 +11,10 @@ answers each request with one response per text delta, the last one carrying
 `triton_final_response=true`; with `streaming=false` it answers once. Requests on one stream run
 concurrently. Errors are gRPC status codes on unary calls (unknown model → NOT_FOUND, bad tensor or
 parameter → INVALID_ARGUMENT) and `error_message` on the stream, which stays open.
+
+Requests are counted in the frontend's Prometheus metrics as HTTP ones are (`FrontendMetrics`), under
+the endpoints `grpc_infer` and `grpc_stream_infer` (one per request on a stream), with the gRPC status
+code's name as the status (an error on a stream counts with the code a unary call would have had).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from turbine.errors import InvalidRequest, TurbineError
 from turbine.frontend import kserve_codec as codec
 from turbine.frontend.kserve_proto import grpc_service_pb2 as pb
 from turbine.frontend.kserve_proto import grpc_service_pb2_grpc as pb_grpc
+from turbine.frontend.metrics import FrontendMetrics, RequestMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import new_id
 from turbine.frontend.pipeline import Generation
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "turbine"
 FINAL = "triton_final_response"
+# The `endpoint` label of gRPC requests in the request counters.
+UNARY_ENDPOINT = "grpc_infer"
+STREAM_ENDPOINT = "grpc_stream_infer"
 
 
 def param_value(param: pb.InferParameter) -> codec.ParamValue | None:
@@ -142,8 +150,10 @@ def _status(exc: TurbineError) -> grpc.StatusCode:
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     """The servicer: health, metadata and inference over the model registry."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: FrontendMetrics | None = None) -> None:
         self._registry = registry
+        # Tests may serve without metrics; the frontend shares its HTTP edge's.
+        self._metrics = metrics if metrics is not None else FrontendMetrics()
 
     # --------------------------------------------------------------------- health and metadata
 
@@ -206,35 +216,52 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -------------------------------------------------------------------------------- inference
 
-    async def _start(self, request: pb.ModelInferRequest) -> tuple[Generation, codec.SamplingParams]:
+    async def _start(
+        self, request: pb.ModelInferRequest
+    ) -> tuple[Generation, codec.SamplingParams, RequestMetrics]:
         params = request_params(request)
         text = read_text_input(request)
         pipeline = self._registry.get(request.model_name)
         req = completion_request(pipeline.name, text, params)
         request_id = request.id or new_id("kserve")
         prepared: Prepared = await pipeline.preprocessor.completion(req, request_id)
-        return pipeline.generate(prepared), params
+        return pipeline.generate(prepared), params, self._metrics.serving(pipeline.name)
+
+    def _count(self, request: pb.ModelInferRequest, endpoint: str, code: grpc.StatusCode) -> None:
+        rejected = code == grpc.StatusCode.UNAVAILABLE
+        self._metrics.count(request.model_name, endpoint, code.name, rejected=rejected)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
+        # Anything that ends the call other than an answer or a TurbineError (a bug, or the client
+        # cancelling) leaves the status as it is here.
+        code = grpc.StatusCode.UNKNOWN
         try:
-            gen, params = await self._start(request)
-            if params.streaming:
-                await gen.aclose()
-                raise InvalidRequest("'streaming' needs ModelStreamInfer", param="streaming")
+            gen, params, served = await self._start(request)
             parts: list[str] = []
             finish: str | None = None
             try:
+                if params.streaming:
+                    raise InvalidRequest("'streaming' needs ModelStreamInfer", param="streaming")
                 async for delta in gen:
+                    served.first_token((gen,))
                     parts.append(delta.text)
                     if delta.finish_reason is not None:
                         finish = str(delta.finish_reason)
             finally:
                 await gen.aclose()
+                served.finish((gen,))
+            code = grpc.StatusCode.OK
             return infer_response(request, "".join(parts), finish_reason=finish, gen=gen)
         except TurbineError as exc:
-            await context.abort(_status(exc), exc.message)
+            code = _status(exc)
+            await context.abort(code, exc.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._count(request, UNARY_ENDPOINT, code)
 
     async def ModelStreamInfer(
         self,
@@ -264,13 +291,15 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(
         self, request: pb.ModelInferRequest, send: Callable[[pb.ModelStreamInferResponse], None]
     ) -> None:
+        code = grpc.StatusCode.UNKNOWN
         try:
-            gen, params = await self._start(request)
+            gen, params, served = await self._start(request)
             try:
                 if params.streaming is False:
                     parts: list[str] = []
                     finish: str | None = None
                     async for delta in gen:
+                        served.first_token((gen,))
                         parts.append(delta.text)
                         if delta.finish_reason is not None:
                             finish = str(delta.finish_reason)
@@ -278,8 +307,10 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                         request, "".join(parts), finish_reason=finish, gen=gen, final=True
                     )
                     send(pb.ModelStreamInferResponse(infer_response=response))
+                    code = grpc.StatusCode.OK
                     return
                 async for delta in gen:
+                    served.first_token((gen,))
                     last = delta.finish_reason is not None
                     response = infer_response(
                         request,
@@ -289,26 +320,40 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                         final=last,
                     )
                     send(pb.ModelStreamInferResponse(infer_response=response))
+                code = grpc.StatusCode.OK
             finally:
                 await gen.aclose()
+                served.finish((gen,))
         except TurbineError as exc:
+            code = _status(exc)
             send(pb.ModelStreamInferResponse(error_message=exc.message))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
             log.exception("stream request %s failed", request.id)
             send(pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"))
+        finally:
+            self._count(request, STREAM_ENDPOINT, code)
 
 
 class KServeServer:
     """Owns the grpc.aio server: bind on start, drain on stop."""
 
     def __init__(
-        self, registry: ModelRegistry, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+        self,
+        registry: ModelRegistry,
+        host: str,
+        port: int,
+        credentials: grpc.ServerCredentials | None = None,
+        metrics: FrontendMetrics | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._credentials = credentials
         self._server = aio.server()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(registry), self._server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(registry, metrics), self._server)
 
     async def start(self) -> None:
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

@@ -7,11 +7,44 @@ from typing import Any
 
 import orjson
 
+from turbine.postprocess.logprobs import TokenLogprob
 from turbine.postprocess.postprocessor import TextDelta
+
+# One choice of a finished (non-streamed) completion: its text, finish reason and token logprobs.
+Choice = tuple[str, str, list[TokenLogprob] | None]
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """Chat's `choices[i].logprobs`: None when the engine gave none (or none were asked for)."""
+    if entries is None:
+        return None
+    content = [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": list(e.bytes),
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top],
+        }
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """Legacy completions' `choices[i].logprobs`; `text_offset` counts characters of the choice's text
+    (from its start, in stream chunks too). Two alternatives with the same string share a key."""
+    if entries is None:
+        return None
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": [e.offset for e in entries],
+    }
 
 
 class ChunkFormatter:
@@ -50,10 +83,17 @@ class ChunkFormatter:
 
     def delta(self, delta: TextDelta, index: int = 0) -> bytes:
         finish = delta.finish_reason.value if delta.finish_reason is not None else None
+        lp = delta.logprobs
         if self._chat:
             content = {"content": delta.text} if delta.text or finish is None else {}
-            return self._event({"index": index, "delta": content, "logprobs": None, "finish_reason": finish})
-        return self._event({"index": index, "text": delta.text, "logprobs": None, "finish_reason": finish})
+            logprobs = None if lp is None else chat_logprobs(lp)
+            return self._event(
+                {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish}
+            )
+        logprobs = None if lp is None else completion_logprobs(lp)
+        return self._event(
+            {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": finish}
+        )
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         body = {**self._base, "choices": [], "usage": usage}
@@ -67,9 +107,9 @@ class ChunkFormatter:
 
 
 def chat_completion(
-    *, request_id: str, model: str, created: int, choices: list[tuple[str, str]], usage: dict[str, Any]
+    *, request_id: str, model: str, created: int, choices: list[Choice], usage: dict[str, Any]
 ) -> bytes:
-    """`choices` are (text, finish_reason) per choice index."""
+    """`choices` are (text, finish_reason, logprobs) per choice index."""
     return orjson.dumps(
         {
             "id": request_id,
@@ -81,10 +121,10 @@ def chat_completion(
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(logprobs),
                     "finish_reason": finish,
                 }
-                for i, (text, finish) in enumerate(choices)
+                for i, (text, finish, logprobs) in enumerate(choices)
             ],
             "usage": usage,
         }
@@ -92,7 +132,7 @@ def chat_completion(
 
 
 def text_completion(
-    *, request_id: str, model: str, created: int, choices: list[tuple[str, str]], usage: dict[str, Any]
+    *, request_id: str, model: str, created: int, choices: list[Choice], usage: dict[str, Any]
 ) -> bytes:
     return orjson.dumps(
         {
@@ -102,8 +142,8 @@ def text_completion(
             "model": model,
             "system_fingerprint": None,
             "choices": [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                for i, (text, finish) in enumerate(choices)
+                {"index": i, "text": text, "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
+                for i, (text, finish, logprobs) in enumerate(choices)
             ],
             "usage": usage,
         }

@@ -14,7 +14,13 @@ import orjson
 from aiohttp import web
 
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from turbine.preprocess.preprocessor import MAX_N, SEED_MAX, SEED_MIN
+from turbine.preprocess.preprocessor import (
+    MAX_COMPLETION_LOGPROBS,
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    SEED_MAX,
+    SEED_MIN,
+)
 
 _REF = "#/components/schemas/"
 
@@ -104,6 +110,15 @@ _CHAT_REQUEST = {
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
         "tools": _nullable({"type": "array", "items": {"type": "object"}}),
         "chat_template_kwargs": _nullable({"type": "object"}),
+        "logprobs": _nullable({"type": "boolean", "default": False}),
+        "top_logprobs": _nullable(
+            {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_TOP_LOGPROBS,
+                "description": "Alternatives per token; needs `logprobs: true`.",
+            }
+        ),
     },
 }
 
@@ -131,6 +146,7 @@ _COMPLETION_REQUEST = {
             ],
         },
         "echo": {"type": "boolean", "enum": [False], "description": "`true` is not supported."},
+        "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS}),
     },
 }
 
@@ -145,6 +161,54 @@ _USAGE = {
 }
 
 _FINISH = {"type": "string", "nullable": True}
+
+# `choices[i].logprobs`: null unless asked for and the engine computes them.
+_TOP_LOGPROB_FIELDS: dict[str, Any] = {
+    "token": {"type": "string"},
+    "logprob": {"type": "number", "maximum": 0},
+    "bytes": _nullable({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}),
+}
+_TOP_LOGPROB = {
+    "type": "object",
+    "required": ["token", "logprob", "bytes"],
+    "properties": _TOP_LOGPROB_FIELDS,
+}
+_CHAT_LOGPROBS = _nullable(
+    {
+        "type": "object",
+        "required": ["content"],
+        "properties": {
+            "content": _nullable(
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["token", "logprob", "bytes", "top_logprobs"],
+                        "properties": {
+                            **_TOP_LOGPROB_FIELDS,
+                            "top_logprobs": {"type": "array", "items": _TOP_LOGPROB},
+                        },
+                    },
+                }
+            )
+        },
+    }
+)
+_COMPLETION_LOGPROBS = _nullable(
+    {
+        "type": "object",
+        "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+        "properties": {
+            "tokens": {"type": "array", "items": {"type": "string"}},
+            "token_logprobs": {"type": "array", "items": {"type": "number", "maximum": 0}},
+            "top_logprobs": {
+                "type": "array",
+                "items": {"type": "object", "additionalProperties": {"type": "number", "maximum": 0}},
+            },
+            "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        },
+    }
+)
 
 _CHAT_COMPLETION = {
     "type": "object",
@@ -166,6 +230,7 @@ _CHAT_COMPLETION = {
                         "required": ["role", "content"],
                         "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
                     },
+                    "logprobs": _CHAT_LOGPROBS,
                     "finish_reason": _FINISH,
                 },
             },
@@ -190,6 +255,7 @@ _COMPLETION = {
                 "properties": {
                     "index": {"type": "integer"},
                     "text": {"type": "string"},
+                    "logprobs": _COMPLETION_LOGPROBS,
                     "finish_reason": _FINISH,
                 },
             },

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import tokenizers
 
 from turbine.postprocess.detokenizer import IncrementalDetokenizer
+from turbine.postprocess.logprobs import LogprobAligner, TokenLogprob, TokenStrings
 from turbine.postprocess.stop import StopStringMatcher
 from turbine.protocol.response import EngineOutput, FinishReason
 
@@ -16,6 +17,9 @@ class TextDelta(NamedTuple):
     text: str
     # Set on the last delta only.
     finish_reason: FinishReason | None
+    # The logprobs of the tokens this delta completes (see `postprocess.logprobs` for which): None
+    # when the engine sends none (not asked for, or not supported), else a list, possibly empty.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Postprocessor:
@@ -25,10 +29,22 @@ class Postprocessor:
     closes the engine stream, which cancels the rest of the generation at the worker.
     """
 
-    __slots__ = ("_detok", "_stop", "cached_tokens", "completion_tokens", "first_token_at", "last_token_at")
+    __slots__ = (
+        "_detok",
+        "_logprobs",
+        "_stop",
+        "_tokenizer",
+        "cached_tokens",
+        "completion_tokens",
+        "first_token_at",
+        "last_token_at",
+    )
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, stop_strings: list[str]) -> None:
+        self._tokenizer = tokenizer
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        # Created by the first output that carries logprobs; the text-only path never touches it.
+        self._logprobs: LogprobAligner | None = None
         self._stop = StopStringMatcher(stop_strings) if stop_strings else None
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -45,6 +61,8 @@ class Postprocessor:
         self.completion_tokens += len(out.token_ids)
         if out.cached_tokens is not None:
             self.cached_tokens = out.cached_tokens
+        if out.logprobs is not None or self._logprobs is not None:
+            return self._process_with_logprobs(out)
         text = self._detok.add(out.token_ids) if out.token_ids else ""
         finish = out.finish_reason
         if finish is not None:
@@ -57,6 +75,39 @@ class Postprocessor:
             if finish is not None:
                 text += self._stop.flush()
         return TextDelta(text, finish)
+
+    def _process_with_logprobs(self, out: EngineOutput) -> TextDelta:
+        """`process` for a stream with logprobs: the same text, plus the tokens it completes."""
+        aligner = self._logprobs
+        if aligner is None:
+            aligner = self._logprobs = LogprobAligner(TokenStrings(self._tokenizer))
+        logprobs, top = out.logprobs, out.top_logprobs
+        pieces = []
+        # One token at a time, so each token's text span is known (the detokenizer's output does not
+        # depend on how ids are grouped).
+        for i, token_id in enumerate(out.token_ids):
+            piece = self._detok.add([token_id])
+            pieces.append(piece)
+            aligner.add(
+                token_id,
+                logprobs[i] if logprobs is not None and i < len(logprobs) else None,
+                top[i] if top is not None and i < len(top) else None,
+                len(piece),
+            )
+        text = "".join(pieces)
+        finish = out.finish_reason
+        if finish is not None:
+            tail = self._detok.flush()
+            aligner.place(len(tail))
+            text += tail
+        if self._stop is not None:
+            result = self._stop.feed(text)
+            if result.stopped:
+                return TextDelta(result.emit, FinishReason.STOP, aligner.cut(len(result.emit)))
+            text = result.emit
+            if finish is not None:
+                text += self._stop.flush()
+        return TextDelta(text, finish, aligner.emit(len(text)))
 
     @property
     def inter_token_latency_s(self) -> float | None:

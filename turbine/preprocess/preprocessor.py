@@ -17,6 +17,9 @@ from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopC
 MAX_N = 16
 # `seed` must fit the request plane's 64-bit integers (choice i > 0 uses seed + i).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Most alternatives per token: chat's `top_logprobs` (as OpenAI's) and legacy completions' `logprobs`.
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
 
 
 class Prepared(NamedTuple):
@@ -59,6 +62,20 @@ def _stop_strings(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
+def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    """Chat's `logprobs`/`top_logprobs` → alternatives per token (None: no logprobs), as OpenAI
+    validates them: `top_logprobs` within [0, 20], and only together with `logprobs: true`."""
+    top = req.top_logprobs
+    if top is not None:
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be within [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+        if not req.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if not req.logprobs:
+        return None
+    return top or 0
+
+
 class Preprocessor:
     """One per model. Stateless per request; safe to use from many requests at once."""
 
@@ -87,6 +104,7 @@ class Preprocessor:
             raise InvalidRequest("'messages' must contain at least one message", param="messages")
         if self.template is None:
             raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
+        logprobs = _chat_logprobs(req)
         extra = dict(req.chat_template_kwargs or {})
         prompt = self.template.render(
             [_message_dict(m) for m in req.messages],
@@ -97,7 +115,7 @@ class Preprocessor:
         token_ids = await self.tokenizer.encode_async(prompt, self._executor)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        return self._finish(req, request_id, token_ids, max_tokens, param, "messages")
+        return self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
 
     async def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         prompt = req.prompt
@@ -122,7 +140,9 @@ class Preprocessor:
             )
         if req.echo:
             raise InvalidRequest("'echo' is not supported", param="echo")
-        return self._finish(req, request_id, token_ids, req.max_tokens, "max_tokens", "prompt")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be within [0, {MAX_COMPLETION_LOGPROBS}]", param="logprobs")
+        return self._finish(req, request_id, token_ids, req.max_tokens, "max_tokens", "prompt", req.logprobs)
 
     def _finish(
         self,
@@ -132,6 +152,7 @@ class Preprocessor:
         max_tokens: int | None,
         max_param: str,
         prompt_param: str,
+        logprobs: int | None,
     ) -> Prepared:
         if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
             raise InvalidRequest("temperature must be within [0, 2]", param="temperature")
@@ -169,7 +190,9 @@ class Preprocessor:
             request_id=request_id,
             model=self.model,
             token_ids=token_ids,
-            sampling=SamplingOptions(temperature=req.temperature, top_p=req.top_p, seed=req.seed),
+            sampling=SamplingOptions(
+                temperature=req.temperature, top_p=req.top_p, seed=req.seed, logprobs=logprobs
+            ),
             stop=StopConditions(
                 max_tokens=resolved_max,
                 min_tokens=req.min_tokens,

@@ -48,12 +48,17 @@ class ChatCompletionRequest(_Sampling, frozen=True):
     tools: list[dict[str, Any]] | None = None
     # vLLM's name for extra template variables.
     chat_template_kwargs: dict[str, Any] | None = None
+    # Chat's logprobs: a flag, plus how many alternatives per token (needs logprobs=true).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(_Sampling, frozen=True):
     # Text, token ids, or a one-element list of either (a batch of one).
     prompt: str | list[Any] | None = None
     echo: bool = False
+    # Legacy completions' logprobs: the number of alternatives per token (None = no logprobs).
+    logprobs: int | None = None
 
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)

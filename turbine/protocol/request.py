@@ -11,6 +11,9 @@ class SamplingOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    # Per-token log probabilities wanted back: None = none; k >= 0 = the sampled token's logprob
+    # plus the k most likely alternatives (0..20, validated by the frontend).
+    logprobs: int | None = None
 
 
 class StopConditions(msgspec.Struct, frozen=True, omit_defaults=True):

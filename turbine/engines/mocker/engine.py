@@ -15,6 +15,9 @@ identical tokens, different prompts diverge, and a request migrated with its gen
 to the prompt (and max_tokens reduced) continues exactly where it left off on any worker with the
 same block size. Seeding from a hash of the prompt would break that last property, since migration
 changes the prompt.
+
+Logprobs (when the request asks for them) are a pure function of the same inputs, so a migrated
+stream's logprobs equal an uninterrupted one's too: see `mock_logprobs`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import struct
 from array import array
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import xxhash
 
@@ -51,6 +56,8 @@ log = logging.getLogger(__name__)
 _U64 = (1 << 64) - 1
 _pack_position = struct.Struct("<QQQ").pack
 _EOS_SALT = 0x5EED_E05
+_LOGPROB_SALT = 0x1069_9F0B
+_T = TypeVar("_T")
 
 _FINISH_REASONS = {
     SeqStatus.FINISHED_STOPPED: FinishReason.STOP,
@@ -100,13 +107,55 @@ class MockerConfig:
             raise ValueError("MockerConfig.load_publish_interval_s must be >= 0")
 
 
+def mock_logprobs(
+    context: bytes, token: int, k: int, token_id_range: tuple[int, int]
+) -> tuple[float, list[tuple[int, float]]]:
+    """The simulated model's distribution at one position, as (sampled token's logprob, top k).
+
+    `context` identifies the position (seed, position, token context: what the sampled token was
+    drawn from), so the result is a pure function of the request's seed and the token sequence so far.
+    The simulated model samples greedily: the sampled token is the most likely one, with probability
+    in [0.5, 0.99), and is the first of the top k; alternative i (1-based) takes a share of the
+    remaining mass below half of the previous one's, so the list is strictly descending, every logprob
+    is < 0 and the probabilities sum to less than 1. Alternatives are distinct ordinary token ids
+    (fewer than k only when `token_id_range` is that small).
+    """
+    h = xxhash.xxh3_64_intdigest(context, _LOGPROB_SALT)
+    p0 = 0.5 + 0.49 * (h & 0xFFFF_FFFF) / 2.0**32
+    lp0 = math.log(p0)
+    if not k:
+        return lp0, []
+    top = [(token, lp0)]
+    rest = 1.0 - p0
+    low, high = token_id_range
+    span = high - low
+    seen = {token}
+    for i in range(1, min(k, span)):
+        hi = xxhash.xxh3_64_intdigest(context, _LOGPROB_SALT + i)
+        candidate = low + hi % span
+        while candidate in seen:
+            candidate = low + (candidate - low + 1) % span
+        seen.add(candidate)
+        jitter = 0.5 + 0.5 * (hi >> 32) / 2.0**32  # [0.5, 1)
+        top.append((candidate, math.log(rest * 0.5**i * jitter)))
+    return lp0, top
+
+
+def _concat(a: list[_T] | None, b: list[_T] | None) -> list[_T] | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
 class _Stream:
     """Engine-side state of one generate() call."""
 
-    __slots__ = ("queue", "seq")
+    __slots__ = ("logprobs", "queue", "seq")
 
-    def __init__(self, seq: Seq) -> None:
+    def __init__(self, seq: Seq, logprobs: int | None) -> None:
         self.seq = seq
+        # Alternatives per token the request wants logprobs for; None: no logprobs.
+        self.logprobs = logprobs
         self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
 
 
@@ -194,7 +243,7 @@ class MockerEngine:
         if seq.max_tokens <= 0:
             yield EngineOutput(finish_reason=FinishReason.LENGTH, cached_tokens=0)
             return
-        stream = _Stream(seq)
+        stream = _Stream(seq, request.sampling.logprobs)
         self._streams[seq.seq_id] = stream
         self.scheduler.add(seq)
         self._wakeup.set()
@@ -209,6 +258,8 @@ class MockerEngine:
                         finish_reason=nxt.finish_reason,
                         cached_tokens=nxt.cached_tokens,
                         error=nxt.error,
+                        logprobs=_concat(out.logprobs, nxt.logprobs),
+                        top_logprobs=_concat(out.top_logprobs, nxt.top_logprobs),
                     )
                 yield out
                 if out.finish_reason is not None:
@@ -262,12 +313,7 @@ class MockerEngine:
 
     def _sample(self, seq: Seq) -> Sampled:
         """The simulated model: a deterministic token for position len(seq.tokens)."""
-        p = len(seq.tokens)
-        bs = seq.block_size
-        full = p // bs
-        parent = seq.hashes.sequence[full - 1] if full else 0
-        tail = array("I", seq.tokens[full * bs : p]).tobytes()
-        data = _pack_position(seq.seed, p, parent) + tail
+        data = _context(seq, len(seq.tokens))
         h = xxhash.xxh3_64_intdigest(data)
         low, high = self.config.token_id_range
         span = high - low
@@ -290,8 +336,14 @@ class MockerEngine:
             if stream is None:
                 continue
             tokens = [] if token is None else [token]
+            logprobs = top = None
+            if stream.logprobs is not None and token is not None:
+                # The token is already appended: its context is everything before it.
+                context = _context(seq, len(seq.tokens) - 1)
+                lp, alternatives = mock_logprobs(context, token, stream.logprobs, self.config.token_id_range)
+                logprobs, top = [lp], ([alternatives] if stream.logprobs else None)
             if finished is None:
-                stream.queue.put_nowait(EngineOutput(token_ids=tokens))
+                stream.queue.put_nowait(EngineOutput(token_ids=tokens, logprobs=logprobs, top_logprobs=top))
             else:
                 stream.queue.put_nowait(
                     EngineOutput(
@@ -299,6 +351,8 @@ class MockerEngine:
                         finish_reason=_FINISH_REASONS[finished],
                         cached_tokens=seq.cached_tokens or 0,
                         error=seq.error,
+                        logprobs=logprobs,
+                        top_logprobs=top,
                     )
                 )
 
@@ -345,3 +399,13 @@ class MockerEngine:
             seed=0 if seed is None else seed & _U64,
             block_size=self.config.block_size,
         )
+
+
+def _context(seq: Seq, p: int) -> bytes:
+    """What the token at position `p` is drawn from: the seed, `p`, the chained hash of the last full
+    block before `p` and the tokens after it (so equal contexts give equal tokens on any worker)."""
+    bs = seq.block_size
+    full = p // bs
+    parent = seq.hashes.sequence[full - 1] if full else 0
+    tail = array("I", seq.tokens[full * bs : p]).tobytes()
+    return _pack_position(seq.seed, p, parent) + tail
