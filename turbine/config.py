@@ -26,10 +26,14 @@ SHORT_FLAGS = {"interactive": "-i"}
 ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv")
 DISCOVERY_BACKENDS = ("file", "mem", "etcd")
 REQUEST_PLANES = ("tcp", "nats", "http")
+# request: frontends stream each worker's events over the request plane; nats: one broker for all.
+EVENT_PLANES = ("request", "nats")
 ENGINES = ("mocker", "echo")
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Kept equal to turbine.runtime.model_files.MODEL_FILES_VIA.
+MODEL_FILES_VIA = ("auto", "store", "nats", "none")
 
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, secret: bool = False) -> Any:
@@ -54,7 +58,15 @@ class RuntimeConfig:
         "http://127.0.0.1:2379", "etcd client URLs for the etcd discovery store, comma-separated."
     )
     request_plane: str = opt("tcp", "Request plane transport.", choices=REQUEST_PLANES)
-    nats_server: str = opt("nats://127.0.0.1:4222", "NATS server URL (with --request-plane nats).")
+    nats_server: str = opt(
+        "nats://127.0.0.1:4222", "NATS server URL (with --request-plane nats or --event-plane nats)."
+    )
+    event_plane: str = opt(
+        "request",
+        "Where KV events and load metrics travel: request (each frontend streams them from every "
+        "worker over the request plane) or nats (workers publish them on --nats-server).",
+        choices=EVENT_PLANES,
+    )
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
     log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
     log_json: bool = opt(False, "Write logs as JSON lines.")
@@ -65,6 +77,8 @@ class RuntimeConfig:
             raise ConfigError("--lease-ttl-s must be positive")
         if not self.namespace or "/" in self.namespace:
             raise ConfigError("--namespace must be non-empty and contain no '/'")
+        if "nats" in (self.request_plane, self.event_plane) and "://" not in self.nats_server:
+            raise ConfigError(f"--nats-server {self.nats_server!r} is not a URL (e.g. nats://127.0.0.1:4222)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,11 @@ class FrontendConfig(RuntimeConfig):
     model_path: str | None = opt(
         None, "Local model directory whose tokenizer and chat template override the workers' cards."
     )
+    model_cache_dir: str | None = opt(
+        None,
+        "Where model files fetched from workers' cards are cached (default: a per-user directory "
+        "under the temp dir).",
+    )
     router_mode: str = opt("round-robin", "How to pick a worker.", choices=ROUTER_MODES)
     kv_overlap_score_weight: float = opt(
         1.0, "KV router: weight of the prefill cost (uncached blocks) against the decode cost."
@@ -91,6 +110,11 @@ class FrontendConfig(RuntimeConfig):
     )
     kv_events: bool = opt(
         True, "KV router: follow workers' KV events (--no-kv-events: approximate from routing history)."
+    )
+    router_replica_sync: bool = opt(
+        False,
+        "Share each model router's active load with the other frontends over the event plane "
+        "(needs --event-plane nats), so replicas do not pile the same burst onto one worker.",
     )
     router_ttl_secs: float = opt(
         120.0, "KV router without events: how long a routed prefix counts as cached."
@@ -170,6 +194,10 @@ class FrontendConfig(RuntimeConfig):
             raise ConfigError("--active-prefill-tokens-threshold must be at least 1")
         if self.kv_cache_block_size is not None and self.kv_cache_block_size < 1:
             raise ConfigError("--kv-cache-block-size must be at least 1")
+        if self.router_replica_sync and self.event_plane != "nats":
+            raise ConfigError("--router-replica-sync needs --event-plane nats (shared by every frontend)")
+        if self.router_replica_sync and self.router_mode in ("round-robin", "random"):
+            raise ConfigError("--router-replica-sync needs --router-mode kv, least-loaded or power-of-two")
         super().validate()
 
 
@@ -178,6 +206,12 @@ class WorkerConfig(RuntimeConfig):
     engine: str = opt("mocker", "Engine to serve.", choices=ENGINES)
     model_path: str | None = opt(None, "Model directory (tokenizer, template, config); default: bundled.")
     model_name: str | None = opt(None, "Served model name (default: the model directory's name).")
+    model_files_via: str = opt(
+        "auto",
+        "Publish the tokenizer/template files for frontends on other machines: store (discovery "
+        "store), nats (JetStream object store), none; auto: nats with --request-plane nats, else store.",
+        choices=MODEL_FILES_VIA,
+    )
     component: str = opt("backend", "Discovery component name.")
     endpoint: str = opt("generate", "Discovery endpoint name.")
     model_type: str = opt(

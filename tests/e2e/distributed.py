@@ -3,13 +3,16 @@ servers from the dev extra's wheels, started on free loopback ports for each tes
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import MODEL, Stack, http
 from tests.etcd_server import EtcdServer, etcd_binary
 from tests.nats_server import NatsServer, nats_binary
 
@@ -54,3 +57,23 @@ def dist_stack_at(tmp_path: Path) -> Iterator[DistStack]:
         stack.stop()
         nats.close()
         etcd.close()
+
+
+def shared_prefix_hit_ratio(urls: list[str], salt: str) -> float:
+    """Prompt-cache hit ratio of 48 requests in 8 shared-prefix groups, spread over `urls` in turn."""
+    rng = random.Random(salt)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    prefixes = [f"[{salt} {g}] " + " ".join(rng.choice(words) for _ in range(120)) for g in range(8)]
+    bodies = [(urls[i % len(urls)], f"{prefixes[i % 8]} question {i}") for i in range(48)]
+
+    def one(job: tuple[str, str]) -> tuple[int, int]:
+        url, prompt = job
+        body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 2}).encode()
+        status, _, raw = http("POST", url + "/v1/completions", body, {"Content-Type": "application/json"})
+        assert status == 200, raw
+        usage = json.loads(raw)["usage"]
+        return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, bodies))
+    return sum(c for c, _ in results) / sum(p for _, p in results)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import MODEL, Stack, http, live_instances, wait_instances, wait_until
+from tests.e2e.distributed import shared_prefix_hit_ratio
 from tests.etcd_server import EtcdServer, etcd_binary
 
 pytestmark = pytest.mark.e2e
@@ -91,28 +92,6 @@ def test_etcd_restart_while_serving(etcd_stack: EtcdStack) -> None:
         _complete(url)
 
 
-def _hit_ratio(urls: list[str], salt: str) -> float:
-    import concurrent.futures
-    import random
-
-    rng = random.Random(salt)
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    prefixes = [f"[{salt} {g}] " + " ".join(rng.choice(words) for _ in range(120)) for g in range(8)]
-    bodies = [(urls[i % len(urls)], f"{prefixes[i % 8]} question {i}") for i in range(48)]
-
-    def one(job: tuple[str, str]) -> tuple[int, int]:
-        url, prompt = job
-        body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 2}).encode()
-        status, _, raw = http("POST", url + "/v1/completions", body, {"Content-Type": "application/json"})
-        assert status == 200, raw
-        usage = json.loads(raw)["usage"]
-        return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(one, bodies))
-    return sum(c for c, _ in results) / sum(p for _, p in results)
-
-
 def test_two_frontends_share_the_cache_view(etcd_stack: EtcdStack) -> None:
     _, first = etcd_stack.frontend("--router-mode", "kv")
     _, second = etcd_stack.frontend("--router-mode", "kv")
@@ -121,8 +100,8 @@ def test_two_frontends_share_the_cache_view(etcd_stack: EtcdStack) -> None:
     )
     wait_instances(first, 4)
     wait_instances(second, 4)
-    one = _hit_ratio([first], "one")
-    both = _hit_ratio([first, second], "both")
+    one = shared_prefix_hit_ratio([first], "one")
+    both = shared_prefix_hit_ratio([first, second], "both")
     print(f"hit ratio: one frontend {one:.3f}, two frontends {both:.3f}")
     assert one > 0.6
     assert both >= 0.9 * one, (one, both)

@@ -111,7 +111,9 @@ class OpenAIService:
         self._registry = registry
         self._max_body_bytes = max_body_bytes
         self.metrics = FrontendMetrics(
-            metrics_prefix, lambda: {p.name: len(p.instance_ids) for p in registry.models()}
+            metrics_prefix,
+            lambda: {p.name: len(p.instance_ids) for p in registry.models()},
+            registry.router_loads,
         )
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -134,9 +136,7 @@ class OpenAIService:
                 # The route's pattern, not the path: a label per requested URL would grow forever.
                 resource = request.match_info.route.resource
                 endpoint = resource.canonical if resource is not None else "unmatched"
-                metrics.requests.labels(model, endpoint, str(response.status)).inc()
-                if response.status == 503 and model:
-                    metrics.rejections.labels(model).inc()
+                metrics.count(model, endpoint, str(response.status), rejected=response.status == 503)
             return response
 
         app = web.Application(middlewares=[errors_and_counts], client_max_size=self._max_body_bytes)
@@ -250,22 +250,15 @@ class OpenAIService:
     ) -> web.StreamResponse:
         self.inflight += 1
         self._idle.clear()
-        metrics = self.metrics
         model = pipeline.name
-        started = time.perf_counter()
-        metrics.inflight.labels(model).inc()
+        served = self.metrics.serving(model)
         gens = pipeline.generate_choices(prepared)
         try:
             # Wait for every choice's first delta before answering, so that a request no worker
             # can take still becomes an HTTP error status rather than an in-band stream error.
             firsts = list(await asyncio.gather(*(g.first() for g in gens)))
-            metrics.ttft.labels(model).observe(time.perf_counter() - started)
+            served.first_token(gens)
             headers = {}
-            for gen in gens:
-                if gen.decision is not None:
-                    worker = f"{gen.decision.instance_id:x}"
-                    metrics.routed.labels(model, worker).inc()
-                    metrics.overlap_blocks.labels(model).inc(gen.decision.overlap_blocks)
             decision = gens[0].decision
             if decision is not None:
                 headers["x-turbine-worker"] = f"{decision.instance_id:x}"
@@ -279,7 +272,7 @@ class OpenAIService:
                 return await self._stream(request, gens, firsts, prepared, model, created, chat, headers)
             choices = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts, strict=True)))
             if responses:
-                text, finish = choices[0]
+                text, finish, _ = choices[0]
                 obj = response_object(
                     response_id=prepared.request.request_id,
                     message_id=new_id("msg"),
@@ -305,20 +298,7 @@ class OpenAIService:
                 self._idle.set()
             for gen in gens:
                 await gen.aclose()
-            metrics.inflight.labels(model).dec()
-            metrics.duration.labels(model).observe(time.perf_counter() - started)
-            usage = usage_of(gens)
-            metrics.input_tokens.labels(model).observe(usage["prompt_tokens"])
-            metrics.output_tokens.labels(model).observe(usage["completion_tokens"])
-            metrics.prompt_tokens.labels(model).inc(usage["prompt_tokens"])
-            metrics.cached_tokens.labels(model).inc(gens[0].cached_tokens)
-            for gen in gens:
-                itl = gen.post.inter_token_latency_s
-                if itl is not None:
-                    metrics.itl.labels(model).observe(itl)
-            migrations = sum(g.migrations for g in gens)
-            if migrations:
-                metrics.migrations.labels(model).inc(migrations)
+            served.finish(gens)
 
     async def _stream(
         self,

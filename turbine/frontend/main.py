@@ -14,9 +14,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,8 +32,10 @@ from turbine.frontend.python_engine import load_factory
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
+from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
-from turbine.runtime.factory import make_request_client, make_store
+from turbine.runtime.factory import make_event_plane, make_request_client, make_store
+from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
 
 log = logging.getLogger("turbine.frontend")
 
@@ -57,6 +61,14 @@ async def run_frontend(
     store = store if store is not None else make_store(cfg)
     client = make_request_client(cfg)
     executor = concurrent.futures.ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="tokenize")
+    # The NATS object store connects only when a card lists a nats-os: location.
+    model_files = ModelFileResolver(
+        [StoreBlobStore(store), NatsObjectBlobStore(cfg.nats_server)],
+        Path(cfg.model_cache_dir) if cfg.model_cache_dir else default_model_cache_dir(),
+    )
+    # --event-plane nats: one connection shared by every model's KV router, opened by the first
+    # subscription (only KV routing with events needs it).
+    events = make_event_plane(cfg)
     registry = ModelRegistry(
         store=store,
         namespace=cfg.namespace,
@@ -68,12 +80,19 @@ async def run_frontend(
         migration_limit=cfg.migration_limit,
         tokenizer_cache_entries=cfg.tokenizer_cache_entries,
         engine_factory=load_factory(cfg.exp_python_factory) if cfg.exp_python_factory else None,
+        model_files=model_files,
+        events=events,
+        # Each frontend process is one router replica; a random id never collides in practice.
+        replica_id=secrets.randbits(63) if cfg.router_replica_sync else None,
     )
     if cfg.interactive:
         try:
             await serve_interactive(cfg, registry, stop)
         finally:
+            if events is not None:
+                await events.close()
             await client.close()
+            await model_files.close()
             if own_store:
                 await store.close()
             executor.shutdown(wait=False, cancel_futures=True)
@@ -93,7 +112,7 @@ async def run_frontend(
         else None
     )
     grpc_server = (
-        KServeServer(registry, cfg.http_host, cfg.grpc_port, grpc_credentials)
+        KServeServer(registry, cfg.http_host, cfg.grpc_port, grpc_credentials, service.metrics)
         if cfg.kserve_grpc_server
         else None
     )
@@ -131,7 +150,10 @@ async def run_frontend(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if events is not None:
+            await events.close()
         await client.close()
+        await model_files.close()
         if own_store:
             await store.close()
         executor.shutdown(wait=False, cancel_futures=True)

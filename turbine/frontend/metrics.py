@@ -2,15 +2,23 @@
 
 Per request the hot path touches a handful of counters and histograms (a few microseconds); nothing
 is recorded per token. Live workers per model are read from the model registry at scrape time.
+Both edges (HTTP and KServe gRPC) record a served request through `RequestMetrics`, so the two count
+alike; their `requests` samples differ only in the endpoint label and the status (HTTP status, or the
+gRPC status code's name).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from turbine.frontend.pipeline import Generation
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,16 +38,50 @@ class _LiveWorkers(Collector):
         yield family
 
 
+# (model, worker instance id) -> (active requests, active prefill tokens), as a router counts them.
+RouterLoads = dict[tuple[str, int], tuple[int, int]]
+
+
+class _RouterLoad(Collector):
+    """Each load-aware router's view of its workers' active load (with --router-replica-sync it
+    includes the requests other frontends routed there)."""
+
+    def __init__(self, prefix: str, source: Callable[[], RouterLoads]) -> None:
+        self._prefix = prefix
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["model", "worker"]
+        requests = GaugeMetricFamily(
+            f"{self._prefix}_router_active_requests",
+            "Active requests per worker, as the router counts them.",
+            labels=labels,
+        )
+        prefill = GaugeMetricFamily(
+            f"{self._prefix}_router_active_prefill_tokens",
+            "Prompt tokens routed to a worker and not yet prefilled, as the router counts them.",
+            labels=labels,
+        )
+        for (model, worker), (active, tokens) in sorted(self._source().items()):
+            requests.add_metric([model, f"{worker:x}"], active)
+            prefill.add_metric([model, f"{worker:x}"], tokens)
+        yield requests
+        yield prefill
+
+
 class FrontendMetrics:
     def __init__(
-        self, prefix: str = "turbine", live_workers: Callable[[], dict[str, int]] | None = None
+        self,
+        prefix: str = "turbine",
+        live_workers: Callable[[], dict[str, int]] | None = None,
+        router_loads: Callable[[], RouterLoads] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         p = prefix
         self.requests = Counter(
             f"{p}_requests",
-            "Requests by model, endpoint and HTTP status.",
+            "Requests by model, endpoint and status (HTTP status, or gRPC status code name).",
             ["model", "endpoint", "status"],
             registry=r,
         )
@@ -112,6 +154,67 @@ class FrontendMetrics:
         )
         if live_workers is not None:
             r.register(_LiveWorkers(f"{p}_live_workers", live_workers))
+        if router_loads is not None:
+            r.register(_RouterLoad(p, router_loads))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def count(self, model: str, endpoint: str, status: str, *, rejected: bool = False) -> None:
+        """One finished request at an edge; `rejected`: refused for want of a worker (HTTP 503,
+        gRPC UNAVAILABLE), counted per model too."""
+        self.requests.labels(model, endpoint, status).inc()
+        if rejected and model:
+            self.rejections.labels(model).inc()
+
+    def serving(self, model: str) -> RequestMetrics:
+        """Start recording one request that has been preprocessed and is about to be routed."""
+        return RequestMetrics(self, model)
+
+
+class RequestMetrics:
+    """One request's serving metrics, from routing to its end: in flight from construction until
+    `finish` (which must be called exactly once, in a `finally`), time to first token, routing, and
+    at the end duration, prompt/output/cached token counts, inter-token latency and migrations."""
+
+    __slots__ = ("_first_seen", "_metrics", "_model", "_started")
+
+    def __init__(self, metrics: FrontendMetrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._started = time.perf_counter()
+        self._first_seen = False
+        metrics.inflight.labels(model).inc()
+
+    def first_token(self, gens: Sequence[Generation]) -> None:
+        """The first output arrived (for n > 1: every choice's): TTFT, and where the choices went."""
+        if self._first_seen:
+            return
+        self._first_seen = True
+        m, model = self._metrics, self._model
+        m.ttft.labels(model).observe(time.perf_counter() - self._started)
+        for gen in gens:
+            if gen.decision is not None:
+                m.routed.labels(model, f"{gen.decision.instance_id:x}").inc()
+                m.overlap_blocks.labels(model).inc(gen.decision.overlap_blocks)
+
+    def finish(self, gens: Sequence[Generation]) -> None:
+        """The request ended (served, failed or cancelled); `gens` are its choices."""
+        m, model = self._metrics, self._model
+        m.inflight.labels(model).dec()
+        m.duration.labels(model).observe(time.perf_counter() - self._started)
+        if not gens:
+            return
+        # One prompt, n completions: the prompt counts once (as the usage object does).
+        prompt = gens[0].prompt_tokens
+        m.input_tokens.labels(model).observe(prompt)
+        m.output_tokens.labels(model).observe(sum(g.completion_tokens for g in gens))
+        m.prompt_tokens.labels(model).inc(prompt)
+        m.cached_tokens.labels(model).inc(gens[0].cached_tokens)
+        for gen in gens:
+            itl = gen.post.inter_token_latency_s
+            if itl is not None:
+                m.itl.labels(model).observe(itl)
+        migrations = sum(g.migrations for g in gens)
+        if migrations:
+            m.migrations.labels(model).inc(migrations)

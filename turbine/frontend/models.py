@@ -24,7 +24,10 @@ from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.router.base import Router
+from turbine.router.load import LoadTracker
 from turbine.runtime.discovery.base import Store, WatchKind
+from turbine.runtime.events.base import EventPlane
+from turbine.runtime.model_files import ModelFileResolver
 from turbine.runtime.transport.base import RequestPlaneClient
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,9 @@ class ModelRegistry:
         migration_limit: int = 0,
         tokenizer_cache_entries: int = 0,
         engine_factory: EngineFactory | None = None,
+        model_files: ModelFileResolver | None = None,
+        events: EventPlane | None = None,
+        replica_id: int | None = None,
     ) -> None:
         self._store = store
         self._namespace = namespace
@@ -58,6 +64,10 @@ class ModelRegistry:
         self._migration_limit = migration_limit
         self._tokenizer_cache_entries = tokenizer_cache_entries
         self._engine_factory = engine_factory
+        self._events = events  # the shared event plane KV routers follow (None: the request plane)
+        self._replica_id = replica_id  # set with --router-replica-sync: routers share load on `events`
+        # Fetches a card's files when its model_path is not on this machine (None: never fetch).
+        self._model_files = model_files
         self._instances: dict[int, Instance] = {}
         self._cards: dict[int, ModelDeploymentCard] = {}
         self._pipelines: dict[str, ModelPipeline] = {}
@@ -82,6 +92,16 @@ class ModelRegistry:
     @property
     def instance_count(self) -> int:
         return sum(len(p.instance_ids) for p in self._pipelines.values())
+
+    def router_loads(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(model, worker) -> (active requests, active prefill tokens) of load-aware routers."""
+        out: dict[tuple[str, int], tuple[int, int]] = {}
+        for pipeline in self._pipelines.values():
+            tracker = getattr(pipeline.router, "load", None)
+            if isinstance(tracker, LoadTracker):
+                for worker, load in tracker.snapshot().items():
+                    out[pipeline.name, worker] = (load.active_requests, load.active_prefill_tokens)
+        return out
 
     # ------------------------------------------------------------------------------ watching
 
@@ -174,6 +194,8 @@ class ModelRegistry:
     async def _load_model(self, card: ModelDeploymentCard) -> None:
         path = self._model_path_override or card.model_path
         try:
+            if self._model_path_override is None and card.files and self._model_files is not None:
+                path = str(await self._model_files.local_dir(card))
             files = self._files.get(path)
             if files is None:
                 files = await asyncio.to_thread(load_model_files, Path(path))
@@ -191,7 +213,15 @@ class ModelRegistry:
             return  # every worker left while we were loading
         engine = self._engine_factory(card) if self._engine_factory is not None else None
         self._pipelines[card.name] = ModelPipeline(
-            card.name, card, preprocessor, self._router_factory(), self._client, self._migration_limit, engine
+            card.name,
+            card,
+            preprocessor,
+            self._router_factory(),
+            self._client,
+            self._migration_limit,
+            engine,
+            events=self._events,
+            replica_id=self._replica_id,
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)

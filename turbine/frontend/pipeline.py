@@ -11,8 +11,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import msgspec
 
 from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerUnreachable
-from turbine.frontend.kv_events import EventFollowers
+from turbine.frontend.kv_events import make_followers
 from turbine.frontend.python_engine import PythonEngine
+from turbine.frontend.replica_sync import ReplicaSync
+from turbine.postprocess.logprobs import TokenLogprob
 from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
 from turbine.protocol.instance import Instance
@@ -20,7 +22,8 @@ from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.response import EngineOutput
 from turbine.router.base import Decision, Router
-from turbine.router.kv_router import KvRouter
+from turbine.router.kv_router import KvRouter, LoadRouter
+from turbine.runtime.events.base import EventPlane
 from turbine.runtime.transport.base import RequestPlaneClient
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,8 @@ class ModelPipeline:
         client: RequestPlaneClient,
         migration_limit: int = 0,
         engine: PythonEngine | None = None,
+        events: EventPlane | None = None,
+        replica_id: int | None = None,
     ) -> None:
         self.name = name
         self._engine = engine
@@ -100,10 +105,18 @@ class ModelPipeline:
         self._instances: dict[int, Instance] = {}
         self._ids: list[int] = []
         self._quarantined: dict[int, float] = {}
-        # A KV router fed by events needs one event stream per worker; other routers need none.
+        # A KV router fed by events follows the workers' events (one stream per worker over the
+        # request plane, or one subscription on the shared event plane); other routers need none.
         self._followers = (
-            EventFollowers(client, router) if isinstance(router, KvRouter) and router.wants_events else None
+            make_followers(client, router, events, card.namespace, name)
+            if isinstance(router, KvRouter) and router.wants_events
+            else None
         )
+        # --router-replica-sync: this frontend's routing load and its peers' meet on the event plane.
+        self._replica_sync: ReplicaSync | None = None
+        if replica_id is not None and events is not None and isinstance(router, KvRouter | LoadRouter):
+            self._replica_sync = ReplicaSync(events, card.namespace, name, replica_id, router)
+            self._replica_sync.start()
 
     # ------------------------------------------------------------------ instances (from discovery)
 
@@ -119,6 +132,8 @@ class ModelPipeline:
         """Stop following workers' events (the model left, or the frontend is stopping)."""
         if self._followers is not None:
             await self._followers.close()
+        if self._replica_sync is not None:
+            await self._replica_sync.close()
 
     @property
     def instance_ids(self) -> list[int]:
@@ -194,20 +209,24 @@ class ModelPipeline:
                         if not started:
                             started = True
                             self.router.on_first_token(request.request_id, decision)
-                        # A batch of frames that arrived together becomes one delta (one SSE event).
+                        # A batch of frames that arrived together becomes one delta (one SSE event),
+                        # its logprobs the frames' in order (None unless the engine sends them).
                         text = ""
+                        logprobs: list[TokenLogprob] | None = None
                         for frame in batch:
                             out = _decode_output(frame)
                             if out.error is not None:
                                 raise EngineError(f"worker {instance.instance_id:x}: {out.error}")
                             generated += out.token_ids
                             delta = post.process(out)
+                            if delta.logprobs is not None:
+                                logprobs = delta.logprobs if logprobs is None else logprobs + delta.logprobs
                             if delta.finish_reason is not None:
-                                yield TextDelta(text + delta.text, delta.finish_reason)
+                                yield TextDelta(text + delta.text, delta.finish_reason, logprobs)
                                 return
                             text += delta.text
-                        if text:
-                            yield TextDelta(text, None)
+                        if text or logprobs:
+                            yield TextDelta(text, None, logprobs)
                 raise WorkerUnreachable(f"worker {instance.instance_id:x} ended the stream without finishing")
             except (WorkerUnreachable, WorkerDraining) as exc:
                 excluded.add(instance.instance_id)
@@ -244,7 +263,7 @@ async def _python_engine_deltas(
             if out.error is not None:
                 raise EngineError(f"python engine: {out.error}")
             delta = gen.post.process(out)
-            if delta.text or delta.finish_reason is not None:
+            if delta.text or delta.logprobs or delta.finish_reason is not None:
                 yield delta
             if delta.finish_reason is not None:
                 return

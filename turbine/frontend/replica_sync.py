@@ -18,7 +18,7 @@ from typing import Protocol
 import msgspec
 
 from turbine.protocol.router_events import ReplicaState, RouterEvent, RouterSyncBatch
-from turbine.runtime.events.base import EventPlane
+from turbine.runtime.events.base import EventPlane, model_subject_prefix
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ _decode = msgspec.msgpack.Decoder(RouterSyncBatch).decode
 
 
 def router_sync_prefix(namespace: str, model: str) -> str:
-    return f"{namespace}.{model}.router."
+    """Where one model's replicas publish: `{ns}.{model}.router.`, names escaped for every plane."""
+    return f"{model_subject_prefix(namespace, model)}router."
 
 
 class SyncedRouter(Protocol):

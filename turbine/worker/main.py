@@ -25,7 +25,8 @@ from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.events.memory import MemoryEventPlane
 from turbine.runtime.events.sink import EventPlaneSink
-from turbine.runtime.factory import make_request_server, make_store
+from turbine.runtime.factory import make_event_plane, make_request_server, make_store
+from turbine.runtime.model_files import publish_worker_model_files
 from turbine.worker.sdk import EngineWorker, WorkerIdentity
 
 log = logging.getLogger("turbine.worker")
@@ -84,6 +85,19 @@ async def run_workers(
     model_name = cfg.model_name or (model_dir.resolve().name if cfg.model_path else BUNDLED_MODEL_NAME)
     own_store = store is None
     store = store if store is not None else make_store(cfg)
+    try:
+        # Before any card: a frontend that sees the card must find the files it lists.
+        model_files = await publish_worker_model_files(
+            cfg.model_files_via,
+            model_dir=model_dir,
+            store=store,
+            request_plane=cfg.request_plane,
+            nats_url=cfg.nats_server,
+        )
+    except BaseException:
+        if own_store:
+            await store.close()
+        raise
     identity = WorkerIdentity(
         namespace=cfg.namespace,
         component=cfg.component,
@@ -93,14 +107,28 @@ async def run_workers(
         context_length=cfg.context_length or files.context_length,
         model_types=cfg.model_types,
         transport=cfg.request_plane,
+        files=model_files,
     )
+    # --event-plane nats: one connection for the process's workers, connected now so that a wrong
+    # URL fails start-up; closed after every worker has drained.
+    shared = make_event_plane(cfg)
+    if shared is not None:
+        try:
+            await shared.start()
+        except BaseException:
+            if own_store:
+                await store.close()
+            raise
     workers = []
     for _ in range(cfg.num_workers):
         instance_id = secrets.randbits(63)
-        # Each worker publishes KV events and load metrics on its own in-process plane; frontends
-        # subscribe through the worker's kv_events endpoint on the request plane.
+        # Each worker publishes KV events and load metrics on its own in-process plane, served to
+        # frontends by its kv_events endpoint on the request plane, and on the shared one if any.
         plane = MemoryEventPlane()
-        sink = EventPlaneSink(plane, cfg.namespace, model_name, instance_id)
+        if shared is None:
+            sink = EventPlaneSink(plane, cfg.namespace, model_name, instance_id)
+        else:
+            sink = EventPlaneSink(shared, cfg.namespace, model_name, instance_id, mirror=plane)
         workers.append(
             EngineWorker(
                 engine=build_engine(cfg, files, instance_id, sink),
@@ -123,6 +151,8 @@ async def run_workers(
         log.info("shutting down %d worker(s)", len(started))
     finally:
         await asyncio.gather(*(w.shutdown(cfg.drain_timeout_s) for w in started), return_exceptions=True)
+        if shared is not None:
+            await shared.close()
         if own_store:
             await store.close()
 

@@ -26,11 +26,11 @@ from turbine.protocol.kv_events import (
     LoadMetrics,
     WorkerEvent,
 )
-from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard
+from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard, ModelFile
 from turbine.protocol.request import PreprocessedRequest
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.lease import LeaseKeeper
-from turbine.runtime.events.base import EventPlane, kv_events_subject, load_subject
+from turbine.runtime.events.base import EventPlane, kv_events_subject, load_subject, model_subject_prefix
 from turbine.runtime.transport.base import RequestPlaneServer
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class WorkerIdentity:
     context_length: int
     transport: str = "tcp"
     model_types: tuple[str, ...] = ("chat", "completions")
+    # The model files published for frontends on other machines (runtime/model_files.py).
+    files: tuple[ModelFile, ...] = ()
 
 
 class EngineWorker:
@@ -73,8 +75,9 @@ class EngineWorker:
         self._server = server
         self._identity = identity
         self._lease_ttl_s = lease_ttl_s
-        # This worker's own event plane (its engine publishes there); frontends read it through
-        # the kv_events endpoint of the request plane.
+        # This worker's own in-process event plane (its engine publishes there, and also on the
+        # shared NATS plane with --event-plane nats); frontends following over the request plane
+        # read it through the kv_events endpoint, which therefore works in either mode.
         self._events = events
         self.instance_id = instance_id if instance_id is not None else secrets.randbits(63)
         self._lease: LeaseKeeper | None = None
@@ -107,6 +110,7 @@ class EngineWorker:
             total_kv_blocks=capacity.total_kv_blocks,
             max_num_seqs=capacity.max_num_seqs,
             max_num_batched_tokens=capacity.max_num_batched_tokens,
+            files=ident.files,
         )
         self._lease = LeaseKeeper(self._store)
         await self._lease.start(self._lease_ttl_s)
@@ -143,7 +147,8 @@ class EngineWorker:
             raise InvalidRequest("this worker publishes no events")
         kv_subject = kv_events_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
         load_subject_ = load_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
-        async with contextlib.aclosing(self._events.subscribe(kv_subject.rsplit(".", 2)[0] + ".")) as sub:
+        prefix = model_subject_prefix(self._identity.namespace, self._identity.model_name)
+        async with contextlib.aclosing(self._events.subscribe(prefix)) as sub:
             async for subject, data in sub:
                 if subject == kv_subject:
                     yield _encode(WorkerEvent(kv=_decode_batch(data)))
