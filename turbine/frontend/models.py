@@ -32,6 +32,10 @@ from turbine.runtime.transport.base import RequestPlaneClient
 
 log = logging.getLogger(__name__)
 
+# A model whose files failed to load is tried again after 2, 4, 8, ... seconds, at most a minute.
+RETRY_FIRST_S = 2.0
+RETRY_MAX_S = 60.0
+
 _decode_instance = msgspec.msgpack.Decoder(Instance).decode
 _decode_card = msgspec.msgpack.Decoder(ModelDeploymentCard).decode
 
@@ -73,7 +77,9 @@ class ModelRegistry:
         self._pipelines: dict[str, ModelPipeline] = {}
         self._files: dict[str, ModelFiles] = {}
         self._loading: set[str] = set()
-        self._failed: set[str] = set()
+        # Models whose files could not be loaded -> failed attempts so far; retried with backoff
+        # (a store or NATS outage passes; a checksum mismatch stays refused, logged each time).
+        self._failed: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()
 
@@ -180,11 +186,17 @@ class ModelRegistry:
         self.changed.set()
         self.changed.clear()
 
-    def _load(self, card: ModelDeploymentCard) -> None:
-        if card.name in self._loading or card.name in self._failed:
+    def _load(self, card: ModelDeploymentCard, *, retry: bool = False) -> None:
+        if card.name in self._loading or (card.name in self._failed and not retry):
             return
         self._loading.add(card.name)
         self._spawn(self._load_model(card))
+
+    async def _retry_later(self, name: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        card = next((c for c in self._cards.values() if c.name == name), None)
+        if card is not None and name not in self._pipelines:
+            self._load(card, retry=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -204,11 +216,21 @@ class ModelRegistry:
                 card.name, files, self._executor, card.context_length, self._tokenizer_cache_entries
             )
         except TurbineError as exc:
-            log.error("cannot serve model %s from %s: %s", card.name, path, exc.message)
-            self._failed.add(card.name)
+            attempts = self._failed.get(card.name, 0) + 1
+            self._failed[card.name] = attempts
+            delay_s = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (attempts - 1))
+            log.error(
+                "cannot serve model %s from %s: %s (retrying in %.0f s)",
+                card.name,
+                path,
+                exc.message,
+                delay_s,
+            )
+            self._spawn(self._retry_later(card.name, delay_s))
             return
         finally:
             self._loading.discard(card.name)
+        self._failed.pop(card.name, None)
         if not any(c.name == card.name for c in self._cards.values()):
             return  # every worker left while we were loading
         engine = self._engine_factory(card) if self._engine_factory is not None else None
