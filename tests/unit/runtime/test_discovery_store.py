@@ -8,37 +8,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from tests.etcd_server import EtcdServer
 from turbine.runtime.discovery.base import KeyValue, Store, WatchEvent, WatchKind
 from turbine.runtime.discovery.etcd import EtcdStore
-from turbine.runtime.discovery.file import FileStore
-from turbine.runtime.discovery.memory import MemoryStore
 
 pytestmark = pytest.mark.unit
 
 TTL = 0.3
 # Generous: a watch must report an expiry within TTL + 0.5 s; CI machines can be slow.
 EVENT_TIMEOUT = 2.0
-
-
-@pytest.fixture(params=["memory", "file", pytest.param("etcd", marks=pytest.mark.integration)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    impl: Store
-    if request.param == "memory":
-        impl = MemoryStore()
-    elif request.param == "file":
-        impl = FileStore(tmp_path / "store", 0.02)
-    else:
-        server: EtcdServer = request.getfixturevalue("etcd_server")
-        impl = EtcdStore(server.endpoint)
-    try:
-        yield impl
-    finally:
-        await impl.close()
 
 
 def skip_whole_second_ttls(store: Store) -> None:

