@@ -4,8 +4,9 @@ Setup (issue 3): 4 mocker workers with the realistic timing model (speedup 1), b
 small cache (160 blocks per worker, then a tighter 96); a shared-prefix workload (16 groups x
 ~2,000-token system prompt + ~64-token question, 256 requests, concurrency 16, 32 output tokens,
 streaming) with a fresh random salt per run so no run hits another's cache; and a multi-turn
-conversation workload. Modes: round-robin, random, least-loaded, kv (events), kv (approximate), and
-SGLang's gateway (`sglang-router==0.3.2`, `--policy cache_aware`) in front of 4 single-worker Turbine
+conversation workload. Modes: round-robin, random, least-loaded, kv (events), kv (approximate),
+kv (events) with overlap weight 1.5 (the default is Dynamo's 1.0), and SGLang's gateway
+(`sglang-router==0.3.2`, `--policy cache_aware`) in front of 4 single-worker Turbine
 stacks. Also the hit ratio an oracle could reach on each trace (a global LRU over all workers'
 capacity that hits every block seen before).
 
@@ -174,6 +175,8 @@ MODES: dict[str, list[str]] = {
     "least-loaded": ["--router-mode", "least-loaded"],
     "kv (events)": ["--router-mode", "kv"],
     "kv (approx)": ["--router-mode", "kv", "--no-kv-events"],
+    # The default weight is Dynamo's 1.0; this row shows what favouring cache hits a bit more buys.
+    "kv (events, weight 1.5)": ["--router-mode", "kv", "--kv-overlap-score-weight", "1.5"],
 }
 
 

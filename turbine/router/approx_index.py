@@ -18,6 +18,10 @@ same for every entry, each worker's LRU order is also its expiry order, so one o
 worker serves both rules; a global lower bound on the earliest expiry makes the common "nothing
 expired yet" check O(1).
 
+With `remember_evictions`, blocks that capacity pushed out are remembered (up to the capacity's
+worth per worker) until recorded there again: the KV router uses this model of each worker's
+*future* cache to discount what its KV events say the worker holds *now* (`evicted_before`).
+
 Pure and I/O-free (the clock is injected); not thread-safe.
 """
 
@@ -39,6 +43,8 @@ class ApproxIndex:
         ttl_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         capacity_blocks: Mapping[int, int] | None = None,
+        *,
+        remember_evictions: bool = False,
     ) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
@@ -55,6 +61,9 @@ class ApproxIndex:
         """worker -> {block hash: expiry time}, least recently recorded first."""
         self._next_expiry = math.inf
         """Never later than the earliest expiry of any entry (refreshes only push expiries out)."""
+        self._evicted: dict[int, OrderedDict[int, None]] | None = {} if remember_evictions else None
+        """worker -> blocks capacity pushed out of its record (not expired ones), oldest first, at
+        most its capacity of them; a block leaves when it is recorded there again."""
 
     # -- queries -------------------------------------------------------------------------------------
 
@@ -64,6 +73,18 @@ class ApproxIndex:
         scores: dict[int, int] = {}
         bisect_prefix(self._owners.__getitem__, sequence_hashes, self._slots.workers_in, scores)
         return OverlapScores(scores, {w: len(b) for w, b in self._blocks.items()})
+
+    def evicted_before(self, worker: int, sequence_hashes: Sequence[int], depth: int) -> int:
+        """How many leading blocks of `sequence_hashes[:depth]` capacity has not pushed out of
+        `worker`'s record: the point where this model of its cache says the prefix was evicted
+        (`depth` when it never was, or evictions are not remembered)."""
+        evicted = self._evicted.get(worker) if self._evicted is not None else None
+        if not evicted:
+            return depth
+        for i in range(depth):
+            if sequence_hashes[i] in evicted:
+                return i
+        return depth
 
     def blocks_of(self, worker: int) -> list[int]:
         """The worker's unexpired blocks, least recently recorded first."""
@@ -91,9 +112,14 @@ class ApproxIndex:
             else:
                 owners[h] = get(h, NOBODY) & clear
             mine[h] = expiry
+        if self._evicted is not None:
+            evicted = self._evicted.get(worker)
+            if evicted:
+                for h in sequence_hashes:
+                    evicted.pop(h, None)
         capacity = self._capacity.get(worker)
         if capacity is not None:
-            self._evict_to(bit, mine, capacity)
+            self._evict_to(worker, mine, capacity)
 
     def set_capacity(self, worker: int, blocks: int | None) -> None:
         """Cap `worker` at `blocks` recorded blocks (None: unlimited), evicting LRU blocks at once."""
@@ -104,13 +130,15 @@ class ApproxIndex:
         self._capacity[worker] = blocks
         mine = self._blocks.get(worker)
         if mine:
-            self._evict_to(self._slots.bit(worker), mine, blocks)
+            self._evict_to(worker, mine, blocks)
 
     def remove_worker(self, worker: int) -> None:
         """Forget `worker`: its blocks and its capacity."""
         mine = self._blocks.pop(worker, None)
         if mine:
             self._unset(self._slots.bit(worker), mine)
+        if self._evicted is not None:
+            self._evicted.pop(worker, None)
         self._capacity.pop(worker, None)
         self._slots.release(worker)
 
@@ -121,10 +149,19 @@ class ApproxIndex:
         if blocks < 0:
             raise ValueError(f"capacity must be >= 0 blocks, got {blocks}")
 
-    def _evict_to(self, bit: int, mine: OrderedDict[int, float], capacity: int) -> None:
+    def _evict_to(self, worker: int, mine: OrderedDict[int, float], capacity: int) -> None:
         excess = len(mine) - capacity
-        if excess > 0:
-            self._unset(bit, [mine.popitem(last=False)[0] for _ in range(excess)])
+        if excess <= 0:
+            return
+        gone = [mine.popitem(last=False)[0] for _ in range(excess)]
+        self._unset(self._slots.bit(worker), gone)
+        if self._evicted is not None:
+            evicted = self._evicted.setdefault(worker, OrderedDict())
+            for h in gone:
+                evicted[h] = None
+                evicted.move_to_end(h)
+            while len(evicted) > capacity:
+                evicted.popitem(last=False)
 
     def _unset(self, bit: int, hashes: Sequence[int] | OrderedDict[int, float]) -> None:
         owners = self._owners

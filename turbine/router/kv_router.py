@@ -170,7 +170,7 @@ class KvRouter(_LoadCounting):
         self._capacity: dict[int, int] = {}
         self.index = RadixIndex()
         self.approx = ApproxIndex(settings.ttl_s)
-        self.pending = ApproxIndex(settings.ttl_s)
+        self.pending = ApproxIndex(settings.ttl_s, remember_evictions=True)
         self.active = ActiveBlocks()
         self.worker_load: dict[int, LoadMetrics] = {}
         self._warned: set[int] = set()
@@ -232,6 +232,18 @@ class KvRouter(_LoadCounting):
         in_flight: dict[int, int] = {}
         if self.settings.use_kv_events:
             overlap = self.index.find_matches(hashes)
+            pending_index = self.pending
+            # What the index reports is the cache as of the last event. Requests routed since will
+            # evict from it before this one is scheduled: where the routing history (an LRU model of
+            # each worker's cache over everything routed there) has pushed part of this prefix out,
+            # trust the index only up to that point. Otherwise a request is sent for a prefix that
+            # is gone by the time it runs, and recomputes it at the back of a queue.
+            trimmed = {}
+            for worker, blocks in overlap.scores.items():
+                kept = pending_index.evicted_before(worker, hashes, blocks)
+                if kept:
+                    trimmed[worker] = kept
+            overlap = OverlapScores(trimmed, overlap.tree_sizes)
             # The router's own routing history (TTL + LRU per worker capacity, as in approximate
             # mode) raises the event-based overlap: requests routed moments ago have produced no
             # KV events yet, and a prefix whose blocks a worker just evicted is best re-cached

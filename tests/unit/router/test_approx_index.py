@@ -166,3 +166,34 @@ def test_find_matches_agrees_with_a_brute_force_model_under_ttl_and_capacity() -
             if depth:
                 expected[w] = depth
         assert index.find_matches(request) == OverlapScores(expected, {w: len(b) for w, b in live.items()})
+
+
+def test_remembered_evictions_mark_where_a_prefix_was_pushed_out() -> None:
+    clock = FakeClock()
+    index = ApproxIndex(ttl_s=10.0, clock=clock, capacity_blocks={1: 4}, remember_evictions=True)
+    index.record(1, [1, 2, 3])
+    assert index.evicted_before(1, [1, 2, 3], 3) == 3  # nothing evicted yet
+    index.record(1, [7, 8])  # 5 blocks > capacity 4: the LRU block goes, the tail first (3)
+    assert index.evicted_before(1, [1, 2, 3], 3) == 2
+    assert index.evicted_before(1, [1, 2, 3], 2) == 2
+    assert index.evicted_before(2, [1, 2, 3], 3) == 3  # other workers are unaffected
+    index.record(1, [1, 2, 3])  # recorded again: no longer evicted
+    assert index.evicted_before(1, [1, 2, 3], 3) == 3
+    # Expiry by TTL is not eviction: the worker may well still hold the blocks.
+    clock.now = 20.0
+    index.record(1, [50])
+    assert index.evicted_before(1, [1, 2, 3], 3) == 3
+    index.remove_worker(1)
+    assert index.evicted_before(1, [7, 8], 2) == 2
+
+
+def test_evictions_are_remembered_only_when_asked_and_only_a_capacity_worth() -> None:
+    plain = ApproxIndex(capacity_blocks={1: 2})
+    plain.record(1, [1, 2, 3, 4])
+    assert plain.evicted_before(1, [1, 2], 2) == 2
+    index = ApproxIndex(capacity_blocks={1: 2}, remember_evictions=True)
+    index.record(1, [1, 2])
+    index.record(1, [3, 4])  # evicts 2, 1
+    index.record(1, [5, 6])  # evicts 4, 3; remembers only the last 2 evicted
+    assert index.evicted_before(1, [3, 4], 2) == 0
+    assert index.evicted_before(1, [1, 2], 2) == 2

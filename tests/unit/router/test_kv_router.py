@@ -142,3 +142,28 @@ def test_many_workers_are_shortlisted_without_changing_the_choice() -> None:
             router.load.add_request(f"busy-{w}", w, 10_000, 500)
     cold = [9000 + i for i in range(40)]
     assert router.select(_req("b", cold), list(range(1, 101))).instance_id == 42
+
+
+def test_a_prefix_the_routing_history_pushed_out_is_not_trusted_from_events() -> None:
+    """Events say what a worker holds now; requests routed since will evict before this one runs."""
+    router = KvRouter(KvRouterSettings(), random.Random(0))
+    router.update_instances({1: _card(1, blocks=12), 2: _card(2, blocks=12)})
+    first = router.select(_req("a", PROMPT), [1])
+    router.on_finish("a", first)
+    assert router.apply_kv_events(_stored(1, 0, PROMPT[:32])) is False
+    assert router.select(_req("b", PROMPT), [1]).overlap_blocks == 10  # history: all 10 blocks
+    router.on_finish("b", Decision(1, 10))
+    # Two other 10-block prompts go to worker 1: its 12-block cache cannot also keep PROMPT's.
+    for rid, start in (("c", 1000), ("d", 2000)):
+        router.on_finish(rid, router.select(_req(rid, list(range(start, start + 40))), [1]))
+    assert router.index.find_matches(block_hashes(PROMPT, BS).sequence).scores == {1: 8}
+    assert router.select(_req("e", PROMPT), [1]).overlap_blocks == 0
+
+
+def test_blocks_known_only_from_events_are_trusted() -> None:
+    router = KvRouter(KvRouterSettings(), random.Random(0))
+    router.update_instances({1: _card(1, blocks=12), 2: _card(2, blocks=12)})
+    assert router.apply_kv_events(_stored(2, 0, PROMPT[:32])) is False
+    for rid, start in (("c", 1000), ("d", 2000)):
+        router.on_finish(rid, router.select(_req(rid, list(range(start, start + 40))), [2]))
+    assert router.select(_req("e", PROMPT), [1, 2]) == Decision(2, 8)
