@@ -167,3 +167,27 @@ def test_blocks_known_only_from_events_are_trusted() -> None:
     for rid, start in (("c", 1000), ("d", 2000)):
         router.on_finish(rid, router.select(_req(rid, list(range(start, start + 40))), [2]))
     assert router.select(_req("e", PROMPT), [1, 2]) == Decision(2, 8)
+
+
+def _busy_holder(other_requests: int) -> KvRouter:
+    """Worker 1 caches PROMPT's 10 blocks (events) and decodes `other_requests` other 10-block
+    prompts; worker 2 is idle."""
+    router = KvRouter(KvRouterSettings(), random.Random(0))
+    router.update_instances({1: _card(1), 2: _card(2)})
+    assert router.apply_kv_events(_stored(1, 0, PROMPT)) is False
+    for i in range(other_requests):
+        rid = f"other-{i}"
+        decision = router.select(_req(rid, list(range(1000 * (i + 1), 1000 * (i + 1) + 40))), [1])
+        router.on_first_token(rid, decision)
+    return router
+
+
+def test_a_prefix_stays_with_its_worker_through_a_burst_of_other_prefixes() -> None:
+    # Holder: 0.25 prefill + 31 decode blocks. Idle worker: 10.25 prefill + 11 decode, plus 2 x 10
+    # for copying a prefix another worker caches (without that term, 21.25 < 31.25 would move it).
+    assert _busy_holder(3).select(_req("p", [*PROMPT, 99]), [1, 2]) == Decision(1, 10)
+
+
+def test_a_prefix_moves_when_its_worker_is_busy_enough() -> None:
+    # Six other requests: 61.25 on the holder against 41.25 for a copy.
+    assert _busy_holder(6).select(_req("p", [*PROMPT, 99]), [1, 2]) == Decision(2, 0)
