@@ -116,7 +116,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (
-        "# Request planes: TCP vs NATS\n\nOne frontend, one mocker worker (speedup "
+        "# Request planes: TCP vs HTTP vs NATS\n\nOne frontend, one mocker worker (speedup "
         f"{args.speedup:g}), ~150-token prompts; {args.requests} non-streaming and "
         f"{args.stream_requests} streaming requests per plane; local nats-server.\n\n"
     )
