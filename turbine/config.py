@@ -26,8 +26,9 @@ SHORT_FLAGS = {"interactive": "-i"}
 ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv")
 DISCOVERY_BACKENDS = ("file", "mem", "etcd")
 REQUEST_PLANES = ("tcp", "nats", "http")
-# request: frontends stream each worker's events over the request plane; nats: one broker for all.
-EVENT_PLANES = ("request", "nats")
+# request: frontends stream each worker's events over the request plane; nats: one broker for all;
+# zmq: workers publish straight to the one frontend, which binds --zmq-event-endpoint.
+EVENT_PLANES = ("request", "nats", "zmq")
 ENGINES = ("mocker", "echo")
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")
@@ -64,8 +65,14 @@ class RuntimeConfig:
     event_plane: str = opt(
         "request",
         "Where KV events and load metrics travel: request (each frontend streams them from every "
-        "worker over the request plane) or nats (workers publish them on --nats-server).",
+        "worker over the request plane), nats (workers publish them on --nats-server) or zmq "
+        "(workers publish them to the one frontend's --zmq-event-endpoint).",
         choices=EVENT_PLANES,
+    )
+    zmq_event_endpoint: str = opt(
+        "tcp://127.0.0.1:5557",
+        "With --event-plane zmq: the frontend binds it, workers connect to it (tcp://HOST:PORT or "
+        "ipc://PATH; one frontend per endpoint).",
     )
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
     log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
@@ -79,6 +86,10 @@ class RuntimeConfig:
             raise ConfigError("--namespace must be non-empty and contain no '/'")
         if "nats" in (self.request_plane, self.event_plane) and "://" not in self.nats_server:
             raise ConfigError(f"--nats-server {self.nats_server!r} is not a URL (e.g. nats://127.0.0.1:4222)")
+        if self.event_plane == "zmq" and not _valid_zmq_endpoint(self.zmq_event_endpoint):
+            raise ConfigError(
+                f"--zmq-event-endpoint {self.zmq_event_endpoint!r} is not tcp://HOST:PORT or ipc://PATH"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +206,7 @@ class FrontendConfig(RuntimeConfig):
         if self.kv_cache_block_size is not None and self.kv_cache_block_size < 1:
             raise ConfigError("--kv-cache-block-size must be at least 1")
         if self.router_replica_sync and self.event_plane != "nats":
+            # zmq has one subscriber per endpoint, so frontends cannot hear each other on it.
             raise ConfigError("--router-replica-sync needs --event-plane nats (shared by every frontend)")
         if self.router_replica_sync and self.router_mode in ("round-robin", "random"):
             raise ConfigError("--router-replica-sync needs --router-mode kv, least-loaded or power-of-two")
@@ -272,6 +284,15 @@ class UpConfig(FrontendConfig):
         super().validate()
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
+
+
+# tcp://HOST:PORT (a name, an IPv4 address, [IPv6], or * to bind every interface) or ipc://PATH.
+_ZMQ_ENDPOINT = re.compile(r"tcp://(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]|\*):([0-9]{1,5})|ipc://\S+")
+
+
+def _valid_zmq_endpoint(endpoint: str) -> bool:
+    match = _ZMQ_ENDPOINT.fullmatch(endpoint)
+    return match is not None and (match[1] is None or 1 <= int(match[1]) <= 65535)
 
 
 def _check_port(flag: str, port: int) -> None:

@@ -61,6 +61,8 @@ def _worker_argv(cfg: UpConfig) -> list[str]:
         cfg.event_plane,
         "--nats-server",
         cfg.nats_server,
+        "--zmq-event-endpoint",
+        cfg.zmq_event_endpoint,
     ]
     if cfg.file_store_path:
         argv += ["--file-store-path", cfg.file_store_path]
@@ -110,6 +112,7 @@ async def _run(cfg: UpConfig, model: str) -> int:
             request_plane=cfg.request_plane,
             event_plane=cfg.event_plane,
             nats_server=cfg.nats_server,
+            zmq_event_endpoint=cfg.zmq_event_endpoint,
         )
         workers = loop.create_task(run_workers(worker_cfg, stop=stop, store=store))
         try:

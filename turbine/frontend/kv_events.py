@@ -3,7 +3,7 @@
 Two sources, one re-sync logic (`_Resync`):
 - `RequestPlaneFollowers` (`--event-plane request`): one task per live instance holds a
   `kv_events` stream open to the worker over the request plane.
-- `PlaneFollowers` (`--event-plane nats`): one subscription to the model's subjects
+- `PlaneFollowers` (`--event-plane nats` or `zmq`): one subscription to the model's subjects
   (`{ns}.{model}.`) on the shared event plane carries every worker's events.
 
 Either way a worker's state is re-dumped (`kv_dump`, always over the request plane) when following

@@ -66,8 +66,8 @@ async def run_frontend(
         [StoreBlobStore(store), NatsObjectBlobStore(cfg.nats_server)],
         Path(cfg.model_cache_dir) if cfg.model_cache_dir else default_model_cache_dir(),
     )
-    # --event-plane nats: one connection shared by every model's KV router, opened by the first
-    # subscription (only KV routing with events needs it).
+    # --event-plane nats or zmq: one connection (zmq: one bound socket) shared by every model's KV
+    # router, opened by the first subscription (only KV routing with events needs it).
     events = make_event_plane(cfg)
     registry = ModelRegistry(
         store=store,

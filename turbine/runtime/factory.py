@@ -11,6 +11,7 @@ from turbine.runtime.discovery.etcd import EtcdStore
 from turbine.runtime.discovery.file import FileStore, default_file_store_path
 from turbine.runtime.discovery.memory import MemoryStore
 from turbine.runtime.events.nats import NatsEventPlane
+from turbine.runtime.events.zmq import ZmqEventPlane
 from turbine.runtime.transport.base import RequestPlaneClient, RequestPlaneServer
 from turbine.runtime.transport.http import HttpRequestClient, HttpRequestServer
 from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
@@ -50,12 +51,15 @@ def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestP
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
 
 
-def make_event_plane(cfg: RuntimeConfig) -> NatsEventPlane | None:
+def make_event_plane(cfg: RuntimeConfig) -> NatsEventPlane | ZmqEventPlane | None:
     """The process's shared event plane, or None with `--event-plane request` (each worker keeps
     its own in-process plane and frontends stream from it over the request plane). Not yet
-    connected: `start()` it (workers, to fail fast) or let the first `subscribe` do it."""
+    connected: `start()` it (workers, to fail fast) or let the first `subscribe` do it (a zmq
+    plane binds its endpoint then: only the frontend subscribes)."""
     if cfg.event_plane == "request":
         return None
     if cfg.event_plane == "nats":
         return NatsEventPlane(cfg.nats_server)
+    if cfg.event_plane == "zmq":
+        return ZmqEventPlane(cfg.zmq_event_endpoint)
     raise ConfigError(f"event plane {cfg.event_plane!r} is not available")

@@ -109,8 +109,8 @@ async def run_workers(
         transport=cfg.request_plane,
         files=model_files,
     )
-    # --event-plane nats: one connection for the process's workers, connected now so that a wrong
-    # URL fails start-up; closed after every worker has drained.
+    # --event-plane nats or zmq: one connection for the process's workers, connected now so that a
+    # wrong URL fails start-up; closed after every worker has drained.
     shared = make_event_plane(cfg)
     if shared is not None:
         try:

@@ -121,7 +121,7 @@ def test_event_plane_config_flag_env_and_factory() -> None:
         FrontendConfig, ["--event-plane", "request"], {"TURBINE_EVENT_PLANE": "nats"}, prog="t"
     )
     with pytest.raises(ConfigError, match="not one of"):
-        parse_config(FrontendConfig, ["--event-plane", "zmq"], {}, prog="t")
+        parse_config(FrontendConfig, ["--event-plane", "kafka"], {}, prog="t")
     with pytest.raises(ConfigError, match="nats-server"):
         parse_config(WorkerConfig, ["--event-plane", "nats", "--nats-server", "localhost"], {}, prog="t")
 

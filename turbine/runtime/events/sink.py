@@ -12,7 +12,7 @@ _encode = msgspec.msgpack.Encoder().encode
 
 class EventPlaneSink:
     """Publishes one worker's KV events and load metrics on its subjects, on `plane` and, if given,
-    also on `mirror` (a worker's own in-process plane beside a shared NATS plane, so its
+    also on `mirror` (a worker's own in-process plane beside a shared NATS or ZMQ plane, so its
     `kv_events` endpoint keeps serving frontends that follow over the request plane)."""
 
     def __init__(
