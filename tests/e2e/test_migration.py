@@ -5,24 +5,15 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Stack, http, live_instances, wait_instances, wait_until
-from tests.e2e.distributed import DistStack, dist_stack_at
+from tests.e2e.conftest import MODEL, DistStack, Stack, http, live_instances, wait_instances, wait_until
 
 pytestmark = pytest.mark.e2e
 
 WORKER = ("--engine", "mocker", "--speedup-ratio", "1", "--block-size", "16")
-
-
-@pytest.fixture
-def dist_stack(tmp_path: Path) -> Iterator[DistStack]:
-    with dist_stack_at(tmp_path) as stack:
-        yield stack
 
 
 def _stream(oai: openai.OpenAI, i: int) -> tuple[str, str | None, int]:

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import MODEL, http, wait_instances, wait_until
-from tests.e2e.distributed import DistStack, dist_stack_at, shared_prefix_hit_ratio
+from tests.e2e.conftest import MODEL, DistStack, http, shared_prefix_hit_ratio, wait_instances, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ROUTED = ("--router-mode", "kv", "--event-plane", "nats")
-
-
-@pytest.fixture
-def dist_stack(tmp_path: Path) -> Iterator[DistStack]:
-    with dist_stack_at(tmp_path) as stack:
-        yield stack
 
 
 def _active_requests(url: str) -> int:
