@@ -14,7 +14,7 @@ from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, Work
 from turbine.frontend.kv_events import make_followers
 from turbine.frontend.python_engine import PythonEngine
 from turbine.frontend.replica_sync import ReplicaSync
-from turbine.postprocess.logprobs import TokenLogprob
+from turbine.postprocess.logprobs import TokenLogprob, TokenStrings
 from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
 from turbine.protocol.instance import Instance
@@ -47,7 +47,7 @@ class Generation:
         self, pipeline: ModelPipeline, request: PreprocessedRequest, stop_strings: list[str]
     ) -> None:
         self.prompt_tokens = len(request.token_ids)
-        self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, stop_strings)
+        self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, stop_strings, pipeline.token_strings)
         self.decision: Decision | None = None
         self.migrations = 0
         self._deltas = pipeline._run(self, request)
@@ -99,6 +99,8 @@ class ModelPipeline:
         self.card = card
         self.created = int(time.time())
         self.preprocessor = preprocessor
+        # Token id → string/bytes for logprobs, decoded once per id for all of the model's requests.
+        self.token_strings = TokenStrings(preprocessor.tokenizer.hf)
         self.router = router
         self._client = client
         self._migration_limit = migration_limit

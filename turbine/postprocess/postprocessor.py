@@ -33,6 +33,7 @@ class Postprocessor:
         "_detok",
         "_logprobs",
         "_stop",
+        "_strings",
         "_tokenizer",
         "cached_tokens",
         "completion_tokens",
@@ -40,8 +41,16 @@ class Postprocessor:
         "last_token_at",
     )
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, stop_strings: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        stop_strings: list[str],
+        token_strings: TokenStrings | None = None,
+    ) -> None:
+        """`token_strings`: the model's shared id → token string cache for logprobs (one per
+        tokenizer, so every request reuses its decodings); built on demand when not given."""
         self._tokenizer = tokenizer
+        self._strings = token_strings
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         # Created by the first output that carries logprobs; the text-only path never touches it.
         self._logprobs: LogprobAligner | None = None
@@ -80,7 +89,8 @@ class Postprocessor:
         """`process` for a stream with logprobs: the same text, plus the tokens it completes."""
         aligner = self._logprobs
         if aligner is None:
-            aligner = self._logprobs = LogprobAligner(TokenStrings(self._tokenizer))
+            strings = self._strings if self._strings is not None else TokenStrings(self._tokenizer)
+            aligner = self._logprobs = LogprobAligner(strings)
         logprobs, top = out.logprobs, out.top_logprobs
         pieces = []
         # One token at a time, so each token's text span is known (the detokenizer's output does not
