@@ -4,9 +4,8 @@ It simulates what routers and frontends can observe of a real engine: a paged KV
 caching (and its KV events), continuous batching with chunked prefill and preemption, step times
 from `timing.TimingModel` divided by `speedup_ratio`, load metrics, and deterministic output tokens.
 
-Concurrency: one background task (started by `start()`, cancelled by `stop()`) runs the scheduler
-loop; `generate()` only enqueues and then reads its own output queue. Everything runs on one event
-loop, so the scheduler and block manager need no locks.
+The request side (streams, cancellation, KV events, load metrics) is `EngineCore`, shared with the
+torch engine; this module is the mocker's executor: a step "runs" by sleeping for its simulated time.
 
 Output tokens are a pure function of the token context: the token at position p is
 XXH3(seed, p, chained hash of the last full block before p, the tokens after it), mapped into
@@ -23,48 +22,23 @@ stream's logprobs equal an uninterrupted one's too: see `mock_logprobs`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import logging
 import math
 import struct
 from array import array
-from collections.abc import AsyncGenerator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import xxhash
 
-from turbine.engines.base import EngineCapacity, EventSink
+from turbine.engines.base import EventSink
+from turbine.engines.core.engine import EngineCore, Executor
+from turbine.engines.core.scheduler import Sampled, SchedulerConfig, Seq, StepPlan
 from turbine.engines.embedding import hash_embedding
-from turbine.engines.mocker.block_manager import BlockManager
-from turbine.engines.mocker.scheduler import (
-    Sampled,
-    Scheduler,
-    SchedulerConfig,
-    Seq,
-    SeqStatus,
-    Update,
-)
 from turbine.engines.mocker.timing import TimingModel
-from turbine.protocol.kv_events import KvDump, KvEvent, KvEventBatch, LoadMetrics
-from turbine.protocol.request import PreprocessedRequest
-from turbine.protocol.response import EngineOutput, FinishReason
 
-log = logging.getLogger(__name__)
-
-_U64 = (1 << 64) - 1
 _pack_position = struct.Struct("<QQQ").pack
 _EOS_SALT = 0x5EED_E05
 _LOGPROB_SALT = 0x1069_9F0B
-_T = TypeVar("_T")
-
-_FINISH_REASONS = {
-    SeqStatus.FINISHED_STOPPED: FinishReason.STOP,
-    SeqStatus.FINISHED_LENGTH: FinishReason.LENGTH,
-    SeqStatus.FINISHED_ABORTED: FinishReason.CANCELLED,
-    SeqStatus.FINISHED_ERROR: FinishReason.ERROR,
-}
 
 
 @dataclass(frozen=True)
@@ -141,177 +115,24 @@ def mock_logprobs(
     return lp0, top
 
 
-def _concat(a: list[_T] | None, b: list[_T] | None) -> list[_T] | None:
-    if a is None:
-        return b
-    return a if b is None else a + b
+class _MockExecutor:
+    """A step takes the timing model's time; tokens are a pure function of the token context."""
 
-
-class _Stream:
-    """Engine-side state of one generate() call."""
-
-    __slots__ = ("logprobs", "queue", "seq")
-
-    def __init__(self, seq: Seq, logprobs: int | None) -> None:
-        self.seq = seq
-        # Alternatives per token the request wants logprobs for; None: no logprobs.
-        self.logprobs = logprobs
-        self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-
-
-class MockerEngine:
-    """Implements `turbine.engines.base.Engine`; see the module docstring for the simulation."""
-
-    def __init__(self, config: MockerConfig, worker_id: int, events: EventSink) -> None:
+    def __init__(self, config: MockerConfig) -> None:
         self.config = config
-        self.worker_id = worker_id
-        self._sink = events
-        self._pending_events: list[KvEvent] = []
-        self._next_event_id = 0
-        self.blocks = BlockManager(
-            config.num_gpu_blocks,
-            config.block_size,
-            enable_prefix_caching=config.enable_prefix_caching,
-            on_event=self._pending_events.append,
-        )
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
-        )
-        self._streams: dict[int, _Stream] = {}
-        self._ids = itertools.count()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._failure: str | None = None
-        self._last_load: LoadMetrics | None = None
-        self._last_load_at = float("-inf")
 
-    def capacity(self) -> EngineCapacity:
-        c = self.config
-        return EngineCapacity(c.block_size, c.num_gpu_blocks, c.max_num_seqs, c.max_num_batched_tokens)
-
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("MockerEngine already started")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="mocker-scheduler")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        # The worker drains before stopping; anything still open is told it was cancelled, not left hanging.
-        self._fail_all(FinishReason.CANCELLED, None)
-
-    def reset_prefix_cache(self) -> bool:
-        """Drop every cached block (publishing `cleared`); False while requests hold blocks."""
-        ok = self.blocks.reset()
-        self._flush_events()
-        return ok
-
-    def kv_dump(self) -> KvDump:
-        """The whole prefix cache, consistent with the event stream: pending events go out first."""
-        self._flush_events()
-        return KvDump(
-            self.worker_id, self.blocks.cached_hashes(), self._next_event_id, self.config.block_size
-        )
-
-    def load_metrics(self) -> LoadMetrics:
-        return LoadMetrics(
-            worker_id=self.worker_id,
-            kv_blocks_used=self.blocks.num_used_blocks,
-            kv_blocks_total=self.blocks.num_blocks,
-            num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running),
-        )
-
-    async def embed(self, token_ids: list[int]) -> list[float]:
-        """A deterministic hash vector (see `turbine.engines.embedding`); no scheduling or KV use."""
-        return hash_embedding(token_ids)
-
-    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
-        if self._task is None:
-            raise RuntimeError("MockerEngine.generate() called before start()")
-        if self._failure is not None:
-            yield EngineOutput(finish_reason=FinishReason.ERROR, cached_tokens=0, error=self._failure)
-            return
-        seq = self._new_seq(request)
-        reason = self.scheduler.rejection(seq)
-        if reason is not None:
-            yield EngineOutput(finish_reason=FinishReason.ERROR, cached_tokens=0, error=reason)
-            return
-        if seq.max_tokens <= 0:
-            yield EngineOutput(finish_reason=FinishReason.LENGTH, cached_tokens=0)
-            return
-        stream = _Stream(seq, request.sampling.logprobs)
-        self._streams[seq.seq_id] = stream
-        self.scheduler.add(seq)
-        self._wakeup.set()
-        try:
-            while True:
-                out = await stream.queue.get()
-                # Coalesce whatever piled up while the consumer was busy: one delta, same tokens.
-                while out.finish_reason is None and not stream.queue.empty():
-                    nxt = stream.queue.get_nowait()
-                    out = EngineOutput(
-                        token_ids=out.token_ids + nxt.token_ids,
-                        finish_reason=nxt.finish_reason,
-                        cached_tokens=nxt.cached_tokens,
-                        error=nxt.error,
-                        logprobs=_concat(out.logprobs, nxt.logprobs),
-                        top_logprobs=_concat(out.top_logprobs, nxt.top_logprobs),
-                    )
-                yield out
-                if out.finish_reason is not None:
-                    return
-        finally:
-            self._streams.pop(seq.seq_id, None)
-            if not seq.status.is_finished:
-                # Cancelled by the consumer: free its blocks now, not at the next step.
-                self.scheduler.abort(seq)
-                self._wakeup.set()
-
-    # ---- the scheduler loop --------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        try:
-            await self._loop()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must not leave every open stream hanging
-            log.exception("mocker scheduler loop crashed")
-            self._failure = f"mocker engine failed: {exc!r}"
-            self._fail_all(FinishReason.ERROR, self._failure)
-
-    async def _loop(self) -> None:
+    async def execute(self, plan: StepPlan, scheduled_at: float) -> Callable[[Seq], Sampled]:
         loop = asyncio.get_running_loop()
-        sched = self.scheduler
-        while True:
-            if not sched.has_work:
-                self._flush_events()
-                timeout = self._publish_load_if_due(loop.time())
-                self._wakeup.clear()
-                # No work: sleep until a request arrives (or a load heartbeat is due), never spin.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await self._wakeup.wait()
-                continue
-            started = loop.time()
-            plan = sched.schedule()
-            self._deliver(plan.finished)
-            if plan.shape.is_empty:
-                # Nothing could run (only possible when the plan ended sequences instead); still yield.
-                await asyncio.sleep(0)
-                continue
-            duration = self.config.timing.step_seconds(plan.shape, self.config.speedup_ratio)
-            # Sleep to the step's end measured from its start, so scheduling overhead is not added on
-            # top; sleep(0) at least, so that consumers run between steps even at huge speedups.
-            await asyncio.sleep(max(0.0, started + duration - loop.time()))
-            self._deliver(sched.complete(plan, self._sample))
-            self._flush_events()
-            self._publish_load_if_due(loop.time())
+        duration = self.config.timing.step_seconds(plan.shape, self.config.speedup_ratio)
+        # Sleep to the step's end measured from its start, so scheduling overhead is not added on
+        # top; sleep(0) at least, so that consumers run between steps even at huge speedups.
+        await asyncio.sleep(max(0.0, scheduled_at + duration - loop.time()))
+        return self.sample
 
-    def _sample(self, seq: Seq) -> Sampled:
+    def release(self, seq: Seq) -> None:
+        return None
+
+    def sample(self, seq: Seq) -> Sampled:
         """The simulated model: a deterministic token for position len(seq.tokens)."""
         data = _context(seq, len(seq.tokens))
         h = xxhash.xxh3_64_intdigest(data)
@@ -327,78 +148,37 @@ class MockerEngine:
                 token = low + (token - low + 1) % span
         p_eos = self.config.eos_probability
         eos = p_eos > 0.0 and (p_eos >= 1.0 or xxhash.xxh3_64_intdigest(data, _EOS_SALT) < p_eos * 2.0**64)
-        return Sampled(token, eos)
+        k = seq.sampling.logprobs
+        if k is None:
+            return Sampled(token, eos)
+        lp, alternatives = mock_logprobs(data, token, k, self.config.token_id_range)
+        return Sampled(token, eos, lp, alternatives)
 
-    def _deliver(self, updates: list[Update]) -> None:
-        # Every stream's delta of this step is queued before the loop yields again.
-        for seq, token, finished in updates:
-            stream = self._streams.get(seq.seq_id)
-            if stream is None:
-                continue
-            tokens = [] if token is None else [token]
-            logprobs = top = None
-            if stream.logprobs is not None and token is not None:
-                # The token is already appended: its context is everything before it.
-                context = _context(seq, len(seq.tokens) - 1)
-                lp, alternatives = mock_logprobs(context, token, stream.logprobs, self.config.token_id_range)
-                logprobs, top = [lp], ([alternatives] if stream.logprobs else None)
-            if finished is None:
-                stream.queue.put_nowait(EngineOutput(token_ids=tokens, logprobs=logprobs, top_logprobs=top))
-            else:
-                stream.queue.put_nowait(
-                    EngineOutput(
-                        token_ids=tokens,
-                        finish_reason=_FINISH_REASONS[finished],
-                        cached_tokens=seq.cached_tokens or 0,
-                        error=seq.error,
-                        logprobs=logprobs,
-                        top_logprobs=top,
-                    )
-                )
 
-    def _flush_events(self) -> None:
-        if not self._pending_events:
-            return
-        batch = KvEventBatch(self.worker_id, self._next_event_id, list(self._pending_events))
-        self._pending_events.clear()
-        self._next_event_id += 1
-        self._sink.publish_kv_events(batch)
+class MockerEngine(EngineCore):
+    """Implements `turbine.engines.base.Engine`; see the module docstring for the simulation."""
 
-    def _publish_load_if_due(self, now: float) -> float | None:
-        """Publish load when the interval allows; returns seconds until the next heartbeat, if any."""
-        interval = self.config.load_publish_interval_s
-        metrics = self.load_metrics()
-        since = now - self._last_load_at
-        if since >= interval and (metrics != self._last_load or interval > 0):
-            self._sink.publish_load(metrics)
-            self._last_load, self._last_load_at, since = metrics, now, 0.0
-        if interval <= 0:
-            return None
-        return max(interval - since, 0.0)
+    name = "mocker"
 
-    def _fail_all(self, reason: FinishReason, error: str | None) -> None:
-        for stream in list(self._streams.values()):
-            seq = stream.seq
-            if not seq.status.is_finished:
-                self.scheduler.abort(seq)
-            stream.queue.put_nowait(EngineOutput(finish_reason=reason, cached_tokens=0, error=error))
-        self._streams.clear()
-
-    def _new_seq(self, request: PreprocessedRequest) -> Seq:
-        stop = request.stop
-        seed = request.sampling.seed
-        return Seq(
-            seq_id=next(self._ids),
-            tokens=list(request.token_ids),
-            prompt_len=len(request.token_ids),
-            max_tokens=stop.max_tokens,
-            min_tokens=stop.min_tokens,
-            ignore_eos=stop.ignore_eos,
-            eos_token_ids=frozenset(request.eos_token_ids),
-            stop_token_ids=frozenset(stop.stop_token_ids),
-            seed=0 if seed is None else seed & _U64,
-            block_size=self.config.block_size,
+    def __init__(self, config: MockerConfig, worker_id: int, events: EventSink) -> None:
+        super().__init__(
+            worker_id=worker_id,
+            events=events,
+            block_size=config.block_size,
+            num_blocks=config.num_gpu_blocks,
+            scheduler=SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            enable_prefix_caching=config.enable_prefix_caching,
+            load_publish_interval_s=config.load_publish_interval_s,
         )
+        self.config = config
+        self._executor = _MockExecutor(config)
+
+    def executor(self) -> Executor:
+        return self._executor
+
+    async def embed(self, token_ids: list[int]) -> list[float]:
+        """A deterministic hash vector (see `turbine.engines.embedding`); no scheduling or KV use."""
+        return hash_embedding(token_ids)
 
 
 def _context(seq: Seq, p: int) -> bytes:

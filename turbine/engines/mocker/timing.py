@@ -15,24 +15,10 @@ batches make decode slower); absolute numbers are scaled by `speedup_ratio`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
+from turbine.engines.core.scheduler import StepShape, attention_pairs
 
-class StepShape(NamedTuple):
-    """What a step computes, in the units the timing model prices."""
-
-    prefill_tokens: int
-    """Uncached prompt tokens computed this step (summed over every prefill chunk)."""
-    prefill_attention_pairs: int
-    """Σ over prefill chunks of (new tokens × context each attends to): the quadratic attention work."""
-    decode_seqs: int
-    """Sequences decoding one token this step."""
-    decode_context_tokens: int
-    """Σ over decoding sequences of their context length: KV cache read this step."""
-
-    @property
-    def is_empty(self) -> bool:
-        return self.prefill_tokens == 0 and self.decode_seqs == 0
+__all__ = ["StepShape", "TimingModel", "attention_pairs"]
 
 
 @dataclass(frozen=True)
@@ -79,11 +65,3 @@ class TimingModel:
         if speedup_ratio <= 0:
             raise ValueError(f"speedup_ratio must be positive, got {speedup_ratio}")
         return self.step_ms(shape) / 1000.0 / speedup_ratio
-
-
-def attention_pairs(num_computed: int, num_new: int) -> int:
-    """Key tokens attended by a chunk of `num_new` tokens after `num_computed` cached/computed ones.
-
-    Causal attention: the j-th new token (1-based) sees `num_computed + j` keys.
-    """
-    return num_new * num_computed + num_new * (num_new + 1) // 2

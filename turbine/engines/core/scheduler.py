@@ -1,4 +1,4 @@
-"""Continuous batching for the mocker, after vLLM v1's scheduler.
+"""Continuous batching after vLLM v1's scheduler, shared by the mocker and the torch engine.
 
 Each step:
 1. Running sequences, in admission order, get their next chunk: one token when decoding, or as much
@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from turbine.engines.mocker.block_manager import BlockManager
-from turbine.engines.mocker.timing import StepShape, attention_pairs
+from turbine.engines.core.block_manager import BlockManager
 from turbine.kv.hashing import BlockHashes, block_hashes, hash_block
+from turbine.protocol.request import SamplingOptions
 
 
 class SeqStatus(enum.IntEnum):
@@ -48,12 +48,41 @@ class SeqStatus(enum.IntEnum):
 
 
 class Sampled(NamedTuple):
-    """What the simulated model produced for a sequence's next position."""
+    """What the model (real or simulated) produced for a sequence's next position."""
 
     token_id: int
-    """An ordinary token, used unless `eos` ends the sequence."""
-    eos: bool
+    """The sampled token; EOS and stop ids among `Seq.eos_token_ids`/`stop_token_ids` end the sequence."""
+    eos: bool = False
     """The model chose to end the sequence (honoured unless ignore_eos or under min_tokens)."""
+    logprob: float | None = None
+    """Log probability of `token_id`, when the request asked for logprobs."""
+    top_logprobs: list[tuple[int, float]] | None = None
+    """The most likely alternatives `(token_id, logprob)`, descending, when asked for."""
+
+
+class StepShape(NamedTuple):
+    """What a step computes, in the units a timing model prices."""
+
+    prefill_tokens: int
+    """Uncached prompt tokens computed this step (summed over every prefill chunk)."""
+    prefill_attention_pairs: int
+    """Σ over prefill chunks of (new tokens × context each attends to): the quadratic attention work."""
+    decode_seqs: int
+    """Sequences decoding one token this step."""
+    decode_context_tokens: int
+    """Σ over decoding sequences of their context length: KV cache read this step."""
+
+    @property
+    def is_empty(self) -> bool:
+        return self.prefill_tokens == 0 and self.decode_seqs == 0
+
+
+def attention_pairs(num_computed: int, num_new: int) -> int:
+    """Key tokens attended by a chunk of `num_new` tokens after `num_computed` cached/computed ones.
+
+    Causal attention: the j-th new token (1-based) sees `num_computed + j` keys.
+    """
+    return num_new * num_computed + num_new * (num_new + 1) // 2
 
 
 @dataclass(slots=True, eq=False)
@@ -70,6 +99,8 @@ class Seq:
     eos_token_ids: frozenset[int] = frozenset()
     stop_token_ids: frozenset[int] = frozenset()
     seed: int = 0
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    """The request's sampling knobs (temperature, top-p/k, min-p, logprobs), read by executors."""
     block_size: int = 64
     hashes: BlockHashes = field(default_factory=lambda: BlockHashes([], []))
     """Hashes of every full block of `tokens`, kept current as tokens are appended."""
@@ -111,6 +142,8 @@ class Update(NamedTuple):
     seq: Seq
     token_id: int | None
     finished: SeqStatus | None
+    sampled: Sampled | None = None
+    """What the model produced for `token_id` (its logprobs), when a token was sampled."""
 
 
 @dataclass(frozen=True)
@@ -279,8 +312,8 @@ class Scheduler:
                 return Update(seq, None, SeqStatus.FINISHED_STOPPED)
         seq.append(sampled.token_id)
         if seq.num_output >= seq.max_tokens:
-            return Update(seq, sampled.token_id, SeqStatus.FINISHED_LENGTH)
-        return Update(seq, sampled.token_id, None)
+            return Update(seq, sampled.token_id, SeqStatus.FINISHED_LENGTH, sampled)
+        return Update(seq, sampled.token_id, None, sampled)
 
     def _preempt(self, seq: Seq) -> None:
         # Recompute from scratch on readmission; its freed blocks stay cached, so usually cheaply.

@@ -1,10 +1,10 @@
-"""Exact-state tests of the mocker's paged KV cache and its KV events."""
+"""Exact-state tests of the shared paged KV cache (accounting, block tables) and its KV events."""
 
 from __future__ import annotations
 
 import pytest
 
-from turbine.engines.mocker.block_manager import Allocation, BlockManager
+from turbine.engines.core.block_manager import Allocation, BlockManager
 from turbine.kv.hashing import BlockHashes, block_hashes
 from turbine.protocol.kv_events import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
 
@@ -214,3 +214,88 @@ def test_allocate_twice_is_an_error() -> None:
     assert bm.allocate(1, [], 1) is not None
     with pytest.raises(ValueError):
         bm.allocate(1, [], 1)
+
+
+def check_tables(bm: BlockManager, live: dict[int, BlockHashes]) -> None:
+    """Physical ids are in range; a block is shared only by sequences whose prefixes name the same
+    hash; every id is either held, cached-evictable or empty, never two of these."""
+    owner: dict[int, int] = {}
+    held: set[int] = set()
+    for seq_id, h in live.items():
+        table = bm.block_table(seq_id)
+        assert len(table) == bm.num_blocks_of(seq_id)
+        for i, phys in enumerate(table):
+            assert 0 <= phys < bm.num_blocks
+            named = h.sequence[i] if i < len(bm._seqs[seq_id].shared) else None
+            if named is None:
+                assert phys not in held, "a private block appears twice"
+                owner[phys] = -1
+            else:
+                assert owner.get(phys, named) == named, "one physical block under two hashes"
+                owner[phys] = named
+            held.add(phys)
+    evictable = {bm._where[h] for h in bm.evictable_hashes()}
+    assert not evictable & held
+    assert not set(bm._empty) & (held | evictable)
+    assert len(set(bm._empty)) + len(evictable) + len(held) == bm.num_blocks
+
+
+def test_block_tables_name_distinct_physical_blocks_and_share_prefixes() -> None:
+    bm, _ = make(num_blocks=8)
+    _, ha = admit(bm, 1, toks(0, 9))  # 3 blocks: two full (cached), one filling
+    _, hb = admit(bm, 2, toks(0, 9))  # shares the two full blocks
+    assert bm.block_table(1)[:2] == bm.block_table(2)[:2]
+    assert bm.block_table(1)[2] != bm.block_table(2)[2]
+    check_tables(bm, {1: ha, 2: hb})
+    shared = bm.block_table(1)[:2]
+    bm.free(1)
+    bm.free(2)
+    # Cached blocks keep their physical place and are found there again.
+    _, hc = admit(bm, 3, toks(0, 9))
+    assert bm.block_table(3)[:2] == shared
+    check_tables(bm, {3: hc})
+
+
+def test_commit_of_a_block_cached_meanwhile_adopts_the_cached_physical_block() -> None:
+    bm, _ = make(num_blocks=8)
+    h = block_hashes(toks(0, 8), BS)
+    assert bm.allocate(1, [], 8) is not None
+    assert bm.allocate(2, [], 8) is not None
+    bm.commit(1, h, 8)
+    bm.commit(2, h, 8)
+    assert bm.block_table(2) == bm.block_table(1)
+    assert bm.num_used_blocks == 2
+    check_tables(bm, {1: h, 2: h})
+
+
+def test_random_lifecycles_keep_block_tables_consistent() -> None:
+    import random
+
+    rng = random.Random(7)
+    bm, _ = make(num_blocks=24)
+    live: dict[int, BlockHashes] = {}
+    computed: dict[int, int] = {}
+    tokens: dict[int, list[int]] = {}
+    next_id = 0
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.35 or not live:
+            prefix = rng.choice([0, 100, 200])
+            t = toks(prefix, rng.randint(1, 14))
+            h = block_hashes(t, BS)
+            cacheable = h.sequence[: (len(t) - 1) // BS]
+            alloc = bm.allocate(next_id, cacheable, rng.randint(1, len(t)))
+            if alloc is not None:
+                live[next_id], computed[next_id], tokens[next_id] = h, alloc.cached_tokens, t
+            next_id += 1
+        elif op < 0.7:
+            seq_id = rng.choice(list(live))
+            n = min(len(tokens[seq_id]), computed[seq_id] + rng.randint(1, 6))
+            if bm.reserve(seq_id, n):
+                bm.commit(seq_id, live[seq_id], n)
+                computed[seq_id] = max(computed[seq_id], n)
+        else:
+            seq_id = rng.choice(list(live))
+            bm.free(seq_id)
+            del live[seq_id], computed[seq_id], tokens[seq_id]
+        check_tables(bm, live)

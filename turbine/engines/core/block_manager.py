@@ -1,12 +1,15 @@
-"""Paged KV cache with prefix caching, as the mocker simulates it.
+"""Paged KV cache bookkeeping with prefix caching, shared by the mocker and the torch engine.
 
-The cache has `num_blocks` blocks of `block_size` tokens. No tensors exist: a block is only an
-identity and a reference count, which is all a router or a scheduler can observe.
+The cache has `num_blocks` physical blocks of `block_size` tokens, numbered 0..num_blocks-1. This
+module holds no tensors: it decides which physical block holds which tokens of which sequence (the
+block table an executor turns into KV-cache addresses), which blocks are named in the prefix cache,
+and when they are evicted. The mocker only observes the accounting; the torch engine reads and writes
+its KV tensors at the block ids given here.
 
-- A sequence holds a list of blocks. Its full, computed blocks are *shared*: named by the chained
-  sequence hash of `turbine.kv.hashing` and reference-counted, so another sequence with the same
-  prefix reuses them. Blocks still filling (or reserved ahead of compute) are *private*: counted, not
-  named, never shared.
+- A sequence holds a list of blocks (its block table). Its full, computed blocks are *shared*: named
+  by the chained sequence hash of `turbine.kv.hashing` and reference-counted, so another sequence
+  with the same prefix reuses them. Blocks still filling (or reserved ahead of compute) are
+  *private*: not named, never shared.
 - When the last reference to a shared block goes, the block stays cached (evictable) in LRU order; it
   is evicted only when a sequence needs a block and no empty one is left.
 - Every block that becomes cached emits `KvStored` and every evicted one `KvRemoved` through
@@ -46,14 +49,19 @@ class Allocation(NamedTuple):
 class _SeqBlocks:
     shared: list[int] = field(default_factory=list)
     """Sequence hashes of this sequence's leading full blocks, in order (prefix caching on)."""
-    private: int = 0
-    """Blocks held but not shared: filling, reserved ahead, or everything when caching is off."""
+    table: list[int] = field(default_factory=list)
+    """Physical block ids, in token order: the shared blocks first, then the private ones."""
     committed: int = 0
     """Leading blocks known full and computed (== len(shared) with caching on)."""
 
     @property
     def num_blocks(self) -> int:
-        return len(self.shared) + self.private
+        return len(self.table)
+
+    @property
+    def private(self) -> int:
+        """Blocks held but not shared: filling, reserved ahead, or everything when caching is off."""
+        return len(self.table) - len(self.shared)
 
 
 class BlockManager:
@@ -82,6 +90,10 @@ class BlockManager:
         self._active: dict[int, int] = {}
         # Shared blocks nobody references, still cached; first = least recently freed.
         self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Physical block of every named (active or evictable) block.
+        self._where: dict[int, int] = {}
+        # Physical blocks holding nothing; popped from the end, so low ids are used first.
+        self._empty: list[int] = list(range(num_blocks - 1, -1, -1))
         self._num_private = 0
         self._seqs: dict[SeqId, _SeqBlocks] = {}
 
@@ -124,6 +136,10 @@ class BlockManager:
         st = self._seqs.get(seq_id)
         return 0 if st is None else st.num_blocks
 
+    def block_table(self, seq_id: SeqId) -> list[int]:
+        """Physical block ids holding `seq_id`'s tokens, in order (the live list: do not mutate)."""
+        return self._seqs[seq_id].table
+
     def holds(self, seq_id: SeqId) -> bool:
         return seq_id in self._seqs
 
@@ -164,8 +180,9 @@ class BlockManager:
             else:
                 del self._evictable[h]
                 self._active[h] = 1
-        self._take(needed)
-        self._seqs[seq_id] = _SeqBlocks(shared=hit_hashes, private=needed, committed=hits)
+        table = [self._where[h] for h in hit_hashes]
+        table += self._take(needed)
+        self._seqs[seq_id] = _SeqBlocks(shared=hit_hashes, table=table, committed=hits)
         return Allocation(hits, hits * self.block_size, needed)
 
     def reserve(self, seq_id: SeqId, num_tokens: int) -> bool:
@@ -176,8 +193,7 @@ class BlockManager:
             return True
         if needed > self.num_free_blocks:
             return False
-        self._take(needed)
-        st.private += needed
+        st.table += self._take(needed)
         return True
 
     def commit(self, seq_id: SeqId, hashes: BlockHashes, num_computed: int) -> None:
@@ -198,16 +214,19 @@ class BlockManager:
         run_start = st.committed
         for i in range(st.committed, full):
             h = hashes.sequence[i]
-            st.private -= 1
             self._num_private -= 1
             st.shared.append(h)
-            if h in self._active:
-                self._active[h] += 1
-            elif h in self._evictable:
-                del self._evictable[h]
-                self._active[h] = 1
+            if h in self._active or h in self._evictable:
+                if h in self._active:
+                    self._active[h] += 1
+                else:
+                    del self._evictable[h]
+                    self._active[h] = 1
+                self._empty.append(st.table[i])
+                st.table[i] = self._where[h]
             else:
                 self._active[h] = 1
+                self._where[h] = st.table[i]
                 if not run:
                     run_start = i
                 run.append(StoredBlock(block_hash=h, tokens_hash=hashes.local[i]))
@@ -224,6 +243,7 @@ class BlockManager:
         if st is None:
             return
         self._num_private -= st.private
+        self._empty.extend(reversed(st.table[len(st.shared) :]))
         for h in reversed(st.shared):
             refs = self._active[h] - 1
             if refs:
@@ -236,6 +256,8 @@ class BlockManager:
         """Drop the whole prefix cache and emit `KvCleared`; refused (False) while blocks are in use."""
         if self._seqs:
             return False
+        for h in self._evictable:
+            self._empty.append(self._where.pop(h))
         self._evictable.clear()
         if self.enable_prefix_caching:
             self._emit(KvCleared())
@@ -243,14 +265,19 @@ class BlockManager:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _take(self, n: int) -> None:
-        """Turn `n` free blocks into private ones, evicting LRU cached blocks when no empty one is left."""
-        empty = self.num_free_blocks - len(self._evictable)
-        short = n - empty
+    def _take(self, n: int) -> list[int]:
+        """Turn `n` free blocks into private ones, evicting LRU cached blocks when no empty one is left;
+        returns their physical ids."""
+        short = n - len(self._empty)
         if short > 0:
             evicted = [self._evictable.popitem(last=False)[0] for _ in range(short)]
+            for h in evicted:
+                self._empty.append(self._where.pop(h))
             self._emit(KvRemoved(block_hashes=evicted))
         self._num_private += n
+        taken = self._empty[len(self._empty) - n :] if n else []
+        del self._empty[len(self._empty) - n :]
+        return taken
 
     def _emit_stored(self, run: list[StoredBlock], hashes: BlockHashes, start: int) -> None:
         if run:

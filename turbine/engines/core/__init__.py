@@ -1,0 +1,1 @@
+"""The continuous-batching scheduler and paged block manager shared by every engine that schedules."""
