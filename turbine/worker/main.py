@@ -28,6 +28,7 @@ from turbine.runtime.events.sink import EventPlaneSink
 from turbine.runtime.factory import make_event_plane, make_request_server, make_store
 from turbine.runtime.model_files import publish_worker_model_files
 from turbine.worker.sdk import EngineWorker, WorkerIdentity
+from turbine.worker.torch_model import TorchModel, load_torch_model
 
 log = logging.getLogger("turbine.worker")
 
@@ -52,14 +53,23 @@ def ordinary_token_range(files: ModelFiles) -> tuple[int, int]:
     return lo, vocab
 
 
-def build_engine(cfg: WorkerConfig, files: ModelFiles, instance_id: int, events: EventSink) -> Engine:
+def build_engine(
+    cfg: WorkerConfig,
+    files: ModelFiles,
+    instance_id: int,
+    events: EventSink,
+    torch_model: TorchModel | None = None,
+) -> Engine:
     if cfg.engine == "echo":
         return EchoEngine(delay_s=cfg.echo_delay_ms / 1000.0, block_size=cfg.block_size)
+    if cfg.engine == "torch":
+        assert torch_model is not None, "load_torch_model() first"
+        return torch_model.engine(instance_id, events)
     mocker = MockerConfig(
         block_size=cfg.block_size,
-        num_gpu_blocks=cfg.num_gpu_blocks_override,
+        num_gpu_blocks=cfg.num_gpu_blocks_override or MockerConfig.num_gpu_blocks,
         max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_num_batched_tokens=cfg.max_num_batched_tokens or MockerConfig.max_num_batched_tokens,
         speedup_ratio=cfg.speedup_ratio,
         enable_prefix_caching=cfg.enable_prefix_caching,
         eos_probability=cfg.eos_probability,
@@ -81,8 +91,15 @@ async def run_workers(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     model_dir = Path(cfg.model_path) if cfg.model_path else bundled_model_path()
-    files = await asyncio.to_thread(load_model_files, model_dir)
     model_name = cfg.model_name or (model_dir.resolve().name if cfg.model_path else BUNDLED_MODEL_NAME)
+    torch_model = None
+    if cfg.engine == "torch":
+        # Loaded before anything registers: frontends see this worker only once it can serve.
+        torch_model = await asyncio.to_thread(load_torch_model, cfg)
+        model_dir = torch_model.model_dir
+        if cfg.is_gguf and not cfg.model_name:
+            model_name = torch_model.served_name
+    files = await asyncio.to_thread(load_model_files, model_dir)
     own_store = store is None
     store = store if store is not None else make_store(cfg)
     try:
@@ -131,7 +148,7 @@ async def run_workers(
             sink = EventPlaneSink(shared, cfg.namespace, model_name, instance_id, mirror=plane)
         workers.append(
             EngineWorker(
-                engine=build_engine(cfg, files, instance_id, sink),
+                engine=build_engine(cfg, files, instance_id, sink, torch_model),
                 store=store,
                 server=make_request_server(cfg, cfg.host),
                 identity=identity,
@@ -162,7 +179,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine worker") -> int
         WorkerConfig,
         argv,
         prog=prog,
-        description="Serve a model with an engine (mocker or echo) and register it in discovery.",
+        description="Serve a model with an engine (torch, mocker or echo) and register it in discovery.",
     )
     if cfg is None:
         return 2

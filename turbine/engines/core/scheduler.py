@@ -176,6 +176,8 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
+        self.num_preemptions = 0
+        """Sequences preempted since start (a cache too small for the load shows here first)."""
 
     @property
     def has_work(self) -> bool:
@@ -317,6 +319,7 @@ class Scheduler:
 
     def _preempt(self, seq: Seq) -> None:
         # Recompute from scratch on readmission; its freed blocks stay cached, so usually cheaply.
+        self.num_preemptions += 1
         self.blocks.free(seq.seq_id)
         seq.status = SeqStatus.PREEMPTED
         seq.num_computed = 0

@@ -1,0 +1,161 @@
+"""Paged attention: KV-cache layout, per-step metadata, and the attention call itself.
+
+The KV cache of a layer is two tensors `[num_blocks, block_size, num_kv_heads, head_dim]`; a token's
+KV lives at slot `block * block_size + offset`, where the block comes from its sequence's block table
+(`turbine.engines.core.block_manager`). Each step first writes the new tokens' K and V at their slots
+(`write_kv`), then every query attends over its sequence's slots (`attend`) — so a sequence admitted
+on a prefix another sequence computes in the same step reads those blocks after they are written.
+
+Two paths:
+- Prefill chunks (and every sequence on CPU): gather the sequence's context from its blocks and call
+  `scaled_dot_product_attention`, causal with the cached prefix in front.
+- Decode batches on CUDA: one Triton kernel reads K/V straight from the blocks
+  (`triton_decode.paged_decode`), no gather, and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqAttn:
+    """One sequence's share of a step."""
+
+    q_start: int
+    """First row of this sequence's new tokens in the step's flattened batch."""
+    q_len: int
+    """New tokens this step."""
+    ctx_len: int
+    """Tokens attended in total: cached/computed before this step plus the new ones."""
+    slots: torch.Tensor
+    """Cache slots of all `ctx_len` tokens, in order (long, on the cache's device)."""
+    mask: torch.Tensor | None
+    """Boolean [q_len, ctx_len] (True = attend), or None when `causal` or a single query says it all."""
+    causal: bool
+    """No cached prefix: plain causal attention over the new tokens."""
+
+
+@dataclass
+class DecodeBatch:
+    """Sequences decoding one token each, laid out for the paged decode kernel (CUDA only)."""
+
+    rows: torch.Tensor
+    """Rows of these sequences' tokens in the step's flattened batch (long)."""
+    block_tables: torch.Tensor
+    """[n, max_blocks] int32, padded with 0."""
+    context_lens: torch.Tensor
+    """[n] int32: tokens each attends to, its new one included."""
+
+
+@dataclass
+class AttnMeta:
+    """Everything a layer needs to read and write the cache for one step; built once per step."""
+
+    slot_mapping: torch.Tensor
+    """Where each new token's K/V goes, one slot per row of the flattened batch (long)."""
+    seqs: list[SeqAttn]
+    """Sequences served by gather + SDPA, in batch order."""
+    decode: DecodeBatch | None = None
+    """Sequences served by the paged decode kernel, if any."""
+
+
+def build_meta(
+    chunks: list[tuple[list[int], int, int]],
+    block_size: int,
+    device: torch.device,
+    *,
+    sliding_window: int | None = None,
+    decode_kernel: bool = False,
+) -> AttnMeta:
+    """Metadata of a step from `(block_table, num_computed, num_new)` per sequence, in batch order.
+
+    With `decode_kernel`, single-token chunks go to `AttnMeta.decode` instead of the SDPA path.
+    """
+    slot_rows: list[int] = []
+    seqs: list[SeqAttn] = []
+    dec_rows: list[int] = []
+    dec_tables: list[list[int]] = []
+    dec_lens: list[int] = []
+    row = 0
+    for table, num_computed, num_new in chunks:
+        ctx = num_computed + num_new
+        for pos in range(num_computed, ctx):
+            slot_rows.append(table[pos // block_size] * block_size + pos % block_size)
+        if decode_kernel and num_new == 1 and sliding_window is None:
+            dec_rows.append(row)
+            dec_tables.append(table[: -(-ctx // block_size)])
+            dec_lens.append(ctx)
+        else:
+            seqs.append(_seq_attn(table, num_computed, num_new, row, block_size, device, sliding_window))
+        row += num_new
+    decode = None
+    if dec_rows:
+        width = max(len(t) for t in dec_tables)
+        padded = [t + [0] * (width - len(t)) for t in dec_tables]
+        decode = DecodeBatch(
+            rows=torch.tensor(dec_rows, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
+        )
+    return AttnMeta(torch.tensor(slot_rows, dtype=torch.long, device=device), seqs, decode)
+
+
+def _seq_attn(
+    table: list[int],
+    num_computed: int,
+    num_new: int,
+    row: int,
+    block_size: int,
+    device: torch.device,
+    window: int | None,
+) -> SeqAttn:
+    ctx = num_computed + num_new
+    blocks = torch.tensor(table[: -(-ctx // block_size)], dtype=torch.long)
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx]
+    causal = num_computed == 0 and (window is None or ctx <= window)
+    mask = None
+    if not causal and (num_new > 1 or (window is not None and ctx > window)):
+        q_pos = torch.arange(num_computed, ctx)[:, None]
+        k_pos = torch.arange(ctx)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        mask = allowed.to(device)
+    return SeqAttn(row, num_new, ctx, slots.to(device), mask, causal)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store the step's new K/V ([T, kv_heads, head_dim]) at their slots."""
+    heads, dim = k_cache.shape[-2:]
+    k_cache.view(-1, heads, dim).index_copy_(0, slots, k)
+    v_cache.view(-1, heads, dim).index_copy_(0, slots, v)
+
+
+def attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float
+) -> torch.Tensor:
+    """Attention of every new token ([T, heads, head_dim]) over its sequence's cached context."""
+    out = torch.empty_like(q)
+    heads, dim = k_cache.shape[-2:]
+    k_flat = k_cache.view(-1, heads, dim)
+    v_flat = v_cache.view(-1, heads, dim)
+    for s in meta.seqs:
+        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)
+        ks = k_flat.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)
+        vs = v_flat.index_select(0, s.slots).transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=s.mask, is_causal=s.causal and s.q_len > 1, scale=scale, enable_gqa=True
+        )
+        out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
+    if meta.decode is not None:
+        from turbine.engines.torch.triton_decode import paged_decode
+
+        d = meta.decode
+        out[d.rows] = paged_decode(q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, scale)
+    return out

@@ -1,0 +1,195 @@
+"""TorchEngine: a real model served by `EngineCore` with the torch executor.
+
+`load_model()` (slow: weights, a progress bar) runs once per worker process, off the event loop, and
+its result is shared read-only by every engine of the process; each engine then owns its KV cache,
+sized from `--num-gpu-blocks-override`, else from free GPU memory (`--gpu-memory-utilization`) on
+CUDA or `--kv-cache-memory-bytes` on CPU. Prefix caching, chunked prefill, preemption, KV events and
+load metrics come from the shared scheduler (`engines/core`), exactly as in the mocker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from turbine.engines.base import EventSink
+from turbine.engines.core.engine import EngineCore, Executor
+from turbine.engines.core.scheduler import SchedulerConfig
+from turbine.engines.torch.arch import ModelArch, read_arch
+from turbine.engines.torch.loader import load_weights
+from turbine.engines.torch.model import LlamaModel
+from turbine.engines.torch.runner import SamplingDefaults, TorchExecutor
+from turbine.errors import ConfigError
+from turbine.protocol.request import PreprocessedRequest
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 1 << 30
+# Room left on the GPU for activations and the sampler, beyond the weights and the KV cache.
+_ACTIVATION_RESERVE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class TorchEngineConfig:
+    model_dir: Path
+    device: str | None = None
+    """cpu | cuda | cuda:N; None: cuda when available, else cpu."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (bf16 on CUDA unless the checkpoint says fp16; fp32 on CPU)."""
+    block_size: int = 64
+    num_gpu_blocks: int | None = None
+    """KV blocks per engine; None: sized from memory."""
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    """CPU KV cache size per engine (default 1 GiB)."""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    load_publish_interval_s: float = 1.0
+    progress: bool = True
+    """Show a progress bar while the weights load."""
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    arch: ModelArch
+    defaults: SamplingDefaults
+    device: torch.device
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available to torch here")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: the torch engine runs on cpu or cuda")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, arch: ModelArch) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if arch.torch_dtype == "float16" else torch.bfloat16
+
+
+def sampling_defaults(model_dir: Path) -> SamplingDefaults:
+    """The knobs the checkpoint's generation_config.json sets explicitly; vLLM's defaults for the rest."""
+    path = model_dir / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        gen = {}
+    base = SamplingDefaults()
+    if not isinstance(gen, dict):
+        return base
+    return SamplingDefaults(
+        temperature=float(gen.get("temperature", base.temperature)),
+        top_p=float(gen.get("top_p", base.top_p)),
+        top_k=max(int(gen.get("top_k", base.top_k)), 0),
+        min_p=float(gen.get("min_p", base.min_p)),
+    )
+
+
+def load_model(cfg: TorchEngineConfig) -> LoadedModel:
+    """Read the architecture and the weights; `ConfigError` (one line) for anything we cannot run."""
+    arch = read_arch(cfg.model_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, arch)
+    log.info(
+        "loading %s (%s, %d layers) as %s on %s", cfg.model_dir, arch.family, arch.num_layers, dtype, device
+    )
+    weights = load_weights(cfg.model_dir, dtype, progress=cfg.progress)
+    try:
+        model = LlamaModel(arch, weights, device)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.model_dir}: {exc}") from None
+    log.info("loaded %.1f MB of weights", model.weight_bytes() / 1e6)
+    return LoadedModel(model, arch, sampling_defaults(cfg.model_dir), device)
+
+
+def kv_cache_blocks(cfg: TorchEngineConfig, loaded: LoadedModel) -> int:
+    """KV blocks for one engine: the override, else what the memory budget holds."""
+    if cfg.num_gpu_blocks is not None:
+        return cfg.num_gpu_blocks
+    element = loaded.model.dtype.itemsize
+    per_block = loaded.arch.kv_bytes_per_token(element) * cfg.block_size
+    if loaded.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(loaded.device)
+        budget = int(total * cfg.gpu_memory_utilization) - (total - free) - _ACTIVATION_RESERVE_BYTES
+    else:
+        budget = cfg.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ConfigError(
+            f"no memory left for the KV cache: one block of {cfg.block_size} tokens takes {per_block} bytes, "
+            f"the budget is {max(budget, 0)} bytes"
+        )
+    return int(blocks)
+
+
+class TorchEngine(EngineCore):
+    """Implements `turbine.engines.base.Engine` with a real model (see the module docstring)."""
+
+    name = "torch"
+
+    def __init__(
+        self, cfg: TorchEngineConfig, loaded: LoadedModel, worker_id: int, events: EventSink
+    ) -> None:
+        num_blocks = kv_cache_blocks(cfg, loaded)
+        super().__init__(
+            worker_id=worker_id,
+            events=events,
+            block_size=cfg.block_size,
+            num_blocks=num_blocks,
+            scheduler=SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens),
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            load_publish_interval_s=cfg.load_publish_interval_s,
+        )
+        self.loaded = loaded
+        model = loaded.model
+        kv = model.new_kv_cache(num_blocks, cfg.block_size)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MB)",
+            num_blocks,
+            cfg.block_size,
+            num_blocks * cfg.block_size * loaded.arch.kv_bytes_per_token(model.dtype.itemsize) / 1e6,
+        )
+        self._executor = TorchExecutor(
+            model, kv, self.blocks, loaded.defaults, decode_kernel=_decode_kernel_available(loaded.device)
+        )
+
+    def executor(self) -> Executor:
+        return self._executor
+
+    def rejection(self, request: PreprocessedRequest) -> str | None:
+        limit = self.loaded.arch.max_position_embeddings
+        if len(request.token_ids) >= limit:
+            return f"prompt of {len(request.token_ids)} tokens does not fit the model's context of {limit}"
+        vocab = self.loaded.arch.vocab_size
+        if any(not 0 <= t < vocab for t in request.token_ids):
+            return f"prompt has token ids outside the model's vocabulary of {vocab}"
+        return None
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._executor.close()
+
+
+def _decode_kernel_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,139 @@
+"""The torch engine's executor: a scheduled step → tensors → one forward → sampled tokens.
+
+`execute()` snapshots what the step needs from the scheduler's sequences on the event loop (token
+ids, positions, block tables, sampling knobs), then runs the forward and the sampler on the runner's
+own thread, so the loop keeps serving while the model computes (torch releases the GIL in kernels).
+Logits are computed only for sequences whose context the step completes: a prefill chunk that is not
+a prompt's last produces no token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from turbine.engines.core.block_manager import BlockManager
+from turbine.engines.core.scheduler import Sampled, Seq, StepPlan
+from turbine.engines.torch.attention import build_meta
+from turbine.engines.torch.model import LlamaModel
+from turbine.engines.torch.sampler import RowParams, sample
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves a knob unset gets (the model's generation_config, else vLLM's)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+
+@dataclass
+class _Step:
+    input_ids: list[int]
+    positions: list[int]
+    chunks: list[tuple[list[int], int, int]]
+    sample_rows: list[int]
+    """Row of the last new token of each sequence that samples, in `sample_ids` order."""
+    sample_ids: list[int]
+    params: list[RowParams]
+
+
+class TorchExecutor:
+    """Implements `turbine.engines.core.engine.Executor` with a real model."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        blocks: BlockManager,
+        defaults: SamplingDefaults,
+        *,
+        decode_kernel: bool = False,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.blocks = blocks
+        self.defaults = defaults
+        self.decode_kernel = decode_kernel
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-runner")
+        self._generators: dict[int, torch.Generator] = {}
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    async def execute(self, plan: StepPlan, scheduled_at: float) -> Callable[[Seq], Sampled]:
+        step = self._snapshot(plan)
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._thread, self._run, step)
+        return lambda seq: results[seq.seq_id]
+
+    def release(self, seq: Seq) -> None:
+        self._generators.pop(seq.seq_id, None)
+
+    # ---- on the event loop ---------------------------------------------------------------------
+
+    def _snapshot(self, plan: StepPlan) -> _Step:
+        step = _Step([], [], [], [], [], [])
+        for seq, num_new, _ in plan.chunks:
+            start = seq.num_computed
+            end = start + num_new
+            step.input_ids += seq.tokens[start:end]
+            step.positions += range(start, end)
+            step.chunks.append((list(self.blocks.block_table(seq.seq_id)), start, num_new))
+            if end == len(seq.tokens):
+                step.sample_rows.append(len(step.input_ids) - 1)
+                step.sample_ids.append(seq.seq_id)
+                step.params.append(self._params(seq))
+        return step
+
+    def _params(self, seq: Seq) -> RowParams:
+        s, d = seq.sampling, self.defaults
+        generator = None
+        if s.seed is not None:
+            generator = self._generators.get(seq.seq_id)
+            if generator is None:
+                generator = torch.Generator(device=self.model.device)
+                generator.manual_seed(seq.seed)
+                self._generators[seq.seq_id] = generator
+        banned: list[int] = []
+        if seq.num_output < seq.min_tokens:
+            stopping = seq.stop_token_ids if seq.ignore_eos else seq.stop_token_ids | seq.eos_token_ids
+            banned = sorted(t for t in stopping if 0 <= t < self.model.arch.vocab_size)
+        return RowParams(
+            temperature=d.temperature if s.temperature is None else s.temperature,
+            top_p=d.top_p if s.top_p is None else s.top_p,
+            top_k=d.top_k if s.top_k is None else s.top_k,
+            min_p=d.min_p if s.min_p is None else s.min_p,
+            generator=generator,
+            logprobs=s.logprobs,
+            banned=banned,
+        )
+
+    # ---- on the runner thread ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self, step: _Step) -> dict[int, Sampled]:
+        model = self.model
+        device = model.device
+        meta = build_meta(
+            step.chunks,
+            self.blocks.block_size,
+            device,
+            sliding_window=model.arch.sliding_window,
+            decode_kernel=self.decode_kernel,
+        )
+        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)
+        positions = torch.tensor(step.positions, dtype=torch.long, device=device)
+        hidden = model.forward(input_ids, positions, self.kv_cache, meta)
+        if not step.sample_rows:
+            return {}
+        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=device)
+        logits = model.logits(hidden.index_select(0, rows))
+        sampled = sample(logits, step.params)
+        return dict(zip(step.sample_ids, sampled, strict=True))
