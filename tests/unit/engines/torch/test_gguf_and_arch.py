@@ -66,7 +66,7 @@ def test_unsupported_architecture_is_refused_in_one_line(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="GPT2LMHeadModel is not supported") as info:
         read_arch(tmp_path)
     assert "\n" not in str(info.value)
-    with pytest.raises(ConfigError, match="config.json is missing"):
+    with pytest.raises(ConfigError, match=r"config\.json is missing"):
         read_arch(tmp_path / "nowhere")
 
 
