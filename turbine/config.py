@@ -302,6 +302,16 @@ class WorkerConfig(RuntimeConfig):
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be within (0, 1]")
         self.generation_overrides()  # raises on a malformed value
+        if self.speedup_ratio <= 0:
+            raise ConfigError("--speedup-ratio must be positive")
+        if not 0.0 <= self.eos_probability <= 1.0:
+            raise ConfigError("--eos-probability must be within [0, 1]")
+        types = self.model_types
+        if not types or any(t not in MODEL_TYPES for t in types):
+            raise ConfigError(
+                f"--model-type {self.model_type!r}: each must be one of {', '.join(MODEL_TYPES)}"
+            )
+        super().validate()
 
     def generation_overrides(self) -> dict[str, float]:
         """--override-generation-config, parsed and checked."""
@@ -317,28 +327,50 @@ class WorkerConfig(RuntimeConfig):
         if any(isinstance(v, bool) or not isinstance(v, int | float) for v in raw.values()):
             raise ConfigError("--override-generation-config values must be numbers")
         return {k: float(v) for k, v in raw.items()}
-        if self.speedup_ratio <= 0:
-            raise ConfigError("--speedup-ratio must be positive")
-        if not 0.0 <= self.eos_probability <= 1.0:
-            raise ConfigError("--eos-probability must be within [0, 1]")
-        types = self.model_types
-        if not types or any(t not in MODEL_TYPES for t in types):
-            raise ConfigError(
-                f"--model-type {self.model_type!r}: each must be one of {', '.join(MODEL_TYPES)}"
-            )
-        super().validate()
 
 
 @dataclasses.dataclass(frozen=True)
 class UpConfig(FrontendConfig):
-    workers: int = opt(2, "Mocker workers to start beside the frontend.")
+    engine: str = opt(
+        "torch",
+        "Engine of the workers: torch (a real model; default SmolLM2-135M-Instruct on the CPU), "
+        "mocker (simulated, for load tests) or echo.",
+        choices=ENGINES,
+    )
+    workers: int | None = opt(None, "Workers to start beside the frontend (default: torch 1, mocker 2).")
     speedup_ratio: float = opt(1.0, "Mocker speedup ratio.")
-    num_gpu_blocks_override: int = opt(16384, "KV blocks per mocker worker.")
+    num_gpu_blocks_override: int | None = opt(
+        None, "KV blocks per worker (default: mocker 16384; torch: sized from memory)."
+    )
     block_size: int = opt(64, "KV block size in tokens.")
+    device: str | None = opt(None, "Torch engine device (default: cuda when available).", choices=DEVICES)
+    dtype: str = opt("auto", "Torch engine compute dtype.", choices=DTYPES)
+    gguf_cache_dir: str | None = opt(
+        None, "Where converted .gguf models are cached (default: ~/.cache/turbine/gguf)."
+    )
+
+    @property
+    def num_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.engine == "torch" else 2
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.model_path is not None and self.model_path.lower().endswith(".gguf")
 
     def validate(self) -> None:
+        if self.is_gguf:
+            # A .gguf file is for the workers; the frontend reads the files they publish.
+            assert self.model_path is not None
+            if self.engine != "torch":
+                raise ConfigError("--model-path FILE.gguf needs --engine torch")
+            if not Path(self.model_path).is_file():
+                raise ConfigError(f"--model-path {self.model_path!r} does not exist")
+            dataclasses.replace(self, model_path=None).validate()
+            return
         super().validate()
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be at least 1")
 
 

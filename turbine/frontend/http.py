@@ -223,7 +223,10 @@ class OpenAIService:
             "status": "healthy" if models else "no_workers",
             "models": {p.name: len(p.instance_ids) for p in models},
         }
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        # Not ready (503) until some worker serves a model, e.g. while a worker still loads weights.
+        return web.Response(
+            body=orjson.dumps(body), content_type="application/json", status=200 if models else 503
+        )
 
     def metrics_app(self) -> web.Application:
         """Only /metrics, for a separate metrics port (`--grpc-metrics-port`)."""

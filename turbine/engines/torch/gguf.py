@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from turbine.errors import ConfigError
+from turbine.models import gguf_served_name
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,7 @@ def default_cache_dir() -> Path:
 
 
 def served_name(path: Path) -> str:
-    """`SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct` (the quantization suffix dropped)."""
-    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.stem
-    head, dot, tail = stem.rpartition(".")
-    return (
-        head if dot and tail[:1].upper() in ("Q", "F", "I", "B") and any(c.isdigit() for c in tail) else stem
-    )
+    return gguf_served_name(path)
 
 
 def convert_gguf(path: Path, cache_dir: Path | None = None, *, progress: bool = True) -> Path:

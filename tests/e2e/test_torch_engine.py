@@ -1,0 +1,192 @@
+"""The torch engine behind a real frontend, driven by the official `openai` client: a real model
+(SmolLM2) answering, KV-aware routing on real caches, migration between torch workers, bad input."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from tests.conftest import TINY_LLAMA_CONTEXT
+from tests.e2e.conftest import Stack, http, live_instances, wait_instances, wait_until
+
+pytestmark = pytest.mark.e2e
+
+SMOLLM2 = "SmolLM2-135M-Instruct"
+TINY = "tiny-llama"
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _tiny_worker(stack: Stack, model_dir: Path, *extra: str, ttl: float = 10.0) -> None:
+    stack.worker(
+        "--engine",
+        "torch",
+        "--model-path",
+        str(model_dir),
+        "--model-name",
+        TINY,
+        "--device",
+        "cpu",
+        "--block-size",
+        "16",
+        "--kv-cache-memory-bytes",
+        str(64 << 20),
+        *extra,
+        ttl=ttl,
+    )
+
+
+def test_smollm2_answers_through_the_openai_client(
+    stack: Stack, smollm2_gguf: Path, gguf_cache: Path
+) -> None:
+    _, url = stack.frontend()
+    worker = stack.worker(
+        "--engine", "torch", "--model-path", str(smollm2_gguf), "--gguf-cache-dir", str(gguf_cache)
+    )
+    wait_until(lambda: live_instances(url, SMOLLM2) == 1, 120, worker)
+    oai = _client(url)
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the capital of France?"}
+    ]
+    out = oai.chat.completions.create(model=SMOLLM2, messages=messages, temperature=0)
+    text = out.choices[0].message.content or ""
+    assert "Paris" in text and out.choices[0].finish_reason == "stop", text
+    chunks = oai.chat.completions.create(
+        model=SMOLLM2,
+        messages=messages,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    streamed = list(chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    usage = streamed[-1].usage
+    assert usage is not None and usage.completion_tokens == out.usage.completion_tokens  # type: ignore[union-attr]
+    # A prompt of more than one 64-token block, twice: the second finds its full blocks cached.
+    system = "You are a geography tutor. " + "Answer briefly, in one sentence, and be accurate. " * 12
+    long: list[ChatCompletionMessageParam] = [{"role": "system", "content": system}, *messages]
+    first = oai.chat.completions.create(model=SMOLLM2, messages=long, max_tokens=8, temperature=0)
+    again = oai.chat.completions.create(model=SMOLLM2, messages=long, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    details = again.usage.prompt_tokens_details  # type: ignore[union-attr]
+    assert details is not None and (details.cached_tokens or 0) >= 64
+
+
+def test_kv_events_from_torch_workers_route_each_group_to_its_holder(
+    stack: Stack, tiny_llama_dir: Path
+) -> None:
+    _, url = stack.frontend("--router-mode", "kv", "--kv-cache-block-size", "16")
+    _tiny_worker(stack, tiny_llama_dir)
+    _tiny_worker(stack, tiny_llama_dir)
+    wait_instances(url, 2, timeout=60, model=TINY)
+    oai = _client(url)
+    holders: set[str] = set()
+    for group in range(4):
+        prefix = f"Group {group} shares this system prompt: " + " ".join(
+            f"fact{group}x{i}" for i in range(60)
+        )
+        seen = []
+        for question in range(3):
+            raw = oai.completions.with_raw_response.create(
+                model=TINY,
+                prompt=f"{prefix} question {question}?",
+                max_tokens=4,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            body = raw.parse()
+            seen.append((raw.headers["x-turbine-worker"], body.usage.prompt_tokens_details.cached_tokens))  # type: ignore[union-attr]
+        first_worker = seen[0][0]
+        holders.add(first_worker)
+        for worker, cached in seen[1:]:
+            assert worker == first_worker, seen
+            assert (cached or 0) >= 64, seen  # the shared prefix's full blocks came from the cache
+    assert len(holders) == 2  # new prefixes spread over both workers
+
+
+def _story(oai: openai.OpenAI, i: int) -> tuple[str, str | None]:
+    chunks = list(
+        oai.completions.create(
+            model=TINY,
+            prompt=f"Story {i}: once upon a time",
+            max_tokens=300,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = next(
+        (c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason), None
+    )
+    return text, finish
+
+
+def test_greedy_streams_migrate_between_torch_workers_unchanged(stack: Stack, tiny_llama_dir: Path) -> None:
+    _, url = stack.frontend("--migration-limit", "3")
+    _tiny_worker(stack, tiny_llama_dir, ttl=2.0)
+    victim = stack.procs[-1]
+    _tiny_worker(stack, tiny_llama_dir, ttl=2.0)
+    wait_instances(url, 2, timeout=60, model=TINY)
+    oai = _client(url)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_story, oai, i) for i in range(8)]
+        time.sleep(0.4)
+        victim.signal(signal.SIGKILL)
+        results = [f.result() for f in futures]
+    assert all(finish == "length" for _, finish in results)
+    _, _, metrics = http("GET", url + "/metrics")
+    migrated = [line for line in metrics.decode().splitlines() if line.startswith("turbine_migrations_total")]
+    assert migrated and float(migrated[0].split()[-1]) > 0
+    wait_until(lambda: live_instances(url, TINY) == 1, 15)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        reference = list(pool.map(lambda i: _story(oai, i), range(8)))
+    assert [r[0] for r in results] == [r[0] for r in reference]
+
+
+def test_a_prompt_longer_than_the_context_is_a_400(stack: Stack, tiny_llama_dir: Path) -> None:
+    _, url = stack.frontend()
+    _tiny_worker(stack, tiny_llama_dir)
+    wait_instances(url, 1, timeout=60, model=TINY)
+    body = {"model": TINY, "prompt": "word " * (TINY_LLAMA_CONTEXT + 100), "max_tokens": 5}
+    status, _, raw = http(
+        "POST", url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    assert status == 400, raw
+    error = json.loads(raw)["error"]
+    assert error["code"] == "context_length_exceeded" and str(TINY_LLAMA_CONTEXT) in error["message"]
+
+
+def _worker_exit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "turbine.worker", "--engine", "torch", "--discovery-backend", "mem", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_missing_or_unsupported_model_exits_2_with_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    missing = _worker_exit("--model-path", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert len(missing.stderr.strip().splitlines()) == 1 and "nowhere" in missing.stderr
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (gpt2 / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    unsupported = _worker_exit("--model-path", str(gpt2))
+    assert unsupported.returncode == 2, unsupported.stderr
+    lines = unsupported.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GPT2LMHeadModel is not supported" in lines[0], unsupported.stderr
