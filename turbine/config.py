@@ -255,6 +255,7 @@ class WorkerConfig(RuntimeConfig):
         "auto", "Torch engine compute dtype (auto: bfloat16 on CUDA, float32 on CPU).", choices=DTYPES
     )
     gpu_memory_utilization: float = opt(0.9, "Torch engine on CUDA: fraction of GPU memory it may use.")
+    enforce_eager: bool = opt(False, "Torch engine on CUDA: no CUDA graphs for decode steps.")
     kv_cache_memory_bytes: int | None = opt(None, "Torch engine on CPU: KV cache bytes per worker (1 GiB).")
     override_generation_config: str | None = opt(
         None,

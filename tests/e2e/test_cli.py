@@ -16,8 +16,12 @@ from tests.e2e.conftest import MODEL, Proc, free_port, http, live_instances, wai
 pytestmark = pytest.mark.e2e
 
 
-def test_turbine_up_serves_smollm2_and_stops_cleanly_on_ctrl_c(tmp_path: Path, gguf_cache: Path) -> None:
-    """The README's first command: a real model answers the README's question."""
+@pytest.mark.timeout(300)
+def test_turbine_up_serves_smollm2_and_stops_cleanly_on_ctrl_c(
+    tmp_path: Path, gguf_cache: Path, smollm2_dir: Path
+) -> None:
+    """The README's first command: a real model answers the README's question (the session's
+    conversion of the GGUF, `smollm2_dir`, is in `gguf_cache` already)."""
     port = free_port()
     argv = [
         sys.executable,
@@ -43,6 +47,7 @@ def test_turbine_up_serves_smollm2_and_stops_cleanly_on_ctrl_c(tmp_path: Path, g
         out = oai.chat.completions.create(
             model="SmolLM2-135M-Instruct",
             messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=40,
         )
         assert "Paris" in (out.choices[0].message.content or ""), out
         proc.signal(signal.SIGINT)

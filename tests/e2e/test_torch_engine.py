@@ -47,8 +47,9 @@ def _tiny_worker(stack: Stack, model_dir: Path, *extra: str, ttl: float = 10.0) 
     )
 
 
+@pytest.mark.timeout(300)
 def test_smollm2_answers_through_the_openai_client(
-    stack: Stack, smollm2_gguf: Path, gguf_cache: Path
+    stack: Stack, smollm2_gguf: Path, gguf_cache: Path, smollm2_dir: Path
 ) -> None:
     _, url = stack.frontend()
     worker = stack.worker(

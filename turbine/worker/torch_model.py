@@ -74,6 +74,7 @@ def load_torch_model(cfg: WorkerConfig) -> TorchModel:
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=budget,
         enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=cfg.enforce_eager,
     )
     loaded = load_model(config)
     overrides = cfg.generation_overrides()

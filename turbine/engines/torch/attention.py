@@ -43,8 +43,8 @@ class SeqAttn:
 class DecodeBatch:
     """Sequences decoding one token each, laid out for the paged decode kernel (CUDA only)."""
 
-    rows: torch.Tensor
-    """Rows of these sequences' tokens in the step's flattened batch (long)."""
+    rows: torch.Tensor | None
+    """Rows of these sequences' tokens in the step's flattened batch (long); None: every row."""
     block_tables: torch.Tensor
     """[n, max_blocks] int32, padded with 0."""
     context_lens: torch.Tensor
@@ -157,5 +157,7 @@ def attend(
         from turbine.engines.torch.triton_decode import paged_decode
 
         d = meta.decode
+        if d.rows is None:  # a pure decode step (the CUDA-graph path): no gather, no scatter
+            return paged_decode(q, k_cache, v_cache, d.block_tables, d.context_lens, scale)
         out[d.rows] = paged_decode(q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, scale)
     return out

@@ -20,6 +20,7 @@ from turbine.engines.base import EventSink
 from turbine.engines.core.engine import EngineCore, Executor
 from turbine.engines.core.scheduler import SchedulerConfig
 from turbine.engines.torch.arch import ModelArch, read_arch
+from turbine.engines.torch.cuda_graphs import DecodeGraphs
 from turbine.engines.torch.loader import load_weights
 from turbine.engines.torch.model import LlamaModel
 from turbine.engines.torch.runner import SamplingDefaults, TorchExecutor
@@ -51,6 +52,8 @@ class TorchEngineConfig:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
     load_publish_interval_s: float = 1.0
+    enforce_eager: bool = False
+    """No CUDA graphs for decode steps (vLLM's flag): slower, but nothing is captured."""
     progress: bool = True
     """Show a progress bar while the weights load."""
 
@@ -157,15 +160,27 @@ class TorchEngine(EngineCore):
         )
         self.loaded = loaded
         model = loaded.model
-        kv = model.new_kv_cache(num_blocks, cfg.block_size)
+        # One block more than the scheduler hands out: padding rows of CUDA-graph batches write there.
+        kv = model.new_kv_cache(num_blocks + 1, cfg.block_size)
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MB)",
             num_blocks,
             cfg.block_size,
             num_blocks * cfg.block_size * loaded.arch.kv_bytes_per_token(model.dtype.itemsize) / 1e6,
         )
+        kernel = _decode_kernel_available(loaded.device)
+        graphs = None
+        if kernel and not cfg.enforce_eager:
+            graphs = DecodeGraphs(
+                model,
+                kv,
+                block_size=cfg.block_size,
+                scratch_block=num_blocks,
+                max_batch=min(cfg.max_num_seqs, 256),
+                max_blocks_per_seq=-(-loaded.arch.max_position_embeddings // cfg.block_size),
+            )
         self._executor = TorchExecutor(
-            model, kv, self.blocks, loaded.defaults, decode_kernel=_decode_kernel_available(loaded.device)
+            model, kv, self.blocks, loaded.defaults, decode_kernel=kernel, graphs=graphs
         )
 
     def executor(self) -> Executor:

@@ -19,6 +19,7 @@ import torch
 from turbine.engines.core.block_manager import BlockManager
 from turbine.engines.core.scheduler import Sampled, Seq, StepPlan
 from turbine.engines.torch.attention import build_meta
+from turbine.engines.torch.cuda_graphs import DecodeGraphs
 from turbine.engines.torch.model import LlamaModel
 from turbine.engines.torch.sampler import RowParams, sample
 
@@ -55,12 +56,14 @@ class TorchExecutor:
         defaults: SamplingDefaults,
         *,
         decode_kernel: bool = False,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.defaults = defaults
         self.decode_kernel = decode_kernel
+        self.graphs = graphs
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-runner")
         self._generators: dict[int, torch.Generator] = {}
 
@@ -121,6 +124,16 @@ class TorchExecutor:
     def _run(self, step: _Step) -> dict[int, Sampled]:
         model = self.model
         device = model.device
+        graphs = self.graphs
+        if graphs is not None and len(step.chunks) == len(step.input_ids):  # one token each: decode
+            bs = self.blocks.block_size
+            tables = [
+                table[: pos // bs + 1] for (table, _, _), pos in zip(step.chunks, step.positions, strict=True)
+            ]
+            if graphs.fits(len(tables), max(len(t) for t in tables)):
+                slots = [t[-1] * bs + pos % bs for t, pos in zip(tables, step.positions, strict=True)]
+                hidden = graphs.run(step.input_ids, step.positions, slots, tables)
+                return self._sample(hidden, step)
         meta = build_meta(
             step.chunks,
             self.blocks.block_size,
@@ -131,9 +144,13 @@ class TorchExecutor:
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)
         positions = torch.tensor(step.positions, dtype=torch.long, device=device)
         hidden = model.forward(input_ids, positions, self.kv_cache, meta)
+        return self._sample(hidden, step)
+
+    def _sample(self, hidden: torch.Tensor, step: _Step) -> dict[int, Sampled]:
         if not step.sample_rows:
             return {}
-        rows = torch.tensor(step.sample_rows, dtype=torch.long, device=device)
-        logits = model.logits(hidden.index_select(0, rows))
-        sampled = sample(logits, step.params)
+        if len(step.sample_rows) < hidden.shape[0]:
+            rows = torch.tensor(step.sample_rows, dtype=torch.long, device=hidden.device)
+            hidden = hidden.index_select(0, rows)
+        sampled = sample(self.model.logits(hidden), step.params)
         return dict(zip(step.sample_ids, sampled, strict=True))

@@ -38,6 +38,7 @@ def _paged_decode_kernel(
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ) -> None:
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -58,13 +59,13 @@ def _paged_decode_kernel(
         base = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt + d[None, :]
         k = tl.load(k_ptr + base)
         v = tl.load(v_ptr + base)
-        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where((i * BLOCK + t)[None, :] < ctx, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / total[:, None]
     tl.store(
@@ -112,5 +113,7 @@ def paged_decode(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=dim,
         BLOCK=block,
+        # float32 caches get exact (IEEE) products, as the SDPA path computes them; no TF32.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out

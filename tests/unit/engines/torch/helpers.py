@@ -40,7 +40,8 @@ def run_engine(
     model_dir: Path, requests: list[PreprocessedRequest], **config: Any
 ) -> tuple[list[list[EngineOutput]], TorchEngine]:
     """Serve every request concurrently on a fresh engine; returns the outputs and the stopped engine."""
-    cfg = TorchEngineConfig(model_dir=model_dir, device="cpu", dtype="float32", progress=False, **config)
+    config.setdefault("device", "cpu")
+    cfg = TorchEngineConfig(model_dir=model_dir, dtype="float32", progress=False, **config)
     loaded = load_model(cfg)
 
     async def main() -> tuple[list[list[EngineOutput]], TorchEngine]:

@@ -32,6 +32,7 @@ def test_unpermute_inverts_llama_cpp_rope_row_interleave() -> None:
     assert torch.equal(_unpermute(permuted, heads), w)
 
 
+@pytest.mark.timeout(300)
 def test_smollm2_conversion_equals_transformers_gguf_loading(
     smollm2_gguf: Path, smollm2_dir: Path, gguf_cache: Path
 ) -> None:
