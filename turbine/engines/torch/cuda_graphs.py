@@ -41,12 +41,20 @@ class DecodeGraphs:
         self.max_blocks = max_blocks_per_seq
         device = model.device
         n = self.sizes[-1]
+        self._n = n
         self._scratch_slot = scratch_block * block_size
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), self._scratch_slot, dtype=torch.long, device=device)
-        self.tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
-        self.lens = torch.ones(n, dtype=torch.int32, device=device)
+        # Every input in one int64 buffer, [ids | positions | slots | lens | tables], so a step fills a
+        # pinned host copy and moves it with one transfer; the graphs read views of the device copy.
+        total = 4 * n + n * max_blocks_per_seq
+        self._device_buf = torch.zeros(total, dtype=torch.long, device=device)
+        self._host_buf = torch.zeros(total, dtype=torch.long).pin_memory()
+        self._host = self._host_buf.numpy()
+        buf = self._device_buf
+        self.input_ids = buf[0:n]
+        self.positions = buf[n : 2 * n]
+        self.slots = buf[2 * n : 3 * n]
+        self.lens = buf[3 * n : 4 * n]
+        self.tables = buf[4 * n :].view(n, max_blocks_per_seq)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
 
@@ -54,25 +62,30 @@ class DecodeGraphs:
         return batch <= self.sizes[-1] and max_blocks <= self.max_blocks
 
     def run(
-        self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]
+        self, input_ids: list[int], positions: list[int], slots: list[int], tables_in: list[list[int]]
     ) -> torch.Tensor:
         """Hidden states of a pure decode step (one token per sequence), [batch, hidden]."""
         batch = len(input_ids)
         size = self.sizes[bisect.bisect_left(self.sizes, batch)]
-        padded = [t + [0] * (self.max_blocks - len(t)) for t in tables]
-        pad = size - batch
-        device = self.model.device
         graph, out = self._graphs.get(size) or self._capture(size)
-        host_ids = torch.tensor(input_ids + [0] * pad, dtype=torch.long)
-        host_pos = torch.tensor(positions + [0] * pad, dtype=torch.long)
-        host_slots = torch.tensor(slots + [self._scratch_slot] * pad, dtype=torch.long)
-        host_tables = torch.tensor(padded + [[0] * self.max_blocks] * pad, dtype=torch.int32)
-        host_lens = torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32)
-        self.input_ids[:size].copy_(host_ids.to(device, non_blocking=True))
-        self.positions[:size].copy_(host_pos.to(device, non_blocking=True))
-        self.slots[:size].copy_(host_slots.to(device, non_blocking=True))
-        self.tables[:size].copy_(host_tables.to(device, non_blocking=True))
-        self.lens[:size].copy_(host_lens.to(device, non_blocking=True))
+        n, host = self._n, self._host
+        host[:batch] = input_ids
+        host[batch:size] = 0
+        host[n : n + batch] = positions
+        host[n + batch : n + size] = 0
+        host[2 * n : 2 * n + batch] = slots
+        host[2 * n + batch : 2 * n + size] = self._scratch_slot
+        lens = host[3 * n : 4 * n]
+        lens[:batch] = positions
+        lens[:batch] += 1
+        lens[batch:size] = 1
+        tables = host[4 * n :].reshape(n, self.max_blocks)
+        tables[:size] = 0
+        for row, table in enumerate(tables_in):
+            tables[row, : len(table)] = table
+        # Only the rows of this size travel (the tables' rows are the buffer's tail).
+        used = 4 * n + size * self.max_blocks
+        self._device_buf[:used].copy_(self._host_buf[:used], non_blocking=True)
         graph.replay()
         return out[:batch]
 

@@ -34,9 +34,18 @@ class Layer:
 class LlamaModel:
     """Weights plus the forward. Not thread-safe: one runner thread calls `forward` at a time."""
 
-    def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor], device: torch.device) -> None:
+    def __init__(
+        self,
+        arch: ModelArch,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        *,
+        fused: bool | None = None,
+    ) -> None:
+        """`fused`: use the Triton kernels of `triton_ops` (default: on CUDA, where they apply)."""
         self.arch = arch
         self.device = device
+        self.fused = _fused_ops_apply(arch, device) if fused is None else fused
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -112,6 +121,8 @@ class LlamaModel:
         cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden], for the step's flat token batch."""
+        if self.fused:
+            return self._forward_fused(input_ids, positions, kv_cache, meta)
         a = self.arch
         n = input_ids.shape[0]
         cos, sin = cos_sin if cos_sin is not None else self.rope(positions)
@@ -136,9 +147,51 @@ class LlamaModel:
             x = x + F.linear(F.silu(gate) * up, layer.down)
         return rms_norm(x, self.norm, a.rms_norm_eps)
 
+    def _forward_fused(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttnMeta,
+    ) -> torch.Tensor:
+        """The same computation with the element-wise work in fused Triton kernels (CUDA)."""
+        from turbine.engines.torch import triton_ops as ops
+
+        a = self.arch
+        n = input_ids.shape[0]
+        eps = a.rms_norm_eps
+        x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
+        delta: torch.Tensor | None = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
+            h = ops.rms_norm(x, layer.input_norm, eps, residual=delta)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q = ops.rope_and_cache(
+                qkv, positions, self._inv_freq, k_cache, v_cache, meta.slot_mapping,
+                a.num_heads, a.num_kv_heads, a.head_dim,
+            )  # fmt: skip
+            o = attend(q, k_cache, v_cache, meta, self.scale)
+            delta = F.linear(o.view(n, a.q_size), layer.o_proj)
+            h = ops.rms_norm(x, layer.post_norm, eps, residual=delta)
+            delta = F.linear(ops.silu_mul(F.linear(h, layer.gate_up)), layer.down)
+        return ops.rms_norm(x, self.norm, eps, residual=delta)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the given rows of hidden states."""
         return F.linear(hidden, self.lm_head).float()
+
+
+def _fused_ops_apply(arch: ModelArch, device: torch.device) -> bool:
+    """The fused kernels cover RoPE on power-of-two half head dims and no per-head q/k norm."""
+    if device.type != "cuda" or arch.qk_norm:
+        return False
+    half = arch.head_dim // 2
+    if half & (half - 1):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,38 +8,34 @@ it can be captured in a CUDA graph. The kernel is our own; the technique is the 
 engines use.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit  # type: ignore[untyped-decorator]  # Triton reads these annotations itself
 def _paged_decode_kernel(
-    q_ptr: Any,
-    k_ptr: Any,
-    v_ptr: Any,
-    out_ptr: Any,
-    tables_ptr: Any,
-    lens_ptr: Any,
-    scale: Any,
-    stride_qs: Any,
-    stride_qh: Any,
-    stride_kb: Any,
-    stride_kt: Any,
-    stride_kh: Any,
-    stride_ts: Any,
-    stride_os: Any,
-    stride_oh: Any,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    tables_ptr,
+    lens_ptr,
+    scale,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ts,
+    stride_os,
+    stride_oh,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
-) -> None:
+):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     ctx = tl.load(lens_ptr + seq)

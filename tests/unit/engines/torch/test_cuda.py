@@ -75,3 +75,39 @@ def test_engine_with_cuda_graphs_equals_transformers(tiny_llama_dir: Path) -> No
             enforce_eager=eager,
         )
         assert [tokens_of(r) for r in results] == expected, f"enforce_eager={eager}"
+
+
+def test_fused_kernels_match_the_torch_ops() -> None:
+    from turbine.engines.torch import triton_ops as ops
+    from turbine.engines.torch.model import _rotate_half, rms_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 576, device="cuda")
+    delta = torch.randn(7, 576, device="cuda")
+    w = torch.randn(576, device="cuda")
+    stream = x.clone()
+    out = ops.rms_norm(stream, w, 1e-5, residual=delta)
+    torch.testing.assert_close(stream, x + delta)
+    torch.testing.assert_close(out, rms_norm(x + delta, w, 1e-5), atol=1e-5, rtol=1e-5)
+
+    heads, kv_heads, dim, block = 4, 2, 64, 16
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * dim, device="cuda")
+    positions = torch.tensor([0, 3, 17, 100, 1000], device="cuda")
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
+    k_cache = torch.zeros(8, block, kv_heads, dim, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([3, 20, 21, 64, 127], device="cuda")
+    q = ops.rope_and_cache(qkv, positions, inv_freq, k_cache, v_cache, slots, heads, kv_heads, dim)
+    freqs = positions.float()[:, None] * inv_freq[None]
+    cos, sin = torch.cat([freqs, freqs], -1).cos()[:, None], torch.cat([freqs, freqs], -1).sin()[:, None]
+    q_ref = qkv[:, : heads * dim].view(5, heads, dim)
+    k_ref = qkv[:, heads * dim : (heads + kv_heads) * dim].view(5, kv_heads, dim)
+    v_ref = qkv[:, (heads + kv_heads) * dim :].view(5, kv_heads, dim)
+    torch.testing.assert_close(q, q_ref * cos + _rotate_half(q_ref) * sin, atol=1e-4, rtol=1e-4)
+    flat_k, flat_v = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
+    torch.testing.assert_close(flat_k[slots], k_ref * cos + _rotate_half(k_ref) * sin, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flat_v[slots], v_ref)
+
+    gate_up = torch.randn(3, 2 * 1536, device="cuda")
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
