@@ -28,7 +28,12 @@ from turbine.errors import (
     TurbineError,
 )
 from turbine.frontend.choices import collect, merge, usage_of
-from turbine.frontend.edge_requests import embedding_inputs, require_type, responses_messages
+from turbine.frontend.edge_requests import (
+    embedding_inputs,
+    require_response_format,
+    require_type,
+    responses_messages,
+)
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from turbine.frontend.metrics import FrontendMetrics
 from turbine.frontend.models import ModelRegistry
@@ -100,6 +105,11 @@ def _decode(decoder: Callable[[bytes], Any], body: bytes) -> Any:
         raise InvalidRequest(f"invalid request: {message}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # msgspec raises this (not a DecodeError) for strings whose bytes are not UTF-8.
+        raise InvalidRequest(
+            f"request body is not valid UTF-8 JSON: {exc.reason} at byte {exc.start}"
+        ) from None
 
 
 class OpenAIService:
@@ -159,6 +169,7 @@ class OpenAIService:
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "chat")
+        require_response_format(pipeline, req.response_format, "response_format")
         prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
         return await self._serve(request, pipeline, prepared, chat=True)
 
@@ -176,6 +187,8 @@ class OpenAIService:
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "chat")
+        text_format = req.text.get("format") if isinstance(req.text, dict) else None
+        require_response_format(pipeline, text_format, "text.format")
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_output_tokens")
         chat = ChatCompletionRequest(

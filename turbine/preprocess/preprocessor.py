@@ -53,6 +53,21 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
+# Chat message roles OpenAI accepts; anything else is a 400 there, so here too.
+CHAT_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+
+
+def _check_roles(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidRequest(
+                f"Invalid value: {message.role!r}. Supported values are: "
+                + ", ".join(repr(r) for r in CHAT_ROLES),
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
+
+
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -104,6 +119,7 @@ class Preprocessor:
             raise InvalidRequest("'messages' must contain at least one message", param="messages")
         if self.template is None:
             raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
+        _check_roles(req.messages)
         logprobs = _chat_logprobs(req)
         extra = dict(req.chat_template_kwargs or {})
         prompt = self.template.render(

@@ -51,6 +51,9 @@ class ChatCompletionRequest(_Sampling, frozen=True):
     # Chat's logprobs: a flag, plus how many alternatives per token (needs logprobs=true).
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # {"type": "text" | "json_object" | "json_schema", ...}: structured output, which only engines
+    # whose card says `supports_response_format` can enforce (others answer 400, never ignore it).
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling, frozen=True):
@@ -86,6 +89,8 @@ class ResponsesRequest(msgspec.Struct, frozen=True):
     top_p: float | None = None
     stream: bool | None = False
     user: str | None = None
+    # {"format": {"type": "text" | "json_object" | "json_schema", ...}}: as chat's response_format.
+    text: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True):
