@@ -12,7 +12,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -35,7 +35,7 @@ from turbine.frontend.edge_requests import (
     responses_messages,
 )
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from turbine.frontend.metrics import FrontendMetrics
+from turbine.frontend.metrics import FrontendMetrics, RequestMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import (
     ChunkFormatter,
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _MODEL_KEY = web.RequestKey("turbine.model", str)
+# Routes of other APIs on this app set it too, so their requests are counted per model.
+MODEL_KEY = _MODEL_KEY
 
 
 def error_response(exc: TurbineError) -> web.Response:
@@ -128,6 +130,25 @@ class OpenAIService:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def generation(
+        self, pipeline: ModelPipeline, prepared: Prepared
+    ) -> AsyncIterator[tuple[Generation, RequestMetrics]]:
+        """One generation for a route of another API on this app (Anthropic's): counted in flight
+        (the drain waits for it) and in the metrics, and closed on exit."""
+        self.inflight += 1
+        self._idle.clear()
+        served = self.metrics.serving(pipeline.name)
+        gen = pipeline.generate(prepared)
+        try:
+            yield gen, served
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self._idle.set()
+            await gen.aclose()
+            served.finish([gen])
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight (or the timeout passes); True if idle."""

@@ -114,13 +114,24 @@ class Preprocessor:
         self._executor = executor
         self._eos_ids = tuple(files.eos_token_ids)
 
-    async def chat(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
+    async def chat(
+        self, req: ChatCompletionRequest, request_id: str, *, assistant_prefix: str = ""
+    ) -> Prepared:
+        """`assistant_prefix`: text the answer continues (a prefill), written after the generation
+        prompt."""
+        logprobs = _chat_logprobs(req)
+        token_ids = await self.chat_token_ids(req, assistant_prefix)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        return self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+
+    async def chat_token_ids(self, req: ChatCompletionRequest, assistant_prefix: str = "") -> list[int]:
+        """The prompt's token ids: messages checked, rendered with the template, tokenized."""
         if not req.messages:
             raise InvalidRequest("'messages' must contain at least one message", param="messages")
         if self.template is None:
             raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
         _check_roles(req.messages)
-        logprobs = _chat_logprobs(req)
         extra = dict(req.chat_template_kwargs or {})
         prompt = self.template.render(
             [_message_dict(m) for m in req.messages],
@@ -128,10 +139,7 @@ class Preprocessor:
             tools=req.tools,
             **extra,
         )
-        token_ids = await self.tokenizer.encode_async(prompt, self._executor)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        return self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+        return await self.tokenizer.encode_async(prompt + assistant_prefix, self._executor)
 
     async def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         prompt = req.prompt
@@ -182,6 +190,8 @@ class Preprocessor:
             raise InvalidRequest("min_tokens must be at least 0", param="min_tokens")
         if max_tokens is not None and req.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens must not exceed {max_param}", param="min_tokens")
+        if req.top_k is not None and req.top_k < -1:
+            raise InvalidRequest("top_k must be -1 or 0 (no limit), or at least 1", param="top_k")
         if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
             raise InvalidRequest(f"seed must be within [{SEED_MIN}, {SEED_MAX}]", param="seed")
         vocab = self.tokenizer.vocab_size
@@ -207,7 +217,11 @@ class Preprocessor:
             model=self.model,
             token_ids=token_ids,
             sampling=SamplingOptions(
-                temperature=req.temperature, top_p=req.top_p, seed=req.seed, logprobs=logprobs
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                logprobs=logprobs,
+                top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
             ),
             stop=StopConditions(
                 max_tokens=resolved_max,

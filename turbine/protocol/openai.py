@@ -40,6 +40,8 @@ class _Sampling(msgspec.Struct, frozen=True):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    # Sample among the k most likely tokens only (vLLM's extra; -1 or 0: no limit).
+    top_k: int | None = None
 
 
 class ChatCompletionRequest(_Sampling, frozen=True):

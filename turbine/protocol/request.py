@@ -14,6 +14,8 @@ class SamplingOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     # Per-token log probabilities wanted back: None = none; k >= 0 = the sampled token's logprob
     # plus the k most likely alternatives (0..20, validated by the frontend).
     logprobs: int | None = None
+    # Sample among the k most likely tokens only; None = no limit.
+    top_k: int | None = None
 
 
 class StopConditions(msgspec.Struct, frozen=True, omit_defaults=True):
