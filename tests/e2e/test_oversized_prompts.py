@@ -20,6 +20,7 @@ from turbine.models import bundled_model_path
 pytestmark = pytest.mark.e2e
 
 UNBOUNDED = "tiny-nfc"
+EMBED = "tiny-embed"
 JSON = {"Content-Type": "application/json"}
 
 
@@ -54,8 +55,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str
         proc, url = stack.frontend("--enable-anthropic-api")
         stack.worker("--engine", "mocker", "--speedup-ratio", "1000")
         stack.worker("--engine", "echo", "--model-name", UNBOUNDED, "--model-path", str(nfc))
-        wait_instances(url, 1)
-        wait_instances(url, 1, model=UNBOUNDED)
+        stack.worker("--engine", "echo", "--model-name", EMBED, "--model-type", "embedding")
+        for model in (MODEL, UNBOUNDED, EMBED):
+            wait_instances(url, 1, model=model)
         yield proc, url
     finally:
         stack.stop()
@@ -65,7 +67,7 @@ def _refused(url: str, path: str, body: dict[str, object]) -> float:
     started = time.monotonic()
     status, _, raw = http("POST", url + path, json.dumps(body).encode(), JSON, timeout=120)
     assert status == 400, raw[:300]
-    assert b"context length" in raw
+    assert b"context" in raw
     return time.monotonic() - started
 
 
@@ -89,6 +91,7 @@ def test_many_oversized_prompts_leave_memory_bounded(served: tuple[Proc, str]) -
             )
     messages = [{"role": "user", "content": big}]
     seconds.append(_refused(url, "/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": messages}))
+    seconds.append(_refused(url, "/v1/embeddings", {"model": EMBED, "input": ["short", big]}))
     # Refused on their size alone: no multi-second tokenization each.
     assert max(seconds) < 2.0, seconds
     peak = _rss_mb(proc)

@@ -110,6 +110,13 @@ async def embedding_inputs(pipeline: ModelPipeline, inputs: str | list[Any] | No
     if all(isinstance(x, str) for x in inputs):
         if any(not x for x in inputs):
             raise bad
+        ctx = pipeline.preprocessor.context_length
+        for x in inputs:
+            # Refused before tokenizing when its size alone proves it too long (see min_tokens).
+            if (least := tokenizer.min_tokens(x)) > ctx:
+                raise InvalidRequest(
+                    f"an input has at least {least} tokens; the model's context is {ctx}", param="input"
+                )
         batch = await asyncio.to_thread(tokenizer.encode_batch, inputs)
     elif all(type(x) is int for x in inputs):
         batch = [list(inputs)]
