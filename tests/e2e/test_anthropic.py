@@ -287,6 +287,17 @@ BAD = [
         "tools.0",
     ),
     (
+        "structured output",
+        {
+            "model": MODEL,
+            "max_tokens": 5,
+            "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+            "messages": [{"role": "user", "content": "x"}],
+        },
+        400,
+        "output_config.format",
+    ),
+    (
         "over the context",
         {"model": MODEL, "max_tokens": 10**6, "messages": [{"role": "user", "content": "x"}]},
         400,

@@ -26,7 +26,7 @@ from turbine.frontend.anthropic_format import (
     stop_reason,
 )
 from turbine.frontend.anthropic_translate import Translated, to_chat
-from turbine.frontend.edge_requests import require_type
+from turbine.frontend.edge_requests import require_response_format, require_type
 from turbine.frontend.http import MODEL_KEY, OpenAIService, _decode
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.pipeline import Generation, ModelPipeline
@@ -111,6 +111,8 @@ class AnthropicService:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         req = _decode(decode_messages_request, await request.read())
         pipeline = self._pipeline(request, req.model)
+        output_format = (req.output_config or {}).get("format")
+        require_response_format(pipeline, output_format, "output_config.format")
         translated = to_chat(req)
         message_id = new_message_id()
         prepared = await pipeline.preprocessor.chat(

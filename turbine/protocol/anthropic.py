@@ -40,6 +40,9 @@ class MessagesRequest(_Conversation, frozen=True, kw_only=True):
     top_k: int | None = None
     # {"user_id": ...}
     metadata: dict[str, Any] | None = None
+    # {"format": {"type": "json_schema", "schema": ...}, "effort": ...}: structured output is refused
+    # for engines that cannot enforce it (as OpenAI's response_format is).
+    output_config: dict[str, Any] | None = None
 
 
 class CountTokensRequest(_Conversation, frozen=True):
