@@ -204,23 +204,22 @@ def _max_bytes_per_token(tokenizer: tokenizers.Tokenizer) -> int | None:
     bound). WordPiece and Unigram can map a word of any length to one [UNK], normalizers can shrink
     text: none of those gets a bound.
     """
-    spec = json.loads(tokenizer.to_str())
-    model = spec.get("model") or {}
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
-    if spec.get("normalizer") is not None or model.get("type") != "BPE":
+    # Read through the binding's objects, not `to_str()`: that serializes every merge (megabytes).
+    if tokenizer.normalizer is not None or not isinstance(tokenizer.model, tokenizers.models.BPE):
         return None
+    pre = json.loads(tokenizer.pre_tokenizer.__getstate__()) if tokenizer.pre_tokenizer else {}
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
     if not any(step.get("type") == "ByteLevel" for step in steps):
         return None
     if any(step.get("type") not in _LOSSLESS_SPLITS or step.get("behavior") == "Removed" for step in steps):
         return None
-    vocab = model.get("vocab")
-    if not isinstance(vocab, dict) or any(ch not in vocab for ch in ByteLevel.alphabet()):
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    if any(ch not in vocab for ch in ByteLevel.alphabet()):
         return None
-    added = spec.get("added_tokens") or []
-    if any(token.get("lstrip") or token.get("rstrip") for token in added):
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if any(token.lstrip or token.rstrip for token in added):
         return None
-    return max([max(map(len, vocab)), *(len(str(token.get("content", "")).encode()) for token in added)])
+    return max([max(map(len, vocab)), *(len(token.content.encode()) for token in added)])
 
 
 def utf8_length(text: str) -> int:
