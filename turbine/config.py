@@ -162,6 +162,9 @@ class FrontendConfig(RuntimeConfig):
     tls_client_ca_cert_path: str | None = opt(
         None, "Require client certificates signed by this PEM CA bundle (mTLS; needs --tls-cert-path)."
     )
+    enable_anthropic_api: bool = opt(
+        False, "Also serve Anthropic's Messages API: POST /v1/messages and /v1/messages/count_tokens."
+    )
     interactive: bool = opt(False, "Chat with a discovered model in the terminal instead of serving HTTP.")
     interactive_max_tokens: int | None = opt(
         None, "Interactive mode: most tokens per answer (default: up to the context length)."

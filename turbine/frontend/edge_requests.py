@@ -21,6 +21,30 @@ def require_type(pipeline: ModelPipeline, kind: str) -> None:
         )
 
 
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def require_response_format(pipeline: ModelPipeline, response_format: object, param: str) -> None:
+    """Structured output is enforced by the engine or refused: a model whose engine cannot constrain
+    its output must not answer free text to a client that asked for JSON. `text` is always fine."""
+    if response_format is None:
+        return
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise InvalidRequest(
+            f"{param}.type must be one of {', '.join(map(repr, RESPONSE_FORMAT_TYPES))}",
+            param=param,
+            code="invalid_value",
+        )
+    if kind != "text" and not pipeline.card.supports_response_format:
+        raise InvalidRequest(
+            f"{param} {kind!r} is not supported by model '{pipeline.name}': its engine cannot enforce "
+            "structured output",
+            param=param,
+            code="unsupported_value",
+        )
+
+
 _RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -86,6 +110,13 @@ async def embedding_inputs(pipeline: ModelPipeline, inputs: str | list[Any] | No
     if all(isinstance(x, str) for x in inputs):
         if any(not x for x in inputs):
             raise bad
+        ctx = pipeline.preprocessor.context_length
+        for x in inputs:
+            # Refused before tokenizing when its size alone proves it too long (see min_tokens).
+            if (least := tokenizer.min_tokens(x)) > ctx:
+                raise InvalidRequest(
+                    f"an input has at least {least} tokens; the model's context is {ctx}", param="input"
+                )
         batch = await asyncio.to_thread(tokenizer.encode_batch, inputs)
     elif all(type(x) is int for x in inputs):
         batch = [list(inputs)]

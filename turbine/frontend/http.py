@@ -12,7 +12,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -28,9 +28,14 @@ from turbine.errors import (
     TurbineError,
 )
 from turbine.frontend.choices import collect, merge, usage_of
-from turbine.frontend.edge_requests import embedding_inputs, require_type, responses_messages
+from turbine.frontend.edge_requests import (
+    embedding_inputs,
+    require_response_format,
+    require_type,
+    responses_messages,
+)
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from turbine.frontend.metrics import FrontendMetrics
+from turbine.frontend.metrics import FrontendMetrics, RequestMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import (
     ChunkFormatter,
@@ -57,6 +62,8 @@ log = logging.getLogger(__name__)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _MODEL_KEY = web.RequestKey("turbine.model", str)
+# Routes of other APIs on this app set it too, so their requests are counted per model.
+MODEL_KEY = _MODEL_KEY
 
 
 def error_response(exc: TurbineError) -> web.Response:
@@ -100,6 +107,11 @@ def _decode(decoder: Callable[[bytes], Any], body: bytes) -> Any:
         raise InvalidRequest(f"invalid request: {message}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # msgspec raises this (not a DecodeError) for strings whose bytes are not UTF-8.
+        raise InvalidRequest(
+            f"request body is not valid UTF-8 JSON: {exc.reason} at byte {exc.start}"
+        ) from None
 
 
 class OpenAIService:
@@ -118,6 +130,25 @@ class OpenAIService:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def generation(
+        self, pipeline: ModelPipeline, prepared: Prepared
+    ) -> AsyncIterator[tuple[Generation, RequestMetrics]]:
+        """One generation for a route of another API on this app (Anthropic's): counted in flight
+        (the drain waits for it) and in the metrics, and closed on exit."""
+        self.inflight += 1
+        self._idle.clear()
+        served = self.metrics.serving(pipeline.name)
+        gen = pipeline.generate(prepared)
+        try:
+            yield gen, served
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self._idle.set()
+            await gen.aclose()
+            served.finish([gen])
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight (or the timeout passes); True if idle."""
@@ -159,6 +190,7 @@ class OpenAIService:
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "chat")
+        require_response_format(pipeline, req.response_format, "response_format")
         prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
         return await self._serve(request, pipeline, prepared, chat=True)
 
@@ -176,6 +208,8 @@ class OpenAIService:
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "chat")
+        text_format = req.text.get("format") if isinstance(req.text, dict) else None
+        require_response_format(pipeline, text_format, "text.format")
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_output_tokens")
         chat = ChatCompletionRequest(

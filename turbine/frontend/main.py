@@ -24,6 +24,7 @@ from aiohttp import web
 
 from turbine.config import FrontendConfig, config_from_cli
 from turbine.errors import ConfigError
+from turbine.frontend.anthropic import AnthropicService
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
@@ -100,8 +101,11 @@ async def run_frontend(
     service = OpenAIService(
         registry, max_body_bytes=cfg.max_request_body_bytes, metrics_prefix=cfg.metrics_prefix
     )
+    app = service.app()
+    if cfg.enable_anthropic_api:
+        AnthropicService(registry, service).add_routes(app)
     runner = web.AppRunner(
-        service.app(), handler_cancellation=True, access_log=None, shutdown_timeout=cfg.drain_timeout_s
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.drain_timeout_s
     )
     await runner.setup()
     site = web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024, ssl_context=ssl_context)

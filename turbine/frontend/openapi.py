@@ -15,6 +15,7 @@ from aiohttp import web
 
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from turbine.preprocess.preprocessor import (
+    CHAT_ROLES,
     MAX_COMPLETION_LOGPROBS,
     MAX_N,
     MAX_TOP_LOGPROBS,
@@ -88,7 +89,7 @@ _CHAT_MESSAGE = {
     "type": "object",
     "required": ["role"],
     "properties": {
-        "role": {"type": "string"},
+        "role": {"type": "string", "enum": list(CHAT_ROLES)},
         "content": _nullable(
             {
                 "oneOf": [
@@ -112,6 +113,14 @@ _CHAT_REQUEST = {
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
         "tools": _nullable({"type": "array", "items": {"type": "object"}}),
         "chat_template_kwargs": _nullable({"type": "object"}),
+        "response_format": _nullable(
+            {
+                "type": "object",
+                "required": ["type"],
+                "properties": {"type": {"type": "string", "enum": ["text", "json_object", "json_schema"]}},
+                "description": "json_object and json_schema need an engine that enforces them (else 400).",
+            }
+        ),
         "logprobs": _nullable({"type": "boolean", "default": False}),
         "top_logprobs": _nullable(
             {

@@ -120,6 +120,11 @@ class Postprocessor:
         return TextDelta(text, finish, aligner.emit(len(text)))
 
     @property
+    def matched_stop(self) -> str | None:
+        """The stop string that ended the text, or None (none given, or the text ended otherwise)."""
+        return self._stop.matched if self._stop is not None else None
+
+    @property
     def inter_token_latency_s(self) -> float | None:
         """Mean time between tokens after the first; None with fewer than two tokens."""
         if self.completion_tokens < 2:

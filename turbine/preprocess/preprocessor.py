@@ -53,6 +53,21 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
+# Chat message roles OpenAI accepts; anything else is a 400 there, so here too.
+CHAT_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+
+
+def _check_roles(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidRequest(
+                f"Invalid value: {message.role!r}. Supported values are: "
+                + ", ".join(repr(r) for r in CHAT_ROLES),
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
+
+
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -99,12 +114,30 @@ class Preprocessor:
         self._executor = executor
         self._eos_ids = tuple(files.eos_token_ids)
 
-    async def chat(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
+    async def chat(
+        self, req: ChatCompletionRequest, request_id: str, *, assistant_prefix: str = ""
+    ) -> Prepared:
+        """`assistant_prefix`: text the answer continues (a prefill), written after the generation
+        prompt."""
+        logprobs = _chat_logprobs(req)
+        prompt = self.chat_prompt(req, assistant_prefix)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        self._check_can_fit(prompt, max_tokens, "messages")
+        token_ids = await self.tokenizer.encode_async(prompt, self._executor)
+        return self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+
+    async def chat_token_ids(self, req: ChatCompletionRequest, assistant_prefix: str = "") -> list[int]:
+        """The prompt's token ids, however long (for counting)."""
+        return await self.tokenizer.encode_async(self.chat_prompt(req, assistant_prefix), self._executor)
+
+    def chat_prompt(self, req: ChatCompletionRequest, assistant_prefix: str = "") -> str:
+        """The prompt text: messages checked, rendered with the template, the prefix appended."""
         if not req.messages:
             raise InvalidRequest("'messages' must contain at least one message", param="messages")
         if self.template is None:
             raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
-        logprobs = _chat_logprobs(req)
+        _check_roles(req.messages)
         extra = dict(req.chat_template_kwargs or {})
         prompt = self.template.render(
             [_message_dict(m) for m in req.messages],
@@ -112,10 +145,23 @@ class Preprocessor:
             tools=req.tools,
             **extra,
         )
-        token_ids = await self.tokenizer.encode_async(prompt, self._executor)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        return self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+        return prompt + assistant_prefix
+
+    def _check_can_fit(self, prompt: str, max_tokens: int | None, prompt_param: str) -> None:
+        """Refuse a prompt that certainly cannot fit the context before tokenizing it: tokenizing
+        costs time and, at its peak, ~140 bytes of memory per character (a 6 MB prompt: ~1 GB)."""
+        least = self.tokenizer.min_tokens(prompt)
+        ctx = self.context_length
+        completion = max_tokens if max_tokens is not None and max_tokens > 0 else None
+        if least >= ctx or (completion is not None and least + completion > ctx):
+            raise InvalidRequest(
+                f"This model's maximum context length is {ctx} tokens. However, you requested at least "
+                f"{least + (completion or 1)} tokens (at least {least} in the {prompt_param}, "
+                f"{completion or 1} in the completion). Please reduce the length of the prompt or the "
+                "completion.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
 
     async def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         prompt = req.prompt
@@ -124,6 +170,7 @@ class Preprocessor:
         if prompt is None or prompt == "" or prompt == []:
             raise InvalidRequest("'prompt' is required and must not be empty", param="prompt")
         if isinstance(prompt, str):
+            self._check_can_fit(prompt, req.max_tokens, "prompt")
             token_ids = await self.tokenizer.encode_async(prompt, self._executor)
         elif all(type(t) is int for t in prompt):
             vocab = self.tokenizer.vocab_size
@@ -158,8 +205,6 @@ class Preprocessor:
             raise InvalidRequest("temperature must be within [0, 2]", param="temperature")
         if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
             raise InvalidRequest("top_p must be within (0, 1]", param="top_p")
-        if req.top_k is not None and req.top_k < -1:
-            raise InvalidRequest("top_k must be -1 (disabled) or at least 0", param="top_k")
         if req.min_p is not None and not 0.0 <= req.min_p <= 1.0:
             raise InvalidRequest("min_p must be within [0, 1]", param="min_p")
         if req.n is not None and not 1 <= req.n <= MAX_N:
@@ -170,6 +215,8 @@ class Preprocessor:
             raise InvalidRequest("min_tokens must be at least 0", param="min_tokens")
         if max_tokens is not None and req.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens must not exceed {max_param}", param="min_tokens")
+        if req.top_k is not None and req.top_k < -1:
+            raise InvalidRequest("top_k must be -1 or 0 (no limit), or at least 1", param="top_k")
         if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
             raise InvalidRequest(f"seed must be within [{SEED_MIN}, {SEED_MAX}]", param="seed")
         vocab = self.tokenizer.vocab_size
@@ -197,10 +244,10 @@ class Preprocessor:
             sampling=SamplingOptions(
                 temperature=req.temperature,
                 top_p=req.top_p,
-                top_k=None if req.top_k is None else max(req.top_k, 0),
                 min_p=req.min_p,
                 seed=req.seed,
                 logprobs=logprobs,
+                top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
             ),
             stop=StopConditions(
                 max_tokens=resolved_max,

@@ -8,17 +8,20 @@ into either a value or a `ConfigError` that names the file, so nothing is guesse
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import re
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
 
 from turbine.errors import ConfigError
 
@@ -185,6 +188,70 @@ def _added_token_splitter(tokenizer: tokenizers.Tokenizer) -> re.Pattern[str] | 
     return re.compile("(" + "|".join(re.escape(c) for c in contents) + ")")
 
 
+# Pre-tokenizers that split text without dropping or rewriting any of it.
+_LOSSLESS_SPLITS = ("ByteLevel", "Digits", "Split", "Punctuation")
+
+
+def _max_bytes_per_token(tokenizer: tokenizers.Tokenizer) -> int | None:
+    """The most UTF-8 bytes of input text one token can stand for, where this tokenizer has such a
+    bound; None where it has none (or we cannot prove it).
+
+    Proved for byte-level BPE (GPT-2, Llama 3, ...): with no normalizer and only splitting
+    pre-tokenizers, every byte of the text becomes one alphabet character that ends up in exactly
+    one token (all 256 are in the vocabulary, so none is dropped or merged into an unknown token),
+    and a token's string is as long as the bytes it covers. Added tokens match their own content
+    only, unless they strip neighbouring whitespace (then a token can swallow any run of it: no
+    bound). WordPiece and Unigram can map a word of any length to one [UNK], normalizers can shrink
+    text: none of those gets a bound.
+    """
+    # Read through the binding's objects, not `to_str()`: that serializes every merge (megabytes).
+    if tokenizer.normalizer is not None or not isinstance(tokenizer.model, tokenizers.models.BPE):
+        return None
+    pre = json.loads(tokenizer.pre_tokenizer.__getstate__()) if tokenizer.pre_tokenizer else {}
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    if not any(step.get("type") == "ByteLevel" for step in steps):
+        return None
+    if any(step.get("type") not in _LOSSLESS_SPLITS or step.get("behavior") == "Removed" for step in steps):
+        return None
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    if any(ch not in vocab for ch in ByteLevel.alphabet()):
+        return None
+    added = list(tokenizer.get_added_tokens_decoder().values())
+    if any(token.lstrip or token.rstrip for token in added):
+        return None
+    return max([max(map(len, vocab)), *(len(token.content.encode()) for token in added)])
+
+
+def utf8_length(text: str) -> int:
+    # isascii() is O(1) on CPython's compact strings: most prompts are measured without a copy.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None on other C libraries (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc is among them
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free inside the C allocator back to the OS.
+
+    `tokenizers` needs ~140 bytes per character of input at its peak (ids, offsets and token strings
+    of every token) and frees them afterwards, but glibc keeps freed pages in its per-thread arenas:
+    without this, one 5 MB prompt leaves the process ~700 MB larger for good (measured).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class Tokenizer:
     """Text → token ids for prompts. Thread-safe: the HF tokenizer is immutable once loaded.
 
@@ -199,6 +266,10 @@ class Tokenizer:
 
     # Prompt pieces at least this long are remembered (see `encode`).
     CACHE_MIN_CHARS = 1000
+    # The cache's bound in (estimated) bytes; a piece costing over an eighth of it is not cached.
+    CACHE_MAX_BYTES = 64 << 20
+    # After encoding at least this many characters, free memory goes back to the OS.
+    TRIM_MIN_CHARS = 256 << 10
 
     def __init__(
         self,
@@ -206,14 +277,19 @@ class Tokenizer:
         *,
         inline_max_chars: int = INLINE_MAX_CHARS,
         cache_entries: int = 0,
+        cache_max_bytes: int = CACHE_MAX_BYTES,
     ) -> None:
         self._tokenizer = tokenizer
         self._inline_max_chars = inline_max_chars
         self._cache_entries = cache_entries
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache_max_bytes = cache_max_bytes
+        self._cache_bytes = 0
+        self._cache: OrderedDict[str, tuple[list[int], int]] = OrderedDict()
         self._lock = threading.Lock()
         self._split = _added_token_splitter(tokenizer) if cache_entries > 0 else None
         self.cache_hits = 0
+        # None: no lower bound on a text's token count (see `min_tokens`).
+        self.max_bytes_per_token = _max_bytes_per_token(tokenizer)
 
     @property
     def hf(self) -> tokenizers.Tokenizer:
@@ -228,7 +304,26 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on `len(encode(text))`, without encoding: 0 where the tokenizer gives none.
+
+        Lets a prompt that cannot fit the context be refused before paying for tokenizing it.
+        """
+        most = self.max_bytes_per_token
+        return -(-utf8_length(text) // most) if most else 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Estimated bytes the cache holds now."""
+        return self._cache_bytes
+
     def encode(self, text: str) -> list[int]:
+        ids = self._encode(text)
+        if len(text) >= self.TRIM_MIN_CHARS:
+            release_free_memory()
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
         """Token ids of `text`, reusing remembered long pieces (a shared system prompt, say).
 
         `tokenizers` cuts the input at added tokens (`<|im_start|>` ...) before anything else and
@@ -247,23 +342,42 @@ class Tokenizer:
                 out += self._tokenizer.encode(piece, add_special_tokens=False).ids
                 continue
             with self._lock:
-                cached = self._cache.get(piece)
-                if cached is not None:
+                hit = self._cache.get(piece)
+                if hit is not None:
                     self._cache.move_to_end(piece)
                     self.cache_hits += 1
-            if cached is None:
-                cached = self._tokenizer.encode(piece, add_special_tokens=False).ids
-                with self._lock:
-                    self._cache[piece] = cached
-                    if len(self._cache) > self._cache_entries:
-                        self._cache.popitem(last=False)
-            out += cached
+            if hit is not None:
+                out += hit[0]
+                continue
+            ids = self._tokenizer.encode(piece, add_special_tokens=False).ids
+            out += ids
+            self._remember(piece, ids)
         return out
+
+    def _remember(self, piece: str, ids: list[int]) -> None:
+        # The key's own size plus, per id, a list slot and an int object (ids above 256 are not
+        # shared): the cache is bounded by what it really holds, not only by its entry count.
+        cost = sys.getsizeof(piece) + 40 * len(ids)
+        if cost > self._cache_max_bytes // 8:
+            return  # one huge prompt must not flush everything else (nor be kept itself)
+        with self._lock:
+            if piece in self._cache:
+                return
+            self._cache[piece] = (ids, cost)
+            self._cache_bytes += cost
+            while len(self._cache) > self._cache_entries or self._cache_bytes > self._cache_max_bytes:
+                _, (_, dropped) = self._cache.popitem(last=False)
+                self._cache_bytes -= dropped
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         # encode_batch parallelises across texts inside Rust.
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
+        batch = list(texts)
+        encodings = self._tokenizer.encode_batch(batch, add_special_tokens=False)
+        out = [encoding.ids for encoding in encodings]
+        del encodings
+        if sum(map(len, batch)) >= self.TRIM_MIN_CHARS:
+            release_free_memory()
+        return out
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -50,3 +50,6 @@ class ModelDeploymentCard(msgspec.Struct, frozen=True):
     max_num_batched_tokens: int | None = None
     # The tokenizer/template/config files, published where frontends on other machines can fetch them.
     files: tuple[ModelFile, ...] = ()
+    # Whether the engine enforces structured output (`response_format` json_object / json_schema).
+    # Frontends refuse such requests with 400 for models whose card says False.
+    supports_response_format: bool = False

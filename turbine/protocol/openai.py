@@ -37,11 +37,12 @@ class _Sampling(msgspec.Struct, frozen=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM-style extra fields.
-    top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    # Sample among the k most likely tokens only (vLLM's extra; -1 or 0: no limit).
+    top_k: int | None = None
 
 
 class ChatCompletionRequest(_Sampling, frozen=True):
@@ -53,6 +54,9 @@ class ChatCompletionRequest(_Sampling, frozen=True):
     # Chat's logprobs: a flag, plus how many alternatives per token (needs logprobs=true).
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # {"type": "text" | "json_object" | "json_schema", ...}: structured output, which only engines
+    # whose card says `supports_response_format` can enforce (others answer 400, never ignore it).
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling, frozen=True):
@@ -88,6 +92,8 @@ class ResponsesRequest(msgspec.Struct, frozen=True):
     top_p: float | None = None
     stream: bool | None = False
     user: str | None = None
+    # {"format": {"type": "text" | "json_object" | "json_schema", ...}}: as chat's response_format.
+    text: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True):

@@ -10,13 +10,14 @@ class SamplingOptions(msgspec.Struct, frozen=True, omit_defaults=True):
 
     temperature: float | None = None
     top_p: float | None = None
-    # vLLM's extras: keep the k most likely tokens (0 or -1: all); drop tokens below min_p × max prob.
-    top_k: int | None = None
+    # vLLM's extra: drop tokens below min_p × the most likely token's probability.
     min_p: float | None = None
     seed: int | None = None
     # Per-token log probabilities wanted back: None = none; k >= 0 = the sampled token's logprob
     # plus the k most likely alternatives (0..20, validated by the frontend).
     logprobs: int | None = None
+    # Sample among the k most likely tokens only; None = no limit.
+    top_k: int | None = None
 
 
 class StopConditions(msgspec.Struct, frozen=True, omit_defaults=True):

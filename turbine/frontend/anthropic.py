@@ -1,0 +1,195 @@
+"""Anthropic's Messages API on the frontend's HTTP app (`--enable-anthropic-api`).
+
+`POST /v1/messages` (stream or not) and `POST /v1/messages/count_tokens`. A request is translated
+onto a chat request (`anthropic_translate.py`) and served by the same preprocess → route →
+postprocess path as /v1/chat/completions; only the shapes differ (`anthropic_format.py`). Errors
+leave in Anthropic's shape (`{"type": "error", "error": {"type", "message"}}`) with the status of
+the error tree; after a stream has started, as an `error` event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import orjson
+from aiohttp import web
+
+from turbine.errors import InvalidRequest, PayloadTooLarge, TurbineError
+from turbine.frontend.anthropic_format import (
+    StreamFormatter,
+    ToolUse,
+    error_body,
+    message_object,
+    new_message_id,
+    stop_reason,
+)
+from turbine.frontend.anthropic_translate import Translated, to_chat
+from turbine.frontend.edge_requests import require_response_format, require_type
+from turbine.frontend.http import MODEL_KEY, OpenAIService, _decode
+from turbine.frontend.models import ModelRegistry
+from turbine.frontend.pipeline import Generation, ModelPipeline
+from turbine.postprocess.postprocessor import TextDelta
+from turbine.protocol.anthropic import decode_count_tokens_request, decode_messages_request
+
+log = logging.getLogger(__name__)
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ToolCallSplitter(Protocol):
+    """Separates tool calls from one answer's text as it streams (one instance per request).
+
+    The seam for the tool-call parsers (turbine/postprocess/parsers/): `feed` takes each text delta
+    and returns the part that is certainly plain text (markup that may start a call is held back);
+    `finish` returns the held-back text that turned out to be plain, and the calls found.
+    """
+
+    def feed(self, text: str) -> str: ...
+
+    def finish(self) -> tuple[str, list[ToolUse]]: ...
+
+
+# Picks a model's splitter for a request (None: the model's output has no tool calls to parse).
+SplitterFactory = Callable[[ModelPipeline, Translated], ToolCallSplitter | None]
+
+
+def error_response(exc: TurbineError) -> web.Response:
+    headers = {"Retry-After": "1"} if exc.http_status == 503 else None
+    return web.Response(
+        body=error_body(exc), status=exc.http_status, content_type="application/json", headers=headers
+    )
+
+
+def _anthropic_errors(handler: _Handler) -> _Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except TurbineError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return error_response(PayloadTooLarge(f"request body too large: {exc.text}"))
+            if exc.status < 500:
+                return error_response(InvalidRequest(exc.reason))
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(TurbineError("internal error; see the frontend's log"))
+
+    return wrapped
+
+
+class AnthropicService:
+    """The Messages API routes, over the OpenAI service's registry, drain accounting and metrics."""
+
+    def __init__(
+        self, registry: ModelRegistry, service: OpenAIService, splitters: SplitterFactory | None = None
+    ) -> None:
+        self._registry = registry
+        self._service = service
+        self._splitters = splitters
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/messages", _anthropic_errors(self._messages))
+        app.router.add_post("/v1/messages/count_tokens", _anthropic_errors(self._count_tokens))
+
+    def _pipeline(self, request: web.Request, model: str) -> ModelPipeline:
+        request[MODEL_KEY] = model
+        pipeline = self._registry.get(model)
+        require_type(pipeline, "chat")
+        return pipeline
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        req = _decode(decode_count_tokens_request, await request.read())
+        pipeline = self._pipeline(request, req.model)
+        translated = to_chat(req)
+        ids = await pipeline.preprocessor.chat_token_ids(translated.chat, translated.assistant_prefix)
+        return web.Response(body=orjson.dumps({"input_tokens": len(ids)}), content_type="application/json")
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        req = _decode(decode_messages_request, await request.read())
+        pipeline = self._pipeline(request, req.model)
+        output_format = (req.output_config or {}).get("format")
+        require_response_format(pipeline, output_format, "output_config.format")
+        translated = to_chat(req)
+        message_id = new_message_id()
+        prepared = await pipeline.preprocessor.chat(
+            translated.chat, message_id, assistant_prefix=translated.assistant_prefix
+        )
+        splitter = self._splitters(pipeline, translated) if self._splitters is not None else None
+        async with self._service.generation(pipeline, prepared) as (gen, served):
+            # The first delta before any answer, so that a request no worker can take still gets an
+            # HTTP error status rather than an in-band error event.
+            first = await gen.first()
+            served.first_token([gen])
+            if req.stream:
+                return await self._stream(request, gen, first, message_id, pipeline.name, splitter)
+            parts = [first.text]
+            finish = first.finish_reason
+            if finish is None:
+                async for delta in gen:
+                    parts.append(delta.text)
+                    finish = delta.finish_reason
+            assert finish is not None
+            text = "".join(parts)
+            tools: list[ToolUse] = []
+            if splitter is not None:
+                shown = splitter.feed(text)
+                rest, tools = splitter.finish()
+                text = shown + rest
+            matched = gen.post.matched_stop
+            body = message_object(
+                message_id=message_id,
+                model=pipeline.name,
+                text=text,
+                tool_uses=tools,
+                stop=stop_reason(finish.value, matched, tools),
+                stop_sequence=matched,
+                input_tokens=gen.prompt_tokens,
+                output_tokens=gen.completion_tokens,
+            )
+            return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _stream(
+        self,
+        request: web.Request,
+        gen: Generation,
+        first: TextDelta,
+        message_id: str,
+        model: str,
+        splitter: ToolCallSplitter | None,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        fmt = StreamFormatter(message_id=message_id, model=model)
+
+        def shown(text: str) -> bytes:
+            return fmt.text(splitter.feed(text) if splitter is not None else text)
+
+        await resp.write(fmt.start(gen.prompt_tokens) + shown(first.text))
+        try:
+            finish = first.finish_reason
+            if finish is None:
+                async for delta in gen:
+                    finish = delta.finish_reason
+                    out = shown(delta.text)
+                    if out:
+                        await resp.write(out)
+            assert finish is not None
+            tools: list[ToolUse] = []
+            tail = b""
+            if splitter is not None:
+                rest, tools = splitter.finish()
+                tail = fmt.text(rest) + b"".join(fmt.tool(t) for t in tools)
+            matched = gen.post.matched_stop
+            await resp.write(
+                tail + fmt.finish(stop_reason(finish.value, matched, tools), matched, gen.completion_tokens)
+            )
+        except TurbineError as exc:
+            # Headers are gone: report the failure in-band, as Anthropic's API does.
+            log.warning("stream %s failed: %s", message_id, exc.message)
+            await resp.write(fmt.error(exc))
+        await resp.write_eof()
+        return resp
