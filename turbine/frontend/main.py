@@ -29,6 +29,7 @@ from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.python_engine import load_factory
+from turbine.frontend.routing import RoutingSettings
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
@@ -84,6 +85,7 @@ async def run_frontend(
         events=events,
         # Each frontend process is one router replica; a random id never collides in practice.
         replica_id=secrets.randbits(63) if cfg.router_replica_sync else None,
+        routing=RoutingSettings.from_config(cfg),
     )
     if cfg.interactive:
         try:

@@ -19,12 +19,14 @@ import msgspec
 from turbine.errors import ModelNotFound, TurbineError
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.frontend.python_engine import EngineFactory
+from turbine.frontend.routing import RoutingSettings
 from turbine.preprocess.preprocessor import Preprocessor
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.router.base import Router
 from turbine.router.load import LoadTracker
+from turbine.router.queue import WaitStats
 from turbine.runtime.discovery.base import Store, WatchKind
 from turbine.runtime.events.base import EventPlane
 from turbine.runtime.model_files import ModelFileResolver
@@ -57,6 +59,7 @@ class ModelRegistry:
         model_files: ModelFileResolver | None = None,
         events: EventPlane | None = None,
         replica_id: int | None = None,
+        routing: RoutingSettings | None = None,
     ) -> None:
         self._store = store
         self._namespace = namespace
@@ -70,6 +73,7 @@ class ModelRegistry:
         self._engine_factory = engine_factory
         self._events = events  # the shared event plane KV routers follow (None: the request plane)
         self._replica_id = replica_id  # set with --router-replica-sync: routers share load on `events`
+        self._routing = routing or RoutingSettings()
         # Fetches a card's files when its model_path is not on this machine (None: never fetch).
         self._model_files = model_files
         self._instances: dict[int, Instance] = {}
@@ -108,6 +112,18 @@ class ModelRegistry:
                 for worker, load in tracker.snapshot().items():
                     out[pipeline.name, worker] = (load.active_requests, load.active_prefill_tokens)
         return out
+
+    @property
+    def min_initial_workers(self) -> int:
+        return self._routing.min_initial_workers
+
+    def router_queues(self) -> dict[str, tuple[int, WaitStats]]:
+        """model -> (requests waiting now, wait-time stats) of models with a router queue."""
+        return {
+            p.name: (len(p.routing.queue), p.routing.queue.waits)
+            for p in self._pipelines.values()
+            if p.routing.queue is not None
+        }
 
     # ------------------------------------------------------------------------------ watching
 
@@ -244,6 +260,7 @@ class ModelRegistry:
             engine,
             events=self._events,
             replica_id=self._replica_id,
+            routing=self._routing,
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)
