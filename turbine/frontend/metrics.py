@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -71,13 +71,22 @@ class _RouterLoad(Collector):
         yield prefill
 
 
-# model -> (requests waiting in its router queue now, its wait-time stats).
-RouterQueues = dict[str, tuple[int, WaitStats]]
+class RoutingStats(NamedTuple):
+    """One model's routing state beyond load: its router queue (None without one) and sessions."""
+
+    queued: int
+    waits: WaitStats | None
+    session_bindings: int | None
+
+
+# model -> its routing stats.
+RouterQueues = dict[str, RoutingStats]
 
 
 class _RouterQueue(Collector):
     """Each model's router queue (`--router-queue-threshold`): its length and how long requests
-    waited in it (0 for those routed at once)."""
+    waited in it (0 for those routed at once); and its live session bindings (with session
+    affinity)."""
 
     def __init__(self, prefix: str, source: Callable[[], RouterQueues]) -> None:
         self._prefix = prefix
@@ -92,7 +101,16 @@ class _RouterQueue(Collector):
             "Time requests spent in the router queue before being routed.",
             labels=["model"],
         )
-        for model, (queued, stats) in sorted(self._source().items()):
+        sessions = GaugeMetricFamily(
+            f"{self._prefix}_router_session_bindings",
+            "Sessions bound to a worker (session affinity), including those bound by peer replicas.",
+            labels=["model"],
+        )
+        for model, (queued, stats, bindings) in sorted(self._source().items()):
+            if bindings is not None:
+                sessions.add_metric([model], bindings)
+            if stats is None:
+                continue
             length.add_metric([model], queued)
             cumulative = 0
             buckets: list[tuple[str, float]] = []
@@ -102,6 +120,7 @@ class _RouterQueue(Collector):
             waits.add_metric([model], buckets, stats.total_s)
         yield length
         yield waits
+        yield sessions
 
 
 class FrontendMetrics:

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from turbine.errors import ModelNotFound, TurbineError
+from turbine.frontend.metrics import RoutingStats
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.frontend.python_engine import EngineFactory
 from turbine.frontend.routing import RoutingSettings
@@ -26,7 +27,6 @@ from turbine.protocol.instance import Instance, instance_id_from_key, instances_
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.router.base import Router
 from turbine.router.load import LoadTracker
-from turbine.router.queue import WaitStats
 from turbine.runtime.discovery.base import Store, WatchKind
 from turbine.runtime.events.base import EventPlane
 from turbine.runtime.model_files import ModelFileResolver
@@ -117,13 +117,18 @@ class ModelRegistry:
     def min_initial_workers(self) -> int:
         return self._routing.min_initial_workers
 
-    def router_queues(self) -> dict[str, tuple[int, WaitStats]]:
-        """model -> (requests waiting now, wait-time stats) of models with a router queue."""
-        return {
-            p.name: (len(p.routing.queue), p.routing.queue.waits)
-            for p in self._pipelines.values()
-            if p.routing.queue is not None
-        }
+    def router_queues(self) -> dict[str, RoutingStats]:
+        """model -> its router queue's length and waits, and its session bindings (where on)."""
+        out = {}
+        for p in self._pipelines.values():
+            queue, sessions = p.routing.queue, p.routing.sessions
+            if queue is not None or sessions is not None:
+                out[p.name] = RoutingStats(
+                    len(queue) if queue is not None else 0,
+                    queue.waits if queue is not None else None,
+                    len(sessions) if sessions is not None else None,
+                )
+        return out
 
     # ------------------------------------------------------------------------------ watching
 

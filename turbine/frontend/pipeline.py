@@ -126,7 +126,11 @@ class ModelPipeline:
         # Session bindings travel the same way.
         self._replica_sync: ReplicaSync | None = None
         counting = router if isinstance(router, KvRouter | LoadRouter) else None
-        if replica_id is not None and events is not None and (counting or self.routing.sessions):
+        if (
+            replica_id is not None
+            and events is not None
+            and (counting is not None or self.routing.sessions is not None)
+        ):
             self._replica_sync = ReplicaSync(
                 events, card.namespace, name, replica_id, counting, on_batch=self.routing.apply_peer_batch
             )
