@@ -80,11 +80,44 @@ class RuntimeConfig:
         "ipc://PATH; one frontend per endpoint).",
     )
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
+    # TLS between processes (turbine/runtime/transport/tls.py says who uses which file).
+    tcp_tls_cert_path: str | None = opt(
+        None, "TCP request plane, worker: serve TLS with this PEM certificate (needs --tcp-tls-key-path)."
+    )
+    tcp_tls_key_path: str | None = opt(
+        None, "TCP request plane, worker: PEM private key of --tcp-tls-cert-path."
+    )
+    tcp_tls_ca_cert_path: str | None = opt(
+        None,
+        "TCP request plane, PEM CA bundle. Frontend: speak TLS and trust only workers' certificates "
+        "signed by it. Worker (with --tcp-tls-cert-path): require frontends' client certificates "
+        "signed by it (mTLS).",
+    )
+    tcp_tls_client_cert_path: str | None = opt(
+        None, "TCP request plane, frontend: present this PEM client certificate (mTLS)."
+    )
+    tcp_tls_client_key_path: str | None = opt(
+        None, "TCP request plane, frontend: PEM private key of --tcp-tls-client-cert-path."
+    )
+    nats_tls_ca_cert_path: str | None = opt(
+        None, "NATS: connect with TLS and trust only servers whose certificate this PEM CA signed."
+    )
+    nats_tls_cert_path: str | None = opt(
+        None, "NATS: present this PEM client certificate (servers that verify clients)."
+    )
+    nats_tls_key_path: str | None = opt(None, "NATS: PEM private key of --nats-tls-cert-path.")
     log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
     log_json: bool = opt(False, "Write logs as JSON lines.")
     dump_config_to: str | None = opt(None, "Write the resolved config as JSON to this file.")
 
     def validate(self) -> None:
+        for cert, key in (
+            ("tcp_tls_cert_path", "tcp_tls_key_path"),
+            ("tcp_tls_client_cert_path", "tcp_tls_client_key_path"),
+            ("nats_tls_cert_path", "nats_tls_key_path"),
+        ):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ConfigError(f"{_flag(cert)} and {_flag(key)} must be given together")
         if self.lease_ttl_s <= 0:
             raise ConfigError("--lease-ttl-s must be positive")
         if not self.namespace or "/" in self.namespace:
