@@ -61,11 +61,11 @@ async def _one(oai: openai.AsyncOpenAI, prompt: list[int]) -> tuple[int, float, 
 
 
 async def _burst(url: str, seed: int) -> tuple[list[float], list[float]]:
-    """12 long and 36 short prompts (unique, so nothing is cached), arriving interleaved (L S S S
+    """16 long and 48 short prompts (unique, so nothing is cached), arriving interleaved (L S S S
     L ...); returns the TTFTs of the short and the long ones. Every request must finish."""
     rng = random.Random(seed)
     prompts = []
-    for _ in range(12):
+    for _ in range(16):
         prompts.append([rng.randrange(10, 4000) for _ in range(LONG)])
         prompts += [[rng.randrange(10, 4000) for _ in range(SHORT)] for _ in range(3)]
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as oai:
@@ -99,10 +99,13 @@ def test_overload_queues_and_wspt_cuts_the_short_requests_tail(stack: Stack) -> 
         metrics = _queue_metrics(url)
         # Requests did wait in the queue (nothing got 503), and it drained.
         assert metrics["turbine_router_queue_length"] == 0
-        assert metrics["turbine_router_queue_wait_seconds_count"] == 48
-        assert metrics["turbine_router_queue_wait_seconds_bucket{le=0.1}"] < 48
+        assert metrics["turbine_router_queue_wait_seconds_count"] == 64
+        assert metrics["turbine_router_queue_wait_seconds_bucket{le=0.1}"] < 64
     print("short p99 / short mean / long p99 TTFT (s):", json.dumps(results))
-    assert results["wspt"][0] < 0.5 * results["fcfs"][0], results
+    # Short requests no longer wait behind every earlier long one, only behind the long one in
+    # flight when they arrive (measured here: p99 ratio 0.29-0.45, mean ratio 0.31-0.35).
+    assert results["wspt"][0] < 0.6 * results["fcfs"][0], results
+    assert results["wspt"][1] < 0.5 * results["fcfs"][1], results
 
 
 def _slow_stream(url: str, prompt: list[int]) -> str | None:

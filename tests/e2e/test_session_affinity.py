@@ -89,30 +89,32 @@ def _prefill_load(url: str, worker: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_soft_affinity_yields_to_load_and_hard_affinity_waits(stack: Stack, mode: str) -> None:
-    _, url = stack.frontend(
-        "--router-mode", "least-loaded", "--router-queue-threshold", "0.25",
-        "--router-session-affinity-ttl-secs", "30", "--router-session-affinity-mode", mode,
-    )  # fmt: skip
+def test_soft_affinity_yields_to_load_and_hard_affinity_waits(stack: Stack) -> None:
+    routing = ("--router-mode", "least-loaded", "--router-queue-threshold", "0.25")
+    affinity = ("--router-session-affinity-ttl-secs", "30", "--router-session-affinity-mode")
+    _, soft = stack.frontend(*routing, *affinity, "soft")
+    _, hard = stack.frontend(*routing, *affinity, "hard")
     # Two workers whose step budget is 4096 tokens: busy while more than 1024 prompt tokens wait
-    # for their first token; a 1500-token prompt keeps one busy for about a second.
+    # for their first token; a 1500-token prompt keeps one busy for about a second. Each frontend
+    # counts only the load it routed, so the two are tried one after the other.
     stack.worker(*MOCKER, "--num-workers", "2", "--speedup-ratio", "0.1", "--max-num-batched-tokens", "4096")
-    wait_instances(url, 2)
-    oai = _client(url)
-    home = _worker(oai, "s")
-    rng = random.Random(mode)
-    long_prompt = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(1500))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        long = pool.submit(_worker, oai, "s", None, long_prompt)
-        wait_until(lambda: _prefill_load(url, home) > 1024, 10)
-        during = _worker(oai, "s")
-        assert long.result() == home  # the session's worker was not busy yet
-    after = _worker(oai, "s")
-    if mode == "soft":
-        assert during != home and after == during  # load overrode the binding, which moved
-    else:
-        assert during == home and after == home  # waited in the router queue for its worker
+    for url in (soft, hard):
+        wait_instances(url, 2)
+    for url in (soft, hard):
+        oai = _client(url)
+        home = _worker(oai, "s")
+        rng = random.Random(url)
+        long_prompt = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(1500))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(_worker, oai, "s", None, long_prompt)
+            wait_until(lambda: _prefill_load(url, home) > 1024, 10)  # noqa: B023 - used at once
+            during = _worker(oai, "s")
+            assert long.result() == home  # the session's worker was not busy yet
+        after = _worker(oai, "s")
+        if url == soft:
+            assert during != home and after == during  # load overrode the binding, which moved
+        else:
+            assert during == home and after == home  # waited in the router queue for its worker
 
 
 def test_bindings_are_shared_between_frontends(dist_stack: DistStack) -> None:
