@@ -10,8 +10,12 @@ import time
 
 import openai
 import pytest
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import MODEL, Proc, Stack, http, wait_until
+from tests.e2e.conftest import MODEL, Proc, Stack, free_port, http, wait_until
+from tests.e2e.test_kserve import text_input
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +39,21 @@ def _health(url: str) -> tuple[int, dict[str, object]]:
     return status, json.loads(body)
 
 
+def _decisions(url: str) -> dict[str, float]:
+    """Requests routed per worker, from /metrics."""
+    _, _, body = http("GET", url + "/metrics")
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        if family.name == "turbine_routing_decisions":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["worker"]] = sample.value
+    return out
+
+
 def test_direct_mode_sends_each_request_to_the_named_worker(stack: Stack) -> None:
-    _, url = stack.frontend("--router-mode", "direct")
+    grpc_port = free_port()
+    _, url = stack.frontend("--router-mode", "direct", "--kserve-grpc-server", "--grpc-port", str(grpc_port))
     worker = stack.worker(*MOCKER, "--num-workers", "2")
     ids = _instance_ids(worker, 2)
     wait_until(lambda: _health(url)[1]["models"] == {MODEL: 2}, 20)
@@ -72,6 +89,23 @@ def test_direct_mode_sends_each_request_to_the_named_worker(stack: Stack) -> Non
             model=MODEL, prompt="hi", max_tokens=1, extra_headers={"x-worker-instance-id": "worker-1"}
         )
     assert bad.value.param == "x-worker-instance-id"
+
+    # The KServe gRPC edge takes the same header as call metadata.
+    before = _decisions(url)
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+    try:
+        for _ in range(3):
+            client.infer(
+                MODEL, [text_input()], parameters={"max_tokens": 2}, headers={"x-worker-instance-id": ids[0]}
+            )
+        with pytest.raises(InferenceServerException) as grpc_missing:
+            client.infer(MODEL, [text_input()], parameters={"max_tokens": 2})
+    finally:
+        client.close()
+    assert grpc_missing.value.status() == "StatusCode.NOT_FOUND"
+    after = _decisions(url)
+    assert after[ids[0]] - before.get(ids[0], 0) == 3
+    assert after.get(ids[1], 0) == before.get(ids[1], 0)
 
 
 def test_min_initial_workers_holds_readiness_and_requests(stack: Stack) -> None:
