@@ -190,7 +190,10 @@ class Routing:
                 request, candidates, lambda: self._predicted_work(request), restricted=restricted
             )
         else:
-            decision = self.router.select(request, candidates())
+            now = candidates()
+            if not now:
+                raise ServiceUnavailable(f"model '{self.model}' has no live workers")
+            decision = self.router.select(request, now)
         if session is not None and self.sessions is not None:
             self._bind(session, decision.instance_id)
         return decision

@@ -132,7 +132,9 @@ class RouterQueue:
         Raises QueueFull, ServiceUnavailable (no candidate left), or whatever `select` raises.
         """
         now = candidates()
-        if not self._heap and (not now or not self.all_busy(now)):
+        if not now:
+            raise ServiceUnavailable(f"model '{request.model}' has no live workers")
+        if not self._heap and not self.all_busy(now):
             self.waits.observe(0.0)
             return self._select(request, now)
         if len(self._heap) >= self.settings.max_queued:
