@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 _START_TIMEOUT_S = 10.0
@@ -44,9 +45,17 @@ class NatsServer:
     the port (clients reconnect to the same URL). `jetstream=True` enables JetStream (`-js`) with its
     storage in the server's temp directory (removed by `close()`)."""
 
-    def __init__(self, binary: Path, port: int | None = None, *, jetstream: bool = False) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        port: int | None = None,
+        *,
+        jetstream: bool = False,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self._binary = binary
         self.jetstream = jetstream
+        self.extra_args = list(extra_args)  # e.g. TLS: --tls --tlscert ... --tlskey ...
         self.port = port if port is not None else _free_port()
         self._root = Path(tempfile.mkdtemp(prefix="turbine-nats-"))
         self._log_path = self._root / "nats.log"
@@ -66,6 +75,7 @@ class NatsServer:
         args = [str(self._binary), "-a", "127.0.0.1", "-p", str(self.port)]
         if self.jetstream:
             args += ["-js", "-sd", str(self._root / "jetstream")]
+        args += self.extra_args
         with open(self._log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

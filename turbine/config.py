@@ -23,7 +23,12 @@ from turbine.errors import ConfigError
 ENV_PREFIX = "TURBINE_"
 # The few fields that also take a short flag.
 SHORT_FLAGS = {"interactive": "-i"}
-ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv")
+ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv", "direct")
+# Kept equal to turbine.router.queue.QUEUE_POLICIES and turbine.router.affinity.AFFINITY_MODES.
+QUEUE_POLICIES = ("fcfs", "wspt")
+AFFINITY_MODES = ("hard", "soft")
+# Router modes that count each worker's active load (the router queue needs it).
+LOAD_COUNTING_MODES = ("least-loaded", "power-of-two", "kv")
 DISCOVERY_BACKENDS = ("file", "mem", "etcd")
 REQUEST_PLANES = ("tcp", "nats", "http")
 # request: frontends stream each worker's events over the request plane; nats: one broker for all;
@@ -77,11 +82,44 @@ class RuntimeConfig:
         "ipc://PATH; one frontend per endpoint).",
     )
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
+    # TLS between processes (turbine/runtime/transport/tls.py says who uses which file).
+    tcp_tls_cert_path: str | None = opt(
+        None, "TCP request plane, worker: serve TLS with this PEM certificate (needs --tcp-tls-key-path)."
+    )
+    tcp_tls_key_path: str | None = opt(
+        None, "TCP request plane, worker: PEM private key of --tcp-tls-cert-path."
+    )
+    tcp_tls_ca_cert_path: str | None = opt(
+        None,
+        "TCP request plane, PEM CA bundle. Frontend: speak TLS and trust only workers' certificates "
+        "signed by it. Worker (with --tcp-tls-cert-path): require frontends' client certificates "
+        "signed by it (mTLS).",
+    )
+    tcp_tls_client_cert_path: str | None = opt(
+        None, "TCP request plane, frontend: present this PEM client certificate (mTLS)."
+    )
+    tcp_tls_client_key_path: str | None = opt(
+        None, "TCP request plane, frontend: PEM private key of --tcp-tls-client-cert-path."
+    )
+    nats_tls_ca_cert_path: str | None = opt(
+        None, "NATS: connect with TLS and trust only servers whose certificate this PEM CA signed."
+    )
+    nats_tls_cert_path: str | None = opt(
+        None, "NATS: present this PEM client certificate (servers that verify clients)."
+    )
+    nats_tls_key_path: str | None = opt(None, "NATS: PEM private key of --nats-tls-cert-path.")
     log_level: str = opt("info", "Log level.", choices=LOG_LEVELS)
     log_json: bool = opt(False, "Write logs as JSON lines.")
     dump_config_to: str | None = opt(None, "Write the resolved config as JSON to this file.")
 
     def validate(self) -> None:
+        for cert, key in (
+            ("tcp_tls_cert_path", "tcp_tls_key_path"),
+            ("tcp_tls_client_cert_path", "tcp_tls_client_key_path"),
+            ("nats_tls_cert_path", "nats_tls_key_path"),
+        ):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ConfigError(f"{_flag(cert)} and {_flag(key)} must be given together")
         if self.lease_ttl_s <= 0:
             raise ConfigError("--lease-ttl-s must be positive")
         if not self.namespace or "/" in self.namespace:
@@ -140,6 +178,39 @@ class FrontendConfig(RuntimeConfig):
     )
     kv_cache_block_size: int | None = opt(
         None, "Block size the KV router hashes with (default: the workers' advertised block size)."
+    )
+    router_queue_threshold: float | None = opt(
+        None,
+        "Router queue: a worker whose active prefill tokens exceed this fraction of its max batched "
+        "tokens is busy; when every candidate is busy requests wait in the router's queue instead of "
+        "getting 503 (needs --router-mode kv, least-loaded or power-of-two; default: no queue).",
+    )
+    router_queue_policy: str = opt(
+        "fcfs",
+        "Router queue order: fcfs (arrival), wspt (least predicted prefill work, i.e. uncached prompt "
+        "tokens, first).",
+        choices=QUEUE_POLICIES,
+    )
+    router_max_queued: int = opt(
+        1024, "Router queue: most waiting requests per model; beyond it 503 with Retry-After."
+    )
+    router_session_affinity_ttl_secs: float | None = opt(
+        None,
+        "Session affinity: requests of one session (x-session-id header, else the request's user "
+        "field) go to the worker the session is bound to; the binding expires this long after its "
+        "last use (default: off).",
+    )
+    router_session_affinity_mode: str = opt(
+        "soft",
+        "Session affinity: hard (the bound worker is a constraint until it leaves) or soft (a "
+        "preference a busy worker loses).",
+        choices=AFFINITY_MODES,
+    )
+    router_min_initial_workers: int = opt(
+        0, "A model is not ready (503, /health 503) until this many of its workers have been live."
+    )
+    migration_max_seq_len: int | None = opt(
+        None, "Do not migrate a stream whose prompt + generated tokens exceed this; fail it instead."
     )
     max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.")
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
@@ -213,8 +284,33 @@ class FrontendConfig(RuntimeConfig):
         if self.router_replica_sync and self.event_plane != "nats":
             # zmq has one subscriber per endpoint, so frontends cannot hear each other on it.
             raise ConfigError("--router-replica-sync needs --event-plane nats (shared by every frontend)")
-        if self.router_replica_sync and self.router_mode in ("round-robin", "random"):
-            raise ConfigError("--router-replica-sync needs --router-mode kv, least-loaded or power-of-two")
+        if (
+            self.router_replica_sync
+            and self.router_mode not in LOAD_COUNTING_MODES
+            and self.router_session_affinity_ttl_secs is None
+        ):
+            raise ConfigError(
+                "--router-replica-sync needs --router-mode kv, least-loaded or power-of-two, or "
+                "--router-session-affinity-ttl-secs"
+            )
+        if self.router_queue_threshold is not None:
+            if self.router_queue_threshold <= 0:
+                raise ConfigError("--router-queue-threshold must be positive")
+            if self.router_mode not in LOAD_COUNTING_MODES:
+                raise ConfigError(
+                    "--router-queue-threshold needs --router-mode kv, least-loaded or power-of-two"
+                )
+        if self.router_max_queued < 0:
+            raise ConfigError("--router-max-queued must not be negative")
+        ttl = self.router_session_affinity_ttl_secs
+        if ttl is not None and ttl <= 0:
+            raise ConfigError("--router-session-affinity-ttl-secs must be positive")
+        if ttl is not None and self.router_mode == "direct":
+            raise ConfigError("--router-session-affinity-ttl-secs does not apply to --router-mode direct")
+        if self.router_min_initial_workers < 0:
+            raise ConfigError("--router-min-initial-workers must not be negative")
+        if self.migration_max_seq_len is not None and self.migration_max_seq_len < 1:
+            raise ConfigError("--migration-max-seq-len must be at least 1")
         super().validate()
 
 

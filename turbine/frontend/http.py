@@ -48,6 +48,7 @@ from turbine.frontend.openai_format import (
 )
 from turbine.frontend.openapi import serve_openapi
 from turbine.frontend.pipeline import Generation, ModelPipeline
+from turbine.frontend.routing import NO_HINTS, RouteHints, route_hints
 from turbine.postprocess.postprocessor import TextDelta
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.openai import (
@@ -126,6 +127,7 @@ class OpenAIService:
             metrics_prefix,
             lambda: {p.name: len(p.instance_ids) for p in registry.models()},
             registry.router_loads,
+            registry.router_queues,
         )
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -191,16 +193,18 @@ class OpenAIService:
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "chat")
         require_response_format(pipeline, req.response_format, "response_format")
+        hints = route_hints(request.headers, req.user)
         prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
-        return await self._serve(request, pipeline, prepared, chat=True)
+        return await self._serve(request, pipeline, prepared, chat=True, hints=hints)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         req = _decode(decode_completion_request, await request.read())
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "completions")
+        hints = route_hints(request.headers, req.user)
         prepared = await pipeline.preprocessor.completion(req, new_id("cmpl"))
-        return await self._serve(request, pipeline, prepared, chat=False)
+        return await self._serve(request, pipeline, prepared, chat=False, hints=hints)
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API (non-stateful), served as a chat completion with one choice."""
@@ -221,8 +225,9 @@ class OpenAIService:
             stream=req.stream,
             user=req.user,
         )
+        hints = route_hints(request.headers, req.user)
         prepared = await pipeline.preprocessor.chat(chat, new_id("resp"))
-        return await self._serve(request, pipeline, prepared, chat=True, responses=True)
+        return await self._serve(request, pipeline, prepared, chat=True, responses=True, hints=hints)
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         req = _decode(decode_embedding_request, await request.read())
@@ -232,7 +237,7 @@ class OpenAIService:
         if req.encoding_format not in ("float", "base64"):
             raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
         batch = await embedding_inputs(pipeline, req.input)
-        vectors = await pipeline.embed(batch)
+        vectors = await pipeline.embed(batch, route_hints(request.headers, req.user))
         out: list[bytes | list[float]] = list(vectors)
         if req.encoding_format == "base64":
             out = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)) for v in vectors]
@@ -253,14 +258,19 @@ class OpenAIService:
 
     async def _health(self, request: web.Request) -> web.Response:
         models = self._registry.models()
-        body = {
+        body: dict[str, object] = {
             "status": "healthy" if models else "no_workers",
             "models": {p.name: len(p.instance_ids) for p in models},
         }
-        # Not ready (503) until some worker serves a model, e.g. while a worker still loads weights.
-        return web.Response(
-            body=orjson.dumps(body), content_type="application/json", status=200 if models else 503
+        # --router-min-initial-workers: not ready (503) until each model has had that many workers.
+        waiting = self._registry.min_initial_workers and (
+            not models or any(not p.routing.ready for p in models)
         )
+        if waiting:
+            body["status"] = "waiting_for_workers"
+        # Not ready (503) until some worker serves a model, e.g. while a worker still loads weights.
+        status = 503 if waiting or not models else 200
+        return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
     def metrics_app(self) -> web.Application:
         """Only /metrics, for a separate metrics port (`--grpc-metrics-port`)."""
@@ -284,12 +294,13 @@ class OpenAIService:
         *,
         chat: bool,
         responses: bool = False,
+        hints: RouteHints = NO_HINTS,
     ) -> web.StreamResponse:
         self.inflight += 1
         self._idle.clear()
         model = pipeline.name
         served = self.metrics.serving(model)
-        gens = pipeline.generate_choices(prepared)
+        gens = pipeline.generate_choices(prepared, hints)
         try:
             # Wait for every choice's first delta before answering, so that a request no worker
             # can take still becomes an HTTP error status rather than an in-band stream error.

@@ -37,6 +37,7 @@ from turbine.frontend.metrics import FrontendMetrics, RequestMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import new_id
 from turbine.frontend.pipeline import Generation
+from turbine.frontend.routing import route_hints
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.openai import CompletionRequest
 
@@ -170,7 +171,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: aio.ServicerContext[object, object]
     ) -> pb.ModelReadyResponse:
-        ready = any(p.name == request.name for p in self._registry.models())
+        # --router-min-initial-workers: not ready until the model has had that many workers.
+        ready = any(p.name == request.name and p.routing.ready for p in self._registry.models())
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
@@ -217,7 +219,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     # -------------------------------------------------------------------------------- inference
 
     async def _start(
-        self, request: pb.ModelInferRequest
+        self, request: pb.ModelInferRequest, context: aio.ServicerContext[object, object]
     ) -> tuple[Generation, codec.SamplingParams, RequestMetrics]:
         params = request_params(request)
         text = read_text_input(request)
@@ -225,7 +227,10 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         req = completion_request(pipeline.name, text, params)
         request_id = request.id or new_id("kserve")
         prepared: Prepared = await pipeline.preprocessor.completion(req, request_id)
-        return pipeline.generate(prepared), params, self._metrics.serving(pipeline.name)
+        # Routing hints (x-session-id, x-worker-instance-id) come as call metadata, as HTTP headers.
+        metadata = {str(k).lower(): str(v) for k, v in (context.invocation_metadata() or ())}
+        hints = route_hints(metadata, None)
+        return pipeline.generate(prepared, hints), params, self._metrics.serving(pipeline.name)
 
     def _count(self, request: pb.ModelInferRequest, endpoint: str, code: grpc.StatusCode) -> None:
         rejected = code == grpc.StatusCode.UNAVAILABLE
@@ -238,7 +243,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         # cancelling) leaves the status as it is here.
         code = grpc.StatusCode.UNKNOWN
         try:
-            gen, params, served = await self._start(request)
+            gen, params, served = await self._start(request, context)
             parts: list[str] = []
             finish: str | None = None
             try:
@@ -274,7 +279,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async with asyncio.TaskGroup() as tg:
                     async for request in request_iterator:
-                        tg.create_task(self._stream_one(request, queue.put_nowait))
+                        tg.create_task(self._stream_one(request, context, queue.put_nowait))
             finally:
                 queue.put_nowait(None)
 
@@ -289,11 +294,14 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 await reader
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest, send: Callable[[pb.ModelStreamInferResponse], None]
+        self,
+        request: pb.ModelInferRequest,
+        context: aio.ServicerContext[object, object],
+        send: Callable[[pb.ModelStreamInferResponse], None],
     ) -> None:
         code = grpc.StatusCode.UNKNOWN
         try:
-            gen, params, served = await self._start(request)
+            gen, params, served = await self._start(request, context)
             try:
                 if params.streaming is False:
                     parts: list[str] = []

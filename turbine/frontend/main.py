@@ -30,12 +30,13 @@ from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.python_engine import load_factory
+from turbine.frontend.routing import RoutingSettings
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
 from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
-from turbine.runtime.factory import make_event_plane, make_request_client, make_store
+from turbine.runtime.factory import make_event_plane, make_request_client, make_store, nats_tls
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
 
 log = logging.getLogger("turbine.frontend")
@@ -64,7 +65,7 @@ async def run_frontend(
     executor = concurrent.futures.ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="tokenize")
     # The NATS object store connects only when a card lists a nats-os: location.
     model_files = ModelFileResolver(
-        [StoreBlobStore(store), NatsObjectBlobStore(cfg.nats_server)],
+        [StoreBlobStore(store), NatsObjectBlobStore(cfg.nats_server, tls=nats_tls(cfg))],
         Path(cfg.model_cache_dir) if cfg.model_cache_dir else default_model_cache_dir(),
     )
     # --event-plane nats or zmq: one connection (zmq: one bound socket) shared by every model's KV
@@ -85,6 +86,7 @@ async def run_frontend(
         events=events,
         # Each frontend process is one router replica; a random id never collides in practice.
         replica_id=secrets.randbits(63) if cfg.router_replica_sync else None,
+        routing=RoutingSettings.from_config(cfg),
     )
     if cfg.interactive:
         try:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from turbine.router.queue import WAIT_BUCKETS, WaitStats
 
 if TYPE_CHECKING:
     from turbine.frontend.pipeline import Generation
@@ -69,12 +71,65 @@ class _RouterLoad(Collector):
         yield prefill
 
 
+class RoutingStats(NamedTuple):
+    """One model's routing state beyond load: its router queue (None without one) and sessions."""
+
+    queued: int
+    waits: WaitStats | None
+    session_bindings: int | None
+
+
+# model -> its routing stats.
+RouterQueues = dict[str, RoutingStats]
+
+
+class _RouterQueue(Collector):
+    """Each model's router queue (`--router-queue-threshold`): its length and how long requests
+    waited in it (0 for those routed at once); and its live session bindings (with session
+    affinity)."""
+
+    def __init__(self, prefix: str, source: Callable[[], RouterQueues]) -> None:
+        self._prefix = prefix
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        length = GaugeMetricFamily(
+            f"{self._prefix}_router_queue_length", "Requests waiting in the router queue.", labels=["model"]
+        )
+        waits = HistogramMetricFamily(
+            f"{self._prefix}_router_queue_wait_seconds",
+            "Time requests spent in the router queue before being routed.",
+            labels=["model"],
+        )
+        sessions = GaugeMetricFamily(
+            f"{self._prefix}_router_session_bindings",
+            "Sessions bound to a worker (session affinity), including those bound by peer replicas.",
+            labels=["model"],
+        )
+        for model, (queued, stats, bindings) in sorted(self._source().items()):
+            if bindings is not None:
+                sessions.add_metric([model], bindings)
+            if stats is None:
+                continue
+            length.add_metric([model], queued)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*map(str, WAIT_BUCKETS), "+Inf"), stats.bucket_counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            waits.add_metric([model], buckets, stats.total_s)
+        yield length
+        yield waits
+        yield sessions
+
+
 class FrontendMetrics:
     def __init__(
         self,
         prefix: str = "turbine",
         live_workers: Callable[[], dict[str, int]] | None = None,
         router_loads: Callable[[], RouterLoads] | None = None,
+        router_queues: Callable[[], RouterQueues] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -156,6 +211,8 @@ class FrontendMetrics:
             r.register(_LiveWorkers(f"{p}_live_workers", live_workers))
         if router_loads is not None:
             r.register(_RouterLoad(p, router_loads))
+        if router_queues is not None:
+            r.register(_RouterQueue(p, router_queues))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,8 +17,10 @@ from typing import Any
 import msgspec
 
 from turbine.errors import ModelNotFound, TurbineError
+from turbine.frontend.metrics import RoutingStats
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.frontend.python_engine import EngineFactory
+from turbine.frontend.routing import RoutingSettings
 from turbine.preprocess.preprocessor import Preprocessor
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
@@ -57,6 +59,7 @@ class ModelRegistry:
         model_files: ModelFileResolver | None = None,
         events: EventPlane | None = None,
         replica_id: int | None = None,
+        routing: RoutingSettings | None = None,
     ) -> None:
         self._store = store
         self._namespace = namespace
@@ -70,6 +73,7 @@ class ModelRegistry:
         self._engine_factory = engine_factory
         self._events = events  # the shared event plane KV routers follow (None: the request plane)
         self._replica_id = replica_id  # set with --router-replica-sync: routers share load on `events`
+        self._routing = routing or RoutingSettings()
         # Fetches a card's files when its model_path is not on this machine (None: never fetch).
         self._model_files = model_files
         self._instances: dict[int, Instance] = {}
@@ -107,6 +111,23 @@ class ModelRegistry:
             if isinstance(tracker, LoadTracker):
                 for worker, load in tracker.snapshot().items():
                     out[pipeline.name, worker] = (load.active_requests, load.active_prefill_tokens)
+        return out
+
+    @property
+    def min_initial_workers(self) -> int:
+        return self._routing.min_initial_workers
+
+    def router_queues(self) -> dict[str, RoutingStats]:
+        """model -> its router queue's length and waits, and its session bindings (where on)."""
+        out = {}
+        for p in self._pipelines.values():
+            queue, sessions = p.routing.queue, p.routing.sessions
+            if queue is not None or sessions is not None:
+                out[p.name] = RoutingStats(
+                    len(queue) if queue is not None else 0,
+                    queue.waits if queue is not None else None,
+                    len(sessions) if sessions is not None else None,
+                )
         return out
 
     # ------------------------------------------------------------------------------ watching
@@ -244,6 +265,7 @@ class ModelRegistry:
             engine,
             events=self._events,
             replica_id=self._replica_id,
+            routing=self._routing,
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)

@@ -14,6 +14,7 @@ from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, Work
 from turbine.frontend.kv_events import make_followers
 from turbine.frontend.python_engine import PythonEngine
 from turbine.frontend.replica_sync import ReplicaSync
+from turbine.frontend.routing import NO_HINTS, RouteHints, Routing, RoutingSettings
 from turbine.postprocess.logprobs import TokenLogprob, TokenStrings
 from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
@@ -44,13 +45,17 @@ class Generation:
     __slots__ = ("_deltas", "decision", "migrations", "post", "prompt_tokens")
 
     def __init__(
-        self, pipeline: ModelPipeline, request: PreprocessedRequest, stop_strings: list[str]
+        self,
+        pipeline: ModelPipeline,
+        request: PreprocessedRequest,
+        stop_strings: list[str],
+        hints: RouteHints = NO_HINTS,
     ) -> None:
         self.prompt_tokens = len(request.token_ids)
         self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, stop_strings, pipeline.token_strings)
         self.decision: Decision | None = None
         self.migrations = 0
-        self._deltas = pipeline._run(self, request)
+        self._deltas = pipeline._run(self, request, hints)
 
     @property
     def completion_tokens(self) -> int:
@@ -93,6 +98,7 @@ class ModelPipeline:
         engine: PythonEngine | None = None,
         events: EventPlane | None = None,
         replica_id: int | None = None,
+        routing: RoutingSettings | None = None,
     ) -> None:
         self.name = name
         self._engine = engine
@@ -102,6 +108,8 @@ class ModelPipeline:
         # Token id → string/bytes for logprobs, decoded once per id for all of the model's requests.
         self.token_strings = TokenStrings(preprocessor.tokenizer.hf)
         self.router = router
+        # Readiness, direct mode, session affinity and the router queue, around the router.
+        self.routing = Routing(name, router, routing or RoutingSettings())
         self._client = client
         self._migration_limit = migration_limit
         self._instances: dict[int, Instance] = {}
@@ -115,9 +123,18 @@ class ModelPipeline:
             else None
         )
         # --router-replica-sync: this frontend's routing load and its peers' meet on the event plane.
+        # Session bindings travel the same way.
         self._replica_sync: ReplicaSync | None = None
-        if replica_id is not None and events is not None and isinstance(router, KvRouter | LoadRouter):
-            self._replica_sync = ReplicaSync(events, card.namespace, name, replica_id, router)
+        counting = router if isinstance(router, KvRouter | LoadRouter) else None
+        if (
+            replica_id is not None
+            and events is not None
+            and (counting is not None or self.routing.sessions is not None)
+        ):
+            self._replica_sync = ReplicaSync(
+                events, card.namespace, name, replica_id, counting, on_batch=self.routing.apply_peer_batch
+            )
+            self.routing.announce_with(self._replica_sync.publish)
             self._replica_sync.start()
 
     # ------------------------------------------------------------------ instances (from discovery)
@@ -126,12 +143,13 @@ class ModelPipeline:
         self._instances = dict(instances)
         self._ids = sorted(self._instances)
         self._quarantined = {i: t for i, t in self._quarantined.items() if i in self._instances}
-        self.router.update_instances({i: cards[i] for i in self._ids})
+        self.routing.update_instances({i: cards[i] for i in self._ids})
         if self._followers is not None:
             self._followers.sync(self._instances)
 
     async def close(self) -> None:
         """Stop following workers' events (the model left, or the frontend is stopping)."""
+        self.routing.close()
         if self._followers is not None:
             await self._followers.close()
         if self._replica_sync is not None:
@@ -143,23 +161,23 @@ class ModelPipeline:
 
     # ------------------------------------------------------------------------------- requests
 
-    def generate(self, prepared: Prepared) -> Generation:
+    def generate(self, prepared: Prepared, hints: RouteHints = NO_HINTS) -> Generation:
         """The request's single generation (its first choice when n > 1)."""
-        return Generation(self, prepared.request, prepared.stop_strings)
+        return Generation(self, prepared.request, prepared.stop_strings, hints)
 
-    def generate_choices(self, prepared: Prepared) -> list[Generation]:
+    def generate_choices(self, prepared: Prepared, hints: RouteHints = NO_HINTS) -> list[Generation]:
         """One generation per choice (`n`), each routed on its own."""
-        return [Generation(self, request, prepared.stop_strings) for request in prepared.choices()]
+        return [Generation(self, request, prepared.stop_strings, hints) for request in prepared.choices()]
 
-    async def embed(self, batch: list[list[int]]) -> list[list[float]]:
+    async def embed(self, batch: list[list[int]], hints: RouteHints = NO_HINTS) -> list[list[float]]:
         """One vector per token id list, from one instance the router picks (another on failure)."""
         payload = _encode(batch)
         probe = PreprocessedRequest(
             f"embd-{uuid.uuid4().hex}", self.name, batch[0], SamplingOptions(), StopConditions(max_tokens=1)
         )
         excluded: set[int] = set()
-        while candidates := self._candidates(excluded):
-            decision = self.router.select(probe, candidates)
+        while self._candidates(excluded):
+            decision = await self.routing.route(probe, hints, lambda: self._candidates(excluded))
             instance = self._instances[decision.instance_id]
             try:
                 async with contextlib.aclosing(
@@ -173,7 +191,7 @@ class ModelPipeline:
                 excluded.add(instance.instance_id)
                 self._quarantined[instance.instance_id] = time.monotonic() + UNREACHABLE_QUARANTINE_S
             finally:
-                self.router.on_finish(probe.request_id, decision)
+                self.routing.finish(probe.request_id, decision)
         raise ServiceUnavailable(f"no worker of model '{self.name}' could take the request")
 
     def _candidates(self, excluded: set[int]) -> list[int]:
@@ -184,7 +202,9 @@ class ModelPipeline:
         healthy = [i for i in live if self._quarantined.get(i, 0.0) <= now]
         return healthy or live
 
-    async def _run(self, gen: Generation, request: PreprocessedRequest) -> AsyncGenerator[TextDelta, None]:
+    async def _run(
+        self, gen: Generation, request: PreprocessedRequest, hints: RouteHints
+    ) -> AsyncGenerator[TextDelta, None]:
         if self._engine is not None:
             async for delta in _python_engine_deltas(self._engine, gen, request):
                 yield delta
@@ -194,13 +214,13 @@ class ModelPipeline:
         post = gen.post
         excluded: set[int] = set()
         generated: list[int] = []
+        max_seq_len = self.routing.settings.migration_max_seq_len
         while True:
-            candidates = self._candidates(excluded)
-            if not candidates:
+            if not self._candidates(excluded):
                 if excluded:
                     raise ServiceUnavailable(f"no worker of model '{self.name}' could take the request")
                 raise ServiceUnavailable(f"model '{self.name}' has no live workers")
-            decision = self.router.select(request, candidates)
+            decision = await self.routing.route(request, hints, lambda: self._candidates(excluded))
             instance = self._instances[decision.instance_id]
             gen.decision = decision
             started = False
@@ -210,7 +230,7 @@ class ModelPipeline:
                     async for batch in batches:
                         if not started:
                             started = True
-                            self.router.on_first_token(request.request_id, decision)
+                            self.routing.first_token(request.request_id, decision)
                         # A batch of frames that arrived together becomes one delta (one SSE event),
                         # its logprobs the frames' in order (None unless the engine sends them).
                         text = ""
@@ -236,6 +256,16 @@ class ModelPipeline:
                 if started:
                     if gen.migrations >= self._migration_limit:
                         raise
+                    seq_len = len(original.token_ids) + len(generated)
+                    if max_seq_len is not None and seq_len > max_seq_len:
+                        log.warning(
+                            "request %s: %s; not migrating %d tokens (--migration-max-seq-len %d)",
+                            request.request_id,
+                            exc.message,
+                            seq_len,
+                            max_seq_len,
+                        )
+                        raise
                     # Migration: the client keeps its stream; another worker continues from the
                     # tokens generated so far (the prompt grows by them, the budget shrinks).
                     gen.migrations += 1
@@ -253,7 +283,7 @@ class ModelPipeline:
                     # Nothing came back yet, so another worker can take the request as it is.
                     log.warning("request %s: %s; retrying on another worker", request.request_id, exc.message)
             finally:
-                self.router.on_finish(request.request_id, decision)
+                self.routing.finish(request.request_id, decision)
 
 
 async def _python_engine_deltas(

@@ -5,6 +5,8 @@ on `{namespace}.{model}.router.{replica_id:x}`, batched per event-loop turn, plu
 its active request ids every `heartbeat_s`. It applies every other replica's events to its own
 router, which counts them as load under replica-scoped keys (router/peers.py). The event plane must
 reach every frontend (NATS); a peer silent for `expiry_s` is presumed dead and its load dropped.
+Session-affinity bindings travel the same way (`publish`, `on_batch`); a router that counts no load
+(round-robin with session affinity) shares only those.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ class ReplicaSync:
         namespace: str,
         model: str,
         replica_id: int,
-        router: SyncedRouter,
+        router: SyncedRouter | None,
         *,
+        on_batch: Callable[[RouterSyncBatch], None] | None = None,
         heartbeat_s: float = 1.0,
         expiry_s: float = 5.0,
     ) -> None:
@@ -62,6 +65,7 @@ class ReplicaSync:
         self._subject = f"{self._prefix}{replica_id:x}"
         self._replica_id = replica_id
         self._router = router
+        self._on_batch = on_batch
         self._heartbeat_s = heartbeat_s
         self._expiry_s = expiry_s
         self._pending: list[RouterEvent] = []
@@ -69,7 +73,8 @@ class ReplicaSync:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._router.sync_with_peers(self._enqueue, self._expiry_s)
+        if self._router is not None:
+            self._router.sync_with_peers(self._enqueue, self._expiry_s)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"replica-sync-{self._subject}")
 
     async def close(self) -> None:
@@ -78,6 +83,10 @@ class ReplicaSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def publish(self, event: RouterEvent) -> None:
+        """Tell the peers (batched with the router's own events)."""
+        self._enqueue(event)
 
     def _enqueue(self, event: RouterEvent) -> None:
         # Many requests are routed and finished per loop turn under load: one message per turn.
@@ -108,9 +117,14 @@ class ReplicaSync:
                 except msgspec.DecodeError as exc:
                     log.warning("ignoring a malformed router sync message on %s: %s", subject, exc)
                     continue
-                self._router.apply_peer_batch(batch)
+                if self._router is not None:
+                    self._router.apply_peer_batch(batch)
+                if self._on_batch is not None:
+                    self._on_batch(batch)
 
     async def _heartbeat(self) -> None:
+        if self._router is None:
+            return
         while True:
             self._enqueue(ReplicaState(self._router.own_active()))
             dropped = self._router.expire_peers()

@@ -10,7 +10,7 @@ Messages of one replica arrive in publish order (one publisher, one subject), so
 `Finished` never overtakes its `Routed`. `ReplicaState`, sent about once a second, lists the
 replica's active requests: a peer drops whatever it still counts for that replica beyond the
 list (a `Finished` lost while the plane was down), and forgets the replica altogether when it
-falls silent (the frontend died).
+falls silent (the frontend died). `SessionBound` shares session-affinity bindings.
 """
 
 from __future__ import annotations
@@ -49,7 +49,15 @@ class ReplicaState(msgspec.Struct, frozen=True, array_like=True, tag="state"):
     active: list[str]
 
 
-RouterEvent = Routed | PrefillDone | Finished | ReplicaState
+class SessionBound(msgspec.Struct, frozen=True, array_like=True, tag="session"):
+    """A session was bound (or rebound) to a worker (`--router-session-affinity-ttl-secs`); peers
+    adopt the binding, fresh for their own TTL. Re-sent while the session stays in use."""
+
+    session_id: str
+    worker: int
+
+
+RouterEvent = Routed | PrefillDone | Finished | ReplicaState | SessionBound
 
 
 class RouterSyncBatch(msgspec.Struct, frozen=True, array_like=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from turbine.config import FrontendConfig
 from turbine.router.base import Router
 from turbine.router.kv_router import KvRouter, KvRouterSettings, LoadRouter
-from turbine.router.simple import RandomRouter, RoundRobinRouter
+from turbine.router.simple import DirectRouter, RandomRouter, RoundRobinRouter
 
 
 def make_router(cfg: FrontendConfig) -> Router:
@@ -14,6 +14,8 @@ def make_router(cfg: FrontendConfig) -> Router:
         return RoundRobinRouter()
     if mode == "random":
         return RandomRouter()
+    if mode == "direct":
+        return DirectRouter()
     if mode in ("least-loaded", "power-of-two"):
         return LoadRouter(mode)
     if mode == "kv":

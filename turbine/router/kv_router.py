@@ -23,7 +23,14 @@ from turbine.kv.hashing import block_hashes
 from turbine.protocol.kv_events import KvDump, KvEventBatch, LoadMetrics
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest
-from turbine.protocol.router_events import Finished, PrefillDone, Routed, RouterEvent, RouterSyncBatch
+from turbine.protocol.router_events import (
+    Finished,
+    PrefillDone,
+    ReplicaState,
+    Routed,
+    RouterEvent,
+    RouterSyncBatch,
+)
 from turbine.router.active_blocks import ActiveBlocks
 from turbine.router.approx_index import ApproxIndex
 from turbine.router.base import Decision
@@ -127,7 +134,7 @@ class _LoadCounting:
                 self.load.prefill_done(peer_key(replica, event.request_id))
             elif isinstance(event, Finished):
                 self._drop(peers.discard(replica, event.request_id))
-            else:
+            elif isinstance(event, ReplicaState):
                 for key in peers.reconcile(replica, event.active):
                     self._drop(key)
 
@@ -344,6 +351,20 @@ class KvRouter(_LoadCounting):
                 Routed(request.request_id, chosen.worker, uncached, 0, hashes, chosen.overlap_blocks, tail)
             )
         return Decision(chosen.worker, chosen.overlap_blocks)
+
+    def predicted_prefill(self, request: PreprocessedRequest) -> int:
+        """Prompt tokens the request would compute on the worker caching most of it (the router
+        queue's `wspt` order); the whole prompt before any worker is known."""
+        config = self._config
+        tokens = request.token_ids
+        if config is None:
+            return len(tokens)
+        hashes = block_hashes(tokens, config.block_size).sequence
+        index = self.index if self.settings.use_kv_events else self.approx
+        best = max(index.find_matches(hashes).scores.values(), default=0)
+        if self.settings.use_kv_events:
+            best = max(best, max(self.pending.find_matches(hashes).scores.values(), default=0))
+        return max(0, len(tokens) - best * config.block_size)
 
     def _record_history(self, worker: int, hashes: list[int]) -> None:
         if self.settings.use_kv_events:

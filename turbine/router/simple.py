@@ -1,4 +1,4 @@
-"""Load- and cache-blind routers: round-robin (the default) and random."""
+"""Load- and cache-blind routers: round-robin (the default), random, and direct."""
 
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ class RandomRouter(_Stateless):
     def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:
         assert candidates, "the pipeline never asks a router to choose among no instances"
         return Decision(self._rng.choice(candidates))
+
+
+class DirectRouter(_Stateless):
+    """`--router-mode direct`: the client names the worker (header `x-worker-instance-id`); the
+    frontend narrows the candidates to that one instance (turbine/frontend/routing.py), so this
+    only confirms the choice."""
+
+    def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:
+        assert len(candidates) == 1, "direct routing narrows the candidates to the named instance"
+        return Decision(candidates[0])

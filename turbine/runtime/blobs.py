@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import ssl
 from typing import Protocol
 
 import msgspec
@@ -163,8 +164,9 @@ class NatsObjectBlobStore:
 
     scheme = NATS_SCHEME
 
-    def __init__(self, url: str, bucket: str = NATS_BUCKET) -> None:
+    def __init__(self, url: str, bucket: str = NATS_BUCKET, *, tls: ssl.SSLContext | None = None) -> None:
         self._url = url
+        self._tls = tls
         self._bucket = bucket
         self._nc: NatsClient | None = None
         self._objects: ObjectStore | None = None
@@ -237,12 +239,14 @@ class NatsObjectBlobStore:
                         max_reconnect_attempts=1,
                         reconnect_time_wait=0,
                         error_cb=error,
+                        tls=self._tls,
                     ),
                     _NATS_CONNECT_TIMEOUT_S,
                 )
             except (OSError, NatsError, TimeoutError) as exc:
+                # Bounded: after a failed TLS handshake nats-py's close() never returns.
                 with contextlib.suppress(Exception):
-                    await nc.close()
+                    await asyncio.wait_for(nc.close(), 1.0)
                 raise BlobError(f"cannot connect to NATS at {self._url}: {exc!r}") from None
             js = nc.jetstream()
             try:

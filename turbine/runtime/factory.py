@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from turbine.config import RuntimeConfig
@@ -16,6 +17,46 @@ from turbine.runtime.transport.base import RequestPlaneClient, RequestPlaneServe
 from turbine.runtime.transport.http import HttpRequestClient, HttpRequestServer
 from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
 from turbine.runtime.transport.tcp import TcpRequestClient, TcpRequestServer
+from turbine.runtime.transport.tls import client_context, server_context
+
+
+def tcp_server_tls(cfg: RuntimeConfig) -> ssl.SSLContext | None:
+    """A worker's TLS for the TCP request plane: with --tcp-tls-cert-path/--tcp-tls-key-path;
+    --tcp-tls-ca-cert-path adds client verification (mTLS)."""
+    if cfg.tcp_tls_cert_path is None or cfg.tcp_tls_key_path is None:
+        return None
+    ca = cfg.tcp_tls_ca_cert_path
+    return server_context(
+        ("--tcp-tls-cert-path", cfg.tcp_tls_cert_path),
+        ("--tcp-tls-key-path", cfg.tcp_tls_key_path),
+        ("--tcp-tls-ca-cert-path", ca) if ca is not None else None,
+    )
+
+
+def tcp_client_tls(cfg: RuntimeConfig) -> ssl.SSLContext | None:
+    """A frontend's TLS for the TCP request plane: with --tcp-tls-ca-cert-path or a client
+    certificate (--tcp-tls-client-cert-path/--tcp-tls-client-key-path)."""
+    ca, cert, key = cfg.tcp_tls_ca_cert_path, cfg.tcp_tls_client_cert_path, cfg.tcp_tls_client_key_path
+    if ca is None and cert is None:
+        return None
+    return client_context(
+        ("--tcp-tls-ca-cert-path", ca) if ca is not None else None,
+        ("--tcp-tls-client-cert-path", cert) if cert is not None else None,
+        ("--tcp-tls-client-key-path", key) if key is not None else None,
+    )
+
+
+def nats_tls(cfg: RuntimeConfig) -> ssl.SSLContext | None:
+    """TLS for every NATS connection of the process: with --nats-tls-ca-cert-path or a client
+    certificate (--nats-tls-cert-path/--nats-tls-key-path)."""
+    ca, cert, key = cfg.nats_tls_ca_cert_path, cfg.nats_tls_cert_path, cfg.nats_tls_key_path
+    if ca is None and cert is None:
+        return None
+    return client_context(
+        ("--nats-tls-ca-cert-path", ca) if ca is not None else None,
+        ("--nats-tls-cert-path", cert) if cert is not None else None,
+        ("--nats-tls-key-path", key) if key is not None else None,
+    )
 
 
 def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
@@ -32,9 +73,9 @@ def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
 
 def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
     if cfg.request_plane == "tcp":
-        return TcpRequestClient()
+        return TcpRequestClient(ssl_context=tcp_client_tls(cfg))
     if cfg.request_plane == "nats":
-        return NatsRequestClient(cfg.nats_server)
+        return NatsRequestClient(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.request_plane == "http":
         return HttpRequestClient()
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
@@ -43,9 +84,9 @@ def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
 def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestPlaneServer:
     """A worker's server; `host` is the TCP or HTTP plane's bind address (NATS connects out)."""
     if cfg.request_plane == "tcp":
-        return TcpRequestServer(host)
+        return TcpRequestServer(host, ssl_context=tcp_server_tls(cfg))
     if cfg.request_plane == "nats":
-        return NatsRequestServer(cfg.nats_server)
+        return NatsRequestServer(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.request_plane == "http":
         return HttpRequestServer(host)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
@@ -59,7 +100,7 @@ def make_event_plane(cfg: RuntimeConfig) -> NatsEventPlane | ZmqEventPlane | Non
     if cfg.event_plane == "request":
         return None
     if cfg.event_plane == "nats":
-        return NatsEventPlane(cfg.nats_server)
+        return NatsEventPlane(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.event_plane == "zmq":
         return ZmqEventPlane(cfg.zmq_event_endpoint)
     raise ConfigError(f"event plane {cfg.event_plane!r} is not available")

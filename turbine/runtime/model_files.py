@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -175,7 +176,13 @@ async def publish_model_files(model_dir: Path, blobs: BlobStore) -> tuple[ModelF
 
 
 async def publish_worker_model_files(
-    via: str, *, model_dir: Path, store: Store, request_plane: str, nats_url: str
+    via: str,
+    *,
+    model_dir: Path,
+    store: Store,
+    request_plane: str,
+    nats_url: str,
+    nats_tls: ssl.SSLContext | None = None,
 ) -> tuple[ModelFile, ...]:
     """A worker's `--model-files-via`: `none` publishes nothing (frontends need the same path);
     `store` uses the discovery store; `nats` a NATS JetStream object store; `auto` is `nats` with
@@ -186,7 +193,7 @@ async def publish_worker_model_files(
     if via == "none":
         return ()
     if via == "nats" or (via == "auto" and request_plane == "nats"):
-        nats = NatsObjectBlobStore(nats_url)
+        nats = NatsObjectBlobStore(nats_url, tls=nats_tls)
         try:
             return await publish_model_files(model_dir, nats)
         except JetStreamUnavailable as exc:

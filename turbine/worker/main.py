@@ -25,7 +25,7 @@ from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.events.memory import MemoryEventPlane
 from turbine.runtime.events.sink import EventPlaneSink
-from turbine.runtime.factory import make_event_plane, make_request_server, make_store
+from turbine.runtime.factory import make_event_plane, make_request_server, make_store, nats_tls
 from turbine.runtime.model_files import publish_worker_model_files
 from turbine.worker.sdk import EngineWorker, WorkerIdentity
 from turbine.worker.torch_model import TorchModel, load_torch_model
@@ -110,6 +110,7 @@ async def run_workers(
             store=store,
             request_plane=cfg.request_plane,
             nats_url=cfg.nats_server,
+            nats_tls=nats_tls(cfg),
         )
     except BaseException:
         if own_store:

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import logging
 import secrets
+import ssl
 from collections.abc import AsyncGenerator
 
 from nats.aio.client import Client as NatsClient
@@ -56,8 +57,10 @@ class NatsEventPlane:
         max_pending: int = 65536,
         reconnect_wait_s: float = 0.25,
         connect_timeout_s: float = _FIRST_CONNECT_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._url = server_url
+        self._tls = tls
         self._max_pending = max_pending
         self._reconnect_wait_s = reconnect_wait_s
         self._connect_timeout_s = connect_timeout_s
@@ -101,13 +104,15 @@ class NatsEventPlane:
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
                         error_cb=self._on_error,
+                        tls=self._tls,
                     ),
                     self._connect_timeout_s,
                 )
             except BaseException:
                 # nats-py would retry a first connect forever; a bounded start must not leave it.
+                # The close is bounded too: after a failed TLS handshake it never returns.
                 with contextlib.suppress(Exception):
-                    await nc.close()
+                    await asyncio.wait_for(nc.close(), 1.0)
                 raise
             self._nc = nc
             self._flusher = asyncio.get_running_loop().create_task(self._flush(nc), name=self._name)

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -57,7 +58,11 @@ _FIRST_CONNECT_TIMEOUT_S = 5.0
 
 
 async def _connect(
-    url: str, name: str, on_disconnect: object | None = None, timeout_s: float = _FIRST_CONNECT_TIMEOUT_S
+    url: str,
+    name: str,
+    on_disconnect: object | None = None,
+    timeout_s: float = _FIRST_CONNECT_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
 ) -> NatsClient:
     async def disconnected() -> None:
         if callable(on_disconnect):
@@ -80,12 +85,14 @@ async def _connect(
                 connect_timeout=2,
                 disconnected_cb=disconnected,
                 error_cb=error,
+                tls=tls,
             ),
             timeout_s,
         )
     except BaseException:
+        # Bounded: after a failed TLS handshake nats-py's close() never returns.
         with contextlib.suppress(Exception):
-            await nc.close()
+            await asyncio.wait_for(nc.close(), 1.0)
         raise
     return nc
 
@@ -159,9 +166,16 @@ class _Outbox:
 class NatsRequestServer(StreamTasks):
     """Worker side: subscribes to its own subject on the NATS server at `server_url`."""
 
-    def __init__(self, server_url: str = "nats://127.0.0.1:4222", heartbeat_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        server_url: str = "nats://127.0.0.1:4222",
+        heartbeat_s: float = 0.5,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__()
         self._url = server_url
+        self._tls = tls
         self._heartbeat_s = heartbeat_s
         self._handler: Handler | None = None
         self._nc: NatsClient | None = None
@@ -172,7 +186,9 @@ class NatsRequestServer(StreamTasks):
 
     async def start(self, handler: Handler) -> str:
         self._handler = handler
-        self._nc = await _connect(self._url, f"turbine-worker-{self._subject}", self._on_disconnect)
+        self._nc = await _connect(
+            self._url, f"turbine-worker-{self._subject}", self._on_disconnect, tls=self._tls
+        )
         self._outbox = _Outbox(self._nc)
         await self._nc.subscribe(self._subject, cb=self._on_msg)
         # The subscription must reach the NATS server before the address is published.
@@ -289,8 +305,10 @@ class NatsRequestClient:
         first_frame_timeout_s: float = 2.0,
         stale_after_s: float = 3.0,
         connect_timeout_s: float = _FIRST_CONNECT_TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._url = server_url
+        self._tls = tls
         self._connect_timeout_s = connect_timeout_s
         self._first_frame_timeout_s = first_frame_timeout_s
         self._stale_after_s = stale_after_s
@@ -313,7 +331,9 @@ class NatsRequestClient:
             if self._nc is None or self._outbox is None:
                 try:
                     name = f"turbine-frontend-{self._inbox}"
-                    nc = await _connect(self._url, name, self._on_disconnect, self._connect_timeout_s)
+                    nc = await _connect(
+                        self._url, name, self._on_disconnect, self._connect_timeout_s, self._tls
+                    )
                 except Exception as exc:
                     raise WorkerUnreachable(f"cannot connect to NATS at {self._url}: {exc}") from exc
                 await nc.subscribe(self._inbox, cb=self._on_frames)

@@ -4,6 +4,9 @@ Both ends are `asyncio.Protocol`s rather than streams: frames produced in the sa
 iteration (many token deltas of a batch step) are coalesced into one socket write, which is most of
 the plane's cost at high token rates. asyncio and uvloop set TCP_NODELAY on TCP sockets, so a
 lone frame is never held back by Nagle.
+
+With TLS (`--tcp-tls-*`, contexts from tls.py) the same protocols run over asyncio's TLS transport;
+the worker's server context may require client certificates (mTLS).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncGenerator
 from typing import cast
 
@@ -151,12 +155,15 @@ class _ServerConnection(asyncio.Protocol):
 
 
 class TcpRequestServer(StreamTasks):
-    """Worker side of the TCP request plane. Binds loopback by default."""
+    """Worker side of the TCP request plane. Binds loopback by default; TLS with `ssl_context`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         super().__init__()
         self._host = host
         self._port = port
+        self._ssl = ssl_context
         self._handler: Handler | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[_ServerConnection] = set()
@@ -165,7 +172,7 @@ class TcpRequestServer(StreamTasks):
         self._handler = handler
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self), self._host, self._port, reuse_address=True
+            lambda: _ServerConnection(self), self._host, self._port, reuse_address=True, ssl=self._ssl
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         return f"{host}:{port}"
@@ -247,10 +254,12 @@ class _ClientConnection(asyncio.Protocol):
 
 
 class TcpRequestClient:
-    """Frontend side: a pool of one connection per worker address, opened on first use."""
+    """Frontend side: a pool of one connection per worker address, opened on first use; TLS with
+    `ssl_context` (the worker's certificate must name the host of its address)."""
 
-    def __init__(self, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, connect_timeout_s: float = 5.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self._connect_timeout_s = connect_timeout_s
+        self._ssl = ssl_context
         self._connections: dict[str, _ClientConnection] = {}
         self._connecting: dict[str, asyncio.Future[_ClientConnection]] = {}
 
@@ -267,8 +276,15 @@ class TcpRequestClient:
         self._connecting[address] = fut
         try:
             host, _, port = address.rpartition(":")
+            hostname = host.strip("[]") if self._ssl is not None else None
             _, new_conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientConnection(address), host, int(port)),
+                loop.create_connection(
+                    lambda: _ClientConnection(address),
+                    host,
+                    int(port),
+                    ssl=self._ssl,
+                    server_hostname=hostname,
+                ),
                 self._connect_timeout_s,
             )
         except (OSError, TimeoutError, ValueError) as exc:
