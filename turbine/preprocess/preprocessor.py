@@ -10,6 +10,7 @@ import msgspec
 from turbine.errors import InvalidRequest
 from turbine.preprocess.chat_template import ChatTemplate
 from turbine.preprocess.tokenizer import ModelFiles, Tokenizer
+from turbine.preprocess.tools import plan_tools
 from turbine.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 
@@ -30,6 +31,10 @@ class Prepared(NamedTuple):
     stream: bool
     include_usage: bool
     n: int = 1
+    # Chat only: the output goes through the model's reasoning/tool-call parsers (the frontend's
+    # `postprocess.parsers`), with `tools` the tools calls are parsed against (None: no tool parsing).
+    parse_output: bool = False
+    tools: list[dict[str, Any]] | None = None
 
     def choices(self) -> list[PreprocessedRequest]:
         """One engine request per choice. Choice i > 0 gets its own id and seed (seed + i), so the
@@ -86,8 +91,10 @@ class Preprocessor:
         executor: concurrent.futures.Executor | None,
         context_length: int | None = None,
         tokenizer_cache_entries: int = 0,
+        exclude_tools_when_tool_choice_none: bool = False,
     ) -> None:
         self.model = model
+        self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
         self.files = files
         self.tokenizer = Tokenizer(files.tokenizer, cache_entries=tokenizer_cache_entries)
         self.template = (
@@ -105,17 +112,19 @@ class Preprocessor:
         if self.template is None:
             raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
         logprobs = _chat_logprobs(req)
+        tools = plan_tools(req.tools, req.tool_choice, exclude_when_none=self._exclude_tools_when_none)
         extra = dict(req.chat_template_kwargs or {})
         prompt = self.template.render(
             [_message_dict(m) for m in req.messages],
             add_generation_prompt=bool(extra.pop("add_generation_prompt", True)),
-            tools=req.tools,
+            tools=tools.template_tools,
             **extra,
         )
         token_ids = await self.tokenizer.encode_async(prompt, self._executor)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        return self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+        prepared = self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+        return prepared._replace(parse_output=True, tools=tools.parse_tools)
 
     async def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
         prompt = req.prompt

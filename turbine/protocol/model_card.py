@@ -50,3 +50,7 @@ class ModelDeploymentCard(msgspec.Struct, frozen=True):
     max_num_batched_tokens: int | None = None
     # The tokenizer/template/config files, published where frontends on other machines can fetch them.
     files: tuple[ModelFile, ...] = ()
+    # How the model writes tool calls and reasoning (turbine.postprocess.parsers.registry names);
+    # frontends parse its output with them. None: leave the text as it is.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
