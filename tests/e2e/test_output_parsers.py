@@ -19,6 +19,7 @@ from typing import Any
 
 import openai
 import pytest
+import tokenizers
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionMessage,
@@ -54,9 +55,11 @@ SCRIPT: list[dict[str, str]] = [
         "when": "case=llama3",
         "reply": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
     },
+    # `[TOOL_CALLS]` is a special token of the mistral model's tokenizer here, as in Mistral's own, and
+    # the reply ends with the (special) end-of-turn token: the parser must see the one and not the other.
     {
         "when": "case=mistral",
-        "reply": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+        "reply": 'Calling.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]<|im_end|>',
     },
     {"when": "case=pythonic", "reply": '[get_weather(city="Paris")]'},
     {
@@ -95,7 +98,7 @@ PARIS = {"city": "Paris"}
 MODELS = {
     "m-hermes": ["--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"],
     "m-llama3": ["--tool-call-parser", "llama3_json"],
-    "m-mistral": ["--tool-call-parser", "mistral"],
+    "m-mistral": ["--tool-call-parser", "mistral"],  # on its own model directory, see `urls`
     "m-pythonic": ["--tool-call-parser", "pythonic"],
     "m-deepseek": ["--tool-call-parser", "deepseek_v3", "--reasoning-parser", "deepseek_r1"],
     "m-coder": ["--tool-call-parser", "qwen3_coder"],
@@ -115,6 +118,11 @@ def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Urls]:
     model = root / "model"
     shutil.copytree(bundled_model_path(), model)
     (model / "chat_template.jinja").write_text(TEMPLATE)
+    mistral = root / "model-mistral"
+    shutil.copytree(model, mistral)
+    tokenizer = tokenizers.Tokenizer.from_file(str(mistral / "tokenizer.json"))
+    tokenizer.add_special_tokens([tokenizers.AddedToken("[TOOL_CALLS]", special=True)])
+    tokenizer.save(str(mistral / "tokenizer.json"))
     script = root / "script.json"
     script.write_text(json.dumps(SCRIPT))
     stack = Stack(root)
@@ -125,7 +133,8 @@ def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Urls]:
         )
         for name, flags in MODELS.items():
             stack.worker(
-                "--engine", "scripted", "--script-file", str(script), "--model-path", str(model),
+                "--engine", "scripted", "--script-file", str(script),
+                "--model-path", str(mistral if name == "m-mistral" else model),
                 "--model-name", name, *flags,
             )  # fmt: skip
         for name in MODELS:
@@ -296,7 +305,7 @@ def test_reasoning_then_tool_calls_with_either_field_name(urls: Urls) -> None:
     ("model", "case", "content", "reasoning", "arguments"),
     [
         ("m-llama3", "llama3", None, "", PARIS),
-        ("m-mistral", "mistral", None, "", PARIS),
+        ("m-mistral", "mistral", "Calling.", "", PARIS),
         ("m-pythonic", "pythonic", None, "", PARIS),
         ("m-deepseek", "deepseek", "Sure.", "Need a tool.", PARIS),
         ("m-coder", "coder", None, "", {"city": "Paris", "days": 3}),
