@@ -75,7 +75,13 @@ def held_suffix(text: str, markers: Sequence[str]) -> int:
     must be held back because the next piece may complete a marker."""
     best = 0
     for marker in markers:
-        for size in range(min(len(marker) - 1, len(text)), best, -1):
+        longest = min(len(marker) - 1, len(text))
+        # Fast path (nearly every piece of ordinary text): the marker's first character does not
+        # occur in the tail at all, so no end of the text can start the marker.
+        start = text.find(marker[0], len(text) - longest)
+        if start < 0:
+            continue
+        for size in range(len(text) - start, best, -1):
             if text.endswith(marker[:size]):
                 best = size
                 break
@@ -105,7 +111,7 @@ class MarkedCalls:
     the end of the output is parsed as well, since models often stop right after the last brace.
     """
 
-    __slots__ = ("_body", "_buf", "_end", "_inside", "_opener", "_parse", "_starts")
+    __slots__ = ("_body", "_buf", "_end", "_inside", "_opener", "_parse", "_scan", "_starts")
 
     def __init__(self, starts: Sequence[str], end: str | None, parse: BodyParser) -> None:
         self._starts = tuple(starts)
@@ -115,6 +121,9 @@ class MarkedCalls:
         self._inside = False
         self._opener = ""
         self._body = ""
+        # Where in the body the end marker may start: earlier text was searched already, so a long
+        # call streamed token by token costs linear time, not quadratic.
+        self._scan = 0
 
     def feed(self, text: str) -> ToolParse:
         content: list[str] = []
@@ -129,15 +138,16 @@ class MarkedCalls:
                     buf = buf[len(buf) - keep :]
                     break
                 content.append(buf[:at])
-                self._inside, self._opener, self._body = True, marker, ""
+                self._inside, self._opener, self._body, self._scan = True, marker, "", 0
                 buf = buf[at + len(marker) :]
                 continue
             self._body += buf
             buf = ""
             if self._end is None:
                 break
-            at = self._body.find(self._end)
+            at = self._body.find(self._end, self._scan)
             if at < 0:
+                self._scan = max(0, len(self._body) - len(self._end) + 1)
                 break
             region, buf = self._body[:at], self._body[at + len(self._end) :]
             parsed = self._parse(region)
@@ -168,25 +178,30 @@ class WholeOutputCalls:
     any other output streams through untouched.
     """
 
-    __slots__ = ("_buf", "_mode", "_openers", "_parse")
+    __slots__ = ("_buf", "_held", "_mode", "_openers", "_parse")
 
     def __init__(self, openers: Sequence[str], parse: BodyParser) -> None:
         self._openers = tuple(openers)
         self._parse = parse
         self._buf = ""
+        # The held output once it is known to be calls, in pieces (joined once, at the end).
+        self._held: list[str] = []
         self._mode = "undecided"  # → "calls" (hold everything) or "text" (pass through)
 
     def feed(self, text: str) -> ToolParse:
         if self._mode == "text":
             return ToolParse(text)
-        self._buf += text
         if self._mode == "calls":
+            self._held.append(text)
             return ToolParse("")
+        self._buf += text
         head = self._buf.lstrip()
         if not head:
             return ToolParse("")
         if any(head.startswith(o) for o in self._openers):
             self._mode = "calls"
+            self._held.append(self._buf)
+            self._buf = ""
             return ToolParse("")
         if any(o.startswith(head) for o in self._openers):
             return ToolParse("")  # still a possible opener: wait for more
@@ -195,7 +210,8 @@ class WholeOutputCalls:
         return ToolParse(out)
 
     def finish(self) -> ToolParse:
-        out, self._buf = self._buf, ""
+        out = self._buf + "".join(self._held)
+        self._buf, self._held = "", []
         if self._mode != "calls":
             return ToolParse(out)
         parsed = self._parse(out)

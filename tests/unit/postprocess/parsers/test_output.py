@@ -9,6 +9,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from turbine import config
 from turbine.errors import ConfigError
+from turbine.postprocess.parsers.base import held_suffix
 from turbine.postprocess.parsers.output import ParserSettings, make_output_parser, special_token_filter
 from turbine.postprocess.parsers.registry import REASONING_FORMATS, TOOL_CALL_FORMATS
 
@@ -66,3 +67,12 @@ def test_special_token_filter_keeps_markers_and_drops_other_specials() -> None:
     assert keep('hi[TOOL_CALLS][{"name": "f"}]</s>') == 'hi[TOOL_CALLS][{"name": "f"}]'
     # Markers that are ordinary text in this tokenizer: skipping special tokens is enough.
     assert special_token_filter(tok, ParserSettings("hermes", None).markers(with_tools=True)) is None
+
+
+def test_held_suffix_is_the_longest_end_that_may_start_a_marker() -> None:
+    assert held_suffix("abc <tool", ["<tool_call>"]) == 5
+    assert held_suffix("a<b<", ["<tool_call>"]) == 1
+    assert held_suffix("<tool_call>", ["<tool_call>"]) == 0  # a whole marker is found, not held
+    assert held_suffix("x</th", ["<think>", "</think>"]) == 4
+    assert held_suffix("plain text", ["<tool_call>", "[TOOL_CALLS]"]) == 0
+    assert held_suffix("", ["<a>"]) == 0
