@@ -111,10 +111,11 @@ class MarkedCalls:
     the end of the output is parsed as well, since models often stop right after the last brace.
     """
 
-    __slots__ = ("_body", "_buf", "_end", "_inside", "_opener", "_parse", "_scan", "_starts")
+    __slots__ = ("_body", "_buf", "_end", "_firsts", "_inside", "_opener", "_parse", "_scan", "_starts")
 
     def __init__(self, starts: Sequence[str], end: str | None, parse: BodyParser) -> None:
         self._starts = tuple(starts)
+        self._firsts = tuple({m[0] for m in self._starts})
         self._end = end
         self._parse = parse
         self._buf = ""
@@ -126,6 +127,8 @@ class MarkedCalls:
         self._scan = 0
 
     def feed(self, text: str) -> ToolParse:
+        if not self._inside and not self._buf and not any(c in text for c in self._firsts):
+            return ToolParse(text)  # the common case: plain text, nothing held
         content: list[str] = []
         calls: list[ToolCall] = []
         buf = self._buf + text

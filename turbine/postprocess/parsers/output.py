@@ -92,7 +92,10 @@ class OutputParser:
             reasoning, text = self._reasoning.feed(text)
         if self._tools is None:
             return ParsedText(text, reasoning)
-        return self._number([self._tools.feed(text)], reasoning)
+        parse = self._tools.feed(text)
+        if not parse.calls:
+            return ParsedText(parse.content, reasoning)
+        return self._number([parse], reasoning)
 
     def finish(self) -> ParsedText:
         reasoning, text = "", ""

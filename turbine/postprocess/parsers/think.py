@@ -27,6 +27,12 @@ class ThinkParser:
         self._buf = ""
 
     def feed(self, text: str) -> ReasoningParse:
+        if not self._buf and "<" not in text:
+            # The common case: no tag can start in this piece, nothing held.
+            if self._state == "inside":
+                return ReasoningParse(text, "")
+            if self._state != "leading":
+                return ReasoningParse("", text)
         reasoning: list[str] = []
         content: list[str] = []
         buf = self._buf + text
