@@ -2,10 +2,11 @@
 text as real tokens, the frontend parses it, and the official openai client reads it, stream and not.
 
 One stack for the module: a model per parser (the worker's --tool-call-parser/--reasoning-parser,
-carried in its card), a frontend with defaults, and a second frontend with
---exclude-tools-when-tool-choice-none and --reasoning-field-name reasoning. The model directory is
-the bundled tokenizer with a chat template that lists the request's tools after the messages, and
-the script answers "case=NAME" prompts, so a reply can show what the template received.
+carried in its card), a frontend with defaults, a second one with --exclude-tools-when-tool-choice-none
+and --reasoning-field-name reasoning, and a third overriding every card with --tool-call-parser.
+The model directory is the bundled tokenizer with a chat template that lists the request's tools
+after the messages, and the script answers "case=NAME" prompts, so a reply can show what the
+template received.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ MODELS = {
 class Urls:
     default: str
     exclude: str  # --exclude-tools-when-tool-choice-none --reasoning-field-name reasoning
+    override: str  # --tool-call-parser qwen3_coder, over every card's
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,7 @@ def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Urls]:
         _, exclude = stack.frontend(
             "--exclude-tools-when-tool-choice-none", "--reasoning-field-name", "reasoning"
         )
+        _, override = stack.frontend("--tool-call-parser", "qwen3_coder")
         for name, flags in MODELS.items():
             stack.worker(
                 "--engine", "scripted", "--script-file", str(script),
@@ -140,7 +143,8 @@ def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Urls]:
         for name in MODELS:
             wait_instances(default, 1, model=name)
             wait_instances(exclude, 1, model=name)
-        yield Urls(default, exclude)
+        wait_instances(override, 1, model="m-llama3")
+        yield Urls(default, exclude, override)
     finally:
         stack.stop()
 
@@ -328,3 +332,12 @@ def test_each_parser_stream_and_not(
     assert [(c["name"], json.loads(c["arguments"])) for c in streamed.calls.values()] == [
         ("get_weather", arguments)
     ]
+
+
+def test_a_frontend_parser_flag_overrides_the_cards(urls: Urls) -> None:
+    # m-llama3's card says llama3_json; this frontend parses every model's calls as qwen3_coder.
+    chat = complete(client(urls.override), model="m-llama3", messages=ask("coder"), tools=TOOLS)
+    calls = [(name, args) for _, name, args in functions(chat.choices[0].message)]
+    assert calls == [("get_weather", {"city": "Paris", "days": 3})]
+    chat = complete(client(urls.default), model="m-llama3", messages=ask("coder"), tools=TOOLS)
+    assert chat.choices[0].finish_reason == "stop" and chat.choices[0].message.tool_calls is None
