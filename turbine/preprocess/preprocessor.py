@@ -10,7 +10,7 @@ import msgspec
 from turbine.errors import InvalidRequest
 from turbine.preprocess.chat_template import ChatTemplate
 from turbine.preprocess.tokenizer import ModelFiles, Tokenizer
-from turbine.preprocess.tools import plan_tools
+from turbine.preprocess.tools import plan_tools, template_tool_calls
 from turbine.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 
@@ -52,7 +52,7 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls is not None:
-        out["tool_calls"] = message.tool_calls
+        out["tool_calls"] = template_tool_calls(message.tool_calls)
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out

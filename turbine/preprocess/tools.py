@@ -11,6 +11,7 @@ template sees and what the frontend parses tool calls against.
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 from turbine.errors import InvalidRequest
@@ -84,3 +85,24 @@ def plan_tools(
     if choice == "none":
         return ToolPlan(None if exclude_when_none else tools, None)
     return ToolPlan(tools, tools if names else None)
+
+
+def template_tool_calls(tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls` as chat templates expect them: OpenAI sends each call's
+    `function.arguments` as JSON text, but templates written for `transformers` (Qwen, Llama, Mistral,
+    Hermes) render it with `tojson`, which would quote the text again; so arguments that are a JSON
+    object's text become that object (copies; anything else is passed as given)."""
+    out = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                decoded = json.loads(arguments)
+            except ValueError:
+                decoded = None
+            if isinstance(decoded, dict):
+                assert isinstance(function, dict)
+                call = {**call, "function": {**function, "arguments": decoded}}
+        out.append(call)
+    return out

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from turbine.errors import InvalidRequest
-from turbine.preprocess.tools import ToolPlan, plan_tools
+from turbine.preprocess.chat_template import ChatTemplate
+from turbine.preprocess.tools import ToolPlan, plan_tools, template_tool_calls
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +43,20 @@ def test_bad_requests_are_400s_naming_the_parameter(tools: Any, choice: Any, par
     with pytest.raises(InvalidRequest) as err:
         plan_tools(tools, choice, exclude_when_none=False)
     assert err.value.param == param and err.value.http_status == 400
+
+
+def test_history_tool_call_arguments_reach_templates_as_objects() -> None:
+    calls: list[dict[str, Any]] = [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+        {"id": "b", "type": "function", "function": {"name": "g", "arguments": "not json"}},
+        {"id": "c", "type": "function", "function": {"name": "h", "arguments": {"y": 2}}},
+    ]
+    out = template_tool_calls(calls)
+    assert [c["function"]["arguments"] for c in out] == [{"x": 1}, "not json", {"y": 2}]
+    assert calls[0]["function"]["arguments"] == '{"x": 1}'  # the request is not changed
+    # A template in the style of Qwen2.5's renders the call once, not as a quoted string.
+    template = ChatTemplate(
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}"
+        "{% endfor %}{% endfor %}"
+    )
+    assert template.render([{"role": "assistant", "content": None, "tool_calls": out[:1]}]) == '{"x": 1}'
