@@ -341,3 +341,21 @@ def test_a_frontend_parser_flag_overrides_the_cards(urls: Urls) -> None:
     assert calls == [("get_weather", {"city": "Paris", "days": 3})]
     chat = complete(client(urls.default), model="m-llama3", messages=ask("coder"), tools=TOOLS)
     assert chat.choices[0].finish_reason == "stop" and chat.choices[0].message.tool_calls is None
+
+
+def test_each_choice_has_its_own_parser(urls: Urls) -> None:
+    oai = client(urls.default)
+    chat = complete(oai, model="m-hermes", messages=ask("think"), tools=TOOLS, n=2)
+    for choice in chat.choices:
+        assert [(name, args) for _, name, args in functions(choice.message)] == [("get_weather", PARIS)]
+        assert choice.message.content == "Checking.\n" and choice.finish_reason == "tool_calls"
+    per_choice: dict[int, list[tuple[int, str | None]]] = {0: [], 1: []}
+    for chunk in oai.chat.completions.create(
+        model="m-hermes", messages=ask("think"), tools=TOOLS, n=2, stream=True
+    ):
+        for c in chunk.choices:
+            per_choice[c.index] += [(call.index, call.id) for call in c.delta.tool_calls or []]
+    for calls in per_choice.values():
+        assert [index for index, _ in calls] == [0, 0]  # the opening chunk, then the arguments
+        assert calls[0][1] is not None and calls[1][1] is None
+    assert per_choice[0][0][1] != per_choice[1][0][1]

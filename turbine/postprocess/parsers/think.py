@@ -6,6 +6,9 @@ Three registered flavours of one format:
 - `deepseek_r1`: the reply starts inside the reasoning, since R1's chat template ends the prompt with
   `<think>\\n`; a leading `<think>` is dropped if the model writes it anyway, and everything up to
   `</think>` is reasoning (all of it, when `</think>` never comes).
+Qwen3's thinking-only models whose template already opens the block in the prompt (the 2507
+"Thinking" releases) write no `<think>`: serve them with `deepseek_r1`. Deciding it from the output
+would mean holding every reply until a `</think>` either comes or not, which streaming cannot afford.
 Only the first block counts: after `</think>` everything is content. A reply cut off inside the
 block (length limit) keeps what it had as reasoning.
 """
