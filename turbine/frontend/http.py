@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import struct
 import time
@@ -289,23 +290,18 @@ class OpenAIService:
                     usage=usage_of(gens),
                 )
                 return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=headers)
-            if chat:
-                body = chat_completion(
-                    request_id=prepared.request.request_id,
-                    model=model,
-                    created=created,
-                    choices=list(choices),
-                    usage=usage_of(gens),
-                    reasoning_field=self._reasoning_field,
-                )
-            else:
-                body = text_completion(
-                    request_id=prepared.request.request_id,
-                    model=model,
-                    created=created,
-                    choices=list(choices),
-                    usage=usage_of(gens),
-                )
+            build = (
+                functools.partial(chat_completion, reasoning_field=self._reasoning_field)
+                if chat
+                else text_completion
+            )
+            body = build(
+                request_id=prepared.request.request_id,
+                model=model,
+                created=created,
+                choices=list(choices),
+                usage=usage_of(gens),
+            )
             return web.Response(body=body, content_type="application/json", headers=headers)
         finally:
             self.inflight -= 1

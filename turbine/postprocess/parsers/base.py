@@ -10,6 +10,7 @@ malformed calls come back as ordinary text (in order), never an error.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -115,7 +116,8 @@ class MarkedCalls:
 
     def __init__(self, starts: Sequence[str], end: str | None, parse: BodyParser) -> None:
         self._starts = tuple(starts)
-        self._firsts = tuple({m[0] for m in self._starts})
+        # Matches any character a start marker begins with: one C-level search per plain piece.
+        self._firsts = re.compile("[" + re.escape("".join({m[0] for m in self._starts})) + "]")
         self._end = end
         self._parse = parse
         self._buf = ""
@@ -127,7 +129,7 @@ class MarkedCalls:
         self._scan = 0
 
     def feed(self, text: str) -> ToolParse:
-        if not self._inside and not self._buf and not any(c in text for c in self._firsts):
+        if not self._inside and not self._buf and self._firsts.search(text) is None:
             return ToolParse(text)  # the common case: plain text, nothing held
         content: list[str] = []
         calls: list[ToolCall] = []
