@@ -4,7 +4,8 @@
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-Several calls are several tagged blocks; text around them is the answer's content.
+Several calls are several tagged blocks (some fine-tunes put several objects, or a JSON list of
+them, in one block; both are accepted); text around them is the answer's content.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ def parse_body(body: str) -> list[ToolCall] | None:
     values = json_values(body)
     if not values:
         return None
-    calls = [call_from_object(v) for v in values]
+    flat = [item for v in values for item in (v if isinstance(v, list) else [v])]
+    if not flat:
+        return None
+    calls = [call_from_object(v) for v in flat]
     return None if any(c is None for c in calls) else [c for c in calls if c is not None]
 
 

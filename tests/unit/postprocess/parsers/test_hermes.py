@@ -58,3 +58,11 @@ def test_unterminated_call_at_the_end_still_parses() -> None:
 
 def test_a_lone_angle_bracket_is_released_at_the_end() -> None:
     assert parse_tools(make_parser, "a < b and <tool") == ("a < b and <tool", [])
+
+
+def test_several_objects_or_a_list_in_one_block() -> None:
+    text = '<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]</tool_call>'
+    assert parse_tools(make_parser, text) == ("", [("a", "{}"), ("b", "{}")])
+    text = '<tool_call>{"name": "a", "arguments": {}}\n{"name": "b", "arguments": {}}</tool_call>'
+    assert parse_tools(make_parser, text) == ("", [("a", "{}"), ("b", "{}")])
+    assert parse_tools(make_parser, "<tool_call>[]</tool_call>") == ("<tool_call>[]</tool_call>", [])
