@@ -34,9 +34,22 @@ REQUEST_PLANES = ("tcp", "nats", "http")
 # request: frontends stream each worker's events over the request plane; nats: one broker for all;
 # zmq: workers publish straight to the one frontend, which binds --zmq-event-endpoint.
 EVENT_PLANES = ("request", "nats", "zmq")
-ENGINES = ("mocker", "echo", "torch")
+ENGINES = ("mocker", "echo", "torch", "scripted")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Kept equal to turbine.postprocess.parsers.registry's tables (config imports no stage module).
+TOOL_CALL_PARSERS = (
+    "hermes",
+    "llama3_json",
+    "mistral",
+    "pythonic",
+    "deepseek_v3",
+    "deepseek_v3_1",
+    "qwen3_coder",
+    "harmony",
+)
+REASONING_PARSERS = ("basic", "qwen3", "deepseek_r1", "gpt_oss")
+REASONING_FIELD_NAMES = ("reasoning_content", "reasoning")
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -236,6 +249,25 @@ class FrontendConfig(RuntimeConfig):
     enable_anthropic_api: bool = opt(
         False, "Also serve Anthropic's Messages API: POST /v1/messages and /v1/messages/count_tokens."
     )
+    tool_call_parser: str | None = opt(
+        None,
+        "Parse tool calls of every model with this parser (default: each worker's --tool-call-parser).",
+        choices=TOOL_CALL_PARSERS,
+    )
+    reasoning_parser: str | None = opt(
+        None,
+        "Split reasoning off every model's answers with this parser (default: each worker's "
+        "--reasoning-parser).",
+        choices=REASONING_PARSERS,
+    )
+    reasoning_field_name: str = opt(
+        "reasoning_content",
+        "Field of chat messages and deltas that carries reasoning.",
+        choices=REASONING_FIELD_NAMES,
+    )
+    exclude_tools_when_tool_choice_none: bool = opt(
+        False, 'With tool_choice "none", do not show the request\'s tools to the chat template.'
+    )
     interactive: bool = opt(False, "Chat with a discovered model in the terminal instead of serving HTTP.")
     interactive_max_tokens: int | None = opt(
         None, "Interactive mode: most tokens per answer (default: up to the context length)."
@@ -369,6 +401,19 @@ class WorkerConfig(RuntimeConfig):
     eos_probability: float = opt(0.0, "Mocker: chance per decode step of ending with EOS.")
     # Echo.
     echo_delay_ms: float = opt(0.0, "Echo engine: delay between tokens.")
+    # Scripted.
+    script_file: str | None = opt(
+        None,
+        'Scripted engine: a reply text file, or a .json list of {"when": prompt substring, '
+        '"reply": text} rules (first match wins; a rule without "when" always matches).',
+    )
+    # Output parsing, applied by frontends (carried in the model card).
+    tool_call_parser: str | None = opt(
+        None, "How the model writes tool calls (frontends parse them).", choices=TOOL_CALL_PARSERS
+    )
+    reasoning_parser: str | None = opt(
+        None, "How the model marks its reasoning (frontends split it off).", choices=REASONING_PARSERS
+    )
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -404,6 +449,8 @@ class WorkerConfig(RuntimeConfig):
         self.generation_overrides()  # raises on a malformed value
         if self.speedup_ratio <= 0:
             raise ConfigError("--speedup-ratio must be positive")
+        if self.engine == "scripted" and (self.script_file is None or not Path(self.script_file).is_file()):
+            raise ConfigError("--engine scripted needs --script-file naming an existing file")
         if not 0.0 <= self.eos_probability <= 1.0:
             raise ConfigError("--eos-probability must be within [0, 1]")
         types = self.model_types

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,38 @@ def test_config_dump_is_json_of_every_field() -> None:
     dumped = json.loads(config_to_json(cfg))
     assert dumped["http_port"] == 1234
     assert set(dumped) == set(FrontendConfig.__dataclass_fields__)
+
+
+def test_parser_and_scripted_engine_flags(tmp_path: Path) -> None:
+    script = tmp_path / "reply.txt"
+    script.write_text("hi")
+    worker = parse_config(
+        WorkerConfig,
+        ["--engine", "scripted", "--script-file", str(script), "--tool-call-parser", "hermes"],
+        {"TURBINE_REASONING_PARSER": "qwen3"},
+        prog="t",
+    )
+    assert (worker.tool_call_parser, worker.reasoning_parser, worker.script_file) == (
+        "hermes",
+        "qwen3",
+        str(script),
+    )
+    frontend = parse_config(
+        FrontendConfig,
+        ["--reasoning-field-name", "reasoning", "--exclude-tools-when-tool-choice-none"],
+        {"TURBINE_TOOL_CALL_PARSER": "mistral"},
+        prog="t",
+    )
+    assert (frontend.reasoning_field_name, frontend.exclude_tools_when_tool_choice_none) == (
+        "reasoning",
+        True,
+    )
+    assert (frontend.tool_call_parser, frontend.reasoning_parser) == ("mistral", None)
+    for cls, argv in (
+        (WorkerConfig, ["--engine", "scripted"]),
+        (WorkerConfig, ["--engine", "scripted", "--script-file", str(tmp_path / "missing")]),
+        (WorkerConfig, ["--reasoning-parser", "nope"]),
+        (FrontendConfig, ["--reasoning-field-name", "thoughts"]),
+    ):
+        with pytest.raises(ConfigError):
+            parse_config(cls, argv, {}, prog="t")

@@ -22,18 +22,23 @@ def usage_of(gens: list[Generation]) -> dict[str, Any]:
 
 
 async def collect(gen: Generation, first: TextDelta) -> Choice:
-    """The whole choice: its text, finish reason and logprobs (None if no delta carried any)."""
+    """The whole choice: its text, finish reason and logprobs (None if no delta carried any), and
+    what the model's parsers split off: reasoning and tool calls."""
     parts = [first.text]
+    reasoning = [first.reasoning]
+    calls = list(first.tool_calls)
     finish = first.finish_reason
     logprobs = first.logprobs
     if finish is None:
         async for delta in gen:
             parts.append(delta.text)
+            reasoning.append(delta.reasoning)
+            calls += delta.tool_calls
             finish = delta.finish_reason
             if delta.logprobs is not None:
                 logprobs = delta.logprobs if logprobs is None else logprobs + delta.logprobs
     assert finish is not None
-    return "".join(parts), finish.value, logprobs
+    return Choice("".join(parts), finish.value, logprobs, "".join(reasoning), tuple(calls))
 
 
 async def merge(gens: list[Generation], firsts: list[TextDelta]) -> AsyncIterator[tuple[int, TextDelta]]:

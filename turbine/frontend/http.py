@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import struct
 import time
@@ -119,9 +120,15 @@ class OpenAIService:
     """Routes of the OpenAI API plus health, over one ModelRegistry."""
 
     def __init__(
-        self, registry: ModelRegistry, *, max_body_bytes: int, metrics_prefix: str = "turbine"
+        self,
+        registry: ModelRegistry,
+        *,
+        max_body_bytes: int,
+        metrics_prefix: str = "turbine",
+        reasoning_field_name: str = "reasoning_content",
     ) -> None:
         self._registry = registry
+        self._reasoning_field = reasoning_field_name
         self._max_body_bytes = max_body_bytes
         self.metrics = FrontendMetrics(
             metrics_prefix,
@@ -320,7 +327,7 @@ class OpenAIService:
                 return await self._stream(request, gens, firsts, prepared, model, created, chat, headers)
             choices = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts, strict=True)))
             if responses:
-                text, finish, _ = choices[0]
+                text, finish = choices[0].text, choices[0].finish
                 obj = response_object(
                     response_id=prepared.request.request_id,
                     message_id=new_id("msg"),
@@ -331,7 +338,11 @@ class OpenAIService:
                     usage=usage_of(gens),
                 )
                 return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=headers)
-            build = chat_completion if chat else text_completion
+            build = (
+                functools.partial(chat_completion, reasoning_field=self._reasoning_field)
+                if chat
+                else text_completion
+            )
             body = build(
                 request_id=prepared.request.request_id,
                 model=model,
@@ -369,6 +380,7 @@ class OpenAIService:
             model=model,
             created=created,
             include_usage=prepared.include_usage,
+            reasoning_field=self._reasoning_field,
         )
         out = bytearray()
         for index, first in enumerate(firsts):

@@ -33,6 +33,7 @@ from turbine.frontend.python_engine import load_factory
 from turbine.frontend.routing import RoutingSettings
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
+from turbine.postprocess.parsers.output import ParserSettings
 from turbine.router.factory import make_router
 from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
@@ -87,6 +88,8 @@ async def run_frontend(
         # Each frontend process is one router replica; a random id never collides in practice.
         replica_id=secrets.randbits(63) if cfg.router_replica_sync else None,
         routing=RoutingSettings.from_config(cfg),
+        parser_overrides=ParserSettings(cfg.tool_call_parser, cfg.reasoning_parser),
+        exclude_tools_when_tool_choice_none=cfg.exclude_tools_when_tool_choice_none,
     )
     if cfg.interactive:
         try:
@@ -101,7 +104,10 @@ async def run_frontend(
             executor.shutdown(wait=False, cancel_futures=True)
         return
     service = OpenAIService(
-        registry, max_body_bytes=cfg.max_request_body_bytes, metrics_prefix=cfg.metrics_prefix
+        registry,
+        max_body_bytes=cfg.max_request_body_bytes,
+        metrics_prefix=cfg.metrics_prefix,
+        reasoning_field_name=cfg.reasoning_field_name,
     )
     app = service.app()
     if cfg.enable_anthropic_api:

@@ -16,11 +16,12 @@ from typing import Any
 
 import msgspec
 
-from turbine.errors import ModelNotFound, TurbineError
+from turbine.errors import ConfigError, ModelNotFound, TurbineError
 from turbine.frontend.metrics import RoutingStats
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.frontend.python_engine import EngineFactory
 from turbine.frontend.routing import RoutingSettings
+from turbine.postprocess.parsers.output import ParserSettings
 from turbine.preprocess.preprocessor import Preprocessor
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
@@ -60,8 +61,13 @@ class ModelRegistry:
         events: EventPlane | None = None,
         replica_id: int | None = None,
         routing: RoutingSettings | None = None,
+        parser_overrides: ParserSettings | None = None,
+        exclude_tools_when_tool_choice_none: bool = False,
     ) -> None:
         self._store = store
+        # --tool-call-parser / --reasoning-parser on the frontend: win over every card's.
+        self._parser_overrides = parser_overrides or ParserSettings()
+        self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
         self._namespace = namespace
         self._client = client
         self._router_factory = router_factory
@@ -224,6 +230,18 @@ class ModelRegistry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _parsers_for(self, card: ModelDeploymentCard) -> ParserSettings:
+        """The frontend's parser overrides, else the card's; a card naming a parser this frontend
+        does not know (a newer worker) is served without that parser rather than refused."""
+        overrides = self._parser_overrides
+        tool = overrides.tool_call_parser or card.tool_call_parser
+        reasoning = overrides.reasoning_parser or card.reasoning_parser
+        try:
+            return ParserSettings(tool, reasoning)
+        except ConfigError as exc:
+            log.error("model %s: %s; serving its output unparsed", card.name, exc.message)
+            return ParserSettings()
+
     async def _load_model(self, card: ModelDeploymentCard) -> None:
         path = self._model_path_override or card.model_path
         try:
@@ -234,7 +252,12 @@ class ModelRegistry:
                 files = await asyncio.to_thread(load_model_files, Path(path))
                 self._files[path] = files
             preprocessor = Preprocessor(
-                card.name, files, self._executor, card.context_length, self._tokenizer_cache_entries
+                card.name,
+                files,
+                self._executor,
+                card.context_length,
+                self._tokenizer_cache_entries,
+                exclude_tools_when_tool_choice_none=self._exclude_tools_when_none,
             )
         except TurbineError as exc:
             attempts = self._failed.get(card.name, 0) + 1
@@ -266,6 +289,7 @@ class ModelRegistry:
             events=self._events,
             replica_id=self._replica_id,
             routing=self._routing,
+            parsers=self._parsers_for(card),
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)

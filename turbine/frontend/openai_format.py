@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from turbine.postprocess.logprobs import TokenLogprob
+from turbine.postprocess.parsers.output import ToolCallDelta
 from turbine.postprocess.postprocessor import TextDelta
 
-# One choice of a finished (non-streamed) completion: its text, finish reason and token logprobs.
-Choice = tuple[str, str, list[TokenLogprob] | None]
+
+class Choice(NamedTuple):
+    """One choice of a finished (non-streamed) completion."""
+
+    text: str
+    finish: str
+    logprobs: list[TokenLogprob] | None
+    # Chat output through the model's parsers: its reasoning and tool calls.
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+def tool_call_object(call: ToolCallDelta) -> dict[str, Any]:
+    """A call in `message.tool_calls` (and the first stream chunk of a call, without arguments)."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def new_id(prefix: str) -> str:
@@ -50,10 +64,20 @@ def completion_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | 
 class ChunkFormatter:
     """Formats one request's SSE events; `chat` selects chat.completion.chunk vs text_completion."""
 
-    __slots__ = ("_base", "_chat", "_include_usage", "_object")
+    __slots__ = ("_base", "_chat", "_include_usage", "_object", "_reasoning_field")
 
-    def __init__(self, *, chat: bool, request_id: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(
+        self,
+        *,
+        chat: bool,
+        request_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        reasoning_field: str = "reasoning_content",
+    ) -> None:
         self._chat = chat
+        self._reasoning_field = reasoning_field
         self._object = "chat.completion.chunk" if chat else "text_completion"
         self._include_usage = include_usage
         self._base = {
@@ -85,8 +109,10 @@ class ChunkFormatter:
         finish = delta.finish_reason.value if delta.finish_reason is not None else None
         lp = delta.logprobs
         if self._chat:
-            content = {"content": delta.text} if delta.text or finish is None else {}
             logprobs = None if lp is None else chat_logprobs(lp)
+            if delta.reasoning or delta.tool_calls:
+                return self._parsed_delta(delta, index, logprobs, finish)
+            content = {"content": delta.text} if delta.text or finish is None else {}
             return self._event(
                 {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish}
             )
@@ -94,6 +120,39 @@ class ChunkFormatter:
         return self._event(
             {"index": index, "text": delta.text, "logprobs": logprobs, "finish_reason": finish}
         )
+
+    def _parsed_delta(
+        self, delta: TextDelta, index: int, logprobs: dict[str, Any] | None, finish: str | None
+    ) -> bytes:
+        """A delta with reasoning or tool calls: reasoning and content in one event, then each call
+        as OpenAI streams them — its id and name (empty arguments), then its arguments — and the
+        finish reason on an empty last event."""
+        out = bytearray()
+        head: dict[str, Any] = {}
+        if delta.reasoning:
+            head[self._reasoning_field] = delta.reasoning
+        if delta.text:
+            head["content"] = delta.text
+        if head or not delta.tool_calls:
+            out += self._event({"index": index, "delta": head, "logprobs": logprobs, "finish_reason": None})
+            logprobs = None
+        for call in delta.tool_calls:
+            opening = {**tool_call_object(call), "index": call.index}
+            opening["function"] = {"name": call.name, "arguments": ""}
+            arguments = {"index": call.index, "function": {"arguments": call.arguments}}
+            for part in (opening, arguments):
+                out += self._event(
+                    {
+                        "index": index,
+                        "delta": {"tool_calls": [part]},
+                        "logprobs": logprobs,
+                        "finish_reason": None,
+                    }
+                )
+                logprobs = None
+        if finish is not None:
+            out += self._event({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})
+        return bytes(out)
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         body = {**self._base, "choices": [], "usage": usage}
@@ -106,10 +165,26 @@ class ChunkFormatter:
     DONE = b"data: [DONE]\n\n"
 
 
+def _chat_message(choice: Choice, reasoning_field: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+    if choice.reasoning:
+        message[reasoning_field] = choice.reasoning
+    if choice.tool_calls:
+        # OpenAI's content is null when the reply is only calls.
+        message["content"] = choice.text or None
+        message["tool_calls"] = [tool_call_object(c) for c in choice.tool_calls]
+    return message
+
+
 def chat_completion(
-    *, request_id: str, model: str, created: int, choices: list[Choice], usage: dict[str, Any]
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    choices: list[Choice],
+    usage: dict[str, Any],
+    reasoning_field: str = "reasoning_content",
 ) -> bytes:
-    """`choices` are (text, finish_reason, logprobs) per choice index."""
     return orjson.dumps(
         {
             "id": request_id,
@@ -120,11 +195,11 @@ def chat_completion(
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": chat_logprobs(logprobs),
-                    "finish_reason": finish,
+                    "message": _chat_message(choice, reasoning_field),
+                    "logprobs": chat_logprobs(choice.logprobs),
+                    "finish_reason": choice.finish,
                 }
-                for i, (text, finish, logprobs) in enumerate(choices)
+                for i, choice in enumerate(choices)
             ],
             "usage": usage,
         }
@@ -142,8 +217,13 @@ def text_completion(
             "model": model,
             "system_fingerprint": None,
             "choices": [
-                {"index": i, "text": text, "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
-                for i, (text, finish, logprobs) in enumerate(choices)
+                {
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": completion_logprobs(c.logprobs),
+                    "finish_reason": c.finish,
+                }
+                for i, c in enumerate(choices)
             ],
             "usage": usage,
         }

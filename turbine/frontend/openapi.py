@@ -111,7 +111,23 @@ _CHAT_REQUEST = {
         **_SAMPLING,
         "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
-        "tools": _nullable({"type": "array", "items": {"type": "object"}}),
+        "tools": _nullable(
+            {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "Function tools `{type: function, function: {name, parameters}}`.",
+            }
+        ),
+        "tool_choice": _nullable(
+            {
+                "description": "none, auto (default with tools), required, or a named function.",
+                "oneOf": [
+                    {"type": "string", "enum": ["none", "auto", "required"]},
+                    {"type": "object"},
+                ],
+            }
+        ),
+        "parallel_tool_calls": _nullable({"type": "boolean"}),
         "chat_template_kwargs": _nullable({"type": "object"}),
         "response_format": _nullable(
             {
@@ -239,7 +255,13 @@ _CHAT_COMPLETION = {
                     "message": {
                         "type": "object",
                         "required": ["role", "content"],
-                        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                        "properties": {
+                            "role": {"type": "string"},
+                            # null when the reply is only tool calls
+                            "content": _nullable({"type": "string"}),
+                            "tool_calls": {"type": "array", "items": {"type": "object"}},
+                            "reasoning_content": {"type": "string"},
+                        },
                     },
                     "logprobs": _CHAT_LOGPROBS,
                     "finish_reason": _FINISH,

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import msgspec
 
@@ -16,12 +16,19 @@ from turbine.frontend.python_engine import PythonEngine
 from turbine.frontend.replica_sync import ReplicaSync
 from turbine.frontend.routing import NO_HINTS, RouteHints, Routing, RoutingSettings
 from turbine.postprocess.logprobs import TokenLogprob, TokenStrings
+from turbine.postprocess.parsers.output import (
+    OutputParser,
+    ParsedText,
+    ParserSettings,
+    make_output_parser,
+    special_token_filter,
+)
 from turbine.postprocess.postprocessor import Postprocessor, TextDelta
 from turbine.preprocess.preprocessor import Prepared, Preprocessor
 from turbine.protocol.instance import Instance
 from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
-from turbine.protocol.response import EngineOutput
+from turbine.protocol.response import EngineOutput, FinishReason
 from turbine.router.base import Decision, Router
 from turbine.router.kv_router import KvRouter, LoadRouter
 from turbine.runtime.events.base import EventPlane
@@ -50,12 +57,22 @@ class Generation:
         request: PreprocessedRequest,
         stop_strings: list[str],
         hints: RouteHints = NO_HINTS,
+        parser: OutputParser | None = None,
+        special: Callable[[str], str] | None = None,
     ) -> None:
+        """`parser`: the choice's reasoning/tool-call parser; `special`: set when the parsers' markers
+        are special tokens, which then stay in the text and this removes the other special tokens."""
         self.prompt_tokens = len(request.token_ids)
-        self.post = Postprocessor(pipeline.preprocessor.tokenizer.hf, stop_strings, pipeline.token_strings)
+        self.post = Postprocessor(
+            pipeline.preprocessor.tokenizer.hf,
+            stop_strings,
+            pipeline.token_strings,
+            skip_special_tokens=special is None,
+        )
         self.decision: Decision | None = None
         self.migrations = 0
-        self._deltas = pipeline._run(self, request, hints)
+        deltas = pipeline._run(self, request, hints)
+        self._deltas = deltas if parser is None and special is None else _parsed(deltas, parser, special)
 
     @property
     def completion_tokens(self) -> int:
@@ -99,9 +116,14 @@ class ModelPipeline:
         events: EventPlane | None = None,
         replica_id: int | None = None,
         routing: RoutingSettings | None = None,
+        parsers: ParserSettings | None = None,
     ) -> None:
         self.name = name
         self._engine = engine
+        # The parsers chat output goes through (the card's, or the frontend's overrides).
+        self.parsers = parsers or ParserSettings()
+        # with tools? → the special-token filter its parsers need (None: skip special tokens).
+        self._special: dict[bool, Callable[[str], str] | None] = {}
         self.card = card
         self.created = int(time.time())
         self.preprocessor = preprocessor
@@ -166,8 +188,27 @@ class ModelPipeline:
         return Generation(self, prepared.request, prepared.stop_strings, hints)
 
     def generate_choices(self, prepared: Prepared, hints: RouteHints = NO_HINTS) -> list[Generation]:
-        """One generation per choice (`n`), each routed on its own."""
-        return [Generation(self, request, prepared.stop_strings, hints) for request in prepared.choices()]
+        """One generation per choice (`n`), each routed on its own; chat output goes through the
+        model's reasoning and tool-call parsers."""
+        if not prepared.parse_output:
+            return [Generation(self, request, prepared.stop_strings, hints) for request in prepared.choices()]
+        with_tools = prepared.tools is not None
+        if with_tools not in self._special:
+            markers = self.parsers.markers(with_tools)
+            hf = self.preprocessor.tokenizer.hf
+            self._special[with_tools] = special_token_filter(hf, markers) if markers else None
+        special = self._special[with_tools]
+        return [
+            Generation(
+                self,
+                request,
+                prepared.stop_strings,
+                hints,
+                make_output_parser(self.parsers, prepared.tools),
+                special,
+            )
+            for request in prepared.choices()
+        ]
 
     async def embed(self, batch: list[list[int]], hints: RouteHints = NO_HINTS) -> list[list[float]]:
         """One vector per token id list, from one instance the router picks (another on failure)."""
@@ -304,6 +345,36 @@ async def _python_engine_deltas(
         aclose = getattr(outputs, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def _parsed(
+    deltas: AsyncGenerator[TextDelta, None],
+    parser: OutputParser | None,
+    special: Callable[[str], str] | None,
+) -> AsyncGenerator[TextDelta, None]:
+    """The choice's deltas through its parser: reasoning and tool calls split off the text, text that
+    may be markup held back; a stream that produced calls and stopped finishes with "tool_calls"."""
+    try:
+        async for delta in deltas:
+            text = delta.text if special is None else special(delta.text)
+            finish = delta.finish_reason
+            if parser is None:
+                parsed = ParsedText(text)
+            else:
+                parsed = parser.feed(text)
+                if finish is not None:
+                    tail = parser.finish()
+                    parsed = ParsedText(
+                        parsed.content + tail.content,
+                        parsed.reasoning + tail.reasoning,
+                        parsed.calls + tail.calls,
+                    )
+                    if parser.called and finish is FinishReason.STOP:
+                        finish = FinishReason.TOOL_CALLS
+            if parsed.content or parsed.reasoning or parsed.calls or delta.logprobs or finish is not None:
+                yield TextDelta(parsed.content, finish, delta.logprobs, parsed.reasoning, parsed.calls)
+    finally:
+        await deltas.aclose()
 
 
 def _continuation(original: PreprocessedRequest, generated: list[int]) -> PreprocessedRequest:

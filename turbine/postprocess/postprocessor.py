@@ -9,6 +9,7 @@ import tokenizers
 
 from turbine.postprocess.detokenizer import IncrementalDetokenizer
 from turbine.postprocess.logprobs import LogprobAligner, TokenLogprob, TokenStrings
+from turbine.postprocess.parsers.output import ToolCallDelta
 from turbine.postprocess.stop import StopStringMatcher
 from turbine.protocol.response import EngineOutput, FinishReason
 
@@ -20,6 +21,10 @@ class TextDelta(NamedTuple):
     # The logprobs of the tokens this delta completes (see `postprocess.logprobs` for which): None
     # when the engine sends none (not asked for, or not supported), else a list, possibly empty.
     logprobs: list[TokenLogprob] | None = None
+    # Chat output through the model's parsers: the reasoning split off `text`, and tool calls
+    # completed in this delta (`text` is then only the answer's content).
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class Postprocessor:
@@ -46,12 +51,15 @@ class Postprocessor:
         tokenizer: tokenizers.Tokenizer,
         stop_strings: list[str],
         token_strings: TokenStrings | None = None,
+        skip_special_tokens: bool = True,
     ) -> None:
         """`token_strings`: the model's shared id → token string cache for logprobs (one per
-        tokenizer, so every request reuses its decodings); built on demand when not given."""
+        tokenizer, so every request reuses its decodings); built on demand when not given.
+        `skip_special_tokens` False: special tokens stay in the text (for output parsers whose
+        markers are special tokens)."""
         self._tokenizer = tokenizer
         self._strings = token_strings
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
         # Created by the first output that carries logprobs; the text-only path never touches it.
         self._logprobs: LogprobAligner | None = None
         self._stop = StopStringMatcher(stop_strings) if stop_strings else None

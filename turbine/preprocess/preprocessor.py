@@ -10,6 +10,7 @@ import msgspec
 from turbine.errors import InvalidRequest
 from turbine.preprocess.chat_template import ChatTemplate
 from turbine.preprocess.tokenizer import ModelFiles, Tokenizer
+from turbine.preprocess.tools import ToolPlan, plan_tools, template_tool_calls
 from turbine.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 
@@ -30,6 +31,10 @@ class Prepared(NamedTuple):
     stream: bool
     include_usage: bool
     n: int = 1
+    # Chat only: the output goes through the model's reasoning/tool-call parsers (the frontend's
+    # `postprocess.parsers`), with `tools` the tools calls are parsed against (None: no tool parsing).
+    parse_output: bool = False
+    tools: list[dict[str, Any]] | None = None
 
     def choices(self) -> list[PreprocessedRequest]:
         """One engine request per choice. Choice i > 0 gets its own id and seed (seed + i), so the
@@ -47,7 +52,7 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls is not None:
-        out["tool_calls"] = message.tool_calls
+        out["tool_calls"] = template_tool_calls(message.tool_calls)
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
@@ -101,8 +106,10 @@ class Preprocessor:
         executor: concurrent.futures.Executor | None,
         context_length: int | None = None,
         tokenizer_cache_entries: int = 0,
+        exclude_tools_when_tool_choice_none: bool = False,
     ) -> None:
         self.model = model
+        self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
         self.files = files
         self.tokenizer = Tokenizer(files.tokenizer, cache_entries=tokenizer_cache_entries)
         self.template = (
@@ -120,29 +127,39 @@ class Preprocessor:
         """`assistant_prefix`: text the answer continues (a prefill), written after the generation
         prompt."""
         logprobs = _chat_logprobs(req)
-        prompt = self.chat_prompt(req, assistant_prefix)
+        tools = self._plan_tools(req)
+        prompt = self.chat_prompt(req, assistant_prefix, tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         self._check_can_fit(prompt, max_tokens, "messages")
         token_ids = await self.tokenizer.encode_async(prompt, self._executor)
-        return self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+        prepared = self._finish(req, request_id, token_ids, max_tokens, param, "messages", logprobs)
+        return prepared._replace(parse_output=True, tools=tools.parse_tools)
+
+    def _plan_tools(self, req: ChatCompletionRequest) -> ToolPlan:
+        return plan_tools(req.tools, req.tool_choice, exclude_when_none=self._exclude_tools_when_none)
 
     async def chat_token_ids(self, req: ChatCompletionRequest, assistant_prefix: str = "") -> list[int]:
         """The prompt's token ids, however long (for counting)."""
         return await self.tokenizer.encode_async(self.chat_prompt(req, assistant_prefix), self._executor)
 
-    def chat_prompt(self, req: ChatCompletionRequest, assistant_prefix: str = "") -> str:
-        """The prompt text: messages checked, rendered with the template, the prefix appended."""
+    def chat_prompt(
+        self, req: ChatCompletionRequest, assistant_prefix: str = "", tools: ToolPlan | None = None
+    ) -> str:
+        """The prompt text: messages checked, rendered with the template (with the tools `tools`
+        lets it see; planned from the request when not given), the prefix appended."""
         if not req.messages:
             raise InvalidRequest("'messages' must contain at least one message", param="messages")
         if self.template is None:
             raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
         _check_roles(req.messages)
+        if tools is None:
+            tools = self._plan_tools(req)
         extra = dict(req.chat_template_kwargs or {})
         prompt = self.template.render(
             [_message_dict(m) for m in req.messages],
             add_generation_prompt=bool(extra.pop("add_generation_prompt", True)),
-            tools=req.tools,
+            tools=tools.template_tools,
             **extra,
         )
         return prompt + assistant_prefix

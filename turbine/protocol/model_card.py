@@ -53,3 +53,7 @@ class ModelDeploymentCard(msgspec.Struct, frozen=True):
     # Whether the engine enforces structured output (`response_format` json_object / json_schema).
     # Frontends refuse such requests with 400 for models whose card says False.
     supports_response_format: bool = False
+    # How the model writes tool calls and reasoning (turbine.postprocess.parsers.registry names);
+    # frontends parse its output with them. None: leave the text as it is.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None

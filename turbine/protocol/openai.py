@@ -49,6 +49,9 @@ class ChatCompletionRequest(_Sampling, frozen=True):
     messages: list[ChatMessage] = msgspec.field(default_factory=list)
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's name for extra template variables.
     chat_template_kwargs: dict[str, Any] | None = None
     # Chat's logprobs: a flag, plus how many alternatives per token (needs logprobs=true).

@@ -12,6 +12,8 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     ERROR = "error"
+    # Set by the frontend (never by engines) when the output parsed into tool calls.
+    TOOL_CALLS = "tool_calls"
 
 
 class EngineOutput(msgspec.Struct, frozen=True, omit_defaults=True):

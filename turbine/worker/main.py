@@ -18,6 +18,7 @@ from turbine.config import WorkerConfig, config_from_cli
 from turbine.engines.base import Engine, EventSink
 from turbine.engines.echo import EchoEngine
 from turbine.engines.mocker.engine import MockerConfig, MockerEngine
+from turbine.engines.scripted import ScriptedEngine, load_script
 from turbine.errors import ConfigError
 from turbine.logs import configure_logging
 from turbine.models import bundled_model_path
@@ -65,6 +66,8 @@ def build_engine(
     if cfg.engine == "torch":
         assert torch_model is not None, "load_torch_model() first"
         return torch_model.engine(instance_id, events)
+    if cfg.engine == "scripted" and cfg.script_file is not None:
+        return ScriptedEngine(load_script(Path(cfg.script_file)), files.tokenizer, block_size=cfg.block_size)
     mocker = MockerConfig(
         block_size=cfg.block_size,
         num_gpu_blocks=cfg.num_gpu_blocks_override or MockerConfig.num_gpu_blocks,
@@ -126,6 +129,8 @@ async def run_workers(
         model_types=cfg.model_types,
         transport=cfg.request_plane,
         files=model_files,
+        tool_call_parser=cfg.tool_call_parser,
+        reasoning_parser=cfg.reasoning_parser,
     )
     # --event-plane nats or zmq: one connection for the process's workers, connected now so that a
     # wrong URL fails start-up; closed after every worker has drained.

@@ -56,6 +56,9 @@ class WorkerIdentity:
     model_types: tuple[str, ...] = ("chat", "completions")
     # The model files published for frontends on other machines (runtime/model_files.py).
     files: tuple[ModelFile, ...] = ()
+    # Output parsers frontends apply (`--tool-call-parser`, `--reasoning-parser`), carried in the card.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 class EngineWorker:
@@ -111,6 +114,8 @@ class EngineWorker:
             max_num_seqs=capacity.max_num_seqs,
             max_num_batched_tokens=capacity.max_num_batched_tokens,
             files=ident.files,
+            tool_call_parser=ident.tool_call_parser,
+            reasoning_parser=ident.reasoning_parser,
         )
         self._lease = LeaseKeeper(self._store)
         await self._lease.start(self._lease_ttl_s)

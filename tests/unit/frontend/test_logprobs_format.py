@@ -10,7 +10,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from turbine.frontend.openai_format import ChunkFormatter, chat_completion, text_completion
+from turbine.frontend.openai_format import Choice, ChunkFormatter, chat_completion, text_completion
 from turbine.postprocess.logprobs import TokenLogprob, TopLogprob
 from turbine.postprocess.postprocessor import TextDelta
 from turbine.protocol.response import FinishReason
@@ -82,7 +82,7 @@ def test_whole_responses() -> None:
             request_id="x",
             model="m",
             created=1,
-            choices=[("Hi🎉", "stop", ENTRIES), ("Hi", "stop", None)],
+            choices=[Choice("Hi🎉", "stop", ENTRIES), Choice("Hi", "stop", None)],
             usage=USAGE,
         )
     )
@@ -94,7 +94,7 @@ def test_whole_responses() -> None:
 
     text = json.loads(
         text_completion(
-            request_id="x", model="m", created=1, choices=[("Hi🎉", "length", ENTRIES)], usage=USAGE
+            request_id="x", model="m", created=1, choices=[Choice("Hi🎉", "length", ENTRIES)], usage=USAGE
         )
     )
     completion = Completion.model_validate(text)

@@ -1,0 +1,1 @@
+"""Tool-call and reasoning parsers: one module per output format, a registry, and their composition."""
