@@ -12,6 +12,12 @@ capacity that hits every block seen before).
 
     .venv/bin/python benchmarks/routing.py [--sglang .bench/sglang/bin/python] [--out benchmarks/results]
 
+With `--engine torch` the same shared-prefix workload runs on real compute instead: 4 torch-engine
+workers on the CPU serving a tiny random-weight Llama (the bundled tokenizer, so the same prompts),
+round-robin against kv; results go to routing_torch.{md,json,png}.
+
+    .venv/bin/python benchmarks/routing.py --engine torch
+
 Set up SGLang's gateway once with:
     python3.11 -m venv .bench/sglang && .bench/sglang/bin/pip install sglang-router==0.3.2
 """
@@ -154,19 +160,20 @@ class Outcome:
         return sorted((c / total for c in counts.values()), reverse=True) if total else []
 
 
-def worker_args(blocks: int) -> list[str]:
-    return [
-        "--engine",
-        "mocker",
-        "--num-workers",
-        str(WORKERS),
-        "--num-gpu-blocks-override",
-        str(blocks),
-        "--block-size",
-        str(BLOCK),
-        "--speedup-ratio",
-        "1",
-    ]
+def worker_args(blocks: int, torch_model: Path | None = None) -> list[str]:
+    common = ["--num-workers", str(WORKERS), "--num-gpu-blocks-override", str(blocks)]
+    common += ["--block-size", str(BLOCK)]
+    if torch_model is not None:
+        engine = ["--engine", "torch", "--model-path", str(torch_model), "--model-name", MODEL]
+        return [*engine, "--device", "cpu", "--dtype", "float32", *common]
+    return ["--engine", "mocker", *common, "--speedup-ratio", "1"]
+
+
+def tiny_llama(root: Path) -> Path:
+    """A tiny random-weight Llama with the bundled tokenizer (what the torch engine's tests use)."""
+    from turbine.engines.torch.random_model import llama_config, write_model_dir
+
+    return write_model_dir(root / "tiny-llama", llama_config("tiny"), std=0.2)
 
 
 MODES: dict[str, list[str]] = {
@@ -315,7 +322,7 @@ def plot(sections: list[tuple[str, float, list[Outcome]]], out: Path) -> None:
         ax.set_title(f"{title}: TTFT")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "routing.png", dpi=100)
+    fig.savefig(out, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -332,6 +339,16 @@ async def main_async(args: argparse.Namespace) -> None:
         ("shared prefix, 96 blocks/worker", "shared", 96),
         ("multi-turn, 160 blocks/worker", "multi", 160),
     ]
+    torch_model: Path | None = None
+    name = "routing"
+    if args.engine == "torch":
+        import tempfile
+
+        torch_model = tiny_llama(Path(tempfile.mkdtemp(prefix="turbine-routing-")))
+        configs = [("torch engine (tiny Llama, CPU), shared prefix, 160 blocks/worker", "shared", 160)]
+        modes = {k: v for k, v in modes.items() if k in ("round-robin", "kv (events)")}
+        name = "routing_torch"
+        args.sglang = ""
     if args.configs:
         configs = [configs[i] for i in args.configs]
     for title, workload, blocks in configs:
@@ -353,7 +370,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 with sglang_stack(args.sglang, blocks) as url:
                     run = await drive(url, workload, payload, f"{title}: {mode}")
             else:
-                with LocalStack(frontend_args, worker_args(blocks), expect_instances=WORKERS) as stack:
+                with LocalStack(
+                    frontend_args, worker_args(blocks, torch_model), expect_instances=WORKERS
+                ) as stack:
                     run = await drive(stack.url, workload, payload, f"{title}: {mode}")
             if workload == "shared":
                 oracles.append(oracle_hit_ratio(traces, WORKERS * blocks))
@@ -366,10 +385,10 @@ async def main_async(args: argparse.Namespace) -> None:
         oracle = sum(oracles) / len(oracles) if oracles else float("nan")
         sections.append((title, oracle, outcomes))
     report = (
-        "# Routing benchmark\n\n" + "\n".join(table(*s) for s in sections) + "\n![routing](routing.png)\n"
+        "# Routing benchmark\n\n" + "\n".join(table(*s) for s in sections) + f"\n![routing]({name}.png)\n"
     )
-    (out / "routing.md").write_text(report)
-    (out / "routing.json").write_text(
+    (out / f"{name}.md").write_text(report)
+    (out / f"{name}.json").write_text(
         json.dumps(
             [
                 {
@@ -390,7 +409,7 @@ async def main_async(args: argparse.Namespace) -> None:
             indent=1,
         )
     )
-    plot(sections, out)
+    plot(sections, out / f"{name}.png")
     print(report)
 
 
@@ -407,6 +426,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=[], help="subset of modes to run")
     parser.add_argument("--configs", nargs="*", type=int, default=[], help="indexes of configurations to run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--engine", choices=("mocker", "torch"), default="mocker")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     import uvloop
