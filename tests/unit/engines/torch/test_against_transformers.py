@@ -71,3 +71,39 @@ def test_a_continuation_prompt_continues_exactly(tiny_llama_dir: Path) -> None:
     )
     assert tokens_of(head) == full[:20]
     assert tokens_of(tail) == full[20:]
+
+
+def test_cancelling_a_stream_frees_its_blocks_at_once(tiny_llama_dir: Path) -> None:
+    import asyncio
+    import contextlib
+
+    from turbine.engines.base import NullEventSink
+    from turbine.engines.torch.engine import TorchEngine, TorchEngineConfig, load_model
+
+    cfg = TorchEngineConfig(
+        model_dir=tiny_llama_dir,
+        device="cpu",
+        dtype="float32",
+        block_size=8,
+        num_gpu_blocks=64,
+        progress=False,
+    )
+    loaded = load_model(cfg)
+
+    async def main() -> tuple[int, int]:
+        engine = TorchEngine(cfg, loaded, worker_id=1, events=NullEventSink())
+        await engine.start()
+        try:
+            stream = engine.generate(request(list(range(100, 140)), 500, temperature=0.0))
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    if out.token_ids:
+                        break  # the client goes away after its first token
+            held_after = engine.blocks.num_used_blocks
+            await asyncio.sleep(0.05)
+            return held_after, len(engine.scheduler.running) + len(engine.scheduler.waiting)
+        finally:
+            await engine.stop()
+
+    held, queued = asyncio.run(main())
+    assert held == 0 and queued == 0
