@@ -13,26 +13,14 @@ from pathlib import Path
 import grpc
 
 from turbine.errors import ConfigError
-
-
-def _check_readable(flag: str, path: str) -> None:
-    # OpenSSL's own errors do not say which file failed, so read each one first.
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path!r} cannot be read: {exc.strerror or exc}") from None
-
-
-def _reason(exc: ssl.SSLError) -> str:
-    return str(exc.reason or exc.strerror or exc)
+from turbine.runtime.transport.tls import check_readable, ssl_reason
 
 
 def server_ssl_context(cert_path: str, key_path: str, client_ca_path: str | None = None) -> ssl.SSLContext:
     """A server context (TLS 1.2+) presenting `cert_path`; with `client_ca_path`, clients must present
     a certificate signed by that CA (`CERT_REQUIRED`), else the handshake fails."""
-    _check_readable("--tls-cert-path", cert_path)
-    _check_readable("--tls-key-path", key_path)
+    check_readable("--tls-cert-path", cert_path)
+    check_readable("--tls-key-path", key_path)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -40,15 +28,16 @@ def server_ssl_context(cert_path: str, key_path: str, client_ca_path: str | None
     except ssl.SSLError as exc:
         raise ConfigError(
             f"--tls-cert-path {cert_path!r} and --tls-key-path {key_path!r} are not a PEM certificate "
-            f"and its matching key ({_reason(exc)})"
+            f"and its matching key ({ssl_reason(exc)})"
         ) from None
     if client_ca_path is not None:
-        _check_readable("--tls-client-ca-cert-path", client_ca_path)
+        check_readable("--tls-client-ca-cert-path", client_ca_path)
         try:
             ctx.load_verify_locations(cafile=client_ca_path)
         except ssl.SSLError as exc:
+            reason = ssl_reason(exc)
             raise ConfigError(
-                f"--tls-client-ca-cert-path {client_ca_path!r} holds no PEM CA certificate ({_reason(exc)})"
+                f"--tls-client-ca-cert-path {client_ca_path!r} holds no PEM CA certificate ({reason})"
             ) from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx

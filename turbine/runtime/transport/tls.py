@@ -22,7 +22,7 @@ import ssl
 from turbine.errors import ConfigError
 
 
-def _check_readable(flag: str, path: str) -> None:
+def check_readable(flag: str, path: str) -> None:
     # OpenSSL's own errors do not say which file failed, so read each one first.
     try:
         with open(path, "rb") as f:
@@ -31,29 +31,29 @@ def _check_readable(flag: str, path: str) -> None:
         raise ConfigError(f"{flag} {path!r} cannot be read: {exc.strerror or exc}") from None
 
 
-def _reason(exc: ssl.SSLError) -> str:
+def ssl_reason(exc: ssl.SSLError) -> str:
     return str(exc.reason or exc.strerror or exc)
 
 
 def _load_pair(ctx: ssl.SSLContext, cert: tuple[str, str], key: tuple[str, str]) -> None:
     (cert_flag, cert_path), (key_flag, key_path) = cert, key
-    _check_readable(cert_flag, cert_path)
-    _check_readable(key_flag, key_path)
+    check_readable(cert_flag, cert_path)
+    check_readable(key_flag, key_path)
     try:
         ctx.load_cert_chain(cert_path, key_path)
     except ssl.SSLError as exc:
         raise ConfigError(
             f"{cert_flag} {cert_path!r} and {key_flag} {key_path!r} are not a PEM certificate and its "
-            f"matching key ({_reason(exc)})"
+            f"matching key ({ssl_reason(exc)})"
         ) from None
 
 
 def _load_ca(ctx: ssl.SSLContext, flag: str, path: str) -> None:
-    _check_readable(flag, path)
+    check_readable(flag, path)
     try:
         ctx.load_verify_locations(cafile=path)
     except ssl.SSLError as exc:
-        raise ConfigError(f"{flag} {path!r} holds no PEM CA certificate ({_reason(exc)})") from None
+        raise ConfigError(f"{flag} {path!r} holds no PEM CA certificate ({ssl_reason(exc)})") from None
 
 
 def server_context(
