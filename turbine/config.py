@@ -383,7 +383,9 @@ class WorkerConfig(RuntimeConfig):
     # Torch engine.
     device: str | None = opt(None, "Torch engine device (default: cuda when available).", choices=DEVICES)
     dtype: str = opt(
-        "auto", "Torch engine compute dtype (auto: bfloat16 on CUDA, float32 on CPU).", choices=DTYPES
+        "auto",
+        "Torch engine compute dtype (auto: bfloat16 on CUDA, and on CPUs with native bf16; else float32).",
+        choices=DTYPES,
     )
     gpu_memory_utilization: float = opt(0.9, "Torch engine on CUDA: fraction of GPU memory it may use.")
     enforce_eager: bool = opt(False, "Torch engine on CUDA: no CUDA graphs for decode steps.")

@@ -52,6 +52,19 @@ class DecodeBatch:
 
 
 @dataclass
+class GatheredDecode:
+    """Sequences decoding one token each, served by one padded SDPA call (the CPU path): one call
+    per layer instead of one per sequence."""
+
+    rows: torch.Tensor
+    """Rows of these sequences' tokens in the step's flattened batch (long)."""
+    slots: torch.Tensor
+    """[n, longest context] cache slots, padded with slot 0 (masked out)."""
+    mask: torch.Tensor
+    """[n, 1, 1, longest context] boolean: True where a key is attended."""
+
+
+@dataclass
 class AttnMeta:
     """Everything a layer needs to read and write the cache for one step; built once per step."""
 
@@ -61,6 +74,8 @@ class AttnMeta:
     """Sequences served by gather + SDPA, in batch order."""
     decode: DecodeBatch | None = None
     """Sequences served by the paged decode kernel, if any."""
+    gathered: GatheredDecode | None = None
+    """Sequences decoding together through one padded SDPA call, if any."""
 
 
 def build_meta(
@@ -70,10 +85,12 @@ def build_meta(
     *,
     sliding_window: int | None = None,
     decode_kernel: bool = False,
+    gather_decodes: bool = False,
 ) -> AttnMeta:
     """Metadata of a step from `(block_table, num_computed, num_new)` per sequence, in batch order.
 
-    With `decode_kernel`, single-token chunks go to `AttnMeta.decode` instead of the SDPA path.
+    With `decode_kernel`, single-token chunks go to `AttnMeta.decode` instead of the SDPA path;
+    with `gather_decodes` (and no sliding window), several of them go to one padded SDPA call.
     """
     slot_rows: list[int] = []
     seqs: list[SeqAttn] = []
@@ -81,17 +98,23 @@ def build_meta(
     dec_tables: list[list[int]] = []
     dec_lens: list[int] = []
     row = 0
+    gather = gather_decodes and sliding_window is None and sum(1 for c in chunks if c[2] == 1) > 1
     for table, num_computed, num_new in chunks:
         ctx = num_computed + num_new
         for pos in range(num_computed, ctx):
             slot_rows.append(table[pos // block_size] * block_size + pos % block_size)
-        if decode_kernel and num_new == 1 and sliding_window is None:
+        if (decode_kernel or gather) and num_new == 1 and sliding_window is None:
             dec_rows.append(row)
             dec_tables.append(table[: -(-ctx // block_size)])
             dec_lens.append(ctx)
         else:
             seqs.append(_seq_attn(table, num_computed, num_new, row, block_size, device, sliding_window))
         row += num_new
+    slot_mapping = torch.tensor(slot_rows, dtype=torch.long, device=device)
+    if gather and dec_rows:
+        return AttnMeta(
+            slot_mapping, seqs, gathered=_gathered(dec_rows, dec_tables, dec_lens, block_size, device)
+        )
     decode = None
     if dec_rows:
         width = max(len(t) for t in dec_tables)
@@ -101,7 +124,23 @@ def build_meta(
             block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
             context_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
         )
-    return AttnMeta(torch.tensor(slot_rows, dtype=torch.long, device=device), seqs, decode)
+    return AttnMeta(slot_mapping, seqs, decode)
+
+
+def _gathered(
+    rows: list[int], tables: list[list[int]], lens: list[int], block_size: int, device: torch.device
+) -> GatheredDecode:
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+    slots = (padded[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+    longest = max(lens)
+    slots = slots[:, :longest]
+    mask = torch.arange(longest)[None, :] < torch.tensor(lens)[:, None]
+    return GatheredDecode(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        slots=slots.to(device),
+        mask=mask[:, None, None, :].to(device),
+    )
 
 
 def _seq_attn(
@@ -153,6 +192,13 @@ def attend(
             qs, ks, vs, attn_mask=s.mask, is_causal=s.causal and s.q_len > 1, scale=scale, enable_gqa=True
         )
         out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
+    if meta.gathered is not None:
+        g = meta.gathered
+        qd = q.index_select(0, g.rows).unsqueeze(2)  # [n, heads, 1, dim]
+        kd = k_flat[g.slots].transpose(1, 2)  # [n, kv_heads, longest, dim]
+        vd = v_flat[g.slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=scale, enable_gqa=True)
+        out[g.rows] = o.squeeze(2)
     if meta.decode is not None:
         from turbine.engines.torch.triton_decode import paged_decode
 

@@ -41,7 +41,7 @@ class TorchEngineConfig:
     device: str | None = None
     """cpu | cuda | cuda:N; None: cuda when available, else cpu."""
     dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (bf16 on CUDA unless the checkpoint says fp16; fp32 on CPU)."""
+    """float32 | bfloat16 | float16 | auto (see `resolve_dtype`)."""
     block_size: int = 64
     num_gpu_blocks: int | None = None
     """KV blocks per engine; None: sized from memory."""
@@ -78,10 +78,12 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device, arch: ModelArch) -> torch.dtype:
+    """auto: bf16 on CUDA (fp16 for fp16 checkpoints); on CPU bf16 where the processor computes it
+    natively (AVX-512 BF16 / AMX: half the weight bytes per step, the usual limit), else float32."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     return torch.float16 if arch.torch_dtype == "float16" else torch.bfloat16
 
 
