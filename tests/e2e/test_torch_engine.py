@@ -38,6 +38,9 @@ def _tiny_worker(stack: Stack, model_dir: Path, *extra: str, ttl: float = 10.0) 
         TINY,
         "--device",
         "cpu",
+        # float32: greedy texts compared across batches and migrations must not hinge on bf16 rounding.
+        "--dtype",
+        "float32",
         "--block-size",
         "16",
         "--kv-cache-memory-bytes",
@@ -52,8 +55,16 @@ def test_smollm2_answers_through_the_openai_client(
     stack: Stack, smollm2_gguf: Path, gguf_cache: Path, smollm2_dir: Path
 ) -> None:
     _, url = stack.frontend()
+    # float32: the cached-prefix rerun below must give the same greedy text as the first run.
     worker = stack.worker(
-        "--engine", "torch", "--model-path", str(smollm2_gguf), "--gguf-cache-dir", str(gguf_cache)
+        "--engine",
+        "torch",
+        "--model-path",
+        str(smollm2_gguf),
+        "--gguf-cache-dir",
+        str(gguf_cache),
+        "--dtype",
+        "float32",
     )
     wait_until(lambda: live_instances(url, SMOLLM2) == 1, 120, worker)
     oai = _client(url)
