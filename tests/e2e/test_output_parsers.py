@@ -196,6 +196,12 @@ def stream(oai: openai.OpenAI, reasoning_field: str = "reasoning_content", **kwa
                 if call.id:
                     assert entry["id"] is None, "a call's id comes once, in its first chunk"
                     entry["id"] = call.id
+                    # OpenAI's first chunk of a call: index, id, type, name and empty arguments.
+                    assert call.type == "function"
+                    assert call.function is not None and call.function.name
+                    assert call.function.arguments == ""
+                else:
+                    assert entry["id"] is not None, "a call's first chunk carries its id"
                 function = call.function
                 if function is not None and function.name:
                     assert entry["arguments"] == "", "the name comes before the arguments"

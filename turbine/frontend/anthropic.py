@@ -2,7 +2,9 @@
 
 `POST /v1/messages` (stream or not) and `POST /v1/messages/count_tokens`. A request is translated
 onto a chat request (`anthropic_translate.py`) and served by the same preprocess → route →
-postprocess path as /v1/chat/completions; only the shapes differ (`anthropic_format.py`). Errors
+postprocess path as /v1/chat/completions, through the same reasoning and tool-call parsers (the
+model card's, or the frontend's overrides); only the shapes differ (`anthropic_format.py`): parsed
+reasoning leaves as `thinking` blocks, parsed calls as `tool_use` blocks. Errors
 leave in Anthropic's shape (`{"type": "error", "error": {"type", "message"}}`) with the status of
 the error tree; after a stream has started, as an `error` event.
 """
@@ -10,8 +12,7 @@ the error tree; after a stream has started, as an `error` event.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
 from aiohttp import web
@@ -24,12 +25,14 @@ from turbine.frontend.anthropic_format import (
     message_object,
     new_message_id,
     stop_reason,
+    tool_use,
 )
-from turbine.frontend.anthropic_translate import Translated, to_chat
+from turbine.frontend.anthropic_translate import to_chat
 from turbine.frontend.edge_requests import require_response_format, require_type
 from turbine.frontend.http import MODEL_KEY, OpenAIService, _decode
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.pipeline import Generation, ModelPipeline
+from turbine.postprocess.parsers.output import ToolCallDelta
 from turbine.postprocess.postprocessor import TextDelta
 from turbine.protocol.anthropic import decode_count_tokens_request, decode_messages_request
 
@@ -38,21 +41,9 @@ log = logging.getLogger(__name__)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class ToolCallSplitter(Protocol):
-    """Separates tool calls from one answer's text as it streams (one instance per request).
-
-    The seam for the tool-call parsers (turbine/postprocess/parsers/): `feed` takes each text delta
-    and returns the part that is certainly plain text (markup that may start a call is held back);
-    `finish` returns the held-back text that turned out to be plain, and the calls found.
-    """
-
-    def feed(self, text: str) -> str: ...
-
-    def finish(self) -> tuple[str, list[ToolUse]]: ...
-
-
-# Picks a model's splitter for a request (None: the model's output has no tool calls to parse).
-SplitterFactory = Callable[[ModelPipeline, Translated], ToolCallSplitter | None]
+def _tool_uses(calls: Iterable[ToolCallDelta]) -> list[ToolUse]:
+    # Anthropic's own ids (`toolu_…`) rather than the parser's OpenAI-style `call_…` ones.
+    return [tool_use(call.name, call.arguments) for call in calls]
 
 
 def error_response(exc: TurbineError) -> web.Response:
@@ -84,12 +75,9 @@ def _anthropic_errors(handler: _Handler) -> _Handler:
 class AnthropicService:
     """The Messages API routes, over the OpenAI service's registry, drain accounting and metrics."""
 
-    def __init__(
-        self, registry: ModelRegistry, service: OpenAIService, splitters: SplitterFactory | None = None
-    ) -> None:
+    def __init__(self, registry: ModelRegistry, service: OpenAIService) -> None:
         self._registry = registry
         self._service = service
-        self._splitters = splitters
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", _anthropic_errors(self._messages))
@@ -118,32 +106,29 @@ class AnthropicService:
         prepared = await pipeline.preprocessor.chat(
             translated.chat, message_id, assistant_prefix=translated.assistant_prefix
         )
-        splitter = self._splitters(pipeline, translated) if self._splitters is not None else None
         async with self._service.generation(pipeline, prepared) as (gen, served):
             # The first delta before any answer, so that a request no worker can take still gets an
             # HTTP error status rather than an in-band error event.
             first = await gen.first()
             served.first_token([gen])
             if req.stream:
-                return await self._stream(request, gen, first, message_id, pipeline.name, splitter)
-            parts = [first.text]
+                return await self._stream(request, gen, first, message_id, pipeline.name)
+            text, thinking, calls = [first.text], [first.reasoning], list(first.tool_calls)
             finish = first.finish_reason
             if finish is None:
                 async for delta in gen:
-                    parts.append(delta.text)
+                    text.append(delta.text)
+                    thinking.append(delta.reasoning)
+                    calls += delta.tool_calls
                     finish = delta.finish_reason
             assert finish is not None
-            text = "".join(parts)
-            tools: list[ToolUse] = []
-            if splitter is not None:
-                shown = splitter.feed(text)
-                rest, tools = splitter.finish()
-                text = shown + rest
+            tools = _tool_uses(calls)
             matched = gen.post.matched_stop
             body = message_object(
                 message_id=message_id,
                 model=pipeline.name,
-                text=text,
+                text="".join(text),
+                thinking="".join(thinking),
                 tool_uses=tools,
                 stop=stop_reason(finish.value, matched, tools),
                 stop_sequence=matched,
@@ -153,40 +138,33 @@ class AnthropicService:
             return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def _stream(
-        self,
-        request: web.Request,
-        gen: Generation,
-        first: TextDelta,
-        message_id: str,
-        model: str,
-        splitter: ToolCallSplitter | None,
+        self, request: web.Request, gen: Generation, first: TextDelta, message_id: str, model: str
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         fmt = StreamFormatter(message_id=message_id, model=model)
+        called = False
 
-        def shown(text: str) -> bytes:
-            return fmt.text(splitter.feed(text) if splitter is not None else text)
+        def events(delta: TextDelta) -> bytes:
+            # Within one delta the parsers keep the model's order: reasoning, then text, then calls.
+            nonlocal called
+            tools = _tool_uses(delta.tool_calls)
+            called = called or bool(tools)
+            return fmt.thinking(delta.reasoning) + fmt.text(delta.text) + b"".join(fmt.tool(t) for t in tools)
 
-        await resp.write(fmt.start(gen.prompt_tokens) + shown(first.text))
+        await resp.write(fmt.start(gen.prompt_tokens) + events(first))
         try:
             finish = first.finish_reason
             if finish is None:
                 async for delta in gen:
                     finish = delta.finish_reason
-                    out = shown(delta.text)
+                    out = events(delta)
                     if out:
                         await resp.write(out)
             assert finish is not None
-            tools: list[ToolUse] = []
-            tail = b""
-            if splitter is not None:
-                rest, tools = splitter.finish()
-                tail = fmt.text(rest) + b"".join(fmt.tool(t) for t in tools)
             matched = gen.post.matched_stop
-            await resp.write(
-                tail + fmt.finish(stop_reason(finish.value, matched, tools), matched, gen.completion_tokens)
-            )
+            stop = "tool_use" if called else stop_reason(finish.value, matched)
+            await resp.write(fmt.finish(stop, matched, gen.completion_tokens))
         except TurbineError as exc:
             # Headers are gone: report the failure in-band, as Anthropic's API does.
             log.warning("stream %s failed: %s", message_id, exc.message)

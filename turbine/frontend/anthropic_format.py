@@ -1,8 +1,9 @@
-"""Anthropic Messages API bodies: the message object, the stream's events, errors, tool_use blocks.
+"""Anthropic Messages API bodies: the message object, the stream's events, errors, content blocks.
 
-Tool calls enter through one seam, `ToolUse` (built from a parsed call with `tool_use`): whatever
-parses tool calls out of model text (turbine/postprocess/parsers/) hands its calls here, and the
-message gets `tool_use` blocks and `stop_reason: "tool_use"`.
+What the model's parsers (turbine/postprocess/parsers/) split off the answer becomes Anthropic's
+blocks: reasoning a `thinking` block, tool calls `tool_use` blocks (`ToolUse`, built from a parsed
+call with `tool_use`) and `stop_reason: "tool_use"`. Our thinking blocks carry an empty `signature`:
+the field is required in Anthropic's shape, but there is nothing here to sign the text with.
 """
 
 from __future__ import annotations
@@ -70,10 +71,14 @@ def message_object(
     stop_sequence: str | None,
     input_tokens: int,
     output_tokens: int,
+    thinking: str = "",
 ) -> dict[str, Any]:
-    """A `message`; `stop` None is the stream's opening snapshot (no content yet)."""
+    """A `message`; `stop` None is the stream's opening snapshot (no content yet). Blocks in
+    Anthropic's order: thinking, text (also when empty, unless there are tool calls), tool_use."""
     content: list[dict[str, Any]] = []
     if stop is not None:
+        if thinking:
+            content.append({"type": "thinking", "thinking": thinking, "signature": ""})
         if text or not tool_uses:
             content.append({"type": "text", "text": text})
         content += [_tool_block(t) for t in tool_uses]
@@ -96,15 +101,23 @@ def _event(kind: str, body: dict[str, Any]) -> bytes:
 class StreamFormatter:
     """The SSE events of one streamed message, in Anthropic's order: message_start, then per content
     block content_block_start / content_block_delta* / content_block_stop (a ping after the first
-    start), then message_delta (stop_reason, usage) and message_stop."""
+    start), then message_delta (stop_reason, usage) and message_stop.
 
-    __slots__ = ("_index", "_open", "message_id", "model")
+    Blocks open as their content arrives: thinking, text and tool_use in the order the model wrote
+    them, a new block whenever the kind changes. A message with neither text nor tool calls still
+    gets its (empty) text block, as the non-streamed message does.
+    """
+
+    __slots__ = ("_index", "_open", "_texted", "_tools", "message_id", "model")
 
     def __init__(self, *, message_id: str, model: str) -> None:
         self.message_id = message_id
         self.model = model
         self._index = -1
-        self._open = False
+        # The kind of the open block ("thinking", "text"), None when none is open.
+        self._open: str | None = None
+        self._texted = False
+        self._tools = 0
 
     def start(self, input_tokens: int) -> bytes:
         snapshot = message_object(
@@ -117,46 +130,57 @@ class StreamFormatter:
             input_tokens=input_tokens,
             output_tokens=0,
         )
-        return (
-            _event("message_start", {"message": snapshot})
-            + self._open_block({"type": "text", "text": ""})
-            + _event("ping", {})
-        )
+        return _event("message_start", {"message": snapshot})
 
-    def _open_block(self, block: dict[str, Any]) -> bytes:
+    def _open_block(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._close_block()
         self._index += 1
-        self._open = True
-        return _event("content_block_start", {"index": self._index, "content_block": block})
+        self._open = kind
+        out += _event("content_block_start", {"index": self._index, "content_block": block})
+        return out + _event("ping", {}) if self._index == 0 else out
 
     def _close_block(self) -> bytes:
-        if not self._open:
+        if self._open is None:
             return b""
-        self._open = False
+        self._open = None
         return _event("content_block_stop", {"index": self._index})
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return _event("content_block_delta", {"index": self._index, "delta": delta})
+
+    def thinking(self, text: str) -> bytes:
+        if not text:
+            return b""
+        out = b""
+        if self._open != "thinking":
+            out = self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        return out + self._delta({"type": "thinking_delta", "thinking": text})
 
     def text(self, text: str) -> bytes:
         if not text:
             return b""
-        return _event(
-            "content_block_delta", {"index": self._index, "delta": {"type": "text_delta", "text": text}}
-        )
+        out = b""
+        if self._open != "text":
+            out = self._open_block("text", {"type": "text", "text": ""})
+            self._texted = True
+        return out + self._delta({"type": "text_delta", "text": text})
 
     def tool(self, tool: ToolUse) -> bytes:
         """A whole tool_use block: start (empty input), the input as one JSON delta, stop."""
+        self._tools += 1
         partial = orjson.dumps(tool.input).decode()
         return (
-            self._close_block()
-            + self._open_block({"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}})
-            + _event(
-                "content_block_delta",
-                {"index": self._index, "delta": {"type": "input_json_delta", "partial_json": partial}},
-            )
+            self._open_block("tool_use", {"type": "tool_use", "id": tool.id, "name": tool.name, "input": {}})
+            + self._delta({"type": "input_json_delta", "partial_json": partial})
             + self._close_block()
         )
 
     def finish(self, stop: str, stop_sequence: str | None, output_tokens: int) -> bytes:
+        out = self._close_block()
+        if not self._texted and not self._tools:
+            out += self._open_block("text", {"type": "text", "text": ""}) + self._close_block()
         return (
-            self._close_block()
+            out
             + _event(
                 "message_delta",
                 {

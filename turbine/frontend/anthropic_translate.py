@@ -6,7 +6,7 @@ The mapping (what a model's chat template sees):
   order, followed by a `user` message with its text blocks, if any;
 - an `assistant` message's `tool_use` blocks → its `tool_calls` (`{"id", "type": "function",
   "function": {"name", "arguments": <input object>}}`: arguments stay an object, as Hugging Face chat
-  templates expect), its text blocks → its content;
+  templates expect), its text blocks → its content, its `thinking` blocks are dropped;
 - `tools` → `{"type": "function", "function": {"name", "description", "parameters": input_schema}}`;
 - a final `assistant` message is a prefill: the answer continues its text (it is appended to the
   rendered prompt after the generation prompt, not rendered as a finished turn).
@@ -115,9 +115,14 @@ def _assistant_message(blocks: list[dict[str, Any]], where: str) -> ChatMessage:
             calls.append(
                 {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
             )
+        elif kind in ("thinking", "redacted_thinking"):
+            # Clients send an answer's thinking back with its tool calls (Anthropic's API asks them
+            # to). It is dropped: reasoning models' templates leave earlier turns' reasoning out.
+            continue
         else:
             raise InvalidRequest(
-                f"{at}.type: {kind!r} blocks are not supported in assistant messages here (text, tool_use)",
+                f"{at}.type: {kind!r} blocks are not supported in assistant messages here "
+                "(text, tool_use, thinking)",
                 param=f"{at}.type",
             )
     return ChatMessage(role="assistant", content="".join(texts), tool_calls=calls or None)

@@ -145,11 +145,12 @@ class OpenAIService:
         self, pipeline: ModelPipeline, prepared: Prepared
     ) -> AsyncIterator[tuple[Generation, RequestMetrics]]:
         """One generation for a route of another API on this app (Anthropic's): counted in flight
-        (the drain waits for it) and in the metrics, and closed on exit."""
+        (the drain waits for it) and in the metrics, and closed on exit. Chat output goes through
+        the model's reasoning and tool-call parsers, as on /v1/chat/completions."""
         self.inflight += 1
         self._idle.clear()
         served = self.metrics.serving(pipeline.name)
-        gen = pipeline.generate(prepared)
+        [gen] = pipeline.generate_choices(prepared)
         try:
             yield gen, served
         finally:

@@ -157,6 +157,92 @@ def test_message_and_stream_shapes() -> None:
     assert events[8]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
 
 
+def _events(raw: bytes) -> list[dict[str, object]]:
+    return [json.loads(frame.split("\ndata: ")[1]) for frame in raw.decode().split("\n\n") if frame]
+
+
+def test_thinking_blocks_and_blocks_opened_as_content_arrives() -> None:
+    call = tool_use("f", "{}", "t")
+    body = message_object(
+        message_id="msg_1",
+        model="m",
+        text="ok",
+        thinking="hmm",
+        tool_uses=[call],
+        stop="tool_use",
+        stop_sequence=None,
+        input_tokens=3,
+        output_tokens=4,
+    )
+    assert [b["type"] for b in body["content"]] == ["thinking", "text", "tool_use"]
+    assert body["content"][0] == {"type": "thinking", "thinking": "hmm", "signature": ""}
+
+    fmt = StreamFormatter(message_id="msg_1", model="m")
+    raw = (
+        fmt.start(3)
+        + fmt.thinking("h")
+        + fmt.thinking("mm")
+        + fmt.text("ok")
+        + fmt.tool(call)
+        + fmt.text("after")
+        + fmt.finish("tool_use", None, 4)
+    )
+    events = _events(raw)
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert starts == [
+        {"type": "thinking", "thinking": "", "signature": ""},
+        {"type": "text", "text": ""},
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}},
+        {"type": "text", "text": ""},
+    ]
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert deltas[:2] == [
+        {"type": "thinking_delta", "thinking": "h"},
+        {"type": "thinking_delta", "thinking": "mm"},
+    ]
+    # Every block is closed before the next opens, indices counting up.
+    opened_closed = [
+        (e["type"], e["index"]) for e in events if e["type"] in ("content_block_start", "content_block_stop")
+    ]
+    assert opened_closed == [
+        (kind, i) for i in range(4) for kind in ("content_block_start", "content_block_stop")
+    ]
+
+    # Nothing but thinking (or nothing at all): an empty text block still closes the message.
+    for only_thinking in (True, False):
+        fmt = StreamFormatter(message_id="msg_2", model="m")
+        events = _events(
+            fmt.start(3) + fmt.thinking("x" if only_thinking else "") + fmt.finish("end_turn", None, 1)
+        )
+        starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+        expected = [{"type": "text", "text": ""}]
+        if only_thinking:
+            expected.insert(0, {"type": "thinking", "thinking": "", "signature": ""})
+        assert starts == expected
+        assert [e["type"] for e in events][:3] == ["message_start", "content_block_start", "ping"]
+
+
+def test_thinking_blocks_sent_back_are_accepted_and_dropped() -> None:
+    req = decode_messages_request(
+        _req(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hmm", "signature": ""},
+                        {"type": "redacted_thinking", "data": "xx"},
+                        {"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+                    ],
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]},
+            ]
+        )
+    )
+    assistant = to_chat(req).chat.messages[1]
+    assert assistant.content == "" and assistant.tool_calls is not None and len(assistant.tool_calls) == 1
+
+
 @pytest.mark.parametrize(
     ("exc", "kind"),
     [
