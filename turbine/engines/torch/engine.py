@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,6 +65,9 @@ class LoadedModel:
     arch: ModelArch
     defaults: SamplingDefaults
     device: torch.device
+    gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held by each engine's runner around a CUDA step: engines sharing the model (and the GPU) then
+    never launch work while another captures a CUDA graph, which capture does not allow."""
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -182,7 +186,13 @@ class TorchEngine(EngineCore):
                 max_blocks_per_seq=-(-loaded.arch.max_position_embeddings // cfg.block_size),
             )
         self._executor = TorchExecutor(
-            model, kv, self.blocks, loaded.defaults, decode_kernel=kernel, graphs=graphs
+            model,
+            kv,
+            self.blocks,
+            loaded.defaults,
+            decode_kernel=kernel,
+            graphs=graphs,
+            step_lock=loaded.gpu_lock if loaded.device.type == "cuda" else None,
         )
 
     def executor(self) -> Executor:

@@ -10,6 +10,7 @@ a prompt's last produces no token.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class TorchExecutor:
         *,
         decode_kernel: bool = False,
         graphs: DecodeGraphs | None = None,
+        step_lock: threading.Lock | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -64,6 +66,7 @@ class TorchExecutor:
         self.defaults = defaults
         self.decode_kernel = decode_kernel
         self.graphs = graphs
+        self._step_lock = step_lock
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-runner")
         self._generators: dict[int, torch.Generator] = {}
 
@@ -73,7 +76,7 @@ class TorchExecutor:
     async def execute(self, plan: StepPlan, scheduled_at: float) -> Callable[[Seq], Sampled]:
         step = self._snapshot(plan)
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._thread, self._run, step)
+        results = await loop.run_in_executor(self._thread, self._locked_run, step)
         return lambda seq: results[seq.seq_id]
 
     def release(self, seq: Seq) -> None:
@@ -119,6 +122,12 @@ class TorchExecutor:
         )
 
     # ---- on the runner thread ------------------------------------------------------------------
+
+    def _locked_run(self, step: _Step) -> dict[int, Sampled]:
+        if self._step_lock is None:
+            return self._run(step)
+        with self._step_lock:
+            return self._run(step)
 
     @torch.inference_mode()
     def _run(self, step: _Step) -> dict[int, Sampled]:

@@ -111,3 +111,44 @@ def test_fused_kernels_match_the_torch_ops() -> None:
     gate_up = torch.randn(3, 2 * 1536, device="cuda")
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_two_engines_sharing_one_model_on_the_gpu(tiny_llama_dir: Path) -> None:
+    """Two workers of one process share the weights; their steps (and graph captures) interleave."""
+    import asyncio
+
+    from tests.unit.engines.torch.helpers import collect
+    from turbine.engines.base import NullEventSink
+    from turbine.engines.torch.engine import TorchEngine, TorchEngineConfig, load_model
+
+    cfg = TorchEngineConfig(
+        model_dir=tiny_llama_dir,
+        device="cuda",
+        dtype="float32",
+        block_size=16,
+        num_gpu_blocks=128,
+        progress=False,
+    )
+    loaded = load_model(cfg)
+    prompts = [[7 + i, 30, 500 + i] * (i + 2) for i in range(6)]
+
+    async def main() -> list[list[int]]:
+        engines = [TorchEngine(cfg, loaded, worker_id=w, events=NullEventSink()) for w in (1, 2)]
+        for engine in engines:
+            await engine.start()
+        try:
+            runs = [collect(engines[i % 2], request(p, 30, temperature=0.0)) for i, p in enumerate(prompts)]
+            return [tokens_of(out) for out in await asyncio.gather(*runs)]
+        finally:
+            for engine in engines:
+                await engine.stop()
+
+    together = asyncio.run(main())
+    alone, _ = run_engine(
+        tiny_llama_dir,
+        [request(p, 30, temperature=0.0) for p in prompts],
+        device="cuda",
+        block_size=16,
+        num_gpu_blocks=128,
+    )
+    assert together == [tokens_of(r) for r in alone]
