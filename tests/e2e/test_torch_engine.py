@@ -66,7 +66,11 @@ def test_smollm2_answers_through_the_openai_client(
         "--dtype",
         "float32",
     )
+    # Not ready while the worker loads its weights (it registers only once it can serve).
+    status, _, body = http("GET", url + "/health")
+    assert status == 503 and json.loads(body)["status"] == "no_workers", body
     wait_until(lambda: live_instances(url, SMOLLM2) == 1, 120, worker)
+    assert http("GET", url + "/health")[0] == 200
     oai = _client(url)
     messages: list[ChatCompletionMessageParam] = [
         {"role": "user", "content": "What is the capital of France?"}
