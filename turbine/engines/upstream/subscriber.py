@@ -2,8 +2,8 @@
 
 The engine binds a PUB socket and sends `[topic, seq, payload]` (seq: 8 bytes, big-endian, counting
 up by one per batch), and optionally a ROUTER socket that replays its recent batches: a client sends
-the 8-byte start sequence and gets `[seq, payload]` per buffered batch from there, then `seq = -1`
-with an empty payload. The subscriber connects a SUB socket (and a DEALER to the replay endpoint):
+the 8-byte start sequence and gets `[seq, payload]` per buffered batch from there (vLLM 0.33:
+`[topic, seq, payload]`; the last two frames count), then `seq = -1` with an empty payload. The subscriber connects a SUB socket (and a DEALER to the replay endpoint):
 
 - at start it replays from 0, so blocks the engine cached before the sidecar came are known (as far
   back as the engine's buffer reaches);
@@ -136,7 +136,9 @@ class KvEventSubscriber:
 
     async def _replay(self, replay: zmq.asyncio.Socket, start: int) -> None:
         """Apply the engine's buffered batches from `start` (as far as it still has them)."""
-        await replay.send(encode_seq(start))
+        # The empty delimiter makes the DEALER's request look like a REQ socket's, which is what
+        # vLLM's ROUTER expects ([identity, b"", seq]; it rejects a bare [identity, seq]).
+        await replay.send_multipart([b"", encode_seq(start)])
         while True:
             try:
                 frames = await asyncio.wait_for(replay.recv_multipart(), REPLAY_FRAME_TIMEOUT_S)
