@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 import tokenizers
@@ -87,6 +87,9 @@ class UpstreamEngine:
         self._wake = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
         self._ever_healthy = False
+        # Called when the server answers again after being down (the sidecar restarts the KV
+        # event subscriber of this rank).
+        self.on_recovered: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -135,9 +138,12 @@ class UpstreamEngine:
             return False
         if not self.healthy:
             if self._ever_healthy:
-                # It went away and came back: whatever it cached before is gone.
                 log.info("upstream %s answers again", self.client.base_url)
+                # Its cache may be gone (a restart): start over (with events, the subscriber
+                # also re-reads the new process's events from the start).
                 self.reset_kv()
+                if self.on_recovered is not None:
+                    self.on_recovered()
             self.healthy = self._ever_healthy = True
         return True
 

@@ -127,6 +127,9 @@ class Sidecar:
                     on_reset=functools.partial(self._on_reset, upstream),
                 )
                 self.subscribers.append(sub)
+                engine = self._engines.get((upstream, rank))
+                if engine is not None:
+                    engine.on_recovered = sub.restart
                 self._tasks.append(loop.create_task(sub.run(), name=f"kv-events-{upstream}-{rank}"))
 
     def _on_batch(self, upstream: int, batch: EngineEventBatch, rank: int) -> None:

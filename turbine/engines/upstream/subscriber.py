@@ -12,6 +12,8 @@ subscriber connects a SUB socket (and a DEALER to the replay endpoint):
   replay does not cover the gap, the state is unknown: `on_reset` (the consumer clears that rank,
   and the router drops its blocks) and it goes on from the current batch;
 - batches at or below the last applied sequence (a replay racing the live stream) are skipped;
+- a live sequence that goes back (one connection delivers in order) is a restarted engine: its
+  rank is cleared and followed from the new process's start;
 - frames that do not decode are counted in `stats.malformed` and dropped, never fatal.
 
 Batches are handed to `on_batch(batch, rank)`: `rank` is the batch's `data_parallel_rank`, or the
@@ -73,7 +75,9 @@ class KvEventSubscriber:
         self.rank = rank
         self._on_batch = on_batch
         self._on_reset = on_reset
-        self._last_seq: int | None = None
+        self._last_seq: int | None = None  # last batch applied (live or replayed)
+        self._live_last: int | None = None  # last batch received on the live socket
+        self._restarted = False
         self._ranks: set[int] = {rank}
         self.stats = SubscriberStats()
         # Set once the SUB socket is connected and subscribed (tests wait for it).
@@ -103,6 +107,13 @@ class KvEventSubscriber:
                 replay.close(0)
             ctx.term()
 
+    def restart(self) -> None:
+        """The engine behind this publisher restarted (its server went away and came back): its
+        ranks are cleared now, and the next message starts the sequence afresh (with a replay of
+        the new process's buffer from 0, so what it published meanwhile is applied again)."""
+        self._restarted = True
+        self._reset()
+
     def _on_frames(self, frames: list[bytes], can_replay: bool) -> tuple[int, int, bytes] | None:
         """Apply one live message; on a gap that a replay may fill, return (start, seq, payload)
         for `_catch_up` instead."""
@@ -113,6 +124,19 @@ class KvEventSubscriber:
             seq = decode_seq(frames[1])
         except MalformedEvent as exc:
             self._malformed(str(exc))
+            return None
+        live_last, self._live_last = self._live_last, seq
+        went_back = live_last is not None and seq <= live_last
+        if went_back or self._restarted:
+            # One connection delivers in order, so a sequence that goes back is a new process.
+            if went_back:
+                log.warning("KV events from %s: the publisher restarted (seq %d)", self.endpoint, seq)
+                self._reset()
+            self._restarted = False
+            self._last_seq = None
+            if can_replay and seq > 0:
+                return 0, seq, frames[2]  # what it published before we heard it
+            self._apply(seq, frames[2])
             return None
         last = self._last_seq
         if last is not None and seq <= last:

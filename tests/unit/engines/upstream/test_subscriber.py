@@ -211,3 +211,54 @@ async def test_malformed_frames_are_counted_and_dropped() -> None:
             assert sub.stats.malformed == 4 and sub.stats.gaps == 0
     finally:
         await pub.close()
+
+
+async def test_sequence_going_back_is_a_restarted_publisher() -> None:
+    endpoint = free_endpoint()
+    pub = TestPublisher(endpoint)
+    consumer = Consumer()
+    sub = KvEventSubscriber(endpoint, on_batch=consumer.on_batch, on_reset=consumer.on_reset)
+    try:
+        async with running(sub):
+            pub.seq = 1000
+            await sync(pub, sub)
+            await pub.publish(_stored([1, 2], None, 0))
+            await until(lambda: consumer.cached() == set(SEQ[:2]))
+            await pub.close()
+            # A new engine process on the same endpoint numbers its batches from 0 again.
+            pub = TestPublisher(endpoint)
+            deadline = time.monotonic() + 10
+            while consumer.cached() != {SEQ[0]}:
+                assert time.monotonic() < deadline, consumer.cached()
+                await pub.publish(_stored([7], None, 0))
+                await asyncio.sleep(0.05)
+            assert consumer.resets == [0] and sub.stats.gaps == 0
+    finally:
+        await pub.close()
+
+
+async def test_restart_told_by_the_engine_replays_the_new_process_from_zero() -> None:
+    endpoint, replay = free_endpoint(), free_endpoint()
+    pub = TestPublisher(endpoint, replay)
+    consumer = Consumer()
+    sub = KvEventSubscriber(
+        endpoint, replay_endpoint=replay, on_batch=consumer.on_batch, on_reset=consumer.on_reset
+    )
+    try:
+        async with running(sub):
+            await sync(pub, sub)
+            await pub.publish(_stored([1, 2], None, 0))
+            await until(lambda: consumer.cached() == set(SEQ[:2]))
+            await pub.close()
+            pub = TestPublisher(endpoint, replay)
+            pub.drop_next = 1  # its first batch is lost on the wire (slow joiner)
+            await pub.publish(_stored([5], None, 0))
+            sub.restart()  # the server answered again after being down
+            assert consumer.cached() == set()
+            deadline = time.monotonic() + 10
+            while consumer.cached() != set(SEQ[:2]):
+                assert time.monotonic() < deadline, consumer.cached()
+                await pub.publish(_stored([6], 5, 1))
+                await asyncio.sleep(0.05)
+    finally:
+        await pub.close()
