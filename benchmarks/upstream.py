@@ -46,6 +46,7 @@ class LlamaServers:
             port = free_port()
             argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
             argv += ["--port", str(port), "--n_ctx", "4096", "--n_threads", "1", "--verbose", "false"]
+            argv += ["--interrupt_requests", "false"]  # queue, do not cut off, concurrent requests
             log = open(root / f"llama-{i}.log", "wb")  # noqa: SIM115 - the process owns it
             self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             self.urls.append(f"http://127.0.0.1:{port}")

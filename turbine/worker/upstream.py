@@ -111,6 +111,7 @@ async def run_upstream_workers(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     model_name = cfg.model_name
+    reported_length: int | None = None
     if cfg.model_path is not None:
         model_dir = Path(cfg.model_path)
     else:
@@ -124,6 +125,7 @@ async def run_upstream_workers(
             )
         model_dir = Path(found.root)
         model_name = model_name or found.id
+        reported_length = found.max_model_len
     files = await asyncio.to_thread(load_model_files, model_dir)
     own_store = store is None
     store = store if store is not None else make_store(cfg)
@@ -141,7 +143,7 @@ async def run_upstream_workers(
             endpoint=cfg.endpoint,
             model_name=model_name or model_dir.resolve().name,
             model_path=str(model_dir.resolve()),
-            context_length=cfg.context_length or files.context_length,
+            context_length=cfg.context_length or reported_length or files.context_length,
             model_types=cfg.model_types,
             transport=cfg.request_plane,
             files=model_files,

@@ -90,8 +90,8 @@ class UpstreamClient:
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 await resp.read()
-                if resp.status >= 500:
-                    raise UpstreamUnavailable(f"upstream {self.base_url}: probe answered {resp.status}")
+                # Servers that take strings only refuse ints with 422 (llama-cpp-python <= 0.3.x
+                # validation) or fail them with 500 (0.3.36): either way, not token mode.
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._fail(exc) from None

@@ -114,11 +114,15 @@ class UpstreamEngine:
     # ------------------------------------------------------------------------------- polling
 
     async def _check(self) -> None:
-        model = await self.client.model(PROBE_TIMEOUT_S)
-        self.model_id = model.id
-        if self.mode is None:
+        # While requests stream and the server answered, they are the health check: llama-cpp-
+        # python's server interrupts the running completion when any request that uses the model
+        # arrives, /v1/models included (and with --interrupt_requests false it queues it behind).
+        if not (self.healthy and self.in_flight):
+            model = await self.client.model(PROBE_TIMEOUT_S)
+            self.model_id = model.id
+        if self.mode is None and self.model_id is not None:
             probe = self._tokenizer.encode("Hello", add_special_tokens=False).ids or [0]
-            takes_ids = await self.client.accepts_token_ids(model.id, list(probe), PROBE_TIMEOUT_S)
+            takes_ids = await self.client.accepts_token_ids(self.model_id, list(probe), PROBE_TIMEOUT_S)
             self.mode = Mode.TOKEN if takes_ids else Mode.TEXT
             log.info("upstream %s: %s mode", self.client.base_url, self.mode.value)
         if self._has_metrics:
