@@ -157,8 +157,8 @@ async def test_text_mode_is_probed_and_text_is_retokenized() -> None:
         assert body["prompt"] == TOKENIZER.decode(PROMPT, skip_special_tokens=False)
         assert body["logit_bias"] == {"2": -100} and body["stop"] == [TOKENIZER.decode([5])]
         # No /metrics (404): load is the in-flight count.
-        await until(lambda: bool(sink.load))
-        assert sink.load[-1].num_running == 0 and sink.load[-1].kv_blocks_used == 0
+        await until(lambda: bool(sink.load) and sink.load[-1].num_running == 0)
+        assert sink.load[-1].kv_blocks_used == 0 and engine.engine_load is None
 
 
 async def test_load_comes_from_metrics_and_in_flight() -> None:
