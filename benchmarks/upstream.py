@@ -169,6 +169,10 @@ def report(rows: list[RoutingRow], direct_ms: float, turbine_ms: float, args: ar
         "8 output tokens, streaming, concurrency 1). Command: "
         "`.venv/bin/python benchmarks/upstream.py`.",
         "",
+        f"With {args.groups * args.per_group} requests per router, p99 is the slowest single request; "
+        f"the machine's 5-minute load average was {os.getloadavg()[1]:.1f} at the end of the run "
+        "(other jobs share its 2 cores), so single requests vary by seconds.",
+        "",
         "| router | TTFT p50 ms | TTFT p99 ms | affinity (later requests to the group's server) | failed |",
         "|---|---|---|---|---|",
     ]

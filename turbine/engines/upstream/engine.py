@@ -136,6 +136,11 @@ class UpstreamEngine:
         try:
             await self._check()
         except UpstreamUnavailable as exc:
+            if self.healthy and self.in_flight:
+                # A server busy with our requests may answer a probe late (llama-cpp-python queues
+                # it behind the running completion); the streams report real failures themselves.
+                log.debug("%s while %d request(s) stream; not counted", exc.message, self.in_flight)
+                return True
             if self.healthy or not self._ever_healthy:
                 log.warning("%s; retrying with backoff", exc.message)
             self.healthy = False
