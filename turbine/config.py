@@ -30,7 +30,7 @@ REQUEST_PLANES = ("tcp", "nats", "http")
 # zmq: workers publish straight to the one frontend, which binds --zmq-event-endpoint.
 EVENT_PLANES = ("request", "nats", "zmq")
 ENGINES = ("mocker", "echo", "openai")
-# --upstream-mode: how the openai engine sends prompts (turbine/engines/upstream/client.py).
+# --upstream-mode: how the openai engine sends prompts (turbine/engines/upstream/params.py).
 UPSTREAM_MODES = ("auto", "token", "text")
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")
