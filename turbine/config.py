@@ -34,7 +34,7 @@ REQUEST_PLANES = ("tcp", "nats", "http")
 # request: frontends stream each worker's events over the request plane; nats: one broker for all;
 # zmq: workers publish straight to the one frontend, which binds --zmq-event-endpoint.
 EVENT_PLANES = ("request", "nats", "zmq")
-ENGINES = ("mocker", "echo", "torch", "scripted")
+ENGINES = ("mocker", "echo", "torch", "scripted", "openai")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Kept equal to turbine.postprocess.parsers.registry's tables (config imports no stage module).
@@ -50,6 +50,8 @@ TOOL_CALL_PARSERS = (
 )
 REASONING_PARSERS = ("basic", "qwen3", "deepseek_r1", "gpt_oss")
 REASONING_FIELD_NAMES = ("reasoning_content", "reasoning")
+# --upstream-mode: how the openai engine sends prompts (turbine/engines/upstream/params.py).
+UPSTREAM_MODES = ("auto", "token", "text")
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -273,6 +275,11 @@ class FrontendConfig(RuntimeConfig):
         None, "Interactive mode: most tokens per answer (default: up to the context length)."
     )
     interactive_system_prompt: str | None = opt(None, "Interactive mode: system prompt of the conversation.")
+    upstream: tuple[str, ...] = opt(
+        (),
+        "MODEL=URL: front an OpenAI-compatible server (vLLM, SGLang, llama.cpp) from this process; "
+        "repeat for several (env: comma-separated). Needs --model-path for the tokenizer.",
+    )
 
     def validate(self) -> None:
         _check_port("--http-port", self.http_port)
@@ -316,6 +323,12 @@ class FrontendConfig(RuntimeConfig):
         if self.router_replica_sync and self.event_plane != "nats":
             # zmq has one subscriber per endpoint, so frontends cannot hear each other on it.
             raise ConfigError("--router-replica-sync needs --event-plane nats (shared by every frontend)")
+        for spec in self.upstream:
+            name, _, url = spec.partition("=")
+            if not name or not url.startswith(("http://", "https://")):
+                raise ConfigError(f"--upstream {spec!r} is not MODEL=http(s)://HOST:PORT")
+        if self.upstream and self.model_path is None:
+            raise ConfigError("--upstream needs --model-path (the upstream model's tokenizer and template)")
         if (
             self.router_replica_sync
             and self.router_mode not in LOAD_COUNTING_MODES
@@ -416,6 +429,35 @@ class WorkerConfig(RuntimeConfig):
     reasoning_parser: str | None = opt(
         None, "How the model marks its reasoning (frontends split it off).", choices=REASONING_PARSERS
     )
+    # OpenAI-compatible upstream servers (--engine openai): turbine/engines/upstream/.
+    upstream: tuple[str, ...] = opt(
+        (),
+        "--engine openai: base URL of an OpenAI-compatible server to front (vLLM, SGLang, llama.cpp); "
+        "repeat for several, each becomes an instance (env: comma-separated).",
+    )
+    upstream_mode: str = opt(
+        "auto",
+        "--engine openai: send token ids (token) or the templated prompt text (text); auto probes.",
+        choices=UPSTREAM_MODES,
+    )
+    upstream_dp_size: int = opt(
+        1, "--engine openai: data-parallel ranks behind each upstream URL (vLLM): one instance per rank."
+    )
+    upstream_poll_interval_s: float = opt(
+        1.0, "--engine openai: how often each upstream's health and /metrics are polled."
+    )
+    upstream_api_key: str | None = opt(
+        None, "--engine openai: bearer token sent to the upstreams.", secret=True
+    )
+    kv_events_endpoint: tuple[str, ...] = opt(
+        (),
+        "--engine openai: the engine's ZMQ KV-event PUB endpoint, one per --upstream in order "
+        "(DP rank r at port + r; 'none' to skip one). Upstreams without events are routed from history.",
+    )
+    kv_replay_endpoint: tuple[str, ...] = opt(
+        (), "--engine openai: the engine's ZMQ replay (ROUTER) endpoint, one per --kv-events-endpoint."
+    )
+    kv_events_topic: str = opt("", "--engine openai: ZMQ topic of the engines' KV events ('': all).")
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -453,6 +495,17 @@ class WorkerConfig(RuntimeConfig):
             raise ConfigError("--speedup-ratio must be positive")
         if self.engine == "scripted" and (self.script_file is None or not Path(self.script_file).is_file()):
             raise ConfigError("--engine scripted needs --script-file naming an existing file")
+        if (self.engine == "openai") != bool(self.upstream):
+            raise ConfigError("--engine openai and --upstream URL go together")
+        if len(self.kv_events_endpoint) > len(self.upstream):
+            raise ConfigError("more --kv-events-endpoint than --upstream")
+        if len(self.kv_replay_endpoint) > len(self.kv_events_endpoint):
+            raise ConfigError("more --kv-replay-endpoint than --kv-events-endpoint")
+        for url in self.upstream:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"--upstream {url!r} is not an http(s):// URL")
+        if self.upstream_dp_size < 1 or self.upstream_poll_interval_s <= 0:
+            raise ConfigError("--upstream-dp-size must be at least 1, --upstream-poll-interval-s positive")
         if not 0.0 <= self.eos_probability <= 1.0:
             raise ConfigError("--eos-probability must be within [0, 1]")
         types = self.model_types
@@ -552,7 +605,7 @@ def _env_name(name: str) -> str:
 
 def _field_type(field: dataclasses.Field[Any]) -> type:
     text = str(field.type)
-    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("tuple", tuple)):
         if text.startswith(name):
             return kind
     return str
@@ -566,6 +619,8 @@ def _convert(kind: type, raw: str, source: str) -> Any:
         if lowered in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{source}={raw!r} is not a boolean")
+    if kind is tuple:  # repeatable flags; in the environment, comma-separated
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     try:
         return kind(raw)
     except ValueError:
@@ -585,6 +640,10 @@ def build_parser(cls: type[C], prog: str, description: str) -> argparse.Argument
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=help_text,
+            )
+        elif kind is tuple:
+            parser.add_argument(
+                _flag(field.name), dest=field.name, action="append", default=None, help=help_text
             )
         else:
             parser.add_argument(
@@ -610,7 +669,10 @@ def parse_config(
         env_key = _env_name(field.name)
         if raw is not None:
             source = _flag(field.name)
-            values[field.name] = raw if kind is bool else _convert(kind, raw, source)
+            if kind is tuple:
+                values[field.name] = tuple(raw)
+            else:
+                values[field.name] = raw if kind is bool else _convert(kind, raw, source)
         elif env_key in env:
             source = env_key
             values[field.name] = _convert(kind, env[env_key], env_key)

@@ -85,6 +85,11 @@ class WorkerDraining(ServiceUnavailable):
     """The worker is shutting down and refused a new request; another worker may take it."""
 
 
+class UpstreamUnavailable(WorkerDraining):
+    """The server behind an upstream sidecar worker refused or dropped a request. It travels like a
+    draining refusal: retriable, and the frontend skips that worker for a moment."""
+
+
 class EngineError(TurbineError):
     """The engine failed the request (reported by the worker)."""
 

@@ -39,6 +39,7 @@ from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.factory import make_event_plane, make_request_client, make_store, nats_tls
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
+from turbine.worker.upstream import frontend_upstreams
 
 log = logging.getLogger("turbine.frontend")
 
@@ -129,7 +130,10 @@ async def run_frontend(
         else None
     )
     metrics_runner = web.AppRunner(service.metrics_app(), access_log=None) if cfg.grpc_metrics_port else None
+    # --upstream MODEL=URL: the upstream sidecar's workers, registered in this process's store.
+    upstreams = contextlib.AsyncExitStack()
     try:
+        await upstreams.enter_async_context(frontend_upstreams(cfg, store))
         await site.start()
         if grpc_server is not None:
             await grpc_server.start()
@@ -154,6 +158,7 @@ async def run_frontend(
         if grpc_drained is not None:
             await grpc_drained
     finally:
+        await upstreams.aclose()
         if grpc_server is not None:
             await grpc_server.stop(None)
         if metrics_runner is not None:

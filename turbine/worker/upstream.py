@@ -1,0 +1,216 @@
+"""Composition of the upstream sidecar: `turbine worker --engine openai --upstream URL ...` and
+`turbine frontend --upstream MODEL=URL ...` (the same workers, inside the frontend process).
+
+Each upstream server (each DP rank of it) becomes one `EngineWorker`: its own request-plane
+server, lease, instance id and card, like a native worker, so routing, migration and KV events
+work unchanged. The model's tokenizer and template come from `--model-path`; a worker started
+without it asks the first upstream's `/v1/models` (vLLM reports the directory it loaded as `root`)
+and waits, with backoff, until it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from turbine.config import FrontendConfig, RuntimeConfig, WorkerConfig
+from turbine.engines.upstream.sidecar import Sidecar, SidecarSettings, UpstreamSpec, wait_for_model
+from turbine.errors import ConfigError
+from turbine.preprocess.tokenizer import ModelFiles, load_model_files
+from turbine.protocol.model_card import ModelFile
+from turbine.runtime.discovery.base import Store
+from turbine.runtime.events.memory import MemoryEventPlane
+from turbine.runtime.events.sink import EventPlaneSink
+from turbine.runtime.factory import make_event_plane, make_request_server, make_store
+from turbine.runtime.model_files import publish_worker_model_files
+from turbine.worker.sdk import EngineWorker, WorkerIdentity
+
+log = logging.getLogger("turbine.worker")
+
+# Without --block-size on the frontend's --upstream: the KV router hashes with this.
+DEFAULT_UPSTREAM_BLOCK_SIZE = 64
+
+
+@contextlib.asynccontextmanager
+async def upstream_workers(
+    cfg: RuntimeConfig,
+    *,
+    store: Store,
+    specs: list[UpstreamSpec],
+    settings: SidecarSettings,
+    identity: WorkerIdentity,
+    files: ModelFiles,
+    host: str,
+    drain_timeout_s: float,
+) -> AsyncIterator[list[EngineWorker]]:
+    """Serve one model's upstreams as registered workers until the context exits."""
+    sidecar = Sidecar(specs, settings, files.tokenizer)
+    await sidecar.start()
+    shared = make_event_plane(cfg)
+    started: list[EngineWorker] = []
+    try:
+        if shared is not None:
+            await shared.start()
+        workers = []
+        for index in range(sidecar.size):
+            instance_id = secrets.randbits(63)
+            plane = MemoryEventPlane()
+            if shared is None:
+                sink = EventPlaneSink(plane, cfg.namespace, identity.model_name, instance_id)
+            else:
+                sink = EventPlaneSink(shared, cfg.namespace, identity.model_name, instance_id, mirror=plane)
+            engine = sidecar.engine(index)
+            engine.set_events(sink, instance_id)
+            workers.append(
+                EngineWorker(
+                    engine=engine,
+                    store=store,
+                    server=make_request_server(cfg, host),
+                    identity=identity,
+                    lease_ttl_s=cfg.lease_ttl_s,
+                    instance_id=instance_id,
+                    events=plane,
+                )
+            )
+        sidecar.follow_kv_events()
+        for worker in workers:
+            await worker.start()
+            started.append(worker)
+        yield started
+    finally:
+        await asyncio.gather(*(w.shutdown(drain_timeout_s) for w in started), return_exceptions=True)
+        await sidecar.close()
+        if shared is not None:
+            await shared.close()
+
+
+def _specs(urls: tuple[str, ...], events: tuple[str, ...], replays: tuple[str, ...]) -> list[UpstreamSpec]:
+    def at(values: tuple[str, ...], i: int) -> str | None:
+        value = values[i] if i < len(values) else ""
+        return None if value in ("", "none") else value
+
+    return [UpstreamSpec(url, at(events, i), at(replays, i)) for i, url in enumerate(urls)]
+
+
+async def run_upstream_workers(
+    cfg: WorkerConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    store: Store | None = None,
+    on_ready: Callable[[list[EngineWorker]], None] | None = None,
+) -> None:
+    """`turbine worker --engine openai`: serve until SIGTERM/SIGINT or `stop`, then drain."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    model_name = cfg.model_name
+    reported_length: int | None = None
+    if cfg.model_path is not None:
+        model_dir = Path(cfg.model_path)
+    else:
+        found = await wait_for_model(cfg.upstream[0], cfg.upstream_api_key, stop)
+        if found is None:
+            return
+        if found.root is None or not await asyncio.to_thread(Path(found.root).is_dir):
+            raise ConfigError(
+                f"--upstream {cfg.upstream[0]} serves {found.id!r} from {found.root!r}, not a local "
+                "directory: give --model-path (the model's tokenizer and template)"
+            )
+        model_dir = Path(found.root)
+        model_name = model_name or found.id
+        reported_length = found.max_model_len
+    files = await asyncio.to_thread(load_model_files, model_dir)
+    own_store = store is None
+    store = store if store is not None else make_store(cfg)
+    try:
+        model_files: tuple[ModelFile, ...] = await publish_worker_model_files(
+            cfg.model_files_via,
+            model_dir=model_dir,
+            store=store,
+            request_plane=cfg.request_plane,
+            nats_url=cfg.nats_server,
+        )
+        identity = WorkerIdentity(
+            namespace=cfg.namespace,
+            component=cfg.component,
+            endpoint=cfg.endpoint,
+            model_name=model_name or model_dir.resolve().name,
+            model_path=str(model_dir.resolve()),
+            context_length=cfg.context_length or reported_length or files.context_length,
+            model_types=cfg.model_types,
+            transport=cfg.request_plane,
+            files=model_files,
+        )
+        settings = SidecarSettings(
+            block_size=cfg.block_size,
+            context_length=identity.context_length,
+            mode=cfg.upstream_mode,
+            dp_size=cfg.upstream_dp_size,
+            poll_interval_s=cfg.upstream_poll_interval_s,
+            api_key=cfg.upstream_api_key,
+            topic=cfg.kv_events_topic,
+        )
+        specs = _specs(cfg.upstream, cfg.kv_events_endpoint, cfg.kv_replay_endpoint)
+        async with upstream_workers(
+            cfg,
+            store=store,
+            specs=specs,
+            settings=settings,
+            identity=identity,
+            files=files,
+            host=cfg.host,
+            drain_timeout_s=cfg.drain_timeout_s,
+        ) as workers:
+            if on_ready is not None:
+                on_ready(workers)
+            await stop.wait()
+            log.info("shutting down %d upstream worker(s)", len(workers))
+    finally:
+        if own_store:
+            await store.close()
+
+
+@contextlib.asynccontextmanager
+async def frontend_upstreams(cfg: FrontendConfig, store: Store) -> AsyncIterator[None]:
+    """`turbine frontend --upstream MODEL=URL ...`: the sidecar inside the frontend process."""
+    if not cfg.upstream or cfg.model_path is None:
+        yield
+        return
+    by_model: dict[str, list[str]] = {}
+    for spec in cfg.upstream:
+        name, _, url = spec.partition("=")
+        by_model.setdefault(name, []).append(url)
+    model_dir = await asyncio.to_thread(Path(cfg.model_path).resolve)
+    files = await asyncio.to_thread(load_model_files, model_dir)
+    block_size = cfg.kv_cache_block_size or DEFAULT_UPSTREAM_BLOCK_SIZE
+    async with contextlib.AsyncExitStack() as stack:
+        for name, urls in by_model.items():
+            identity = WorkerIdentity(
+                namespace=cfg.namespace,
+                component="upstream",
+                endpoint="generate",
+                model_name=name,
+                model_path=str(model_dir),
+                context_length=files.context_length,
+                transport=cfg.request_plane,
+            )
+            await stack.enter_async_context(
+                upstream_workers(
+                    cfg,
+                    store=store,
+                    specs=_specs(tuple(urls), (), ()),
+                    settings=SidecarSettings(block_size=block_size, context_length=files.context_length),
+                    identity=identity,
+                    files=files,
+                    host="127.0.0.1",
+                    drain_timeout_s=cfg.drain_timeout_s,
+                )
+            )
+        yield
