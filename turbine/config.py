@@ -280,6 +280,25 @@ class FrontendConfig(RuntimeConfig):
         "MODEL=URL: front an OpenAI-compatible server (vLLM, SGLang, llama.cpp) from this process; "
         "repeat for several (env: comma-separated). Needs --model-path for the tokenizer.",
     )
+    upstream_file: str | None = opt(
+        None,
+        "A file of upstream servers to front, one MODEL=URL per line ('#' starts a comment); "
+        "added to --upstream.",
+    )
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        """--upstream plus the lines of --upstream-file (read at start-up)."""
+        if self.upstream_file is None:
+            return self.upstream
+        try:
+            text = Path(self.upstream_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"--upstream-file {self.upstream_file!r} cannot be read: {exc.strerror}"
+            ) from None
+        lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+        return (*self.upstream, *(line for line in lines if line))
 
     def validate(self) -> None:
         _check_port("--http-port", self.http_port)
@@ -323,11 +342,11 @@ class FrontendConfig(RuntimeConfig):
         if self.router_replica_sync and self.event_plane != "nats":
             # zmq has one subscriber per endpoint, so frontends cannot hear each other on it.
             raise ConfigError("--router-replica-sync needs --event-plane nats (shared by every frontend)")
-        for spec in self.upstream:
+        for spec in self.upstreams:
             name, _, url = spec.partition("=")
             if not name or not url.startswith(("http://", "https://")):
                 raise ConfigError(f"--upstream {spec!r} is not MODEL=http(s)://HOST:PORT")
-        if self.upstream and self.model_path is None:
+        if self.upstreams and self.model_path is None:
             raise ConfigError("--upstream needs --model-path (the upstream model's tokenizer and template)")
         if (
             self.router_replica_sync

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -128,11 +129,12 @@ def test_frontend_upstreams_chat_and_a_stream_moved_when_its_server_dies(
     assert text == whole.choices[0].text
 
 
-def test_unreachable_upstream_answers_503_until_it_comes(stack: Stack) -> None:
+def test_unreachable_upstream_answers_503_until_it_comes(stack: Stack, tmp_path: Path) -> None:
+    """Also: the upstream comes from --upstream-file."""
     port = free_port()
-    frontend, url = stack.frontend(
-        "--model-path", str(bundled_model_path()), "--upstream", f"tiny=http://127.0.0.1:{port}"
-    )
+    listing = tmp_path / "upstreams.txt"
+    listing.write_text(f"# model=url, one per line\n\ntiny=http://127.0.0.1:{port}  # the only one\n")
+    frontend, url = stack.frontend("--model-path", str(bundled_model_path()), "--upstream-file", str(listing))
     wait_instances(url, 1, model="tiny")
     oai = client(url)
     with pytest.raises(openai.APIStatusError) as info:

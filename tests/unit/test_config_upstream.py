@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from turbine.config import FrontendConfig, WorkerConfig, config_to_json, parse_config
@@ -56,3 +58,25 @@ def test_frontend_upstream_needs_model_and_url(tmp_path: object) -> None:
         FrontendConfig, ["--upstream", "m=http://a:1", "--model-path", str(tmp_path)], {}, prog="t"
     )
     assert cfg.upstream == ("m=http://a:1",)
+
+
+def test_upstream_file_adds_to_the_flags(tmp_path: Path) -> None:
+    listing = tmp_path / "ups.txt"
+    listing.write_text("# comment\na=http://127.0.0.1:1\n\nb=http://127.0.0.1:2 # trailing\n")
+    args = [
+        "--model-path",
+        str(tmp_path),
+        "--upstream",
+        "c=http://127.0.0.1:3",
+        "--upstream-file",
+        str(listing),
+    ]
+    cfg = parse_config(FrontendConfig, args, {}, prog="t")
+    assert cfg.upstreams == ("c=http://127.0.0.1:3", "a=http://127.0.0.1:1", "b=http://127.0.0.1:2")
+    listing.write_text("not-a-spec\n")
+    with pytest.raises(ConfigError, match="not MODEL="):
+        parse_config(
+            FrontendConfig, ["--model-path", str(tmp_path), "--upstream-file", str(listing)], {}, prog="t"
+        )
+    with pytest.raises(ConfigError, match="cannot be read"):
+        parse_config(FrontendConfig, ["--upstream-file", str(tmp_path / "nowhere")], {}, prog="t")

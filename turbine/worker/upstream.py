@@ -179,12 +179,14 @@ async def run_upstream_workers(
 
 @contextlib.asynccontextmanager
 async def frontend_upstreams(cfg: FrontendConfig, store: Store) -> AsyncIterator[None]:
-    """`turbine frontend --upstream MODEL=URL ...`: the sidecar inside the frontend process."""
-    if not cfg.upstream or cfg.model_path is None:
+    """`turbine frontend --upstream MODEL=URL ... [--upstream-file FILE]`: the sidecar inside the
+    frontend process."""
+    specs = cfg.upstreams
+    if not specs or cfg.model_path is None:
         yield
         return
     by_model: dict[str, list[str]] = {}
-    for spec in cfg.upstream:
+    for spec in specs:
         name, _, url = spec.partition("=")
         by_model.setdefault(name, []).append(url)
     model_dir = await asyncio.to_thread(Path(cfg.model_path).resolve)
