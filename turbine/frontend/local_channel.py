@@ -35,10 +35,14 @@ def channel_endpoints(directory: str | Path) -> tuple[str, str]:
     return f"ipc://{Path(directory) / 'sync-in'}", f"ipc://{Path(directory) / 'sync-out'}"
 
 
-def local_plane(directory: str | Path) -> ZmqEventPlane:
-    """A child's event plane on the supervisor's forwarder in `directory`."""
+async def local_plane(directory: str | Path) -> ZmqEventPlane:
+    """A child's event plane on the supervisor's forwarder in `directory`, its publisher connected
+    at once: a PUB drops what it publishes before it has a subscription, so it must not connect
+    lazily on the first routing event (the forwarder subscribes to everything at connect)."""
     publish_to, subscribe_at = channel_endpoints(directory)
-    return ZmqEventPlane(publish_to, subscribe_endpoint=subscribe_at)
+    plane = ZmqEventPlane(publish_to, subscribe_endpoint=subscribe_at)
+    await plane.start()
+    return plane
 
 
 class LocalForwarder:
@@ -76,6 +80,10 @@ class LocalForwarder:
                 return
             finally:
                 bound.set()
+            # Subscribe to everything upstream (XSUB sends it to every publisher that connects), so
+            # that publishers forward at once, not only after a child's own subscription has
+            # travelled to them; the XPUB filters per subscriber.
+            xsub.send(b"\x01")
             with contextlib.suppress(zmq.ContextTerminated):
                 zmq.proxy(xsub, xpub)
         finally:

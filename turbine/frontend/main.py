@@ -77,7 +77,7 @@ async def run_frontend(
     # A child of --num-processes: its routers share load with its siblings over the supervisor's
     # local channel (unless --router-replica-sync shares it with every frontend on NATS already).
     group_dir = cfg.frontend_process_dir
-    sync_events = local_plane(group_dir) if group_dir and not cfg.router_replica_sync else None
+    sync_events = await local_plane(group_dir) if group_dir and not cfg.router_replica_sync else None
     if group_dir:
         die_with_supervisor()
     registry = ModelRegistry(

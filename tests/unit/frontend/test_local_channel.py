@@ -38,7 +38,7 @@ async def _heard(publisher: ZmqEventPlane, subject: str, payload: bytes, message
 
 async def test_every_plane_hears_every_plane(tmp_path: Path) -> None:
     forwarder = LocalForwarder(tmp_path)
-    a, b = local_plane(tmp_path), local_plane(tmp_path)
+    a, b = await local_plane(tmp_path), await local_plane(tmp_path)
     try:
         async with (
             contextlib.aclosing(a.subscribe("ns.m.router.")) as at_a,
