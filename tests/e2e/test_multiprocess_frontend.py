@@ -242,3 +242,31 @@ def test_session_bindings_hold_across_processes(stack: Stack) -> None:
             assert worker == bound[s], s
             pids.add(pid)
     assert pids == _children(supervisor)
+
+
+def test_children_stop_when_the_supervisor_is_killed(stack: Stack) -> None:
+    supervisor, url = stack.frontend("--num-processes", "2", "--drain-timeout-s", "2")
+    port = int(url.rsplit(":", 1)[1])
+    wait_until(lambda: len(_children(supervisor)) == 2, 20, supervisor)
+    wait_until(lambda: all(port in _listening_ports(pid) for pid in _children(supervisor)), 20, supervisor)
+    children = [psutil.Process(pid) for pid in _children(supervisor)]
+    supervisor.popen.kill()
+    supervisor.wait(10)
+    # Their stdin (the supervisor's pipe) reaches EOF: each drains and exits.
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive
+    with pytest.raises(OSError):
+        http("GET", url + "/live", timeout=1)
+
+
+def test_a_config_error_in_the_children_stops_the_supervisor(stack: Stack, tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    supervisor, _ = stack.frontend(
+        "--num-processes", "2", "--tls-cert-path", str(tmp_path / "cert.pem"),
+        "--tls-key-path", str(tmp_path / "key.pem"), wait=False,
+    )  # fmt: skip
+    assert supervisor.wait(30) == 2
+    log = supervisor.log()
+    assert "found a config error; stopping" in log
+    assert "restarting" not in log

@@ -32,7 +32,7 @@ from turbine.frontend.local_channel import METRICS_SUBDIR, local_plane
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.python_engine import load_factory
 from turbine.frontend.routing import RoutingSettings
-from turbine.frontend.supervisor import add_pid_header, die_with_supervisor, run_supervisor
+from turbine.frontend.supervisor import add_pid_header, run_supervisor, stop_with_supervisor
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.postprocess.parsers.output import ParserSettings
@@ -79,7 +79,7 @@ async def run_frontend(
     group_dir = cfg.frontend_process_dir
     sync_events = await local_plane(group_dir) if group_dir and not cfg.router_replica_sync else None
     if group_dir:
-        die_with_supervisor()
+        stop_with_supervisor(stop)
     registry = ModelRegistry(
         store=store,
         namespace=cfg.namespace,

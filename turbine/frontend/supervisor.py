@@ -14,15 +14,15 @@ A child that dies is restarted after a backoff (0.5 s doubling up to 30 s; back 
 child has lived a minute); its gauges leave the totals (`mark_process_dead`), its counters stay.
 A child exiting 2 (a config error, the same for every child) stops the group with status 2.
 SIGTERM/SIGINT: forward SIGTERM to every child, wait while they drain (their --drain-timeout-s plus
-a margin, then SIGKILL), remove DIR, exit 0. Children get SIGTERM should the supervisor itself be
-killed outright (PR_SET_PDEATHSIG, Linux).
+a margin, then SIGKILL), remove DIR, exit 0. Each child's stdin is a pipe whose write end only
+the supervisor holds: EOF there means the supervisor is gone (even killed outright, even before the
+child started watching), and the child drains and exits as on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -48,7 +48,6 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a child that lived this long resets the backoff
 EXIT_MARGIN_S = 10.0  # past a child's drain timeout before it is killed
-_PR_SET_PDEATHSIG = 1
 
 
 # ----------------------------------------------------------------------------------- in a child
@@ -64,11 +63,26 @@ def add_pid_header(app: web.Application) -> None:
     app.on_response_prepare.append(tag)
 
 
-def die_with_supervisor() -> None:
-    """Ask the kernel to SIGTERM this child when the supervisor dies (even by SIGKILL), so that no
-    orphan keeps the port. Best effort: a no-op where prctl is missing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def stop_with_supervisor(stop: asyncio.Event) -> None:
+    """Set `stop` when stdin (the supervisor's pipe) reaches EOF, so that no orphan keeps the port."""
+    loop = asyncio.get_running_loop()
+    fd = 0
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            if not stop.is_set():
+                log.warning("the supervisor is gone; stopping")
+                stop.set()
+
+    loop.add_reader(fd, readable)
 
 
 # ------------------------------------------------------------------------------- the supervisor
@@ -168,8 +182,9 @@ class _Group:
         return self.exit_code
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        # stdin: a pipe only we hold open (see stop_with_supervisor).
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "turbine.frontend", env=self._env, stdin=asyncio.subprocess.DEVNULL
+            sys.executable, "-m", "turbine.frontend", env=self._env, stdin=asyncio.subprocess.PIPE
         )
 
     async def _keep(self, slot: int) -> None:
@@ -184,9 +199,11 @@ class _Group:
             stopping.cancel()
             if not exited.done():
                 await self._terminate(proc, exited)
+                _close_stdin(proc)
                 multiprocess.mark_process_dead(proc.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
                 return
             code = exited.result()
+            _close_stdin(proc)
             multiprocess.mark_process_dead(proc.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
             if self._stop.is_set():
                 return
@@ -221,3 +238,8 @@ class _Group:
             code = await exited
         if code != 0:
             log.warning("frontend process %d exited with status %d while stopping", proc.pid, code)
+
+
+def _close_stdin(proc: asyncio.subprocess.Process) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
