@@ -83,11 +83,17 @@ def _chat_bodies(rng: random.Random, n: int) -> list[dict[str, Any]]:
 
 
 def _drive(
-    pool: concurrent.futures.ProcessPoolExecutor, args: argparse.Namespace, url: str, stream: bool, n: int
+    pool: concurrent.futures.ProcessPoolExecutor,
+    args: argparse.Namespace,
+    url: str,
+    stream: bool,
+    n: int,
+    seed: int,
 ) -> tuple[int, int, float, list[float]]:
-    """(ok, failed, wall seconds, latencies) of `n` chat requests over every load generator."""
+    """(ok, failed, wall seconds, latencies) of `n` chat requests over every load generator; a
+    distinct `seed` per call keeps prompts from repeating across calls (no cache hits)."""
     procs = args.loadgen_procs
-    bodies = _chat_bodies(random.Random(n + stream), n)
+    bodies = _chat_bodies(random.Random(seed), n)
     start_at = time.time() + 1.0
     futures = [
         pool.submit(
@@ -170,11 +176,13 @@ def _measure(
         _wait_processes(stack, count)
         time.sleep(1.0)  # replica sync subscribes when the model appears
         row["hit_ratio"] = _hit_ratio(stack.url)
-        _drive(pool, args, stack.url, False, min(500, args.requests))  # warm-up
+        _drive(pool, args, stack.url, False, min(500, args.requests), seed=0)  # warm-up
         for stream in (False, True):
             key = "stream" if stream else "nonstream"
             cpu0 = stack.frontend_cpu_s()
-            ok, failed, wall, latencies = _drive(pool, args, stack.url, stream, args.requests)
+            ok, failed, wall, latencies = _drive(
+                pool, args, stack.url, stream, args.requests, seed=1 + stream
+            )
             cpu = stack.frontend_cpu_s() - cpu0
             row[f"{key}_req_s"] = ok / wall
             row[f"{key}_cpu_ms"] = cpu / max(1, ok) * 1000
