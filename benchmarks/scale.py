@@ -6,6 +6,18 @@ non-streaming load (c=16, ~150-token prompts, 16 output tokens). Then 10 models 
 processes), requests spread over all of them. Markdown + PNG.
 
     .venv/bin/python benchmarks/scale.py [--requests 1000]
+
+With `--processes 1,2,4,8` it measures the multi-process frontend instead (`--num-processes N`):
+chat completions with varied prompts (unique per request), non-streaming and streaming, from
+several load-generator processes, against mocker workers at speedup 1e6; req/s, frontend CPU per
+request (supervisor and children) and the KV-routing hit ratio of a shared-prefix workload sent over
+fresh connections (spread over the processes by the kernel). `--frontend-cpus`, `--worker-cpus`
+and `--loadgen-cpus` pin each part to its own cores (`taskset` lists, e.g. 0-7), so that N=auto
+and the load generator do not compete with the workers. Writes scale_processes.md + .png.
+
+    .venv/bin/python benchmarks/scale.py --processes 1,2 --requests 2000
+    .venv/bin/python benchmarks/scale.py --processes 1,2,4,8 --frontend-cpus 0-7 \
+        --loadgen-cpus 8-13 --worker-cpus 14-15 --loadgen-procs 6 --concurrency 192
 """
 
 from __future__ import annotations
@@ -145,8 +157,20 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--processes", help="comma-separated frontend process counts (e.g. 1,2,4,8)")
+    parser.add_argument("--concurrency", type=int, default=64, help="--processes: requests in flight")
+    parser.add_argument("--loadgen-procs", type=int, default=2, help="--processes: load generators")
+    parser.add_argument("--workers", type=int, default=4, help="--processes: mocker workers")
+    parser.add_argument("--frontend-cpus", help="--processes: taskset CPU list of the frontend")
+    parser.add_argument("--worker-cpus", help="--processes: taskset CPU list of the workers")
+    parser.add_argument("--loadgen-cpus", help="--processes: CPU list of the load generators")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.processes:
+        from turbine.bench.multiproc import run_processes
+
+        run_processes(args)
+        return
     import uvloop
 
     uvloop.run(main_async(args))

@@ -300,7 +300,50 @@ class FrontendConfig(RuntimeConfig):
         lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
         return (*self.upstream, *(line for line in lines if line))
 
+    num_processes: str = opt(
+        "1",
+        "Frontend processes serving the same ports (SO_REUSEPORT) under one supervisor, sharing "
+        "their routing load over a local channel; auto: one per core available to the process.",
+    )
+    frontend_process_dir: str | None = opt(
+        None,
+        "Set by the --num-processes supervisor for its children: the private directory of their "
+        "local channel and metrics (not for direct use).",
+    )
+
+    @property
+    def process_count(self) -> int:
+        """--num-processes resolved (auto: the cores this process may run on)."""
+        if self.num_processes == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return int(self.num_processes)
+
+    def _validate_processes(self) -> None:
+        if self.num_processes != "auto" and not (
+            self.num_processes.isdigit() and int(self.num_processes) >= 1
+        ):
+            raise ConfigError(f"--num-processes {self.num_processes!r} is not a positive integer or auto")
+        if self.process_count == 1:
+            return
+        if self.frontend_process_dir is not None:
+            raise ConfigError(
+                "--frontend-process-dir is for the children of one supervisor (--num-processes 1)"
+            )
+        if self.interactive:
+            raise ConfigError("--interactive runs in one process (--num-processes 1)")
+        if self.upstream or self.upstream_file:
+            # Each process would register the same servers again as workers of its own.
+            raise ConfigError("--upstream runs in one frontend process (--num-processes 1)")
+        if self.discovery_backend == "mem":
+            raise ConfigError(
+                "--num-processes above 1 needs a shared discovery store (file or etcd), not mem"
+            )
+        if self.event_plane == "zmq":
+            # Only one process can bind --zmq-event-endpoint.
+            raise ConfigError("--num-processes above 1 needs --event-plane request or nats, not zmq")
+
     def validate(self) -> None:
+        self._validate_processes()
         _check_port("--http-port", self.http_port)
         _check_port("--grpc-port", self.grpc_port)
         if self.grpc_metrics_port is not None:
@@ -701,6 +744,18 @@ def parse_config(
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+def config_to_env(cfg: RuntimeConfig) -> dict[str, str | None]:
+    """Every field as its `TURBINE_*` variable, for a child process that must resolve the same
+    config (None: unset it, the field's default). Env rather than argv keeps secrets off `ps`."""
+    out: dict[str, str | None] = {}
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        out[_env_name(field.name)] = (
+            None if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return out
 
 
 def config_to_json(cfg: RuntimeConfig) -> str:

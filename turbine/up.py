@@ -30,6 +30,7 @@ from turbine.config import (
 )
 from turbine.errors import ConfigError
 from turbine.frontend.main import run_frontend
+from turbine.frontend.supervisor import supervise
 from turbine.logs import configure_logging
 from turbine.models import SMOLLM2_GGUF, default_real_model_path, gguf_served_name
 from turbine.runtime.discovery.memory import MemoryStore
@@ -199,7 +200,10 @@ async def _run(cfg: UpConfig, model: str) -> int:
 
     watcher = loop.create_task(watch_workers())
     try:
-        await run_frontend(frontend_cfg, stop=stop, on_ready=ready)
+        if frontend_cfg.process_count > 1:  # --num-processes: a supervisor and its children
+            await supervise(frontend_cfg, stop=stop, on_ready=ready)
+        else:
+            await run_frontend(frontend_cfg, stop=stop, on_ready=ready)
     finally:
         watcher.cancel()
         for task in banner:

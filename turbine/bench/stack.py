@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -28,6 +30,14 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process, from /proc (Linux)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 class LocalStack:
     """A frontend and worker processes (each with its own `--num-workers`) over a private file store."""
 
@@ -39,7 +49,10 @@ class LocalStack:
         expect_instances: int = 1,
         worker_processes: int = 1,
         worker_extra: list[list[str]] | None = None,
+        frontend_prefix: Sequence[str] = (),
+        worker_prefix: Sequence[str] = (),
     ) -> None:
+        """`frontend_prefix`/`worker_prefix` go before the commands (e.g. `taskset -c 0-7`)."""
         self._dir = tempfile.TemporaryDirectory(prefix="turbine-bench-")
         self.root = Path(self._dir.name)
         self.port = free_port()
@@ -49,13 +62,14 @@ class LocalStack:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         names = ["frontend.log", *(f"worker-{i}.log" for i in range(worker_processes))]
         self._logs = [open(self.root / name, "wb") for name in names]  # noqa: SIM115
-        frontend = [sys.executable, "-m", "turbine.frontend", "--http-port", str(self.port)]
+        frontend = [*frontend_prefix, sys.executable, "-m", "turbine.frontend", "--http-port", str(self.port)]
         self.frontend = subprocess.Popen(
             [*frontend, *common, *frontend_args], stdout=self._logs[0], stderr=subprocess.STDOUT, env=env
         )
         self.workers = [
             subprocess.Popen(
                 [
+                    *worker_prefix,
                     sys.executable,
                     "-m",
                     "turbine.worker",
@@ -92,7 +106,12 @@ class LocalStack:
         raise TimeoutError("stack did not become ready")
 
     def frontend_cpu_s(self) -> float:
-        return proc_cpu_seconds(self.frontend.pid)
+        """CPU of the frontend process and its live children (--num-processes)."""
+        total = 0.0
+        for pid in [self.frontend.pid, *child_pids(self.frontend.pid)]:
+            with contextlib.suppress(OSError):  # a child that just exited
+                total += proc_cpu_seconds(pid)
+        return total
 
     def close(self) -> None:
         for proc in self.processes:

@@ -28,9 +28,11 @@ from turbine.frontend.anthropic import AnthropicService
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
+from turbine.frontend.local_channel import METRICS_SUBDIR, local_plane
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.python_engine import load_factory
 from turbine.frontend.routing import RoutingSettings
+from turbine.frontend.supervisor import add_pid_header, run_supervisor, stop_with_supervisor
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.postprocess.parsers.output import ParserSettings
@@ -73,6 +75,12 @@ async def run_frontend(
     # --event-plane nats or zmq: one connection (zmq: one bound socket) shared by every model's KV
     # router, opened by the first subscription (only KV routing with events needs it).
     events = make_event_plane(cfg)
+    # A child of --num-processes: its routers share load with its siblings over the supervisor's
+    # local channel (unless --router-replica-sync shares it with every frontend on NATS already).
+    group_dir = cfg.frontend_process_dir
+    sync_events = await local_plane(group_dir) if group_dir and not cfg.router_replica_sync else None
+    if group_dir:
+        stop_with_supervisor(stop)
     registry = ModelRegistry(
         store=store,
         namespace=cfg.namespace,
@@ -87,7 +95,8 @@ async def run_frontend(
         model_files=model_files,
         events=events,
         # Each frontend process is one router replica; a random id never collides in practice.
-        replica_id=secrets.randbits(63) if cfg.router_replica_sync else None,
+        replica_id=secrets.randbits(63) if cfg.router_replica_sync or group_dir else None,
+        sync_events=sync_events,
         routing=RoutingSettings.from_config(cfg),
         parser_overrides=ParserSettings(cfg.tool_call_parser, cfg.reasoning_parser),
         exclude_tools_when_tool_choice_none=cfg.exclude_tools_when_tool_choice_none,
@@ -98,6 +107,8 @@ async def run_frontend(
         finally:
             if events is not None:
                 await events.close()
+            if sync_events is not None:
+                await sync_events.close()
             await client.close()
             await model_files.close()
             if own_store:
@@ -113,11 +124,22 @@ async def run_frontend(
     app = service.app()
     if cfg.enable_anthropic_api:
         AnthropicService(registry, service).add_routes(app)
+    if group_dir:
+        service.metrics.aggregate_processes(str(Path(group_dir) / METRICS_SUBDIR))
+        add_pid_header(app)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=cfg.drain_timeout_s
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.http_host, cfg.http_port, backlog=1024, ssl_context=ssl_context)
+    # reuse_port: the processes of one --num-processes frontend listen on the same port.
+    site = web.TCPSite(
+        runner,
+        cfg.http_host,
+        cfg.http_port,
+        backlog=1024,
+        ssl_context=ssl_context,
+        reuse_port=True if group_dir else None,
+    )
     watcher = loop.create_task(registry.run(), name="model-registry")
     grpc_credentials = (
         grpc_server_credentials(cfg.tls_cert_path, cfg.tls_key_path, cfg.tls_client_ca_cert_path)
@@ -139,7 +161,9 @@ async def run_frontend(
             await grpc_server.start()
         if metrics_runner is not None and cfg.grpc_metrics_port is not None:
             await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, cfg.http_host, cfg.grpc_metrics_port).start()
+            await web.TCPSite(
+                metrics_runner, cfg.http_host, cfg.grpc_metrics_port, reuse_port=True if group_dir else None
+            ).start()
         url = f"{'https' if ssl_context else 'http'}://{cfg.http_host}:{cfg.http_port}"
         log.info("OpenAI API on %s (namespace %s, router %s)", url, cfg.namespace, cfg.router_mode)
         if on_ready is not None:
@@ -169,6 +193,8 @@ async def run_frontend(
             await watcher
         if events is not None:
             await events.close()
+        if sync_events is not None:
+            await sync_events.close()
         await client.close()
         await model_files.close()
         if own_store:
@@ -189,6 +215,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> i
     configure_logging(cfg.log_level, cfg.log_json)
     import uvloop
 
+    if cfg.process_count > 1:
+        return run_supervisor(cfg, prog)
     try:
         uvloop.run(run_frontend(cfg))
     except ConfigError as exc:

@@ -5,6 +5,12 @@ is recorded per token. Live workers per model are read from the model registry a
 Both edges (HTTP and KServe gRPC) record a served request through `RequestMetrics`, so the two count
 alike; their `requests` samples differ only in the endpoint label and the status (HTTP status, or the
 gRPC status code's name).
+
+With `--num-processes N` every process records into prometheus_client's multiprocess files (the
+supervisor sets PROMETHEUS_MULTIPROC_DIR for its children) and `aggregate_processes` makes /metrics
+of any process sum all of them; the gauges read at scrape time (live workers, router load and
+queues) come from the answering process, whose routers count every process's load (local replica
+sync).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from turbine.router.queue import WAIT_BUCKETS, WaitStats
@@ -132,6 +139,7 @@ class FrontendMetrics:
         router_queues: Callable[[], RouterQueues] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._scraped = self.registry  # what render() serializes (see aggregate_processes)
         r = self.registry
         p = prefix
         self.requests = Counter(
@@ -140,7 +148,14 @@ class FrontendMetrics:
             ["model", "endpoint", "status"],
             registry=r,
         )
-        self.inflight = Gauge(f"{p}_inflight_requests", "Requests being served.", ["model"], registry=r)
+        # livesum: across processes, the sum over the live ones (a dead one serves nothing).
+        self.inflight = Gauge(
+            f"{p}_inflight_requests",
+            "Requests being served.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.ttft = Histogram(
             f"{p}_time_to_first_token_seconds",
             "Time to first token.",
@@ -207,15 +222,28 @@ class FrontendMetrics:
             ["model"],
             registry=r,
         )
+        self._live: list[Collector] = []
         if live_workers is not None:
-            r.register(_LiveWorkers(f"{p}_live_workers", live_workers))
+            self._live.append(_LiveWorkers(f"{p}_live_workers", live_workers))
         if router_loads is not None:
-            r.register(_RouterLoad(p, router_loads))
+            self._live.append(_RouterLoad(p, router_loads))
         if router_queues is not None:
-            r.register(_RouterQueue(p, router_queues))
+            self._live.append(_RouterQueue(p, router_queues))
+        for collector in self._live:
+            r.register(collector)
+
+    def aggregate_processes(self, directory: str) -> None:
+        """Serve the sum of every process's recorded metrics from prometheus_client's multiprocess
+        `directory` (this process runs in multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set to it),
+        plus this process's scrape-time gauges."""
+        scraped = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(scraped, path=directory)  # type: ignore[no-untyped-call]
+        for collector in self._live:
+            scraped.register(collector)
+        self._scraped = scraped
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scraped)
 
     def count(self, model: str, endpoint: str, status: str, *, rejected: bool = False) -> None:
         """One finished request at an edge; `rejected`: refused for want of a worker (HTTP 503,

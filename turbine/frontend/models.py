@@ -63,6 +63,7 @@ class ModelRegistry:
         routing: RoutingSettings | None = None,
         parser_overrides: ParserSettings | None = None,
         exclude_tools_when_tool_choice_none: bool = False,
+        sync_events: EventPlane | None = None,
     ) -> None:
         self._store = store
         # --tool-call-parser / --reasoning-parser on the frontend: win over every card's.
@@ -79,6 +80,8 @@ class ModelRegistry:
         self._engine_factory = engine_factory
         self._events = events  # the shared event plane KV routers follow (None: the request plane)
         self._replica_id = replica_id  # set with --router-replica-sync: routers share load on `events`
+        # Where replica sync runs instead of `events` (--num-processes: the local channel).
+        self._sync_events = sync_events
         self._routing = routing or RoutingSettings()
         # Fetches a card's files when its model_path is not on this machine (None: never fetch).
         self._model_files = model_files
@@ -288,6 +291,7 @@ class ModelRegistry:
             engine,
             events=self._events,
             replica_id=self._replica_id,
+            sync_events=self._sync_events,
             routing=self._routing,
             parsers=self._parsers_for(card),
         )

@@ -117,6 +117,7 @@ class ModelPipeline:
         replica_id: int | None = None,
         routing: RoutingSettings | None = None,
         parsers: ParserSettings | None = None,
+        sync_events: EventPlane | None = None,
     ) -> None:
         self.name = name
         self._engine = engine
@@ -145,16 +146,18 @@ class ModelPipeline:
             else None
         )
         # --router-replica-sync: this frontend's routing load and its peers' meet on the event plane.
-        # Session bindings travel the same way.
+        # Session bindings travel the same way. `sync_events`, when given, carries it instead (the
+        # local channel between the processes of one --num-processes frontend).
+        sync_plane = sync_events if sync_events is not None else events
         self._replica_sync: ReplicaSync | None = None
         counting = router if isinstance(router, KvRouter | LoadRouter) else None
         if (
             replica_id is not None
-            and events is not None
+            and sync_plane is not None
             and (counting is not None or self.routing.sessions is not None)
         ):
             self._replica_sync = ReplicaSync(
-                events, card.namespace, name, replica_id, counting, on_batch=self.routing.apply_peer_batch
+                sync_plane, card.namespace, name, replica_id, counting, on_batch=self.routing.apply_peer_batch
             )
             self.routing.announce_with(self._replica_sync.publish)
             self._replica_sync.start()

@@ -42,7 +42,11 @@ class ActiveBlocks:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        refs = self._refs[req.worker]
+        refs = self._refs.get(req.worker)
+        if refs is None:
+            # The worker's tables went with the last request that counted something: this one
+            # counted nothing (no computed block, no tail), so there is nothing to release.
+            return
         for h in req.hashes:
             n = refs[h] - 1
             if n:

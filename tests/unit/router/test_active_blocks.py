@@ -49,3 +49,18 @@ def test_no_leaks_after_random_lifecycles() -> None:
     assert len(active) == 0
     assert all(active.count(w) == 0 for w in range(4))
     assert active._refs == {} and active._private == {}
+
+
+def test_a_request_that_allocates_nothing_outlives_the_others() -> None:
+    # A fully cached, block-aligned prompt computes no block and has no tail: it counts nothing, and
+    # the worker's tables may go away with the last request that counted something.
+    active = ActiveBlocks()
+    active.add("counted", 1, [10, 11], 1)
+    active.add("free", 1, [], 0)
+    active.remove("counted")
+    assert active.count(1) == 0
+    active.remove("free")
+    assert len(active) == 0
+    assert active.count(1) == 0
+    active.add("again", 1, [10], 0)
+    assert active.count(1) == 1

@@ -18,6 +18,10 @@ reader task hands each message to the subscriptions whose prefix it starts with.
 subscription notices an XPUB queues for its owner are discarded every so often). One
 publisher's messages reach the subscriber in publish order over its one connection.
 
+With `subscribe_endpoint` the SUB socket connects there instead of binding `endpoint`: both sockets
+connect to a forwarder (an XSUB bound on `endpoint`, an XPUB on `subscribe_endpoint`), so many
+processes publish and subscribe alike (the local channel of `--num-processes`).
+
 Losses are silent on ZMQ: a subscription needs a moment to travel from the SUB socket to every
 connected PUB (the "slow joiner"), a PUB drops what it publishes before it has the subscription,
 and a connection that breaks loses what was in flight. `on_live` therefore runs once, right after
@@ -72,8 +76,10 @@ class ZmqEventPlane:
         *,
         max_buffered: int = 65536,
         max_pending: int = 65536,
+        subscribe_endpoint: str | None = None,
     ) -> None:
         self._endpoint = endpoint
+        self._subscribe_endpoint = subscribe_endpoint
         self._max_buffered = max_buffered
         self._max_pending = max_pending
         self._ipv6 = int(endpoint.startswith("tcp://["))  # libzmq needs it for [::1]-style hosts
@@ -141,7 +147,10 @@ class ZmqEventPlane:
             sub.setsockopt(zmq.RCVHWM, self._max_pending)
             sub.setsockopt(zmq.IPV6, self._ipv6)
             try:
-                sub.bind(self._endpoint)
+                if self._subscribe_endpoint is not None:
+                    sub.connect(self._subscribe_endpoint)
+                else:
+                    sub.bind(self._endpoint)
             except zmq.ZMQError as exc:
                 sub.close(linger=0)
                 raise OSError(
@@ -152,7 +161,7 @@ class ZmqEventPlane:
             self._reader = asyncio.get_running_loop().create_task(
                 self._read(sub), name=f"zmq-events-{self._endpoint}"
             )
-            log.info("event plane: receiving on zmq %s", self._endpoint)
+            log.info("event plane: receiving on zmq %s", self._subscribe_endpoint or self._endpoint)
         return self._sub
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
