@@ -752,9 +752,12 @@ def config_to_env(cfg: RuntimeConfig) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
-        out[_env_name(field.name)] = (
-            None if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        )
+        if isinstance(value, tuple):  # repeatable flags: comma-separated in the environment
+            out[_env_name(field.name)] = ",".join(value) if value else None
+        elif isinstance(value, bool):
+            out[_env_name(field.name)] = str(value).lower()
+        else:
+            out[_env_name(field.name)] = None if value is None else str(value)
     return out
 
 
