@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
 from tests.conftest import TINY_LLAMA_CONTEXT
 from tests.e2e.conftest import Stack, http, live_instances, wait_instances, wait_until
@@ -65,6 +65,11 @@ def test_smollm2_answers_through_the_openai_client(
         str(gguf_cache),
         "--dtype",
         "float32",
+        # The output parsers on a real model's text: only what parses becomes a call, no markup leaks.
+        "--tool-call-parser",
+        "hermes",
+        "--reasoning-parser",
+        "basic",
     )
     # Not ready while the worker loads its weights (it registers only once it can serve).
     status, _, body = http("GET", url + "/health")
@@ -89,6 +94,31 @@ def test_smollm2_answers_through_the_openai_client(
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
     usage = streamed[-1].usage
     assert usage is not None and usage.completion_tokens == out.usage.completion_tokens  # type: ignore[union-attr]
+    weather: ChatCompletionFunctionToolParam = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tooled = oai.chat.completions.create(
+        model=SMOLLM2, messages=ask, tools=[weather], temperature=0, max_tokens=60
+    )
+    choice = tooled.choices[0]
+    assert "<tool_call>" not in (choice.message.content or "") and "<think>" not in (
+        choice.message.content or ""
+    )
+    for call in choice.message.tool_calls or []:
+        assert call.type == "function"
+        json.loads(call.function.arguments)
+    expected = ("tool_calls",) if choice.message.tool_calls else ("stop", "length")
+    assert choice.finish_reason in expected, tooled
     # A prompt of more than one 64-token block, twice: the second finds its full blocks cached.
     system = "You are a geography tutor. " + "Answer briefly, in one sentence, and be accurate. " * 12
     long: list[ChatCompletionMessageParam] = [{"role": "system", "content": system}, *messages]
