@@ -134,7 +134,7 @@ def _gathered(
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
     slots = (padded[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
     longest = max(lens)
-    slots = slots[:, :longest]
+    slots = slots[:, :longest].contiguous()
     mask = torch.arange(longest)[None, :] < torch.tensor(lens)[:, None]
     return GatheredDecode(
         rows=torch.tensor(rows, dtype=torch.long, device=device),
@@ -195,8 +195,11 @@ def attend(
     if meta.gathered is not None:
         g = meta.gathered
         qd = q.index_select(0, g.rows).unsqueeze(2)  # [n, heads, 1, dim]
-        kd = k_flat[g.slots].transpose(1, 2)  # [n, kv_heads, longest, dim]
-        vd = v_flat[g.slots].transpose(1, 2)
+        n, longest = g.slots.shape
+        # index_select on the flat slot list: several times faster on CPU than 2-D fancy indexing.
+        flat = g.slots.view(-1)
+        kd = k_flat.index_select(0, flat).view(n, longest, heads, dim).transpose(1, 2)  # [n, kv, L, dim]
+        vd = v_flat.index_select(0, flat).view(n, longest, heads, dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=scale, enable_gqa=True)
         out[g.rows] = o.squeeze(2)
     if meta.decode is not None:
