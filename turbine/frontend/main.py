@@ -156,6 +156,10 @@ async def run_frontend(
     upstreams = contextlib.AsyncExitStack()
     try:
         await upstreams.enter_async_context(frontend_upstreams(cfg, store))
+        if group_dir and not await registry.caught_up(timeout_s=30.0):
+            # One of a --num-processes group (a restart, say): take connections from the shared
+            # port only once the models the others serve are loaded here too, so none gets a 404.
+            log.warning("serving before every discovered model has loaded (30 s passed)")
         await site.start()
         if grpc_server is not None:
             await grpc_server.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -140,6 +141,32 @@ class ModelRegistry:
         return out
 
     # ------------------------------------------------------------------------------ watching
+
+    async def caught_up(self, timeout_s: float) -> bool:
+        """Wait until every model that discovery lists right now has a pipeline with a live
+        instance (or `timeout_s` passes; a model whose files fail to load never gets one). For a
+        process that joins others on a shared port: it takes connections only once it can serve
+        what they serve. Needs `run()` going."""
+        listed = set()
+        for kv in await self._store.get_prefix(models_prefix(self._namespace)):
+            try:
+                card = _decode_card(kv.value)
+            except msgspec.DecodeError:
+                continue
+            if self._only_model is None or card.name == self._only_model:
+                listed.add(card.name)
+
+        def ready() -> bool:
+            return all(
+                ((p := self._pipelines.get(name)) is not None and p.instance_ids) or name in self._failed
+                for name in listed
+            )
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not ready():
+                    await self.changed.wait()
+        return ready()
 
     async def run(self) -> None:
         """Watch instances and cards until cancelled (owned by the frontend's task group)."""
