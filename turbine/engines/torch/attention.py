@@ -56,12 +56,12 @@ class GatheredDecode:
     """Sequences decoding one token each, served by one padded SDPA call (the CPU path): one call
     per layer instead of one per sequence."""
 
-    rows: torch.Tensor
-    """Rows of these sequences' tokens in the step's flattened batch (long)."""
-    slots: torch.Tensor
-    """[n, longest context] cache slots, padded with slot 0 (masked out)."""
+    rows: torch.Tensor | None
+    """Rows of these sequences' tokens in the step's flattened batch (long); None: every row."""
+    blocks: torch.Tensor
+    """[n, most blocks] block tables (long), padded with block 0 (masked out)."""
     mask: torch.Tensor
-    """[n, 1, 1, longest context] boolean: True where a key is attended."""
+    """[n, 1, 1, most blocks × block size] boolean: True where a key is attended."""
 
 
 @dataclass
@@ -112,8 +112,9 @@ def build_meta(
         row += num_new
     slot_mapping = torch.tensor(slot_rows, dtype=torch.long, device=device)
     if gather and dec_rows:
+        rows = None if len(dec_rows) == row else dec_rows
         return AttnMeta(
-            slot_mapping, seqs, gathered=_gathered(dec_rows, dec_tables, dec_lens, block_size, device)
+            slot_mapping, seqs, gathered=_gathered(rows, dec_tables, dec_lens, block_size, device)
         )
     decode = None
     if dec_rows:
@@ -128,17 +129,14 @@ def build_meta(
 
 
 def _gathered(
-    rows: list[int], tables: list[list[int]], lens: list[int], block_size: int, device: torch.device
+    rows: list[int] | None, tables: list[list[int]], lens: list[int], block_size: int, device: torch.device
 ) -> GatheredDecode:
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-    slots = (padded[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
-    longest = max(lens)
-    slots = slots[:, :longest].contiguous()
-    mask = torch.arange(longest)[None, :] < torch.tensor(lens)[:, None]
+    mask = torch.arange(width * block_size)[None, :] < torch.tensor(lens)[:, None]
     return GatheredDecode(
-        rows=torch.tensor(rows, dtype=torch.long, device=device),
-        slots=slots.to(device),
+        rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
+        blocks=padded.to(device),
         mask=mask[:, None, None, :].to(device),
     )
 
@@ -180,6 +178,9 @@ def attend(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, scale: float
 ) -> torch.Tensor:
     """Attention of every new token ([T, heads, head_dim]) over its sequence's cached context."""
+    g = meta.gathered
+    if g is not None and g.rows is None:  # a pure decode step: no scatter into a step-wide output
+        return _attend_gathered(q, k_cache, v_cache, g, scale)
     out = torch.empty_like(q)
     heads, dim = k_cache.shape[-2:]
     k_flat = k_cache.view(-1, heads, dim)
@@ -192,16 +193,9 @@ def attend(
             qs, ks, vs, attn_mask=s.mask, is_causal=s.causal and s.q_len > 1, scale=scale, enable_gqa=True
         )
         out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
-    if meta.gathered is not None:
-        g = meta.gathered
-        qd = q.index_select(0, g.rows).unsqueeze(2)  # [n, heads, 1, dim]
-        n, longest = g.slots.shape
-        # index_select on the flat slot list: several times faster on CPU than 2-D fancy indexing.
-        flat = g.slots.view(-1)
-        kd = k_flat.index_select(0, flat).view(n, longest, heads, dim).transpose(1, 2)  # [n, kv, L, dim]
-        vd = v_flat.index_select(0, flat).view(n, longest, heads, dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=scale, enable_gqa=True)
-        out[g.rows] = o.squeeze(2)
+    if g is not None:
+        assert g.rows is not None
+        out[g.rows] = _attend_gathered(q.index_select(0, g.rows), k_cache, v_cache, g, scale)
     if meta.decode is not None:
         from turbine.engines.torch.triton_decode import paged_decode
 
@@ -210,3 +204,19 @@ def attend(
             return paged_decode(q, k_cache, v_cache, d.block_tables, d.context_lens, scale)
         out[d.rows] = paged_decode(q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, scale)
     return out
+
+
+def _attend_gathered(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: GatheredDecode, scale: float
+) -> torch.Tensor:
+    """One padded SDPA call for single-token queries ([n, heads, head_dim]) over their contexts."""
+    n, width = g.blocks.shape
+    heads, dim = k_cache.shape[-2:]
+    # Whole blocks, not single slots: one contiguous copy of block_size tokens per index, which is
+    # several times faster on CPU than a slot-by-slot gather (and 2-D fancy indexing is slower still).
+    flat = g.blocks.view(-1)
+    length = width * k_cache.shape[1]
+    kd = k_cache.index_select(0, flat).view(n, length, heads, dim).transpose(1, 2)  # [n, kv, L, dim]
+    vd = v_cache.index_select(0, flat).view(n, length, heads, dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=g.mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)

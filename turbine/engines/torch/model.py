@@ -16,19 +16,19 @@ import torch.nn.functional as F
 
 from turbine.engines.torch.arch import ModelArch
 from turbine.engines.torch.attention import AttnMeta, attend, write_kv
+from turbine.engines.torch.linear import Linear, packs
 
 
 @dataclass
 class Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
@@ -57,6 +57,7 @@ class LlamaModel:
             return take(name) if name in weights else None
 
         self.embed = take("model.embed_tokens.weight")
+        pack = packs(device, self.embed.dtype)
         self.layers: list[Layer] = []
         for i in range(arch.num_layers):
             p = f"model.layers.{i}."
@@ -68,32 +69,40 @@ class LlamaModel:
             self.layers.append(
                 Layer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=torch.cat([q, k, v]),
-                    qkv_bias=bias,
+                    qkv=Linear(torch.cat([q, k, v]), bias, pack=pack),
                     q_norm=maybe(a + "q_norm.weight") if arch.qk_norm else None,
                     k_norm=maybe(a + "k_norm.weight") if arch.qk_norm else None,
-                    o_proj=take(a + "o_proj.weight"),
+                    o_proj=Linear(take(a + "o_proj.weight"), pack=pack),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                    down=take(p + "mlp.down_proj.weight"),
+                    gate_up=Linear(
+                        torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                        pack=pack,
+                    ),
+                    down=Linear(take(p + "mlp.down_proj.weight"), pack=pack),
                 )
             )
             del q, k, v
         self.norm = take("model.norm.weight")
         lm_head = maybe("lm_head.weight")
-        self.lm_head = self.embed if lm_head is None or arch.tie_word_embeddings else lm_head
+        tied = lm_head is None or arch.tie_word_embeddings
+        self.lm_head = Linear(self.embed if lm_head is None or tied else lm_head, pack=pack)
+        self._tied = tied
         self.dtype = self.embed.dtype
         inv_freq = torch.tensor(arch.inv_freq(), dtype=torch.float32, device=device)
         self._inv_freq = inv_freq
         self.scale = arch.head_dim**-0.5
 
     def weight_bytes(self) -> int:
-        tensors = [self.embed, self.norm]
-        if self.lm_head is not self.embed:
-            tensors.append(self.lm_head)
+        total = sum(t.numel() * t.element_size() for t in (self.embed, self.norm))
+        if not self._tied:
+            total += self.lm_head.nbytes
         for layer in self.layers:
-            tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            for part in vars(layer).values():
+                if isinstance(part, Linear):
+                    total += part.nbytes
+                elif part is not None:
+                    total += part.numel() * part.element_size()
+        return total
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         a = self.arch
@@ -107,10 +116,12 @@ class LlamaModel:
         ]
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin per position, [T, head_dim], as transformers computes them (float32, then cast)."""
+        """cos and sign-folded sin per position, [T, head_dim], as transformers computes them (float32,
+        then cast). The sin's first half is negated so that `rotate_half(x) * sin` becomes
+        `x.roll(half) * sin`: one operation fewer per use, and bit-identical (a sign flip is exact)."""
         freqs = positions.to(torch.float32)[:, None] * self._inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return emb.cos().to(self.dtype), torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(self.dtype)
 
     def forward(
         self,
@@ -118,33 +129,40 @@ class LlamaModel:
         positions: torch.Tensor,
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttnMeta,
-        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden], for the step's flat token batch."""
         if self.fused:
             return self._forward_fused(input_ids, positions, kv_cache, meta)
         a = self.arch
         n = input_ids.shape[0]
-        cos, sin = cos_sin if cos_sin is not None else self.rope(positions)
+        cos, sin = self.rope(positions)
         cos, sin = cos[:, None, :], sin[:, None, :]
+        half = a.head_dim // 2
+        heads = a.num_heads
         x = F.embedding(input_ids, self.embed)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
             h = rms_norm(x, layer.input_norm, a.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q = qkv[:, : a.q_size].view(n, a.num_heads, a.head_dim)
-            k = qkv[:, a.q_size : a.q_size + a.kv_size].view(n, a.num_kv_heads, a.head_dim)
+            qkv = layer.qkv(h)
             v = qkv[:, a.q_size + a.kv_size :].view(n, a.num_kv_heads, a.head_dim)
             if layer.q_norm is not None and layer.k_norm is not None:
-                q = rms_norm(q, layer.q_norm, a.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, a.rms_norm_eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            write_kv(k_cache, v_cache, k, v.contiguous(), meta.slot_mapping)
+                q = rms_norm(qkv[:, : a.q_size].view(n, heads, a.head_dim), layer.q_norm, a.rms_norm_eps)
+                k = rms_norm(
+                    qkv[:, a.q_size : a.q_size + a.kv_size].view(n, -1, a.head_dim),
+                    layer.k_norm,
+                    a.rms_norm_eps,
+                )
+                qk = torch.cat([q, k], dim=1)
+            else:
+                qk = qkv[:, : a.q_size + a.kv_size].view(n, heads + a.num_kv_heads, a.head_dim)
+            # RoPE on q and k together: half the element-wise calls of rotating them one by one.
+            qk = qk * cos + qk.roll(half, -1) * sin
+            q, k = qk[:, :heads], qk[:, heads:]
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             o = attend(q, k_cache, v_cache, meta, self.scale)
-            x = x + F.linear(o.view(n, a.q_size), layer.o_proj)
+            x = x + layer.o_proj(o.reshape(n, a.q_size))
             h = rms_norm(x, layer.post_norm, a.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return rms_norm(x, self.norm, a.rms_norm_eps)
 
     def _forward_fused(
@@ -164,20 +182,20 @@ class LlamaModel:
         delta: torch.Tensor | None = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
             h = ops.rms_norm(x, layer.input_norm, eps, residual=delta)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             q = ops.rope_and_cache(
                 qkv, positions, self._inv_freq, k_cache, v_cache, meta.slot_mapping,
                 a.num_heads, a.num_kv_heads, a.head_dim,
             )  # fmt: skip
             o = attend(q, k_cache, v_cache, meta, self.scale)
-            delta = F.linear(o.view(n, a.q_size), layer.o_proj)
+            delta = layer.o_proj(o.view(n, a.q_size))
             h = ops.rms_norm(x, layer.post_norm, eps, residual=delta)
-            delta = F.linear(ops.silu_mul(F.linear(h, layer.gate_up)), layer.down)
+            delta = layer.down(ops.silu_mul(layer.gate_up(h)))
         return ops.rms_norm(x, self.norm, eps, residual=delta)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the given rows of hidden states."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
 
 def _fused_ops_apply(arch: ModelArch, device: torch.device) -> bool:
@@ -196,12 +214,5 @@ def _fused_ops_apply(arch: ModelArch, device: torch.device) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm: normalise in float32, scale in the input dtype."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    # F.rms_norm computes the same float32 expression in one call (bit-identical, checked in tests).
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)

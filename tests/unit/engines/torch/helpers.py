@@ -41,7 +41,8 @@ def run_engine(
 ) -> tuple[list[list[EngineOutput]], TorchEngine]:
     """Serve every request concurrently on a fresh engine; returns the outputs and the stopped engine."""
     config.setdefault("device", "cpu")
-    cfg = TorchEngineConfig(model_dir=model_dir, dtype="float32", progress=False, **config)
+    config.setdefault("dtype", "float32")
+    cfg = TorchEngineConfig(model_dir=model_dir, progress=False, **config)
     loaded = load_model(cfg)
 
     async def main() -> tuple[list[list[EngineOutput]], TorchEngine]:

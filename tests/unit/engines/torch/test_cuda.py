@@ -79,7 +79,10 @@ def test_engine_with_cuda_graphs_equals_transformers(tiny_llama_dir: Path) -> No
 
 def test_fused_kernels_match_the_torch_ops() -> None:
     from turbine.engines.torch import triton_ops as ops
-    from turbine.engines.torch.model import _rotate_half, rms_norm
+    from turbine.engines.torch.model import rms_norm
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:  # transformers' definition
+        return torch.cat([-t[..., t.shape[-1] // 2 :], t[..., : t.shape[-1] // 2]], dim=-1)
 
     torch.manual_seed(0)
     x = torch.randn(7, 576, device="cuda")
@@ -103,9 +106,9 @@ def test_fused_kernels_match_the_torch_ops() -> None:
     q_ref = qkv[:, : heads * dim].view(5, heads, dim)
     k_ref = qkv[:, heads * dim : (heads + kv_heads) * dim].view(5, kv_heads, dim)
     v_ref = qkv[:, (heads + kv_heads) * dim :].view(5, kv_heads, dim)
-    torch.testing.assert_close(q, q_ref * cos + _rotate_half(q_ref) * sin, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(q, q_ref * cos + rotate_half(q_ref) * sin, atol=1e-4, rtol=1e-4)
     flat_k, flat_v = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
-    torch.testing.assert_close(flat_k[slots], k_ref * cos + _rotate_half(k_ref) * sin, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flat_k[slots], k_ref * cos + rotate_half(k_ref) * sin, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(flat_v[slots], v_ref)
 
     gate_up = torch.randn(3, 2 * 1536, device="cuda")
