@@ -1,11 +1,14 @@
 """A Triton paged-attention kernel for decode steps on CUDA.
 
-One program per (sequence, KV head): it loads the queries of every attention head that shares the KV
-head (GQA), walks the sequence's block table one KV block at a time straight from the paged cache
-(no gather into contiguous memory), and keeps an online softmax (running max, running sum), so any
-context length runs in one pass. Everything it reads is a tensor argument, so a decode step that uses
-it can be captured in a CUDA graph. The kernel is our own; the technique is the one paged-attention
-engines use.
+One program per (sequence, KV head, split): it loads the queries of every attention head that shares
+the KV head (GQA), walks its share of the sequence's block table one KV block at a time straight from
+the paged cache (no gather into contiguous memory), and keeps an online softmax (running max, running
+sum). Small batches split each context over several programs (split-K, "flash decoding"): a batch
+of one sequence with 8 KV heads would otherwise run 8 programs on a GPU of 132 SMs, and the kernel
+took 14 µs of a 1B model's 68 µs per layer on an H200. A second kernel merges the splits' partial
+softmaxes. The number of splits depends only on the batch shape, never on context lengths, and
+everything read is a tensor argument, so a decode step that uses it can be captured in a CUDA graph.
+The kernels are our own; the technique is the one paged-attention engines use.
 """
 
 import torch
@@ -19,6 +22,8 @@ def _paged_decode_kernel(
     k_ptr,
     v_ptr,
     out_ptr,
+    part_ptr,
+    stats_ptr,
     tables_ptr,
     lens_ptr,
     scale,
@@ -34,11 +39,17 @@ def _paged_decode_kernel(
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
+    num_blocks = tl.cdiv(ctx, BLOCK)
+    per_split = tl.cdiv(num_blocks, SPLITS)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     t = tl.arange(0, BLOCK)
@@ -50,7 +61,7 @@ def _paged_decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for i in range(0, tl.cdiv(ctx, BLOCK)):
+    for i in range(first, last):
         block = tl.load(tables_ptr + seq * stride_ts + i).to(tl.int64)
         base = block * stride_kb + kv_head * stride_kh + t[:, None] * stride_kt + d[None, :]
         k = tl.load(k_ptr + base)
@@ -63,12 +74,49 @@ def _paged_decode_kernel(
         total = total * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = acc / total[:, None]
+    if SPLITS == 1:
+        out = acc / total[:, None]
+        tl.store(
+            out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=g_ok[:, None],
+        )
+    else:
+        # Partials, unnormalised: part [S, heads, SPLITS, HEAD_DIM], stats [S, heads, SPLITS, 2] = (max, sum).
+        # A split past the context's end keeps max = -inf and sum = 0, which the merge weighs as 0.
+        row = (seq * tl.num_programs(1) * GROUP + heads) * SPLITS + split
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(stats_ptr + row * 2, m, mask=g_ok)
+        tl.store(stats_ptr + row * 2 + 1, total, mask=g_ok)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _merge_splits_kernel(
+    part_ptr, stats_ptr, out_ptr, stride_os, stride_oh, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (seq * tl.num_programs(1) + head) * SPLITS + tl.arange(0, SPLITS)
+    m = tl.load(stats_ptr + row * 2)
+    total = tl.load(stats_ptr + row * 2 + 1)
+    acc = tl.load(part_ptr + row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+    m_all = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(total * w, 0)
     tl.store(
-        out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+        out_ptr + seq * stride_os + head * stride_oh + tl.arange(0, HEAD_DIM),
         out.to(out_ptr.dtype.element_ty),
-        mask=g_ok[:, None],
     )
+
+
+def num_splits(seqs: int, kv_heads: int, width: int, sms: int) -> int:
+    """Splits per (sequence, KV head): enough programs to fill the GPU about twice, at most 16, never
+    more than the block-table width, a power of two (the merge kernel's arange needs one)."""
+    want = -(-2 * sms // max(seqs * kv_heads, 1))
+    splits = 1
+    while splits * 2 <= min(want, 16, width):
+        splits *= 2
+    return splits
 
 
 def paged_decode(
@@ -78,22 +126,34 @@ def paged_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence ([S, heads, head_dim]) over its paged context.
 
     `k_cache`/`v_cache`: [num_blocks, block_size, kv_heads, head_dim]; `block_tables`: [S, width]
-    int32; `context_lens`: [S] int32 (the new token included, its K/V already written).
+    int32; `context_lens`: [S] int32 (the new token included, its K/V already written). `splits`
+    (a power of two) overrides the split-K choice.
     """
     seqs, heads, dim = q.shape
     _, block, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
-    _paged_decode_kernel[(seqs, kv_heads)](
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if splits is None:
+        splits = num_splits(seqs, kv_heads, block_tables.shape[1], sms)
+    part = stats = out  # unused when there is one split
+    if splits > 1:
+        part = torch.empty((seqs, heads, splits, dim), dtype=torch.float32, device=q.device)
+        stats = torch.empty((seqs, heads, splits, 2), dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(seqs, kv_heads, splits)](
         q,
         k_cache,
         v_cache,
         out,
+        part,
+        stats,
         block_tables,
         context_lens,
         scale,
@@ -109,7 +169,12 @@ def paged_decode(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=dim,
         BLOCK=block,
+        SPLITS=splits,
         # float32 caches get exact (IEEE) products, as the SDPA path computes them; no TF32.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+    if splits > 1:
+        _merge_splits_kernel[(seqs, heads)](
+            part, stats, out, out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=dim
+        )
     return out

@@ -18,8 +18,9 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("splits", [None, 1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_kernel_matches_sdpa(dtype: torch.dtype) -> None:
+def test_paged_decode_kernel_matches_sdpa(dtype: torch.dtype, splits: int | None) -> None:
     from turbine.engines.torch.triton_decode import paged_decode
 
     torch.manual_seed(0)
@@ -37,7 +38,13 @@ def test_paged_decode_kernel_matches_sdpa(dtype: torch.dtype) -> None:
     table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
     q = torch.randn(len(lens), heads, dim, device="cuda", dtype=dtype)
     out = paged_decode(
-        q, k_cache, v_cache, table_t, torch.tensor(lens, dtype=torch.int32, device="cuda"), 0.125
+        q,
+        k_cache,
+        v_cache,
+        table_t,
+        torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        0.125,
+        splits=splits,
     )
     for i, (n, table) in enumerate(zip(lens, tables, strict=True)):
         k = k_cache[table].reshape(-1, kv_heads, dim)[:n].transpose(0, 1)[None]
@@ -47,6 +54,15 @@ def test_paged_decode_kernel_matches_sdpa(dtype: torch.dtype) -> None:
         )
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out[i].float(), ref[0, :, 0], atol=tol, rtol=tol)
+
+
+def test_split_count_fills_the_gpu_and_stays_within_bounds() -> None:
+    from turbine.engines.torch.triton_decode import num_splits
+
+    assert num_splits(1, 8, 2048, 132) == 16  # one sequence: split as far as allowed
+    assert num_splits(4, 2, 21, 132) == 16
+    assert num_splits(1, 8, 3, 132) == 2  # never more splits than table columns (power of two)
+    assert num_splits(128, 8, 2048, 132) == 1  # a big batch fills the GPU on its own
 
 
 def test_engine_with_cuda_graphs_equals_transformers(tiny_llama_dir: Path) -> None:
