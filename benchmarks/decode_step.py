@@ -1,10 +1,13 @@
 """Where a batch-1 decode step of the torch engine spends its time, on CUDA (random-weight preset).
 
-Measures, for one decode step: the whole step as a request sees it (engine loop, scheduler, runner
-thread hop, forward, sampling, delivery), the CUDA-graph forward alone (host fill + replay + sync),
-the graph's GPU time (replays back to back, one sync), forward + sampling, an empty runner-thread
-round trip, and the eager forward's kernels by GPU time (torch profiler). Prints a table and writes
-it to `--out` as JSON.
+Measures, for one decode step:
+- the whole step as a request sees it (engine loop, scheduler, runner-thread hop, forward, sampling,
+  delivery), without and with the next step queued ahead (run-ahead);
+- the CUDA-graph forward alone (host fill + replay + sync; the graph includes logits and argmax);
+- the graph's GPU time (replays back to back, one sync);
+- forward + sampling, logits alone, logits + sampling, an empty runner-thread round trip;
+- the eager forward's kernels by GPU time (torch profiler).
+Prints a table and writes it to `--out` as JSON.
 
     python3 benchmarks/decode_step.py --preset llama-1b --out /tmp/step.json
 """
@@ -64,9 +67,12 @@ def main() -> int:
     runner = EngineRunner(cfg, loaded)
     runner.run([request(p, 8) for p in prompts(1, 64, arch.vocab_size, 1)])
     new = 256
-    _, (arrivals,) = runner.run([request(p, new) for p in prompts(1, 512, arch.vocab_size, 2)])
-    step_e2e = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) * 1e6
     executor: Any = runner.engine.executor()
+    step_e2e = {}
+    for ahead in (False, True):
+        executor.run_ahead = ahead
+        _, (arrivals,) = runner.run([request(p, new) for p in prompts(1, 512, arch.vocab_size, 2)])
+        step_e2e[ahead] = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) * 1e6
     graphs = executor.graphs
     ids, pos, slots, tables = [5], [600], [600], [list(range(10))]
 
@@ -75,8 +81,7 @@ def main() -> int:
         torch.cuda.synchronize()
 
     fwd = per_call_us(fwd_sync)
-    graph, _out = graphs._graphs[1]
-    replay = per_call_us(graph.replay, 500)
+    replay = per_call_us(graphs._graphs[1].graph.replay, 500)
     params = [RowParams(temperature=0.0)]
 
     def fwd_sample() -> None:
@@ -115,7 +120,8 @@ def main() -> int:
         "preset": args.preset,
         "weight_bytes": model.weight_bytes(),
         "roofline_step_us": model.weight_bytes() / 4.8e12 * 1e6,
-        "step_end_to_end_us": step_e2e,
+        "step_end_to_end_us": step_e2e[False],
+        "step_end_to_end_run_ahead_us": step_e2e[True],
         "graph_forward_with_fill_and_sync_us": fwd,
         "graph_replay_gpu_us": replay,
         "forward_plus_sampling_us": fwd_and_sample,

@@ -5,6 +5,17 @@ ids, positions, block tables, sampling knobs), then runs the forward and the sam
 own thread, so the loop keeps serving while the model computes (torch releases the GIL in kernels).
 Logits are computed only for sequences whose context the step completes: a prefill chunk that is not
 a prompt's last produces no token.
+
+On CUDA, a pure decode step of greedy rows queues the next decode step on the GPU before it waits for
+its own tokens (run-ahead): the next step's token ids are this step's argmax, copied on the GPU, and
+its positions and slots are one further in the same blocks. While the GPU runs it, the host delivers
+this step's tokens and schedules the next one. If that schedule is exactly what was queued (same
+rows, tokens, positions, slots and block tables), the queued launch is its result; otherwise the
+queued work is dropped. A dropped launch can only have written K/V one slot past a sequence's
+accepted tokens, in its own still-partial last block: the next real step writes the same slot with
+the same values, or the block was freed (partial blocks are never in the prefix cache) and anything
+that reuses it writes later on the same stream. This hides the host's per-step work (scheduling,
+delivery, the thread hop) behind the GPU's, which is what bounds batch-1 decode of small models.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import torch
 from turbine.engines.core.block_manager import BlockManager
 from turbine.engines.core.scheduler import Sampled, Seq, StepPlan
 from turbine.engines.torch.attention import build_meta
-from turbine.engines.torch.cuda_graphs import DecodeGraphs
+from turbine.engines.torch.cuda_graphs import DecodeGraphs, Launched
 from turbine.engines.torch.model import LlamaModel
 from turbine.engines.torch.sampler import RowParams, sample
 
@@ -44,10 +55,36 @@ class _Step:
     """Row of the last new token of each sequence that samples, in `sample_ids` order."""
     sample_ids: list[int]
     params: list[RowParams]
+    continues: bool = True
+    """Every sequence may still produce a token after this step's (max_tokens allows it)."""
+
+
+@dataclass
+class _Ahead:
+    """A decode step queued on the GPU before the scheduler asked for it."""
+
+    launched: Launched
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+
+    def matches(
+        self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]
+    ) -> bool:
+        return (
+            input_ids == self.input_ids
+            and positions == self.positions
+            and slots == self.slots
+            and tables == self.tables
+        )
 
 
 class TorchExecutor:
     """Implements `turbine.engines.core.engine.Executor` with a real model."""
+
+    run_ahead = True
+    """Queue the next greedy decode step before this one's tokens are back (CUDA graphs only)."""
 
     def __init__(
         self,
@@ -69,6 +106,9 @@ class TorchExecutor:
         self._step_lock = step_lock
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-runner")
         self._generators: dict[int, torch.Generator] = {}
+        self._ahead: _Ahead | None = None
+        self.ahead_hits = 0
+        """Steps served by a launch queued ahead (for tests and benchmarks)."""
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -96,6 +136,7 @@ class TorchExecutor:
                 step.sample_rows.append(len(step.input_ids) - 1)
                 step.sample_ids.append(seq.seq_id)
                 step.params.append(self._params(seq))
+                step.continues = step.continues and seq.num_output + 2 <= seq.max_tokens
         return step
 
     def _params(self, seq: Seq) -> RowParams:
@@ -140,9 +181,8 @@ class TorchExecutor:
                 table[: pos // bs + 1] for (table, _, _), pos in zip(step.chunks, step.positions, strict=True)
             ]
             if graphs.fits(len(tables), max(len(t) for t in tables)):
-                slots = [t[-1] * bs + pos % bs for t, pos in zip(tables, step.positions, strict=True)]
-                hidden = graphs.run(step.input_ids, step.positions, slots, tables)
-                return self._sample(hidden, step)
+                return self._graph_decode(graphs, step, tables)
+        self._ahead = None
         meta = build_meta(
             step.chunks,
             self.blocks.block_size,
@@ -155,6 +195,29 @@ class TorchExecutor:
         positions = torch.tensor(step.positions, dtype=torch.long, device=device)
         hidden = model.forward(input_ids, positions, self.kv_cache, meta)
         return self._sample(hidden, step)
+
+    def _graph_decode(self, graphs: DecodeGraphs, step: _Step, tables: list[list[int]]) -> dict[int, Sampled]:
+        bs = self.blocks.block_size
+        slots = [t[-1] * bs + pos % bs for t, pos in zip(tables, step.positions, strict=True)]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.matches(step.input_ids, step.positions, slots, tables):
+            launched = ahead.launched
+            self.ahead_hits += 1
+        else:
+            launched = graphs.launch(step.input_ids, step.positions, slots, tables)
+        greedy = all(p.greedy and p.logprobs is None and not p.banned for p in step.params)
+        if not greedy:
+            sampled = sample(launched.logits, step.params)
+            return dict(zip(step.sample_ids, sampled, strict=True))
+        nxt = [pos + 1 for pos in step.positions]
+        if self.run_ahead and step.continues and all(p % bs for p in nxt):  # no new block needed
+            nxt_slots = [slot + 1 for slot in slots]
+            queued = graphs.launch(None, nxt, nxt_slots, tables, ids_from=launched)
+            self._ahead = _Ahead(queued, [], nxt, nxt_slots, tables)
+        tokens = launched.greedy_tokens()
+        if self._ahead is not None:
+            self._ahead.input_ids = tokens
+        return {sid: Sampled(tok) for sid, tok in zip(step.sample_ids, tokens, strict=True)}
 
     def _sample(self, hidden: torch.Tensor, step: _Step) -> dict[int, Sampled]:
         if not step.sample_rows:

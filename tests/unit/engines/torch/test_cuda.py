@@ -82,7 +82,7 @@ def test_engine_with_cuda_graphs_equals_transformers(tiny_llama_dir: Path) -> No
         )
         expected.append(ids[0, len(p) :].tolist())
     for eager in (False, True):
-        results, _ = run_engine(
+        results, engine = run_engine(
             tiny_llama_dir,
             [request(p, 40, temperature=0.0) for p in prompts],
             device="cuda",
@@ -91,6 +91,38 @@ def test_engine_with_cuda_graphs_equals_transformers(tiny_llama_dir: Path) -> No
             enforce_eager=eager,
         )
         assert [tokens_of(r) for r in results] == expected, f"enforce_eager={eager}"
+        if not eager:
+            assert engine.executor().ahead_hits > 0  # type: ignore[attr-defined]
+
+
+def test_run_ahead_gives_the_same_tokens_when_batches_change(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequences end at different steps (queued launches dropped), sampled rows mix with greedy ones
+    (no run-ahead for them), and blocks fill up mid-run (no run-ahead across a block boundary)."""
+    import msgspec
+
+    from turbine.engines.torch.runner import TorchExecutor
+    from turbine.protocol.request import StopConditions
+
+    prompts = [[9 + i, 40, 77, 300 + i] * (i + 1) for i in range(10)]
+
+    def reqs() -> list[Any]:
+        out = [request(p, 6 + 5 * i, temperature=0.0) for i, p in enumerate(prompts)]
+        banned = request(prompts[3], 20, temperature=0.0)  # EOS banned for its first 5 tokens
+        banned = msgspec.structs.replace(banned, stop=StopConditions(max_tokens=20, min_tokens=5))
+        return [*out, request(prompts[0], 20, temperature=0.8, seed=11), banned]
+
+    runs = {}
+    hits = {}
+    for ahead in (True, False):
+        monkeypatch.setattr(TorchExecutor, "run_ahead", ahead)
+        results, engine = run_engine(tiny_llama_dir, reqs(), device="cuda", block_size=16, num_gpu_blocks=256)
+        runs[ahead] = [tokens_of(r) for r in results]
+        hits[ahead] = engine.executor().ahead_hits  # type: ignore[attr-defined]
+    assert runs[True] == runs[False]
+    assert [len(t) for t in runs[True][:10]] == [6 + 5 * i for i in range(10)]
+    assert hits[True] > 0 and hits[False] == 0
 
 
 def test_fused_kernels_match_the_torch_ops() -> None:
