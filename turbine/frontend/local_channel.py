@@ -28,6 +28,10 @@ from turbine.runtime.events.zmq import ZmqEventPlane
 log = logging.getLogger(__name__)
 
 METRICS_SUBDIR = "metrics"
+RECEIVE_EVERY_S = 0.005
+"""A child takes its siblings' sync messages at most this often, all that arrived meanwhile at
+once: waking for each one cost more CPU than handling it (every child hears every other, so the
+messages a child receives grow with N)."""
 
 
 def channel_endpoints(directory: str | Path) -> tuple[str, str]:
@@ -35,12 +39,12 @@ def channel_endpoints(directory: str | Path) -> tuple[str, str]:
     return f"ipc://{Path(directory) / 'sync-in'}", f"ipc://{Path(directory) / 'sync-out'}"
 
 
-async def local_plane(directory: str | Path) -> ZmqEventPlane:
+async def local_plane(directory: str | Path, receive_every_s: float = RECEIVE_EVERY_S) -> ZmqEventPlane:
     """A child's event plane on the supervisor's forwarder in `directory`, its publisher connected
     at once: a PUB drops what it publishes before it has a subscription, so it must not connect
     lazily on the first routing event (the forwarder subscribes to everything at connect)."""
     publish_to, subscribe_at = channel_endpoints(directory)
-    plane = ZmqEventPlane(publish_to, subscribe_endpoint=subscribe_at)
+    plane = ZmqEventPlane(publish_to, subscribe_endpoint=subscribe_at, receive_every_s=receive_every_s)
     await plane.start()
     return plane
 
