@@ -6,7 +6,7 @@ with its active request ids every `heartbeat_s`. Every replica hears every other
 them each message is received N-1 times, and every message costs each receiver a wake-up: batching
 over an interval bounds the messages a replica sends to 1/flush_s a second, however busy it is,
 for a delay of at most `flush_s` in what its peers see. Within a batch, steps that change nothing a
-peer would see are merged away (see `_enqueue`). It applies every other replica's events to its own
+peer would see are merged away (see `_merge`). It applies every other replica's events to its own
 router, which counts them as load under replica-scoped keys (router/peers.py). The event plane must
 reach every frontend (NATS); a peer silent for `expiry_s` is presumed dead and its load dropped.
 Session-affinity bindings travel the same way (`publish`, `on_batch`); a router that counts no load
@@ -40,8 +40,9 @@ _decode = msgspec.msgpack.Decoder(RouterSyncBatch).decode
 
 FLUSH_S = 0.005
 """How long a replica's events wait to be sent together (the most its peers' view lags behind)."""
-MAX_BATCH = 1024
-"""Events that are sent at once, without waiting out the interval (bounds one message's size)."""
+MAX_BATCH_BYTES = 32 << 10
+"""A batch about this large is sent at once, without waiting out the interval (bounds one message's
+size: the local channel takes at most 128 KiB)."""
 
 
 def router_sync_prefix(namespace: str, model: str) -> str:
@@ -90,6 +91,7 @@ class ReplicaSync:
         self._flush_s = flush_s
         self._pending: list[RouterEvent | None] = []
         """The next batch; None where an event was merged away."""
+        self._pending_bytes = 0
         self._slots: dict[str, int] = {}
         """request id -> index in `_pending` of its latest Routed or PrefillDone, while mergeable."""
         self._flush: asyncio.Handle | None = None
@@ -115,7 +117,9 @@ class ReplicaSync:
     def _enqueue(self, event: RouterEvent) -> None:
         if not self._merge(event):
             self._pending.append(event)
-        if len(self._pending) >= MAX_BATCH:
+            # About its msgpack size: 9 bytes a hash, a few dozen for the rest.
+            self._pending_bytes += 48 + 9 * len(event.hashes) if isinstance(event, Routed) else 48
+        if self._pending_bytes >= MAX_BATCH_BYTES:
             self._send()
         elif self._flush is None:
             loop = asyncio.get_running_loop()
@@ -162,6 +166,7 @@ class ReplicaSync:
             self._flush = None
         events = [e for e in self._pending if e is not None]
         self._pending = []
+        self._pending_bytes = 0
         self._slots.clear()
         if events:
             self._plane.publish(self._subject, _encode(RouterSyncBatch(self._replica_id, events)))

@@ -1,7 +1,7 @@
 """`--num-processes N`: one supervisor and N frontend processes on the same ports.
 
-The supervisor serves nothing itself. It makes a private temp directory, runs the local channel's
-forwarder in it (local_channel.py) and starts N children, `python -m turbine.frontend`, with the
+The supervisor serves nothing itself. It makes a private temp directory, with the local channel's
+socket folder in it (local_channel.py), and starts N children, `python -m turbine.frontend`, with the
 same config passed as TURBINE_* variables (the environment keeps secrets off `ps`) plus
 `--num-processes 1 --frontend-process-dir DIR`. Each child is a full frontend: it follows discovery
 and the workers' KV events itself, binds the HTTP (and gRPC) port with SO_REUSEPORT, so the kernel
@@ -39,7 +39,7 @@ from prometheus_client import multiprocess
 
 from turbine.config import FrontendConfig, config_to_env
 from turbine.errors import ConfigError
-from turbine.frontend.local_channel import METRICS_SUBDIR, LocalForwarder
+from turbine.frontend.local_channel import METRICS_SUBDIR, prepare_channel
 
 log = logging.getLogger("turbine.frontend.supervisor")
 
@@ -138,12 +138,9 @@ async def supervise(
     directory = Path(tempfile.mkdtemp(prefix="turbine-fe-"))
     try:
         (directory / METRICS_SUBDIR).mkdir()
-        forwarder = LocalForwarder(directory)
-        try:
-            group = _Group(cfg, directory, stop)
-            return await group.run(on_ready)
-        finally:
-            forwarder.close()
+        prepare_channel(directory)
+        group = _Group(cfg, directory, stop)
+        return await group.run(on_ready)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

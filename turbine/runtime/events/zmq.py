@@ -22,12 +22,6 @@ With `subscribe_endpoint` the SUB socket connects there instead of binding `endp
 connect to a forwarder (an XSUB bound on `endpoint`, an XPUB on `subscribe_endpoint`), so many
 processes publish and subscribe alike (the local channel of `--num-processes`).
 
-With `receive_every_s`, the reader wakes at most once per that interval while messages keep
-coming: after a message it sleeps the interval, then takes everything queued meanwhile without
-waiting. Each wake-up costs the process a context switch and an event-loop turn, which for small,
-frequent messages (replica sync between N frontend processes: every process hears every other)
-cost far more CPU than the messages themselves. Idle, the reader waits on the socket as before.
-
 Losses are silent on ZMQ: a subscription needs a moment to travel from the SUB socket to every
 connected PUB (the "slow joiner"), a PUB drops what it publishes before it has the subscription,
 and a connection that breaks loses what was in flight. `on_live` therefore runs once, right after
@@ -83,12 +77,8 @@ class ZmqEventPlane:
         max_buffered: int = 65536,
         max_pending: int = 65536,
         subscribe_endpoint: str | None = None,
-        receive_every_s: float = 0.0,
     ) -> None:
-        if receive_every_s < 0:
-            raise ValueError(f"receive_every_s must be >= 0, got {receive_every_s}")
         self._endpoint = endpoint
-        self._receive_every_s = receive_every_s
         self._subscribe_endpoint = subscribe_endpoint
         self._max_buffered = max_buffered
         self._max_pending = max_pending
@@ -192,37 +182,23 @@ class ZmqEventPlane:
                 sub.wake.set()
 
     async def _dispatch(self, sock: zmq.asyncio.Socket) -> None:
-        every = self._receive_every_s
-        # A synchronous view of the same socket: NOBLOCK receives without a future each.
-        shadow: zmq.Socket[bytes] | None = zmq.Socket.shadow(sock.underlying) if every else None
         while True:
-            self._deliver(await sock.recv_multipart())
-            while shadow is not None:
-                await asyncio.sleep(every)
-                drained = 0
-                with contextlib.suppress(zmq.Again):
-                    while True:
-                        self._deliver(shadow.recv_multipart(zmq.NOBLOCK))
-                        drained += 1
-                if not drained:
-                    break  # quiet: wait on the socket again
-
-    def _deliver(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            self.malformed += 1
-            return
-        try:
-            subject = frames[0].decode()
-        except UnicodeDecodeError:
-            self.malformed += 1
-            return
-        payload = frames[1]
-        for sub in self._subs:
-            if subject.startswith(sub.prefix):
-                if len(sub.pending) == self._max_pending:
-                    sub.dropped += 1  # the deque drops its oldest entry on append
-                sub.pending.append((subject, payload))
-                sub.wake.set()
+            frames = await sock.recv_multipart()
+            if len(frames) != 2:
+                self.malformed += 1
+                continue
+            try:
+                subject = frames[0].decode()
+            except UnicodeDecodeError:
+                self.malformed += 1
+                continue
+            payload = frames[1]
+            for sub in self._subs:
+                if subject.startswith(sub.prefix):
+                    if len(sub.pending) == self._max_pending:
+                        sub.dropped += 1  # the deque drops its oldest entry on append
+                    sub.pending.append((subject, payload))
+                    sub.wake.set()
 
     async def subscribe(
         self, prefix: str, on_live: OnLive | None = None
