@@ -18,7 +18,7 @@ quiet.
 
 Siblings are found by listing `DIR/sync` when the plane starts, then at most every `rescan_s` and
 soon after a new sibling connects (so a restarted child is heard from and heard within about a
-second). DIR is the supervisor's private temp directory (mode 0700); it also holds `metrics/`, the
+second). A child removes its socket when it stops; the supervisor removes a dead child's. DIR is the supervisor's private temp directory (mode 0700); it also holds `metrics/`, the
 prometheus_client multiprocess directory. Socket paths must stay short (about 100 bytes), which a
 directory made by `tempfile.mkdtemp` keeps them.
 """
@@ -54,6 +54,13 @@ _SUBJECT_LEN = struct.Struct(">H")
 def prepare_channel(directory: str | Path) -> None:
     """Make the channel's socket folder in the supervisor's `directory` (before any child starts)."""
     (Path(directory) / SYNC_SUBDIR).mkdir(mode=0o700, exist_ok=True)
+
+
+def forget_process(directory: str | Path, pid: int) -> None:
+    """Remove the sockets of a child `pid` that has exited (killed, it could not remove them)."""
+    for path in (Path(directory) / SYNC_SUBDIR).glob(f"{pid}-*.sock"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 async def local_plane(directory: str | Path, receive_every_s: float = RECEIVE_EVERY_S) -> LocalPlane:

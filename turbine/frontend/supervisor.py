@@ -39,7 +39,7 @@ from prometheus_client import multiprocess
 
 from turbine.config import FrontendConfig, config_to_env
 from turbine.errors import ConfigError
-from turbine.frontend.local_channel import METRICS_SUBDIR, prepare_channel
+from turbine.frontend.local_channel import METRICS_SUBDIR, forget_process, prepare_channel
 
 log = logging.getLogger("turbine.frontend.supervisor")
 
@@ -151,6 +151,7 @@ class _Group:
     def __init__(self, cfg: FrontendConfig, directory: Path, stop: asyncio.Event) -> None:
         self._cfg = cfg
         self._stop = stop
+        self._directory = directory
         self._metrics_dir = str(directory / METRICS_SUBDIR)
         child = dataclasses.replace(
             cfg, num_processes="1", frontend_process_dir=str(directory), dump_config_to=None
@@ -202,6 +203,9 @@ class _Group:
             code = exited.result()
             _close_stdin(proc)
             multiprocess.mark_process_dead(proc.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+            # A child that died without closing its plane left its socket: siblings would keep
+            # trying to connect to it.
+            forget_process(self._directory, proc.pid)
             if self._stop.is_set():
                 return
             if code == 2:

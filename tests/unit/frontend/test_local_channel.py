@@ -2,12 +2,13 @@
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from turbine.frontend.local_channel import LocalPlane, local_plane, prepare_channel
+from turbine.frontend.local_channel import LocalPlane, forget_process, local_plane, prepare_channel
 
 pytestmark = pytest.mark.unit
 
@@ -115,3 +116,13 @@ async def test_a_burst_arrives_whole_and_in_order_when_read_late(tmp_path: Path)
 async def test_a_folder_that_is_not_there_fails_at_once(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="cannot listen on the local channel"):
         await local_plane(tmp_path / "missing")
+
+
+async def test_the_socket_of_a_process_that_died_is_removed(tmp_path: Path) -> None:
+    async with _planes(tmp_path, 1):
+        sockets = list((tmp_path / "sync").glob("*.sock"))
+        assert len(sockets) == 1 and sockets[0].name.startswith(f"{os.getpid()}-")
+        forget_process(tmp_path, os.getpid() + 1)  # somebody else's: nothing happens
+        assert list((tmp_path / "sync").glob("*.sock")) == sockets
+        forget_process(tmp_path, os.getpid())
+        assert list((tmp_path / "sync").glob("*.sock")) == []
