@@ -18,7 +18,9 @@ quiet.
 
 Siblings are found by listing `DIR/sync` when the plane starts, then at most every `rescan_s` and
 soon after a new sibling connects (so a restarted child is heard from and heard within about a
-second). A child removes its socket when it stops; the supervisor removes a dead child's. DIR is the supervisor's private temp directory (mode 0700); it also holds `metrics/`, the
+second). A child removes its socket when it stops; the supervisor removes a dead child's.
+
+DIR is the supervisor's private temp directory (mode 0700); it also holds `metrics/`, the
 prometheus_client multiprocess directory. Socket paths must stay short (about 100 bytes), which a
 directory made by `tempfile.mkdtemp` keeps them.
 """
