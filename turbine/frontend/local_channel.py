@@ -3,18 +3,19 @@ without a broker, and without a thread between them.
 
 Each child's plane (`LocalPlane`) listens on a Unix SOCK_SEQPACKET socket `DIR/sync/{id}.sock` and
 connects one socket to every sibling it finds there: `publish` sends the message once per sibling
-(a child does not hear its own messages). SEQPACKET
-keeps message boundaries and sends each message whole or not at all, so a sibling too slow to keep
-up loses whole messages (counted in `dropped`; replica sync's heartbeats repair), never the stream.
-Replica sync then runs over it exactly as it runs over NATS between machines.
+(a child does not hear its own messages). SEQPACKET keeps message boundaries and sends each message
+whole or not at all, so a sibling too slow to keep up (its unread messages fill the sender's 4 MiB
+send buffer) loses whole messages, counted in `dropped`, never the stream; replica sync's heartbeat
+then drops the requests whose `finished` was lost. Replica sync runs over it exactly as it runs over
+NATS between machines.
 
 Why not a ZMQ forwarder (XSUB/XPUB in the supervisor, as before): each message then crossed the
 sender's ZMQ I/O thread, the forwarder's two threads and every receiver's I/O thread, about ten
 context switches per message; with every child hearing every other, that cost a 4-process frontend
-on 2 cores about 1 ms of CPU per request. Here a message is one `send` per sibling, and nothing
-wakes up for it: a child reads its sockets at most every `receive_every_s` while messages keep
-coming (everything that arrived meanwhile at once), and waits on them only when the channel is
-quiet.
+on 2 cores about 1 ms of CPU per request. Here a message is one `send` per sibling, and only the
+receiving event loop ever wakes for it, at most once per `receive_every_s` while messages keep
+coming: it then reads everything that arrived meanwhile, and waits on its sockets again only once
+the channel is quiet.
 
 Siblings are found by listing `DIR/sync` when the plane starts, then at most every `rescan_s` and
 soon after a new sibling connects (so a restarted child is heard from and heard within about a
