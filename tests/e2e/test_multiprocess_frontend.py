@@ -142,6 +142,29 @@ def test_processes_share_routing_load_and_keep_the_cache_hit_ratio(stack: Stack)
     single.stop()
 
 
+def test_a_restarted_process_shares_routing_load_again(stack: Stack) -> None:
+    """A child killed outright leaves its socket on the local channel behind; its replacement is
+    heard by the survivor, and hears it, as the first one was."""
+    supervisor, url = stack.frontend("--num-processes", "2", "--router-mode", "kv")
+    stack.worker(*MOCKER, "--speedup-ratio", "1")
+    port = int(url.rsplit(":", 1)[1])
+    wait_until(lambda: len(_children(supervisor)) == 2, 20, supervisor)
+    victim = min(_children(supervisor))
+    psutil.Process(victim).kill()
+    wait_until(lambda: len(_children(supervisor) - {victim}) == 2, 20, supervisor)
+    wait_until(lambda: all(port in _listening_ports(pid) for pid in _children(supervisor)), 20, supervisor)
+    wait_until(lambda: _all_ready(url, 2), 30, supervisor)
+    time.sleep(1.5)  # the survivor connects to the replacement by its next heartbeat
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(_long_stream, url, i) for i in range(6)]
+        wait_until(lambda: _metric_sum(url, "turbine_router_active_requests") == 6, 15)
+        for _ in range(6):  # fresh connections: both processes answer some of these
+            assert _metric_sum(url, "turbine_router_active_requests") == 6
+        assert all(s.result() for s in streams)
+    wait_until(lambda: _metric_sum(url, "turbine_router_active_requests") == 0, 15)
+
+
 def test_refuses_a_port_held_by_another_process(stack: Stack) -> None:
     _, url = stack.frontend()  # a single-process frontend: no SO_REUSEPORT, nobody may share
     port = url.rsplit(":", 1)[1]

@@ -1,7 +1,7 @@
 """`--num-processes N`: one supervisor and N frontend processes on the same ports.
 
-The supervisor serves nothing itself. It makes a private temp directory, runs the local channel's
-forwarder in it (local_channel.py) and starts N children, `python -m turbine.frontend`, with the
+The supervisor serves nothing itself. It makes a private temp directory, with the local channel's
+socket folder in it (local_channel.py), and starts N children, `python -m turbine.frontend`, with the
 same config passed as TURBINE_* variables (the environment keeps secrets off `ps`) plus
 `--num-processes 1 --frontend-process-dir DIR`. Each child is a full frontend: it follows discovery
 and the workers' KV events itself, binds the HTTP (and gRPC) port with SO_REUSEPORT, so the kernel
@@ -39,7 +39,7 @@ from prometheus_client import multiprocess
 
 from turbine.config import FrontendConfig, config_to_env
 from turbine.errors import ConfigError
-from turbine.frontend.local_channel import METRICS_SUBDIR, LocalForwarder
+from turbine.frontend.local_channel import METRICS_SUBDIR, forget_process, prepare_channel
 
 log = logging.getLogger("turbine.frontend.supervisor")
 
@@ -138,12 +138,9 @@ async def supervise(
     directory = Path(tempfile.mkdtemp(prefix="turbine-fe-"))
     try:
         (directory / METRICS_SUBDIR).mkdir()
-        forwarder = LocalForwarder(directory)
-        try:
-            group = _Group(cfg, directory, stop)
-            return await group.run(on_ready)
-        finally:
-            forwarder.close()
+        prepare_channel(directory)
+        group = _Group(cfg, directory, stop)
+        return await group.run(on_ready)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -154,6 +151,7 @@ class _Group:
     def __init__(self, cfg: FrontendConfig, directory: Path, stop: asyncio.Event) -> None:
         self._cfg = cfg
         self._stop = stop
+        self._directory = directory
         self._metrics_dir = str(directory / METRICS_SUBDIR)
         child = dataclasses.replace(
             cfg, num_processes="1", frontend_process_dir=str(directory), dump_config_to=None
@@ -205,6 +203,9 @@ class _Group:
             code = exited.result()
             _close_stdin(proc)
             multiprocess.mark_process_dead(proc.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+            # A child that died without closing its plane left its socket: siblings would keep
+            # trying to connect to it.
+            forget_process(self._directory, proc.pid)
             if self._stop.is_set():
                 return
             if code == 2:
