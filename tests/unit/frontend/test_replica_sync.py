@@ -108,7 +108,7 @@ class _Recorder:
 async def test_a_burst_is_one_message_per_interval_with_steps_merged() -> None:
     plane = _Recorder()
     a = _router(0)
-    sync = ReplicaSync(plane, "ns", "m", 0xA, a, heartbeat_s=60, flush_s=0.05)  # type: ignore[arg-type]
+    sync = ReplicaSync(plane, "ns", "m", 0xA, a, heartbeat_s=60, flush_s=0.05)
     sync.start()
     await asyncio.sleep(0.08)
     plane.sent.clear()  # the first heartbeat
@@ -138,7 +138,7 @@ async def test_a_load_only_request_routed_and_finished_within_an_interval_is_not
     router.update_instances(
         {w: ModelDeploymentCard("m", "/x", "ns", "c", "e", w, kv_block_size=4) for w in (1, 2)}
     )
-    sync = ReplicaSync(plane, "ns", "m", 0xA, router, heartbeat_s=60, flush_s=0.05)  # type: ignore[arg-type]
+    sync = ReplicaSync(plane, "ns", "m", 0xA, router, heartbeat_s=60, flush_s=0.05)
     sync.start()
     await asyncio.sleep(0.08)
     plane.sent.clear()  # the first heartbeat
@@ -192,7 +192,7 @@ async def test_a_request_in_flight_in_one_process_is_seen_by_its_sibling_within_
 async def test_a_large_batch_is_sent_without_waiting_out_the_interval() -> None:
     plane = _Recorder()
     a = _router(0)
-    sync = ReplicaSync(plane, "ns", "m", 0xA, a, heartbeat_s=60, flush_s=60)  # type: ignore[arg-type]
+    sync = ReplicaSync(plane, "ns", "m", 0xA, a, heartbeat_s=60, flush_s=60)
     sync.start()
     await asyncio.sleep(0)
     for i in range(400):  # about 84 bytes each: one batch fills up on the way
