@@ -9,6 +9,8 @@ request whose client went away (vLLM, SGLang and llama.cpp all do).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
@@ -137,6 +139,7 @@ class UpstreamClient:
                         continue
                     payload = line[5:].strip()
                     if payload == b"[DONE]":
+                        await _drain(resp)
                         return
                     try:
                         data = json.loads(payload)
@@ -146,3 +149,18 @@ class UpstreamClient:
                         yield data
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._fail(exc) from None
+
+
+# How long the end of a response body may take to arrive after its `[DONE]` event.
+DRAIN_TIMEOUT_S = 1.0
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read what is left of the body (the chunked encoding's last chunk, typically) so that the
+    connection goes back to the pool: aiohttp closes one whose response was not read to its end,
+    and every request then pays for a new connection (and the server for accepting it)."""
+    if resp.content.at_eof():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await resp.content.read()
