@@ -111,14 +111,15 @@ class UpstreamClient:
             raise self._fail(exc) from None
 
     async def metrics(self, timeout_s: float) -> str | None:
-        """The Prometheus text at /metrics; None when the server has none (404)."""
+        """The Prometheus text at /metrics; None when the server has none (404; llama.cpp's
+        llama-server answers 501 unless started with --metrics)."""
         try:
             async with self._session.get(
                 f"{self.base_url}/metrics",
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
-                if resp.status == 404:
+                if resp.status in (404, 501):
                     return None
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"upstream {self.base_url}: /metrics answered {resp.status}")
