@@ -100,3 +100,30 @@ def test_token_mode_through_the_openai_client(stack: Stack, model_dir: Path, ser
     cut = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stop=[direct[3:6]])
     assert direct.startswith(cut.choices[0].text) and cut.choices[0].finish_reason == "stop"
     assert len(cut.choices[0].text) < len(direct)
+
+
+def busy_slots(server: str) -> int:
+    status, _, raw = http("GET", server + "/slots", timeout=5)
+    assert status == 200, raw
+    return sum(1 for slot in json.loads(raw) if slot["is_processing"])
+
+
+def test_a_client_that_goes_away_stops_the_servers_work(stack: Stack, model_dir: Path, server: str) -> None:
+    _, url = stack.frontend("--model-path", str(model_dir), "--upstream", f"{MODEL}={server}")
+    wait_instances(url, 1, model=MODEL)
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = oai.completions.create(
+        model=MODEL,
+        prompt="Write a very long story about a lighthouse keeper.",
+        max_tokens=1500,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for n, _ in enumerate(stream):
+        if n == 3:
+            break
+    assert busy_slots(server) == 1  # still generating: 1500 tokens take seconds
+    stream.close()
+    # Turbine closes its upstream connection, and llama-server cancels the request.
+    wait_until(lambda: busy_slots(server) == 0, 10)
