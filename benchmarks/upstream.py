@@ -6,11 +6,12 @@
    share of a group's later requests sent to the server that served the group's previous one
    (llama-cpp-python reports no cached tokens, so the servers' own hit ratio is not available;
    the servers run with their RAM prompt cache, `--cache true`, so a prefix seen before is reused).
-2. Overhead: one server called directly vs through Turbine, sequential non-streaming requests with
-   one output token on a prompt the server has cached: the p50 latency difference is what Turbine
-   adds (HTTP, template, tokenize, route, request plane, the sidecar's HTTP, detokenize).
+2. Overhead: one server called directly vs through `turbine frontend --upstream smol=URL` (what a
+   user runs in front of one server), sequential plain and streamed requests with one output token
+   on a prompt the server has cached: the p50 latency difference is what Turbine adds (HTTP,
+   tokenize, route, the sidecar's HTTP and SSE parsing, re-tokenize, detokenize).
 
-    .venv/bin/python benchmarks/upstream.py [--groups 4 --per-group 3 --overhead-requests 60]
+    .venv/bin/python benchmarks/upstream.py [--groups 4 --per-group 3 --overhead-requests 160]
 """
 
 from __future__ import annotations
@@ -137,38 +138,47 @@ async def timed(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) 
     return time.perf_counter() - start
 
 
-async def overhead(
-    servers: LlamaServers, model_dir: Path, args: argparse.Namespace
-) -> tuple[float, float, float]:
+@dataclass
+class Overhead:
+    """p50 latency (ms) of each path."""
+
+    direct: float
+    direct_stream: float
+    turbine: float
+    turbine_stream: float
+
+
+async def overhead(servers: LlamaServers, model_dir: Path, args: argparse.Namespace) -> Overhead:
     """p50 latency (ms) direct (plain, then streamed: what the sidecar asks the server for) and
-    through Turbine, alternating in blocks of 10."""
+    through Turbine (plain and streamed requests), alternating in blocks of 10. Turbine runs as a
+    user would front one server: `turbine frontend --model-path DIR --upstream smol=URL` (the
+    sidecar inside the frontend process)."""
     prompt = "The lighthouse keeper looked at the sea and said"
     direct_url = servers.urls[0] + "/v1/completions"
     frontend = ["--model-path", str(model_dir), "--upstream", f"{MODEL}={servers.urls[0]}"]
-    direct: list[float] = []
-    direct_stream: list[float] = []
-    turbine: list[float] = []
+    times: list[list[float]] = [[], [], [], []]
     with LocalStack([*frontend, "--log-level", "warning"], [], worker_processes=0) as stack:
         body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        turbine_url = stack.url + "/v1/completions"
+        paths = [
+            (direct_url, body),
+            (direct_url, {**body, "stream": True}),
+            (turbine_url, body),
+            (turbine_url, {**body, "stream": True}),
+        ]
         async with aiohttp.ClientSession() as session:
-            for _ in range(5):  # warm both paths and the server's prefix cache
-                await timed(session, direct_url, body)
-                await timed(session, stack.url + "/v1/completions", body)
+            for _ in range(5):  # warm every path and the server's prefix cache
+                for url, b in paths:
+                    await timed(session, url, b)
             for block in range(args.overhead_requests // 10):
+                url, b = paths[block % len(paths)]
                 for _ in range(10):
-                    if block % 3 == 2:
-                        turbine.append(await timed(session, stack.url + "/v1/completions", body))
-                    elif block % 3 == 1:
-                        direct_stream.append(await timed(session, direct_url, {**body, "stream": True}))
-                    else:
-                        direct.append(await timed(session, direct_url, body))
-    p50 = [percentile(x, 0.5) * 1000 for x in (direct, direct_stream, turbine)]
-    return p50[0], p50[1], p50[2]
+                    times[block % len(paths)].append(await timed(session, url, b))
+    p50 = [percentile(x, 0.5) * 1000 for x in times]
+    return Overhead(*p50)
 
 
-def report(
-    rows: list[RoutingRow], direct_ms: float, stream_ms: float, turbine_ms: float, args: argparse.Namespace
-) -> str:
+def report(rows: list[RoutingRow], o: Overhead, args: argparse.Namespace) -> str:
     lines = [
         "# Turbine in front of llama.cpp servers",
         "",
@@ -176,7 +186,7 @@ def report(
         f"Routing: 2 servers (prompt cache on: `--cache true`), {args.groups} groups x {args.per_group} "
         f"prompts (~{args.prefix_words}-word shared prefix, "
         "8 output tokens, streaming, concurrency 1). Command: "
-        "`.venv/bin/python benchmarks/upstream.py`.",
+        f"`.venv/bin/python benchmarks/upstream.py --overhead-requests {args.overhead_requests}`.",
         "",
         f"With {args.groups * args.per_group} requests per router, p99 is the slowest single request; "
         f"the machine's 5-minute load average was {os.getloadavg()[1]:.1f} at the end of the run "
@@ -189,20 +199,26 @@ def report(
         r = row.run
         ttft = f"{r.ttft_ms(0.5):.0f} | {r.ttft_ms(0.99):.0f}"
         lines.append(f"| {row.router} | {ttft} | {row.affinity:.2f} | {r.failures} |")
+    each = args.overhead_requests // 10 // 4 * 10
     lines += [
         "",
-        f"Overhead, one server, {args.overhead_requests // 3} sequential non-streaming requests each "
-        "way (1 output token, cached prompt). The sidecar always streams from the server (so that a "
-        "stream that breaks can move to another server), and llama-cpp-python's streamed answer costs "
-        "the server itself more than a plain one, so both direct figures are shown:",
+        f"Overhead, one server, {each} sequential requests per path (1 output token, cached prompt), "
+        "Turbine as a user fronts one server: `turbine frontend --model-path DIR --upstream "
+        "smol=URL` (the sidecar runs inside the frontend process, and the frontend calls it "
+        "directly, not over the request plane). The sidecar always streams from the server (so "
+        "that a stream that breaks can move to another server), and llama-cpp-python's streamed "
+        "answer costs the server itself more than a plain one, so both direct figures are shown:",
         "",
         "| path | latency p50 ms |",
         "|---|---|",
-        f"| direct, plain | {direct_ms:.2f} |",
-        f"| direct, streamed (what the sidecar sends) | {stream_ms:.2f} |",
-        f"| through Turbine | {turbine_ms:.2f} |",
-        f"| added by Turbine over the streamed call | {turbine_ms - stream_ms:.2f} |",
-        f"| added over the plain call | {turbine_ms - direct_ms:.2f} |",
+        f"| direct, plain | {o.direct:.2f} |",
+        f"| direct, streamed (what the sidecar sends) | {o.direct_stream:.2f} |",
+        f"| through Turbine, plain request | {o.turbine:.2f} |",
+        f"| through Turbine, streamed request | {o.turbine_stream:.2f} |",
+        f"| added by Turbine over the streamed call (plain request) | {o.turbine - o.direct_stream:.2f} |",
+        f"| added by Turbine over the streamed call (streamed request) | "
+        f"{o.turbine_stream - o.direct_stream:.2f} |",
+        f"| added over the plain call (plain request) | {o.turbine - o.direct:.2f} |",
         "",
         "![upstream](upstream.png)",
         "",
@@ -231,10 +247,9 @@ def plot(rows: list[RoutingRow], out: Path) -> None:
 
 async def measure(
     servers: LlamaServers, model_dir: Path, args: argparse.Namespace
-) -> tuple[list[RoutingRow], float, float, float]:
+) -> tuple[list[RoutingRow], Overhead]:
     rows = await routing(servers, model_dir, args)
-    direct_ms, stream_ms, turbine_ms = await overhead(servers, model_dir, args)
-    return rows, direct_ms, stream_ms, turbine_ms
+    return rows, await overhead(servers, model_dir, args)
 
 
 def main() -> None:
@@ -244,7 +259,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--per-group", type=int, default=3)
     parser.add_argument("--prefix-words", type=int, default=200)
-    parser.add_argument("--overhead-requests", type=int, default=90)
+    parser.add_argument("--overhead-requests", type=int, default=160, help="over the 4 paths")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -259,12 +274,12 @@ def main() -> None:
         model_dir = write_tokenizer_dir(gguf, root / "smol")
         servers = LlamaServers(gguf, 2, root)
         try:
-            rows, direct_ms, stream_ms, turbine_ms = asyncio.run(measure(servers, model_dir, args))
+            rows, over = asyncio.run(measure(servers, model_dir, args))
         finally:
             servers.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = report(rows, direct_ms, stream_ms, turbine_ms, args)
+    text = report(rows, over, args)
     (out / "upstream.md").write_text(text)
     plot(rows, out)
     print(text)

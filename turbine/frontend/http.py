@@ -312,7 +312,11 @@ class OpenAIService:
         try:
             # Wait for every choice's first delta before answering, so that a request no worker
             # can take still becomes an HTTP error status rather than an in-band stream error.
-            firsts = list(await asyncio.gather(*(g.first() for g in gens)))
+            # (One choice, the usual case, is awaited in this task: gather would start a task.)
+            if len(gens) == 1:
+                firsts = [await gens[0].first()]
+            else:
+                firsts = list(await asyncio.gather(*(g.first() for g in gens)))
             served.first_token(gens)
             headers = {}
             decision = gens[0].decision
@@ -326,7 +330,10 @@ class OpenAIService:
                 )
             if prepared.stream:
                 return await self._stream(request, gens, firsts, prepared, model, created, chat, headers)
-            choices = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts, strict=True)))
+            if len(gens) == 1:
+                choices = [await collect(gens[0], firsts[0])]
+            else:
+                choices = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts, strict=True)))
             if responses:
                 text, finish = choices[0].text, choices[0].finish
                 obj = response_object(

@@ -41,6 +41,7 @@ from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.factory import make_event_plane, make_request_client, make_store, nats_tls
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
+from turbine.runtime.transport.local import LocalPlane
 from turbine.worker.upstream import frontend_upstreams
 
 log = logging.getLogger("turbine.frontend")
@@ -65,7 +66,9 @@ async def run_frontend(
             loop.add_signal_handler(sig, stop.set)
     own_store = store is None
     store = store if store is not None else make_store(cfg)
-    client = make_request_client(cfg)
+    # Streams to the workers of --upstream (which run in this process) skip the network.
+    local = LocalPlane()
+    client = local.client(make_request_client(cfg))
     executor = concurrent.futures.ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="tokenize")
     # The NATS object store connects only when a card lists a nats-os: location.
     model_files = ModelFileResolver(
@@ -155,7 +158,7 @@ async def run_frontend(
     # --upstream MODEL=URL: the upstream sidecar's workers, registered in this process's store.
     upstreams = contextlib.AsyncExitStack()
     try:
-        await upstreams.enter_async_context(frontend_upstreams(cfg, store))
+        await upstreams.enter_async_context(frontend_upstreams(cfg, store, local))
         if group_dir and not await registry.caught_up(timeout_s=30.0):
             # One of a --num-processes group (a restart, say): take connections from the shared
             # port only once the models the others serve are loaded here too, so none gets a 404.

