@@ -104,7 +104,7 @@ def split(data: bytes, *cuts: int) -> list[bytes]:
 
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-EVENTS = [
+EVENTS: list[dict[str, Any]] = [
     {"choices": [{"text": "a", "finish_reason": None}]},
     {"choices": [{"text": "b", "finish_reason": "stop"}]},
 ]
