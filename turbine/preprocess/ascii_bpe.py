@@ -33,8 +33,9 @@ _SPACE = r"\t\n\x0b\x0c\r "
 _CLASSES = {"p{L}": "A-Za-z", "p{N}": "0-9", "d": "0-9", "s": _SPACE}
 _NEGATED_OUTSIDE = {"S": f"[^{_SPACE}]", "D": "[^0-9]"}
 
-# Words kept per tokenizer before the cache starts over (a few MB; English needs far fewer).
-_MAX_WORDS = 50_000
+# Words kept per tokenizer before the cache starts over: ~150 bytes each, so at most ~15 MB. English
+# prose from a 30k-word vocabulary reaches ~60k keys (case and a leading space make variants).
+_MAX_WORDS = 100_000
 
 # Texts that exercise every branch of the split patterns; the fast path must agree with `tokenizers` on
 # all of them (and on their concatenation) or it is not used.
@@ -135,7 +136,9 @@ class AsciiBpe:
         self._tokenize: Callable[[str], list[Any]] = tokenizer.model.tokenize
         self._findall = split.findall
         self._alphabet = str.maketrans(_ASCII_TO_ALPHABET)
-        self._words: dict[str, list[int]] = {}
+        self._words: dict[str, tuple[int, ...]] = {}
+        # One int object per id, shared by every cached word (ids above 256 are not shared by Python).
+        self._ids = tuple(range(tokenizer.get_vocab_size(with_added_tokens=True)))
 
     @classmethod
     def build(cls, tokenizer: tokenizers.Tokenizer) -> AsciiBpe | None:
@@ -165,7 +168,8 @@ class AsciiBpe:
         for word in self._findall(text):
             hit = words.get(word)
             if hit is None:
-                hit = [t.id for t in self._tokenize(word.translate(self._alphabet))]
+                shared = self._ids
+                hit = tuple([shared[t.id] for t in self._tokenize(word.translate(self._alphabet))])
                 if len(words) >= _MAX_WORDS:
                     words.clear()  # start over: cheaper than LRU bookkeeping on every hit
                 words[word] = hit

@@ -143,6 +143,9 @@ class ChatTemplate:
             self._template = _build_environment().from_string(source)
         except jinja2.TemplateError as exc:
             raise ConfigError(f"chat template does not compile: {_describe(exc)}") from exc
+        # The template's globals flattened once: `Template.render` merges them into every render's
+        # variables from a ChainMap, whose pure-Python iteration cost more than rendering a short chat.
+        self._globals = dict(self._template.globals)
 
     def render(
         self,
@@ -160,6 +163,7 @@ class ChatTemplate:
         template's own `raise_exception(...)` (e.g. "roles must alternate user/assistant").
         """
         context: dict[str, Any] = {
+            **self._globals,
             **self._special_tokens,
             "documents": None,
             **extra,
@@ -167,8 +171,17 @@ class ChatTemplate:
             "tools": tools,
             "add_generation_prompt": add_generation_prompt,
         }
+        template = self._template
         try:
-            return self._template.render(context)
+            try:
+                # What `Template.render` does, with the globals already in `context` (`shared`: use it
+                # as the context's variables as it is, without merging them in again).
+                return template.environment.concat(
+                    template.root_render_func(template.new_context(context, shared=True))
+                )
+            except Exception:
+                template.environment.handle_exception()  # jinja's traceback rewriting; re-raises
+                raise
         except _RaisedByTemplate as exc:
             raise InvalidRequest(exc.message or "rejected by the chat template", param="messages") from exc
         except jinja2.TemplateError as exc:
