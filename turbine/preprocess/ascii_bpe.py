@@ -163,15 +163,21 @@ class AsciiBpe:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ASCII `text`, which must hold no added token."""
+        found = self._findall(text)
+        # Lookups through map() run in C; only misses (rare once warm) take the slow branch.
+        hits: list[tuple[int, ...] | None] = list(map(self._words.get, found))
+        if None in hits:
+            hits = [self._word(w) if h is None else h for w, h in zip(found, hits, strict=True)]
         ids: list[int] = []
+        for hit in hits:
+            ids += hit  # type: ignore[arg-type]  # no None is left here
+        return ids
+
+    def _word(self, word: str) -> tuple[int, ...]:
+        shared = self._ids
+        ids = tuple([shared[t.id] for t in self._tokenize(word.translate(self._alphabet))])
         words = self._words
-        for word in self._findall(text):
-            hit = words.get(word)
-            if hit is None:
-                shared = self._ids
-                hit = tuple([shared[t.id] for t in self._tokenize(word.translate(self._alphabet))])
-                if len(words) >= _MAX_WORDS:
-                    words.clear()  # start over: cheaper than LRU bookkeeping on every hit
-                words[word] = hit
-            ids += hit
+        if len(words) >= _MAX_WORDS:
+            words.clear()  # start over: cheaper than LRU bookkeeping on every hit
+        words[word] = ids
         return ids

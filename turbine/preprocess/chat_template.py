@@ -17,6 +17,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
+import jinja2.runtime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from turbine.errors import ConfigError, InvalidRequest
@@ -175,10 +176,12 @@ class ChatTemplate:
         try:
             try:
                 # What `Template.render` does, with the globals already in `context` (`shared`: use it
-                # as the context's variables as it is, without merging them in again).
-                return template.environment.concat(
-                    template.root_render_func(template.new_context(context, shared=True))
+                # as the context's variables as it is, without merging them in again) and given as a
+                # dict (the context lists their names, which again iterated the ChainMap).
+                ctx = jinja2.runtime.new_context(
+                    template.environment, template.name, template.blocks, context, True, self._globals
                 )
+                return template.environment.concat(template.root_render_func(ctx))
             except Exception:
                 template.environment.handle_exception()  # jinja's traceback rewriting; re-raises
                 raise

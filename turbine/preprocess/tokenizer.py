@@ -264,6 +264,10 @@ class Tokenizer:
     # tokenizer: a thread round trip costs ~55 us, encoding ~150 us per 1,000 chars, so short prompts
     # gain nothing from the hop and the longest inline one stalls the loop for only ~0.3 ms.
     INLINE_MAX_CHARS = 2000
+    # ASCII text on the fast path (`ascii_bpe.py`) stays inline up to this many times as long: it costs
+    # ~4x less per character, and it holds the GIL, so a thread would not run it alongside the loop
+    # anyway; only the hop would be paid.
+    INLINE_ASCII_FACTOR = 4
 
     # Prompt pieces at least this long are remembered (see `encode`).
     CACHE_MIN_CHARS = 1000
@@ -415,6 +419,11 @@ class Tokenizer:
         Long texts run in `executor` (None: the loop's default executor); `tokenizers` releases the
         GIL while encoding, so other requests keep being served meanwhile.
         """
-        if len(text) < self._inline_max_chars:
+        size = len(text)
+        if size < self._inline_max_chars or (
+            self._fast is not None
+            and size < self._inline_max_chars * self.INLINE_ASCII_FACTOR
+            and text.isascii()
+        ):
             return self.encode(text)
         return await asyncio.get_running_loop().run_in_executor(executor, self.encode, text)
