@@ -140,7 +140,6 @@ class FrontendMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._scraped = self.registry  # what render() serializes (see aggregate_processes)
-        self._series: dict[str, _ModelSeries] = {}
         r = self.registry
         p = prefix
         self.requests = Counter(
@@ -255,42 +254,7 @@ class FrontendMetrics:
 
     def serving(self, model: str) -> RequestMetrics:
         """Start recording one request that has been preprocessed and is about to be routed."""
-        series = self._series.get(model)
-        if series is None:
-            series = self._series[model] = _ModelSeries(self, model)
-        return RequestMetrics(series)
-
-
-class _ModelSeries:
-    """One model's labelled children, looked up once: `labels()` costs a lock and a few tuple and dict
-    operations per call, and a request made ~10 such calls."""
-
-    __slots__ = (
-        "cached_tokens",
-        "duration",
-        "inflight",
-        "input_tokens",
-        "itl",
-        "metrics",
-        "model",
-        "output_tokens",
-        "overlap_blocks",
-        "prompt_tokens",
-        "ttft",
-    )
-
-    def __init__(self, metrics: FrontendMetrics, model: str) -> None:
-        self.metrics = metrics
-        self.model = model
-        self.inflight = metrics.inflight.labels(model)
-        self.ttft = metrics.ttft.labels(model)
-        self.itl = metrics.itl.labels(model)
-        self.duration = metrics.duration.labels(model)
-        self.input_tokens = metrics.input_tokens.labels(model)
-        self.output_tokens = metrics.output_tokens.labels(model)
-        self.prompt_tokens = metrics.prompt_tokens.labels(model)
-        self.cached_tokens = metrics.cached_tokens.labels(model)
-        self.overlap_blocks = metrics.overlap_blocks.labels(model)
+        return RequestMetrics(self, model)
 
 
 class RequestMetrics:
@@ -298,43 +262,44 @@ class RequestMetrics:
     `finish` (which must be called exactly once, in a `finally`), time to first token, routing, and
     at the end duration, prompt/output/cached token counts, inter-token latency and migrations."""
 
-    __slots__ = ("_first_seen", "_series", "_started")
+    __slots__ = ("_first_seen", "_metrics", "_model", "_started")
 
-    def __init__(self, series: _ModelSeries) -> None:
-        self._series = series
+    def __init__(self, metrics: FrontendMetrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
         self._started = time.perf_counter()
         self._first_seen = False
-        series.inflight.inc()
+        metrics.inflight.labels(model).inc()
 
     def first_token(self, gens: Sequence[Generation]) -> None:
         """The first output arrived (for n > 1: every choice's): TTFT, and where the choices went."""
         if self._first_seen:
             return
         self._first_seen = True
-        s = self._series
-        s.ttft.observe(time.perf_counter() - self._started)
+        m, model = self._metrics, self._model
+        m.ttft.labels(model).observe(time.perf_counter() - self._started)
         for gen in gens:
             if gen.decision is not None:
-                s.metrics.routed.labels(s.model, f"{gen.decision.instance_id:x}").inc()
-                s.overlap_blocks.inc(gen.decision.overlap_blocks)
+                m.routed.labels(model, f"{gen.decision.instance_id:x}").inc()
+                m.overlap_blocks.labels(model).inc(gen.decision.overlap_blocks)
 
     def finish(self, gens: Sequence[Generation]) -> None:
         """The request ended (served, failed or cancelled); `gens` are its choices."""
-        s = self._series
-        s.inflight.dec()
-        s.duration.observe(time.perf_counter() - self._started)
+        m, model = self._metrics, self._model
+        m.inflight.labels(model).dec()
+        m.duration.labels(model).observe(time.perf_counter() - self._started)
         if not gens:
             return
         # One prompt, n completions: the prompt counts once (as the usage object does).
         prompt = gens[0].prompt_tokens
-        s.input_tokens.observe(prompt)
-        s.output_tokens.observe(sum(g.completion_tokens for g in gens))
-        s.prompt_tokens.inc(prompt)
-        s.cached_tokens.inc(gens[0].cached_tokens)
+        m.input_tokens.labels(model).observe(prompt)
+        m.output_tokens.labels(model).observe(sum(g.completion_tokens for g in gens))
+        m.prompt_tokens.labels(model).inc(prompt)
+        m.cached_tokens.labels(model).inc(gens[0].cached_tokens)
         for gen in gens:
             itl = gen.post.inter_token_latency_s
             if itl is not None:
-                s.itl.observe(itl)
+                m.itl.labels(model).observe(itl)
         migrations = sum(g.migrations for g in gens)
         if migrations:
-            s.metrics.migrations.labels(s.model).inc(migrations)
+            m.migrations.labels(model).inc(migrations)
