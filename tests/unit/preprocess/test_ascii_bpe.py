@@ -146,3 +146,15 @@ def test_pattern_translation() -> None:
     assert ascii_pattern(r"\p{Lu}") is None
     assert ascii_pattern(r"[\S]") is None
     assert ascii_pattern(r"\bword") is None
+
+
+def test_english_text_is_deterministic_varied_and_large() -> None:
+    """The benchmark prompt material: a seed fixes the vocabulary and the texts, texts differ."""
+    english = EnglishText(0)
+    assert len(english.words) == len(set(english.words)) == 30_000
+    texts = [english.text(random.Random(1), 150) for _ in range(2)]
+    assert texts[0] == texts[1] and texts[0].isascii()
+    rng = random.Random(2)
+    many = [english.text(rng, 150) for _ in range(200)]
+    assert len(set(many)) == 200
+    assert all(len(t.split()) >= 150 for t in many)
