@@ -146,6 +146,9 @@ class AsciiBpe:
         model = tokenizer.model
         if not isinstance(model, tokenizers.models.BPE) or model.dropout:
             return None
+        # A tokenizer.json may configure truncation or padding, which `encode` then applies.
+        if tokenizer.truncation is not None or tokenizer.padding is not None:
+            return None
         normalizer = tokenizer.normalizer
         # Unicode normal forms leave ASCII text as it is; any other normalizer may not.
         if normalizer is not None and type(normalizer).__name__ not in ("NFC", "NFD", "NFKC", "NFKD"):

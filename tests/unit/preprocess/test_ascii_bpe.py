@@ -112,8 +112,19 @@ def test_word_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         lambda s: s["model"].__setitem__("dropout", 0.5),
         lambda s: s.update(_split_spec(r"\p{Lu}+|\s+|[^\s]+")),
         lambda s: s.update(_split_spec(r"\w+|\s+")),
+        lambda s: s.__setitem__(
+            "truncation", {"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0}
+        ),
     ],
-    ids=["lowercasing", "whitespace split", "prefix space", "dropout", "other unicode class", "\\w"],
+    ids=[
+        "lowercasing",
+        "whitespace split",
+        "prefix space",
+        "dropout",
+        "other unicode class",
+        "\\w",
+        "truncation",
+    ],
 )
 def test_off_where_it_cannot_be_shown_exact(change: Any) -> None:
     spec = _spec()
