@@ -13,30 +13,29 @@ Set up Dynamo once (a separate venv; its `aisimulate` dependency is not needed):
     .bench/dynamo/bin/pip install aiohttp msgspec prometheus-client pyzmq "redis>=6.2,<9" tqdm transformers \\
         zstandard "pydantic>=2.10.6,<=2.13.5" uvloop "kubernetes>=32.0.1,<33" certifi typing-extensions
 
-    .venv/bin/python benchmarks/vs_dynamo.py [--pairs 3] [--requests 1000]
+    .venv/bin/python benchmarks/vs_dynamo.py [--pairs 3] [--requests 1000]   # completions → vs_dynamo.md
+    .venv/bin/python benchmarks/vs_dynamo.py --chat     # chat, varied prompts → vs_dynamo_chat.md
+
+A venv elsewhere: `--dynamo PATH/bin/python` or TURBINE_BENCH_DYNAMO_PYTHON. The machine is shared by
+whatever else runs on it; the alternation keeps the two stacks' conditions alike, not quiet.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import signal
 import statistics
-import subprocess
-import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from tqdm import tqdm
 
+from turbine.bench.dynamo import DynamoStack
 from turbine.bench.loadgen import RunResult, run_closed_loop
-from turbine.bench.stack import LocalStack, free_port, proc_cpu_seconds
-from turbine.bench.workloads import SizedText, random_words
+from turbine.bench.stack import LocalStack
+from turbine.bench.workloads import EnglishText, SizedText, random_words
 from turbine.models import bundled_model_path
 from turbine.preprocess.tokenizer import Tokenizer, load_model_files
 
@@ -65,119 +64,76 @@ class TurbineStack:
         self._stack.close()
 
 
-class DynamoStack:
-    def __init__(self, python: str) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="dynamo-bench-")
-        root = Path(self._dir.name)
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "DYN_FILE_KV": str(root / "kv"), "HOME": str(root), "DYN_LOG": "warn"}
-        common = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
-        self._logs = [open(root / n, "wb") for n in ("frontend.log", "mocker.log")]  # noqa: SIM115
-        self.frontend = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "dynamo.frontend",
-                "--http-host",
-                "127.0.0.1",
-                "--http-port",
-                str(port),
-                *common,
-                "--router-mode",
-                "round-robin",
-            ],
-            stdout=self._logs[0],
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.mocker = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "dynamo.mocker",
-                "--model-path",
-                str(bundled_model_path()),
-                *common,
-                "--speedup-ratio",
-                "1000000",
-            ],
-            stdout=self._logs[1],
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.model = self._wait_model()
-
-    def _wait_model(self) -> str:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            for proc in (self.frontend, self.mocker):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a Dynamo process exited; logs in {self._dir.name}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=1) as resp:
-                    data = json.loads(resp.read())["data"]
-                    if data:
-                        model: str = data[0]["id"]
-                        return model
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("Dynamo did not come up")
-
-    def frontend_cpu_s(self) -> float:
-        return proc_cpu_seconds(self.frontend.pid)
-
-    def close(self) -> None:
-        for proc in (self.frontend, self.mocker):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (self.frontend, self.mocker):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in self._logs:
-            log.close()
-        self._dir.cleanup()
+class Workload(NamedTuple):
+    name: str
+    concurrency: int
+    stream: bool
+    new_connection: bool  # a new connection per request
+    max_tokens: int
+    scale: float  # requests per run, as a share of --requests
+    chat: bool = False  # /v1/chat/completions with varied English-like prompts
 
 
-# A workload: name, concurrency, stream, new connection per request, max_tokens, request count scale.
 WORKLOADS = [
-    ("non-stream c=1", 1, False, False, 16, 0.25),
-    ("non-stream c=16", 16, False, False, 16, 1.0),
-    ("non-stream c=64", 64, False, False, 16, 1.0),
-    ("stream c=64 new-conn", 64, True, True, 256, 0.125),
-    ("stream c=64 keep-alive", 64, True, False, 256, 0.125),
+    Workload("non-stream c=1", 1, False, False, 16, 0.25),
+    Workload("non-stream c=16", 16, False, False, 16, 1.0),
+    Workload("non-stream c=64", 64, False, False, 16, 1.0),
+    Workload("stream c=64 new-conn", 64, True, True, 256, 0.125),
+    Workload("stream c=64 keep-alive", 64, True, False, 256, 0.125),
 ]
 
+# Chat with a unique English-like user message per request (60-240 words from a 30k-word vocabulary).
+# Streams use a new connection per request, the fair setting for Dynamo (see the module docstring).
+CHAT_WORKLOADS = [
+    Workload("chat non-stream c=1", 1, False, False, 16, 0.25, chat=True),
+    Workload("chat non-stream c=16", 16, False, False, 16, 1.0, chat=True),
+    Workload("chat non-stream c=64", 64, False, False, 16, 1.0, chat=True),
+    Workload("chat stream c=1", 1, True, True, 64, 0.125, chat=True),
+    Workload("chat stream c=16", 16, True, True, 64, 0.25, chat=True),
+    Workload("chat stream c=64", 64, True, True, 64, 0.25, chat=True),
+]
 
-def bodies(model: str, n: int, max_tokens: int, stream: bool, rng: random.Random) -> list[dict[str, Any]]:
-    # stream_options only with stream: Dynamo rejects it on non-streaming requests, as OpenAI does.
-    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
-    return [
-        {
-            "model": model,
-            "prompt": random_words(rng, 150),
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            **extra,
-        }
-        for _ in range(n)
-    ]
+CHAT_SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly and precisely."
+
+
+class Bodies:
+    """Request bodies for a workload; chat prompts come from one English-like vocabulary."""
+
+    def __init__(self) -> None:
+        self._english: EnglishText | None = None
+
+    def __call__(self, model: str, n: int, w: Workload, rng: random.Random) -> list[dict[str, Any]]:
+        # stream_options only with stream: Dynamo rejects it on non-streaming requests, as OpenAI does.
+        extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if w.stream else {}
+        common = {"model": model, "max_tokens": w.max_tokens, "ignore_eos": True, **extra}
+        if not w.chat:
+            return [{"prompt": random_words(rng, 150), **common} for _ in range(n)]
+        if self._english is None:
+            self._english = EnglishText()
+        english = self._english
+        return [
+            {
+                "messages": [
+                    {"role": "system", "content": CHAT_SYSTEM_PROMPT},
+                    {"role": "user", "content": english.text(rng, rng.randint(60, 240))},
+                ],
+                **common,
+            }
+            for _ in range(n)
+        ]
 
 
 async def measure(
-    stack: Stack, workload: tuple[Any, ...], n: int, rng: random.Random, bar: tqdm
+    stack: Stack, w: Workload, n: int, bodies: Bodies, rng: random.Random, bar: tqdm
 ) -> dict[str, float]:
-    _, conc, stream, new_conn, max_tokens, _ = workload
+    payload = bodies(stack.model, n, w, rng)  # built before the CPU reading: the client's work
     cpu0 = stack.frontend_cpu_s()
     run: RunResult = await run_closed_loop(
-        stack.url + "/v1/completions",
-        bodies(stack.model, n, max_tokens, stream, rng),
-        concurrency=conc,
-        stream=stream,
-        new_connection_per_request=new_conn,
+        stack.url + ("/v1/chat/completions" if w.chat else "/v1/completions"),
+        payload,
+        concurrency=w.concurrency,
+        stream=w.stream,
+        new_connection_per_request=w.new_connection,
         on_done=lambda _r: bar.update(),
     )
     cpu = stack.frontend_cpu_s() - cpu0
@@ -187,6 +143,7 @@ async def measure(
         "tok_s": run.tokens_per_s,
         "p50_ms": run.latency_ms(0.5),
         "p99_ms": run.latency_ms(0.99),
+        "ttft_p50_ms": run.ttft_ms(0.5),
         "cpu_ms_req": cpu / max(1, len(run.ok)) * 1000,
         "cpu_us_tok": cpu / max(1, tokens) * 1e6,
         "failed": float(run.failures),
@@ -202,17 +159,47 @@ FIGURES = [
     ("cpu_us_tok", "frontend CPU µs/token", False),
 ]
 
+CHAT_FIGURES = [
+    ("req_s", "req/s", True),
+    ("p50_ms", "p50 ms", False),
+    ("p99_ms", "p99 ms", False),
+    ("cpu_ms_req", "frontend CPU ms/req", False),
+]
 
-def report(results: dict[str, dict[str, list[dict[str, float]]]], out: Path, pairs: int) -> str:
+
+class Suite(NamedTuple):
+    stem: str  # file name of the markdown and PNG, without extension
+    title: str
+    workloads: list[Workload]
+    figures: list[tuple[str, str, bool]]
+    note: str = ""
+
+
+COMPLETIONS = Suite("vs_dynamo", "Turbine vs Dynamo 1.6.1 frontend", WORKLOADS, FIGURES)
+CHAT = Suite(
+    "vs_dynamo_chat",
+    "Turbine vs Dynamo 1.6.1 frontend, chat with varied prompts",
+    CHAT_WORKLOADS,
+    CHAT_FIGURES,
+    "Chat completions; each request a system prompt plus a unique English-like user message of 60-240 "
+    "words (~200-850 tokens) drawn from a 30k-word vocabulary. Non-streaming: 16 output tokens; "
+    'streaming: 64, a new connection per request. Ratios are Turbine/Dynamo; "advantage" in the '
+    "figure is the ratio turned so that >1 means Turbine is better.",
+)
+
+
+def report(results: dict[str, dict[str, list[dict[str, float]]]], out: Path, pairs: int, suite: Suite) -> str:
     lines = [
-        f"# Turbine vs Dynamo 1.6.1 frontend ({pairs} alternating pairs, medians)",
+        f"# {suite.title} ({pairs} alternating pairs, medians)",
         "",
+        *([suite.note, ""] if suite.note else []),
         "| workload | figure | Turbine | Dynamo | Turbine/Dynamo | better |",
         "|---|---|---|---|---|---|",
     ]
     ratios: dict[str, list[float]] = {}
-    for name, *_ in WORKLOADS:
-        for key, label, higher_better in FIGURES:
+    for w in suite.workloads:
+        name = w.name
+        for key, label, higher_better in suite.figures:
             t = statistics.median(r[key] for r in results["turbine"][name])
             d = statistics.median(r[key] for r in results["dynamo"][name])
             ratio = t / d if d else float("nan")
@@ -227,57 +214,61 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]], out: Path, pai
         "",
         f"Failed requests: Turbine {failed['turbine']:.0f}, Dynamo {failed['dynamo']:.0f}.",
         "",
-        "![vs dynamo](vs_dynamo.png)",
+        f"![{suite.stem.replace('_', ' ')}]({suite.stem}.png)",
         "",
     ]
     text = "\n".join(lines)
-    (out / "vs_dynamo.md").write_text(text)
+    (out / f"{suite.stem}.md").write_text(text)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    names = [w[0] for w in WORKLOADS]
-    width = 0.8 / len(FIGURES)
-    for i, (_, label, _) in enumerate(FIGURES):
+    names = [w.name for w in suite.workloads]
+    width = 0.8 / len(suite.figures)
+    for i, (_, label, _) in enumerate(suite.figures):
         ax.bar([x + i * width for x in range(len(names))], [ratios[n][i] for n in names], width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=10)
     ax.set_ylabel("Turbine advantage (>1: Turbine better)")
-    ax.set_title("Turbine vs Dynamo 1.6.1 frontend, same machine, same mocker speed, same load generator")
+    ax.set_title(f"{suite.title}; same machine, mocker speed and load generator", fontsize=10)
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
-    fig.savefig(out / "vs_dynamo.png", dpi=100)
+    fig.savefig(out / f"{suite.stem}.png", dpi=100)
     return text
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def main_async(args: argparse.Namespace, suite: Suite) -> None:
     rng = random.Random(args.seed)
+    bodies = Bodies()
     out = Path(args.out)
     makers: dict[str, Callable[[], Stack]] = {
         "turbine": TurbineStack,
         "dynamo": lambda: DynamoStack(args.dynamo),
     }
+    workloads = [w for w in suite.workloads if not args.only or args.only in w.name]
+    suite = suite._replace(workloads=workloads)
     stacks = {name: make() for name, make in makers.items()}
     results: dict[str, dict[str, list[dict[str, float]]]] = {k: {} for k in stacks}
-    total = 2 * args.pairs * sum(max(64, int(args.requests * w[5])) for w in WORKLOADS)
+    total = 2 * args.pairs * sum(max(64, int(args.requests * w.scale)) for w in workloads)
     try:
-        with tqdm(total=total, unit="req", desc="vs dynamo") as bar:
+        with tqdm(total=total, unit="req", desc=suite.stem) as bar:
             for stack in stacks.values():  # warm-up
-                await measure(stack, WORKLOADS[1], 200, rng, tqdm(disable=True))
+                warm = suite.workloads[0]._replace(concurrency=16, stream=False)
+                await measure(stack, warm, 200, bodies, rng, tqdm(disable=True))
             for _ in range(args.pairs):
-                for workload in WORKLOADS:
-                    n = max(64, int(args.requests * workload[5]))
+                for workload in workloads:
+                    n = max(64, int(args.requests * workload.scale))
                     for name, stack in stacks.items():
-                        bar.set_postfix_str(f"{name}: {workload[0]}")
-                        results[name].setdefault(workload[0], []).append(
-                            await measure(stack, workload, n, rng, bar)
+                        bar.set_postfix_str(f"{name}: {workload.name}")
+                        results[name].setdefault(workload.name, []).append(
+                            await measure(stack, workload, n, bodies, rng, bar)
                         )
     finally:
         for stack in stacks.values():
             stack.close()
-    print(report(results, out, args.pairs))
+    print(report(results, out, args.pairs, suite))
 
 
 def long_prompt_bodies(model: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -342,11 +333,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dynamo", default=".bench/dynamo/bin/python", help="python of the Dynamo venv")
+    parser.add_argument(
+        "--dynamo",
+        default=os.environ.get("TURBINE_BENCH_DYNAMO_PYTHON", ".bench/dynamo/bin/python"),
+        help="python of the Dynamo venv (env TURBINE_BENCH_DYNAMO_PYTHON)",
+    )
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=1000, help="requests per non-streaming run at c>=16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--long", action="store_true", help="run only the long-prompt comparison")
+    parser.add_argument(
+        "--chat", action="store_true", help="run the chat workloads with varied prompts (vs_dynamo_chat.md)"
+    )
+    parser.add_argument("--only", default="", help="run only the workloads whose name contains this")
     parser.add_argument("--long-requests", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -356,7 +355,7 @@ def main() -> None:
     if args.long:
         print(uvloop.run(long_prompts(args)))
     else:
-        uvloop.run(main_async(args))
+        uvloop.run(main_async(args, CHAT if args.chat else COMPLETIONS))
 
 
 if __name__ == "__main__":

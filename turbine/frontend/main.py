@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -224,6 +225,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> i
 
     if cfg.process_count > 1:
         return run_supervisor(cfg, prog)
+    # What is loaded by now (modules, classes, functions: ~60k objects) lives as long as the process:
+    # frozen, the collector's full passes skip it. Each pass walked it all (~20-35 ms measured), a
+    # pause that every request in flight waited through, most of the chat p99 at concurrency 16.
+    gc.collect()
+    gc.freeze()
     try:
         uvloop.run(run_frontend(cfg))
     except ConfigError as exc:

@@ -64,7 +64,7 @@ def completion_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | 
 class ChunkFormatter:
     """Formats one request's SSE events; `chat` selects chat.completion.chunk vs text_completion."""
 
-    __slots__ = ("_base", "_chat", "_include_usage", "_object", "_reasoning_field")
+    __slots__ = ("_base", "_chat", "_head", "_include_usage", "_object", "_reasoning_field", "_tail")
 
     def __init__(
         self,
@@ -87,12 +87,14 @@ class ChunkFormatter:
             "model": model,
             "system_fingerprint": None,
         }
+        # Every event is the same object around its one choice: its bytes before and after the choice
+        # are made once per request, and each token serializes only its choice (the bytes are those of
+        # serializing `{**base, "choices": [choice], "usage": None}` whole).
+        self._head = b"data: " + orjson.dumps(self._base)[:-1] + b',"choices":['
+        self._tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
 
     def _event(self, choice: dict[str, Any]) -> bytes:
-        body: dict[str, Any] = {**self._base, "choices": [choice]}
-        if self._include_usage:
-            body["usage"] = None
-        return b"data: " + orjson.dumps(body) + b"\n\n"
+        return self._head + orjson.dumps(choice) + self._tail
 
     def role(self, index: int = 0) -> bytes:
         """Chat streams open with an empty assistant delta per choice, as OpenAI's do."""

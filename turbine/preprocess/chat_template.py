@@ -17,6 +17,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
+import jinja2.runtime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from turbine.errors import ConfigError, InvalidRequest
@@ -143,6 +144,9 @@ class ChatTemplate:
             self._template = _build_environment().from_string(source)
         except jinja2.TemplateError as exc:
             raise ConfigError(f"chat template does not compile: {_describe(exc)}") from exc
+        # The template's globals flattened once: `Template.render` merges them into every render's
+        # variables from a ChainMap, whose pure-Python iteration cost more than rendering a short chat.
+        self._globals = dict(self._template.globals)
 
     def render(
         self,
@@ -160,6 +164,7 @@ class ChatTemplate:
         template's own `raise_exception(...)` (e.g. "roles must alternate user/assistant").
         """
         context: dict[str, Any] = {
+            **self._globals,
             **self._special_tokens,
             "documents": None,
             **extra,
@@ -167,8 +172,19 @@ class ChatTemplate:
             "tools": tools,
             "add_generation_prompt": add_generation_prompt,
         }
+        template = self._template
         try:
-            return self._template.render(context)
+            try:
+                # What `Template.render` does, with the globals already in `context` (`shared`: use it
+                # as the context's variables as it is, without merging them in again) and given as a
+                # dict (the context lists their names, which again iterated the ChainMap).
+                ctx = jinja2.runtime.new_context(
+                    template.environment, template.name, template.blocks, context, True, self._globals
+                )
+                return template.environment.concat(template.root_render_func(ctx))
+            except Exception:
+                template.environment.handle_exception()  # jinja's traceback rewriting; re-raises
+                raise
         except _RaisedByTemplate as exc:
             raise InvalidRequest(exc.message or "rejected by the chat template", param="messages") from exc
         except jinja2.TemplateError as exc:

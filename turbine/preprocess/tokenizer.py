@@ -24,6 +24,7 @@ import tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 
 from turbine.errors import ConfigError
+from turbine.preprocess.ascii_bpe import AsciiBpe
 
 __all__ = ["DEFAULT_CONTEXT_LENGTH", "ModelFiles", "Tokenizer", "load_model_files"]
 
@@ -263,6 +264,10 @@ class Tokenizer:
     # tokenizer: a thread round trip costs ~55 us, encoding ~150 us per 1,000 chars, so short prompts
     # gain nothing from the hop and the longest inline one stalls the loop for only ~0.3 ms.
     INLINE_MAX_CHARS = 2000
+    # ASCII text on the fast path (`ascii_bpe.py`) stays inline up to this many times as long: it costs
+    # ~4x less per character, and it holds the GIL, so a thread would not run it alongside the loop
+    # anyway; only the hop would be paid.
+    INLINE_ASCII_FACTOR = 4
 
     # Prompt pieces at least this long are remembered (see `encode`).
     CACHE_MIN_CHARS = 1000
@@ -278,7 +283,9 @@ class Tokenizer:
         inline_max_chars: int = INLINE_MAX_CHARS,
         cache_entries: int = 0,
         cache_max_bytes: int = CACHE_MAX_BYTES,
+        fast_ascii: bool = True,
     ) -> None:
+        """`fast_ascii`: encode ASCII text through `AsciiBpe` where it applies (same ids, less CPU)."""
         self._tokenizer = tokenizer
         self._inline_max_chars = inline_max_chars
         self._cache_entries = cache_entries
@@ -286,7 +293,14 @@ class Tokenizer:
         self._cache_bytes = 0
         self._cache: OrderedDict[str, tuple[list[int], int]] = OrderedDict()
         self._lock = threading.Lock()
-        self._split = _added_token_splitter(tokenizer) if cache_entries > 0 else None
+        # ASCII pieces take the faster exact path where it exists for this tokenizer (`ascii_bpe.py`).
+        self._fast = AsciiBpe.build(tokenizer) if fast_ascii else None
+        # Both the cache and the fast path work piece by piece between added tokens; where encoding
+        # by pieces would not be exact there is no splitter, so neither is used.
+        self._split = _added_token_splitter(tokenizer) if cache_entries > 0 or self._fast else None
+        if self._split is None and tokenizer.get_added_tokens_decoder():
+            self._fast = None
+        self._added_ids = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
         self.cache_hits = 0
         # None: no lower bound on a text's token count (see `min_tokens`).
         self.max_bytes_per_token = _max_bytes_per_token(tokenizer)
@@ -331,15 +345,25 @@ class Tokenizer:
         as encoding the whole, and a long piece seen before costs a dictionary lookup.
         """
         split = self._split
-        if split is None or len(text) < self.CACHE_MIN_CHARS:
+        if split is None:
+            if self._fast is not None and text.isascii():
+                return self._fast.encode(text)  # no added tokens in this vocabulary: one piece
             ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
             return ids
+        if self._fast is None and len(text) < self.CACHE_MIN_CHARS:
+            ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+            return ids
+        caching = self._cache_entries > 0
         out: list[int] = []
         for piece in split.split(text):
             if not piece:
                 continue
-            if len(piece) < self.CACHE_MIN_CHARS:
-                out += self._tokenizer.encode(piece, add_special_tokens=False).ids
+            added = self._added_ids.get(piece)
+            if added is not None:
+                out.append(added)
+                continue
+            if not caching or len(piece) < self.CACHE_MIN_CHARS:
+                out += self._encode_piece(piece)
                 continue
             with self._lock:
                 hit = self._cache.get(piece)
@@ -349,10 +373,17 @@ class Tokenizer:
             if hit is not None:
                 out += hit[0]
                 continue
-            ids = self._tokenizer.encode(piece, add_special_tokens=False).ids
+            ids = self._encode_piece(piece)
             out += ids
             self._remember(piece, ids)
         return out
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        """Ids of text with no added token in it."""
+        if self._fast is not None and piece.isascii():
+            return self._fast.encode(piece)
+        ids: list[int] = self._tokenizer.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def _remember(self, piece: str, ids: list[int]) -> None:
         # The key's own size plus, per id, a list slot and an int object (ids above 256 are not
@@ -388,6 +419,11 @@ class Tokenizer:
         Long texts run in `executor` (None: the loop's default executor); `tokenizers` releases the
         GIL while encoding, so other requests keep being served meanwhile.
         """
-        if len(text) < self._inline_max_chars:
+        size = len(text)
+        if size < self._inline_max_chars or (
+            self._fast is not None
+            and size < self._inline_max_chars * self.INLINE_ASCII_FACTOR
+            and text.isascii()
+        ):
             return self.encode(text)
         return await asyncio.get_running_loop().run_in_executor(executor, self.encode, text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -196,6 +197,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine worker") -> int
     configure_logging(cfg.log_level, cfg.log_json)
     import uvloop
 
+    # As in the frontend: what is loaded by now lives as long as the process, and the collector's full
+    # passes, each a pause for every stream, need not walk it.
+    gc.collect()
+    gc.freeze()
     try:
         uvloop.run(run_workers(cfg))
     except ConfigError as exc:

@@ -225,3 +225,25 @@ def test_realistic_tool_template() -> None:
         '{"name": "now", "arguments": {"tz": "UTC"}}\n</tool_call><|im_end|>\n'
         "<|im_start|>assistant\n"
     )
+
+
+def test_globals_macros_and_overrides_render_as_with_jinja_render() -> None:
+    """Rendering bypasses `Template.render` (globals are merged once, not per request): the output
+    must still be what jinja's own `render` gives, globals, macros and namespaces included."""
+    source = (
+        "{% macro tag(r) %}[{{ r | upper }}]{% endmacro %}"
+        "{% set ns = namespace(n=0) %}"
+        "{% for m in messages %}{% set ns.n = ns.n + 1 %}{{ tag(m['role']) }}{{ m['content'] }}"
+        "{% for i in range(2) %}.{% endfor %}{% endfor %}"
+        "{{ ns.n }}|{{ strftime_now('%Y') }}|{{ bos_token }}|{{ flag | default('none') }}"
+        "{% if add_generation_prompt %}{{ tag('assistant') }}{% endif %}"
+    )
+    template = ChatTemplate(source, bos_token="<s>")
+    messages = [{"role": "system", "content": "S"}, _user("U")]
+    reference = template._template.render(
+        {"messages": messages, "add_generation_prompt": True, "bos_token": "<s>", "tools": None, "flag": 7}
+    )
+    assert template.render(messages, flag=7) == reference
+    assert reference.startswith("[SYSTEM]S..[USER]U..2|") and reference.endswith("|<s>|7[ASSISTANT]")
+    # A request's variable wins over a global of the same name, as with `render`.
+    assert ChatTemplate("{{ strftime_now }}").render([], strftime_now="mine") == "mine"

@@ -220,9 +220,16 @@ async def test_encode_async_inline_for_short_text_executor_for_long() -> None:
         short = "x" * 99
         assert await tok.encode_async(short, executor) == tok.encode(short)
         assert executor.submitted == 0
-        long = "word " * 20
+        long = "wörd " * 20
         assert await tok.encode_async(long, executor) == tok.encode(long)
         assert executor.submitted == 1
+        # ASCII text takes the fast path, which holds the GIL: inline up to INLINE_ASCII_FACTOR times.
+        ascii_text = "word " * 79
+        assert await tok.encode_async(ascii_text, executor) == tok.encode(ascii_text)
+        assert executor.submitted == 1
+        ascii_text = "word " * 80
+        assert await tok.encode_async(ascii_text, executor) == tok.encode(ascii_text)
+        assert executor.submitted == 2
 
 
 async def test_encode_async_default_executor() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 import tokenizers
@@ -20,7 +21,7 @@ def _bundled_spec() -> dict[str, object]:
     return spec
 
 
-def _tokenizer(spec: dict[str, object], **kwargs: int) -> Tokenizer:
+def _tokenizer(spec: dict[str, object], **kwargs: Any) -> Tokenizer:
     return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), **kwargs)
 
 
