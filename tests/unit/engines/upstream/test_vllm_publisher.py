@@ -1,8 +1,8 @@
 """The subscriber against vLLM's own `ZmqEventPublisher` (exactly what a vLLM server sends).
 
-Optional: skipped unless `vllm` imports (it is not a dev dependency: it needs torch and ~25 more
-packages; `pip install --no-deps vllm==0.33.0` plus the list in shared/REFERENCE.md runs it on a
-CPU torch). The same cases run without vLLM against test_subscriber.py's publisher.
+scripts/test.sh installs `vllm==0.33.0` with --no-deps (its requirements pin a CUDA torch) and the dev
+extra holds what its publisher imports, so this runs in CI on a CPU torch; it skips where vllm is
+not installed. The same cases run without vLLM against test_subscriber.py's publisher.
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ async def test_vllm_publisher_stored_removed_cleared_gap_and_replay() -> None:
         # Missed while the subscriber was away; the next run fills the gap by replay.
         pub.publish(batch([stored([b"\x04" * 32], b"\x03" * 32, 3)]))
         pub.publish(batch([kv_events.BlockRemoved([b"\x01" * 32], "GPU")]))
+        # vLLM publishes from its own thread: wait until both are in its replay buffer, or the
+        # replay at start can miss them while the live socket is still joining (and no later
+        # batch would reveal the gap).
+        await until(lambda: len(pub._buffer) == 4)
         async with running(sub):
             await until(lambda: consumer.cached() == set(SEQ[1:]))
             pub.publish(batch([kv_events.AllBlocksCleared()]))
