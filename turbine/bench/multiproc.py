@@ -165,8 +165,11 @@ def _measure(
     worker = ["--engine", "mocker", "--speedup-ratio", "1000000", "--num-gpu-blocks-override", "16384"]
     stack = LocalStack(
         ["--num-processes", str(count), "--router-mode", "kv"],
-        [*worker, "--num-workers", str(args.workers), "--block-size", "16"],
+        [*worker, "--num-workers", "1", "--block-size", "16"],
         expect_instances=args.workers,
+        # One process per mocker: a single process hosting them all is one Python thread, and it
+        # capped the whole run at ~2,000-2,600 req/s whatever the frontend's process count.
+        worker_processes=args.workers,
         frontend_prefix=taskset(args.frontend_cpus),
         worker_prefix=taskset(args.worker_cpus),
     )
@@ -215,7 +218,7 @@ def _report(rows: list[dict[str, float]], args: argparse.Namespace) -> str:
     setup = (
         f"{args.requests} chat requests per figure (unique ~120-word prompts, 16 output tokens), "
         f"concurrency {args.concurrency} from {args.loadgen_procs} load-generator processes; "
-        f"{args.workers} mocker workers at speedup 1e6; router kv. CPUs: frontend "
+        f"{args.workers} mocker worker processes at speedup 1e6; router kv. CPUs: frontend "
         f"{args.frontend_cpus or 'any'}, workers {args.worker_cpus or 'any'}, load generators "
         f"{args.loadgen_cpus or 'any'} (of {os.cpu_count()} on this machine). KV hit ratio: 96 "
         "completions in 16 shared-prefix groups on fresh connections. CPU: supervisor + children."
