@@ -14,7 +14,8 @@ OpenAI server (`--server llama-cpp-python`).
    on a prompt the server has cached: the p50 latency difference is what Turbine adds (HTTP,
    tokenize, route, the sidecar's HTTP and SSE parsing, re-tokenize, detokenize).
 
-    .venv/bin/python benchmarks/upstream.py [--groups 4 --per-group 3 --overhead-requests 800] [--server llama-server|llama-cpp-python]
+    .venv/bin/python benchmarks/upstream.py [--groups 4 --per-group 3 --overhead-requests 800]
+        [--server llama-server|llama-cpp-python]
 """
 
 from __future__ import annotations
