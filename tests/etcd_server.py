@@ -39,6 +39,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _PortTaken(RuntimeError):
+    """etcd could not bind a port picked as free."""
+
+
 class EtcdServer:
     """One single-member etcd. `start()` waits until it is healthy; `restart()` keeps ports and data.
 
@@ -56,6 +60,7 @@ class EtcdServer:
         self.peer_port = _free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path = self._root / "etcd.log"
+        self._started_once = False
 
     @property
     def endpoint(self) -> str:
@@ -68,6 +73,21 @@ class EtcdServer:
     def start(self) -> None:
         if self.running:
             raise RuntimeError("etcd already running")
+        for attempt in range(3):
+            try:
+                self._launch()
+                break
+            except _PortTaken:
+                # A port picked as free was taken before etcd bound it (another process, or an
+                # outgoing connection's ephemeral port). Fresh ports, unless these ones were served
+                # before: a restart must keep them (clients hold the endpoint).
+                if self._started_once or attempt == 2:
+                    raise
+                self.client_port = _free_port()
+                self.peer_port = _free_port()
+        self._started_once = True
+
+    def _launch(self) -> None:
         client = self.endpoint
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
@@ -123,7 +143,11 @@ class EtcdServer:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
-                raise RuntimeError(f"etcd exited during start-up:\n{self.log_tail()}")
+                tail = self.log_tail()
+                if "address already in use" in tail[-1500:]:
+                    self._proc = None
+                    raise _PortTaken(tail)
+                raise RuntimeError(f"etcd exited during start-up:\n{tail}")
             try:
                 with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
                     if b'"health":"true"' in resp.read():
