@@ -29,7 +29,6 @@ directory made by `tempfile.mkdtemp` keeps them.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -41,12 +40,15 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from turbine.runtime.events.base import OnLive
+from turbine.runtime.events.fanout import Subscription
 
 log = logging.getLogger(__name__)
 
 METRICS_SUBDIR = "metrics"
 SYNC_SUBDIR = "sync"
 RECEIVE_EVERY_S = 0.005
+MAX_PENDING = 65536
+"""Messages a subscriber may fall behind before its oldest are dropped."""
 RESCAN_S = 1.0
 MAX_MESSAGE = 1 << 17
 """Larger messages are dropped (a socket's send buffer, ~200 KiB at the least, must hold one)."""
@@ -73,15 +75,6 @@ async def local_plane(directory: str | Path, receive_every_s: float = RECEIVE_EV
     return plane
 
 
-class _Subscription:
-    __slots__ = ("pending", "prefix", "wake")
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.pending: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=65536)
-        self.wake = asyncio.Event()
-
-
 class LocalPlane:
     """An EventPlane between the processes of one machine (see the module docstring)."""
 
@@ -96,7 +89,7 @@ class LocalPlane:
         self._outgoing: dict[str, socket.socket] = {}
         self._incoming: list[socket.socket] = []
         self._next_scan = 0.0
-        self._subs: list[_Subscription] = []
+        self._subs: list[Subscription] = []
         self._activity = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._buffer = bytearray(MAX_MESSAGE + 1024)
@@ -215,8 +208,7 @@ class LocalPlane:
         payload = message[2 + length :]
         for sub in self._subs:
             if subject.startswith(sub.prefix):
-                sub.pending.append((subject, payload))
-                sub.wake.set()
+                sub.push(subject, payload)
 
     async def _receive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -243,17 +235,13 @@ class LocalPlane:
             raise ValueError(f"event plane prefix {prefix!r} must be empty or end with '.'")
         if self._closed:
             raise RuntimeError("event plane closed")
-        sub = _Subscription(prefix)
+        sub = Subscription(prefix, MAX_PENDING)
         self._subs.append(sub)
         try:
             if on_live is not None:
                 on_live()
-            while not self._closed:
-                while sub.pending:
-                    yield sub.pending.popleft()
-                sub.wake.clear()
-                if not self._closed:
-                    await sub.wake.wait()
+            async for message in sub.drain(lambda: self._closed):
+                yield message
         finally:
             self._subs.remove(sub)
 

@@ -27,6 +27,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from turbine.runtime.events.base import OnLive
+from turbine.runtime.events.fanout import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,6 @@ _FIRST_CONNECT_TIMEOUT_S = 5.0
 # Hand this many messages to nats-py between yields to the loop, so a long backlog after a
 # reconnect does not stall request handling.
 _PUBLISH_SLICE = 256
-
-
-class _Subscription:
-    __slots__ = ("dropped", "on_live", "pending", "wake")
-
-    def __init__(self, max_pending: int, on_live: OnLive | None) -> None:
-        self.pending: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=max_pending)
-        self.wake = asyncio.Event()
-        self.on_live = on_live
-        self.dropped = 0
 
 
 class NatsEventPlane:
@@ -71,7 +62,7 @@ class NatsEventPlane:
         self._nc: NatsClient | None = None
         self._starting: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._subs: set[_Subscription] = set()
+        self._subs: set[Subscription] = set()
         self._closed = False
         self.dropped = 0
         """Messages published but never handed to NATS (buffer overflow, too large, closed)."""
@@ -191,13 +182,10 @@ class NatsEventPlane:
         await self.start()
         nc = self._nc
         assert nc is not None
-        sub = _Subscription(self._max_pending, on_live)
+        sub = Subscription(prefix, self._max_pending, on_live)
 
         async def deliver(msg: Msg) -> None:
-            if len(sub.pending) == self._max_pending:
-                sub.dropped += 1
-            sub.pending.append((msg.subject, msg.data))
-            sub.wake.set()
+            sub.push(msg.subject, msg.data)
 
         nats_sub = None
         try:
@@ -207,12 +195,8 @@ class NatsEventPlane:
             self._subs.add(sub)
             if on_live is not None:
                 on_live()
-            while not self._closed:
-                while sub.pending:
-                    yield sub.pending.popleft()
-                sub.wake.clear()
-                if not sub.pending and not self._closed:
-                    await sub.wake.wait()
+            async for message in sub.drain(lambda: self._closed):
+                yield message
         finally:
             self._subs.discard(sub)
             if nats_sub is not None and not nc.is_closed:

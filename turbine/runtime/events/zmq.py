@@ -32,7 +32,6 @@ were lost shows an event-id gap with its next batch, which makes them dump it ag
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
@@ -41,6 +40,7 @@ import zmq
 import zmq.asyncio
 
 from turbine.runtime.events.base import OnLive
+from turbine.runtime.events.fanout import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,6 @@ def _discard_notices(pub: zmq.Socket[bytes]) -> None:
     with contextlib.suppress(zmq.Again):
         while True:
             pub.recv(zmq.NOBLOCK)
-
-
-class _Subscription:
-    __slots__ = ("dropped", "on_live", "pending", "prefix", "wake")
-
-    def __init__(self, prefix: str, max_pending: int, on_live: OnLive | None) -> None:
-        self.prefix = prefix
-        self.pending: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=max_pending)
-        self.wake = asyncio.Event()
-        self.on_live = on_live
-        self.dropped = 0
 
 
 class ZmqEventPlane:
@@ -88,7 +77,7 @@ class ZmqEventPlane:
         self._pub: zmq.Socket[bytes] | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._subs: list[_Subscription] = []
+        self._subs: list[Subscription] = []
         self._closed = False
         self._failed: Exception | None = None
         self._published = 0
@@ -195,10 +184,7 @@ class ZmqEventPlane:
             payload = frames[1]
             for sub in self._subs:
                 if subject.startswith(sub.prefix):
-                    if len(sub.pending) == self._max_pending:
-                        sub.dropped += 1  # the deque drops its oldest entry on append
-                    sub.pending.append((subject, payload))
-                    sub.wake.set()
+                    sub.push(subject, payload)
 
     async def subscribe(
         self, prefix: str, on_live: OnLive | None = None
@@ -208,21 +194,20 @@ class ZmqEventPlane:
         if self._closed:
             raise RuntimeError("event plane closed")
         sock = self._bind()
-        sub = _Subscription(prefix, self._max_pending, on_live)
+        sub = Subscription(prefix, self._max_pending, on_live)
         topic = prefix.encode()
         sock.setsockopt(zmq.SUBSCRIBE, topic)
         self._subs.append(sub)
         try:
             if on_live is not None:
                 on_live()
-            while not self._closed:
-                while sub.pending:
-                    yield sub.pending.popleft()
+
+            def check() -> None:
                 if sock.closed and not self._closed:
                     raise OSError(f"zmq event socket on {self._endpoint} failed: {self._failed!r}")
-                sub.wake.clear()
-                if not sub.pending and not self._closed:
-                    await sub.wake.wait()
+
+            async for message in sub.drain(lambda: self._closed, check):
+                yield message
         finally:
             self._subs.remove(sub)
             if not self._closed and not sock.closed:
