@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import time
 import urllib.request
@@ -43,7 +42,7 @@ from typing import Any
 from tqdm import tqdm
 
 from turbine.bench.loadgen import RequestResult, RunResult, run_closed_loop, run_conversations
-from turbine.bench.stack import LocalStack, free_port
+from turbine.bench.stack import LocalStack, free_port, stop_processes
 from turbine.bench.workloads import SizedText
 from turbine.kv.hashing import block_hashes
 from turbine.models import bundled_model_path
@@ -236,12 +235,8 @@ def sglang_stack(python: str, blocks: int) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        if router is not None and router.poll() is None:
-            router.send_signal(signal.SIGTERM)
-            try:
-                router.wait(10)
-            except subprocess.TimeoutExpired:
-                router.kill()
+        if router is not None:
+            stop_processes([router], timeout_s=10)
         for stack in stacks:
             stack.close()
 

@@ -40,7 +40,7 @@ import aiohttp
 
 from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
 from turbine.bench.loadgen import RunResult, percentile, run_closed_loop
-from turbine.bench.stack import LocalStack, free_port
+from turbine.bench.stack import LocalStack, free_port, stop_processes
 from turbine.bench.workloads import random_words
 
 MODEL = "smol"
@@ -85,10 +85,7 @@ class LlamaServers:
                     time.sleep(0.2)
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(15)
+        stop_processes(self.procs)
 
 
 def shared_prefix_bodies(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from turbine.bench.stack import free_port, proc_cpu_seconds
+from turbine.bench.stack import free_port, proc_cpu_seconds, stop_processes
 from turbine.models import bundled_model_path
 
 
@@ -79,14 +78,7 @@ class DynamoStack:
         return proc_cpu_seconds(self.frontend.pid)
 
     def close(self) -> None:
-        for proc in (self.frontend, self.mocker):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (self.frontend, self.mocker):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes([self.frontend, self.mocker])
         for log in self._logs:
             log.close()
         self._dir.cleanup()

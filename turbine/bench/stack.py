@@ -38,6 +38,20 @@ def child_pids(pid: int) -> list[int]:
         return []
 
 
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 15.0) -> None:
+    """SIGTERM every process still running (graceful shutdown), then kill whichever has not exited
+    within `timeout_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class LocalStack:
     """A frontend and worker processes (each with its own `--num-workers`) over a private file store."""
 
@@ -114,14 +128,7 @@ class LocalStack:
         return total
 
     def close(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.processes)
         for log in self._logs:
             log.close()
         self._dir.cleanup()
