@@ -91,6 +91,7 @@ class LlamaModel:
         inv_freq = torch.tensor(arch.inv_freq(), dtype=torch.float32, device=device)
         self._inv_freq = inv_freq
         self.scale = arch.head_dim**-0.5
+        self._gemv = self.fused and _gemv_applies(self)
 
     def weight_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in (self.embed, self.norm))
@@ -178,6 +179,8 @@ class LlamaModel:
         a = self.arch
         n = input_ids.shape[0]
         eps = a.rms_norm_eps
+        if n == 1 and self._gemv:
+            return self._forward_one(input_ids, positions, kv_cache, meta)
         x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
         delta: torch.Tensor | None = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
@@ -193,8 +196,39 @@ class LlamaModel:
             delta = layer.down(ops.silu_mul(layer.gate_up(h)))
         return ops.rms_norm(x, self.norm, eps, residual=delta)
 
+    def _forward_one(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttnMeta,
+    ) -> torch.Tensor:
+        """One token (a batch-1 decode step): every matmul is a GEMV that also does the element-wise
+        work around it (the norm before, SiLU·up or the residual add after), 7 kernels a layer."""
+        from turbine.engines.torch import triton_ops as ops
+        from turbine.engines.torch.triton_gemv import gemv
+
+        a = self.arch
+        eps = a.rms_norm_eps
+        x = F.embedding(input_ids, self.embed)  # the residual stream, updated in place
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
+            qkv = gemv(x, _plain(layer.qkv), norm=layer.input_norm, eps=eps)
+            q = ops.rope_and_cache(
+                qkv, positions, self._inv_freq, k_cache, v_cache, meta.slot_mapping,
+                a.num_heads, a.num_kv_heads, a.head_dim,
+            )  # fmt: skip
+            o = attend(q, k_cache, v_cache, meta, self.scale)
+            gemv(o.view(1, a.q_size), _plain(layer.o_proj), residual=x)
+            act = gemv(x, _plain(layer.gate_up), norm=layer.post_norm, eps=eps, silu_mul=True)
+            gemv(act, _plain(layer.down), residual=x)
+        return ops.rms_norm(x, self.norm, eps)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the given rows of hidden states."""
+        if hidden.shape[0] == 1 and self._gemv:
+            from turbine.engines.torch.triton_gemv import gemv
+
+            return gemv(hidden, _plain(self.lm_head), out_dtype=torch.float32)
         return self.lm_head(hidden).float()
 
 
@@ -210,6 +244,26 @@ def _fused_ops_apply(arch: ModelArch, device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+def _gemv_applies(model: LlamaModel) -> bool:
+    """The batch-1 GEMV path covers bias-free layers whose shapes tile exactly."""
+    from turbine.engines.torch.triton_gemv import fits
+
+    if model.arch.attention_bias:
+        return False
+    shapes = [_plain(model.lm_head).shape]
+    for layer in model.layers:
+        shapes += [_plain(layer.qkv).shape, _plain(layer.o_proj).shape, _plain(layer.down).shape]
+        rows, k = _plain(layer.gate_up).shape
+        shapes.append(torch.Size([rows // 2, k]))
+    return all(fits(rows, k) for rows, k in shapes)
+
+
+def _plain(linear: Linear) -> torch.Tensor:
+    """The `[out, in]` weight of a linear that is not pre-packed (CUDA never packs)."""
+    assert linear.weight is not None
+    return linear.weight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -203,3 +203,64 @@ def test_two_engines_sharing_one_model_on_the_gpu(tiny_llama_dir: Path) -> None:
         num_gpu_blocks=128,
     )
     assert together == [tokens_of(r) for r in alone]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "norm", "norm+silu_mul", "residual", "float32_out"])
+def test_gemv_matches_the_unfused_ops(dtype: torch.dtype, variant: str) -> None:
+    from turbine.engines.torch import triton_ops as ops
+    from turbine.engines.torch.triton_gemv import gemv
+
+    torch.manual_seed(0)
+    k, rows = 1024, 768
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    w = torch.randn(2 * rows if "silu" in variant else rows, k, device="cuda", dtype=dtype) * 0.05
+    norm = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    if variant == "plain":
+        got, ref = gemv(x, w), F.linear(x, w)
+    elif variant == "norm":
+        got, ref = gemv(x, w, norm=norm, eps=1e-5), F.linear(ops.rms_norm(x, norm, 1e-5), w)
+    elif variant == "norm+silu_mul":
+        got = gemv(x, w, norm=norm, eps=1e-5, silu_mul=True)
+        ref = ops.silu_mul(F.linear(ops.rms_norm(x, norm, 1e-5), w))
+    elif variant == "residual":
+        stream = torch.randn(1, rows, device="cuda", dtype=dtype)
+        ref = stream + F.linear(x, w)
+        got = gemv(x, w, residual=stream)
+        assert got.data_ptr() == stream.data_ptr()  # updated in place
+    else:
+        got = gemv(x, w, out_dtype=torch.float32)
+        ref = F.linear(x, w).float()
+        assert got.dtype == torch.float32
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_batch_one_gemv_forward_matches_the_batched_forward(tiny_llama_dir: Path) -> None:
+    """A one-token step through the GEMV path gives the hidden state of the same token computed in a
+    two-row step through cuBLAS (bfloat16, loose tolerance: summation orders differ)."""
+    from turbine.engines.torch.arch import read_arch
+    from turbine.engines.torch.attention import build_meta
+    from turbine.engines.torch.loader import load_weights
+    from turbine.engines.torch.model import LlamaModel
+
+    arch = read_arch(tiny_llama_dir)
+    model = LlamaModel(arch, load_weights(tiny_llama_dir, torch.bfloat16), torch.device("cuda"))
+    assert model._gemv
+    cache = model.new_kv_cache(8, 16)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79]
+    meta = build_meta([([0], 0, len(prompt))], 16, model.device)
+    ids = torch.tensor(prompt, device="cuda")
+    model.forward(ids, torch.arange(len(prompt), device="cuda"), cache, meta)
+    step = build_meta([([0], len(prompt), 1)], 16, model.device, decode_kernel=True)
+    one = model.forward(torch.tensor([26], device="cuda"), torch.tensor([8], device="cuda"), cache, step)
+    # The same token as the second row of a two-row step (the first row repeats the prompt's last).
+    two_meta = build_meta([([1], 0, 1), ([0], len(prompt), 1)], 16, model.device, decode_kernel=True)
+    two = model.forward(
+        torch.tensor([79, 26], device="cuda"), torch.tensor([0, 8], device="cuda"), cache, two_meta
+    )
+    torch.testing.assert_close(one[0].float(), two[1].float(), atol=5e-2, rtol=5e-2)
+    logits = model.logits(one)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, model.lm_head(one).float(), atol=5e-2, rtol=5e-2)
