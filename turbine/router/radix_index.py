@@ -36,7 +36,6 @@ Pure and I/O-free; not thread-safe (the router owns it on one event loop).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import pairwise, repeat
 from typing import NamedTuple
 
 from turbine.protocol.kv_events import KvCleared, KvEvent, KvEventBatch, KvRemoved, KvStored
@@ -302,25 +301,9 @@ class RadixIndex:
         mine = state.blocks
         prev = event.parent_hash
         hashes = [block.block_hash for block in event.blocks]
-        if not hashes:
-            return
-        if prev is not None and prev not in mine:
+        if prev is not None and prev not in mine and hashes:
             self._add_orphan(state, hashes[0])
         mine.update(hashes)
-        if owners.keys().isdisjoint(hashes) and child.keys().isdisjoint(hashes):
-            # The common case, new blocks nobody holds (nor has as a parent): the loop below in
-            # bulk, in C. Each block's parent is the one before it; only the first block's parent
-            # may have children already.
-            if prev is not None:
-                if prev in child:
-                    self._more_children.setdefault(prev, []).append(hashes[0])
-                else:
-                    child[prev] = hashes[0]
-            owners.update(zip(hashes, repeat(clear)))
-            parents[hashes[0]] = prev
-            parents.update(zip(hashes[1:], hashes[:-1], strict=True))
-            child.update(pairwise(hashes))
-            return
         for h in hashes:
             held = get(h, NOBODY)
             if held == NOBODY:  # first holder anywhere: learn the parent link (`_link`, inlined)
