@@ -64,6 +64,15 @@ class WorkerEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     load: LoadMetrics | None = None
 
 
+class RawWorkerEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A `WorkerEvent` built from payloads already msgpack-encoded (a `KvEventBatch` or
+    `LoadMetrics` as published on the event plane): it encodes to the same bytes, so a worker
+    forwards its events to every follower without decoding and re-encoding them for each."""
+
+    kv: msgspec.Raw | None = None
+    load: msgspec.Raw | None = None
+
+
 # Request-plane endpoints every worker with an event plane serves beside its generate endpoint.
 KV_EVENTS_ENDPOINT = "kv_events"
 KV_DUMP_ENDPOINT = "kv_dump"

@@ -10,7 +10,7 @@ computing the same new prefix count it once) plus each request's private tail bl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class _Request:
@@ -68,6 +68,27 @@ class ActiveBlocks:
         if not refs:
             return len(hashes)
         return sum(1 for h in hashes if h not in refs)
+
+    def extend_prefixes(
+        self, hashes: Sequence[int], scores: dict[int, int], cached: Mapping[int, int]
+    ) -> dict[int, int]:
+        """`scores` (worker -> leading blocks of `hashes` it will hold) raised, on every worker with
+        active blocks, to the end of the run of `hashes` its active requests are computing that
+        starts where the worker's `cached` prefix (or its score, if longer) ends. Returns `scores`
+        itself when nothing changes, else a new dict."""
+        n = len(hashes)
+        out = scores
+        for worker, refs in self._refs.items():
+            start = max(scores.get(worker, 0), cached.get(worker, 0))
+            if start >= n or hashes[start] not in refs:
+                continue
+            end = start + 1
+            while end < n and hashes[end] in refs:
+                end += 1
+            if out is scores:
+                out = dict(scores)
+            out[worker] = end
+        return out
 
     def remove_worker(self, worker: int) -> None:
         for rid in [rid for rid, r in self._requests.items() if r.worker == worker]:

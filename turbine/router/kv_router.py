@@ -262,6 +262,11 @@ class KvRouter(_LoadCounting):
             # KV events yet, and a prefix whose blocks a worker just evicted is best re-cached
             # where it lived, not copied onto a second worker where it evicts some third prefix.
             pending = self.pending.find_matches(hashes).scores
+            # Blocks that requests in flight on a worker are computing right now (this replica's
+            # and, through replica sync, its peers'): the next part of this prefix will be cached
+            # there by the time this request runs. This is how a peer's just-routed prefix counts
+            # here without every replica recording every peer's placement in its own history.
+            pending = self.active.extend_prefixes(hashes, pending, overlap.scores)
             if pending:
                 scores = dict(overlap.scores)
                 for worker, blocks in pending.items():
@@ -377,12 +382,17 @@ class KvRouter(_LoadCounting):
         self.active.remove(key)
 
     def _count_peer(self, key: str, event: Routed) -> None:
-        # A peer's placement counts here exactly as this replica's own would: active load, the
-        # blocks it makes the worker allocate, and the routing history that stands in for KV
-        # events not yet arrived (so two replicas send a new prefix's burst to one worker).
+        # A peer's placement counts here as this replica's own would: active load, and the blocks
+        # it makes the worker allocate, which also stand in for KV events not yet arrived while it
+        # runs (`ActiveBlocks.extend_prefixes`: two replicas send a new prefix's burst to one
+        # worker). With KV events on, the routing history (`pending`) stays this replica's own:
+        # every replica follows the workers' real events, and recording every peer's placement
+        # as well cost each replica ~20-40 us per peer request (an LRU update per block). Without
+        # events, peers' placements are the only cache model there is, so they are recorded.
         self.load.add_request(key, event.worker, event.prefill_tokens, 0)
         self.active.add(key, event.worker, event.hashes[event.overlap :], event.tail)
-        self._record_history(event.worker, event.hashes)
+        if not self.settings.use_kv_events:
+            self.approx.record(event.worker, event.hashes)
 
     def _shortlist(self, candidates: Sequence[int], overlap: OverlapScores) -> list[int]:
         """The candidates that can differ in cost: those caching part of the prompt, those with

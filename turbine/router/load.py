@@ -86,10 +86,10 @@ class LoadTracker:
         active = self._requests.get(request_id)
         if active is None or not active.prefill_tokens:
             return
-        load = self._loads[active.worker]
-        self._loads[active.worker] = load._replace(
-            active_prefill_tokens=load.active_prefill_tokens - active.prefill_tokens
-        )
+        requests, prefill, decode = self._loads[active.worker]
+        # A constructor call, not `_replace` (a Python-level method several times its cost): every
+        # frontend process runs this for every request, its peers' included.
+        self._loads[active.worker] = WorkerLoad(requests, prefill - active.prefill_tokens, decode)
         active.prefill_tokens = 0
 
     def finish(self, request_id: str) -> bool:

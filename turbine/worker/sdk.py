@@ -8,6 +8,7 @@ finish (bounded), revoke the lease, close the request plane, stop the engine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -22,9 +23,7 @@ from turbine.protocol.instance import Instance, model_key
 from turbine.protocol.kv_events import (
     KV_DUMP_ENDPOINT,
     KV_EVENTS_ENDPOINT,
-    KvEventBatch,
-    LoadMetrics,
-    WorkerEvent,
+    RawWorkerEvent,
 )
 from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard, ModelFile
 from turbine.protocol.request import PreprocessedRequest
@@ -37,9 +36,12 @@ log = logging.getLogger(__name__)
 
 _decode_request = msgspec.msgpack.Decoder(PreprocessedRequest).decode
 _encode = msgspec.msgpack.Encoder().encode
-_decode_batch = msgspec.msgpack.Decoder(KvEventBatch).decode
-_decode_load = msgspec.msgpack.Decoder(LoadMetrics).decode
 _decode_embed = msgspec.msgpack.Decoder(list[list[int]]).decode
+
+
+EVENTS_BATCH_S = 0.002
+"""The least time between two sends of a `kv_events` stream while events keep coming (their
+delay at most; the frontend's routing history and active blocks cover requests routed since)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class EngineWorker:
         lease_ttl_s: float,
         instance_id: int | None = None,
         events: EventPlane | None = None,
+        events_batch_s: float = EVENTS_BATCH_S,
     ) -> None:
         self.engine = engine
         self._store = store
@@ -82,6 +85,7 @@ class EngineWorker:
         # shared NATS plane with --event-plane nats); frontends following over the request plane
         # read it through the kv_events endpoint, which therefore works in either mode.
         self._events = events
+        self._events_batch_s = events_batch_s
         self.instance_id = instance_id if instance_id is not None else secrets.randbits(63)
         self._lease: LeaseKeeper | None = None
         self._keys: list[str] = []
@@ -147,18 +151,36 @@ class EngineWorker:
                 yield _encode(out)
 
     async def _stream_events(self) -> AsyncGenerator[bytes, None]:
-        """This worker's KV event batches and load metrics, from now on, until shutdown."""
+        """This worker's KV event batches and load metrics, from now on, until shutdown.
+
+        While events keep coming they go out at most once per `events_batch_s`, all that arrived
+        meanwhile together (the request plane writes frames produced in one loop iteration as one
+        write): a busy engine publishes a batch per scheduler step, and every frontend process
+        following it would otherwise wake once per step. A quiet stream's first event goes at once.
+        """
         if self._events is None:
             raise InvalidRequest("this worker publishes no events")
         kv_subject = kv_events_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
         load_subject_ = load_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
         prefix = model_subject_prefix(self._identity.namespace, self._identity.model_name)
+        loop = asyncio.get_running_loop()
+        window = self._events_batch_s
+        next_send = 0.0
         async with contextlib.aclosing(self._events.subscribe(prefix)) as sub:
             async for subject, data in sub:
                 if subject == kv_subject:
-                    yield _encode(WorkerEvent(kv=_decode_batch(data)))
+                    event = RawWorkerEvent(kv=msgspec.Raw(data))
                 elif subject == load_subject_:
-                    yield _encode(WorkerEvent(load=_decode_load(data)))
+                    event = RawWorkerEvent(load=msgspec.Raw(data))
+                else:
+                    continue
+                if window:
+                    delay = next_send - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                yield _encode(event)
+                if window:
+                    next_send = loop.time() + window
 
     async def _dump(self) -> AsyncGenerator[bytes, None]:
         if not isinstance(self.engine, KvCacheReporter):

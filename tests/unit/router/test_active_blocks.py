@@ -64,3 +64,17 @@ def test_a_request_that_allocates_nothing_outlives_the_others() -> None:
     assert active.count(1) == 0
     active.add("again", 1, [10], 0)
     assert active.count(1) == 1
+
+
+def test_extend_prefixes_follows_the_blocks_in_flight_from_where_the_cache_ends() -> None:
+    active = ActiveBlocks()
+    active.add("a", 1, [12, 13, 14], 0)  # computing blocks 2..4 of the chain 10..15
+    active.add("b", 2, [10, 11], 0)
+    chain = [10, 11, 12, 13, 14, 15]
+    # Worker 1 caches blocks 0-1: its in-flight request takes it to 5; worker 2 computes 0-1.
+    assert active.extend_prefixes(chain, {}, {1: 2}) == {1: 5, 2: 2}
+    # A run that does not start where the prefix ends does not count (block 2 is not in flight).
+    assert active.extend_prefixes(chain, {}, {}) == {2: 2}
+    scores = {1: 5}
+    assert active.extend_prefixes(chain, scores, {1: 2, 2: 2}) is scores  # nothing to raise
+    assert active.extend_prefixes([], {}, {}) == {}

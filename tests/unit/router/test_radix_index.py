@@ -257,13 +257,27 @@ def _path(parent: dict[int, int | None], h: int) -> list[int]:
     return out[::-1]
 
 
-@pytest.mark.parametrize("tidy", [True, False], ids=["prefix-closed", "holes"])
-def test_find_matches_agrees_with_a_brute_force_model(tidy: bool) -> None:
+def _check_links(index: RadixIndex) -> None:
+    """The parent links and their inverse agree, and name only present blocks' links."""
+    children: dict[int, list[int]] = {}
+    for h, p in index._parents.items():
+        assert h in index._owners
+        if p is not None:
+            children.setdefault(p, []).append(h)
+    inverse = {p: [index._child[p], *index._more_children.get(p, [])] for p in index._child}
+    assert set(index._more_children) <= set(index._child)
+    assert {p: sorted(c) for p, c in inverse.items()} == {p: sorted(c) for p, c in children.items()}
+
+
+@pytest.mark.parametrize(
+    ("tidy", "size"), [(True, 120), (False, 120), (True, 2000)], ids=["prefix-closed", "holes", "mostly-new"]
+)
+def test_find_matches_agrees_with_a_brute_force_model(tidy: bool, size: int) -> None:
     # Chain-consistent random traffic (every hash has one parent, as chained hashes do). "tidy" stores
     # whole paths and evicts leaves first, as engines do, so workers stay prefix-closed (the bisection
     # path); otherwise stores start mid-path and removals pick any block (holes: the linear walk).
     rng = random.Random(5)
-    hashes, parent = _random_tree(rng, 120)
+    hashes, parent = _random_tree(rng, size)
     index = RadixIndex()
     model: dict[int, set[int]] = {}
     next_id: dict[int, int] = {}
@@ -321,3 +335,4 @@ def test_find_matches_agrees_with_a_brute_force_model(tidy: bool) -> None:
         assert index.num_blocks() == len(set().union(*model.values()))
         if tidy:
             assert not any(index.has_holes(w) for w in model if w not in dumped)
+        _check_links(index)

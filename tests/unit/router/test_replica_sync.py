@@ -97,13 +97,36 @@ def test_a_peers_requests_count_as_load_until_they_finish() -> None:
 
 def test_the_second_replica_sends_the_same_new_prefix_to_the_same_worker() -> None:
     """Without sync, replica b knows nothing of a's just-routed prefix and, all being idle, may
-    pick any worker; with sync its routing history holds a's placement before any KV event."""
+    pick any worker; with sync the blocks a's request is computing count on a's worker before any
+    KV event."""
     pair = _Pair()
     first = pair.a.select(_req("r1", PROMPT), [1, 2, 3])
     pair.deliver()
     second = pair.b.select(_req("r2", [*PROMPT[:40], 7]), [1, 2, 3])
     assert second.instance_id == first.instance_id
     assert second.overlap_blocks == 10
+
+
+def test_with_kv_events_a_peers_placement_stays_out_of_the_routing_history() -> None:
+    """Each replica follows the workers' real events; only its own placements go in its history.
+    Without events the peers' placements are the only cache model, so they are recorded."""
+    pair = _Pair()
+    worker = pair.a.select(_req("r1", PROMPT), [1, 2, 3]).instance_id
+    pair.deliver()
+    assert pair.b.pending.blocks_of(worker) == []
+    assert pair.b.active.count(worker) == 11
+
+    a = KvRouter(KvRouterSettings(use_kv_events=False), random.Random(0))
+    b = KvRouter(KvRouterSettings(use_kv_events=False), random.Random(1))
+    out: list[RouterEvent] = []
+    for router in (a, b):
+        router.update_instances(_cards(1, 2, 3))
+    a.sync_with_peers(out.append, expiry_s=5.0)
+    b.sync_with_peers(lambda _e: None, expiry_s=5.0)
+    decision = a.select(_req("r1", PROMPT), [1, 2, 3])
+    b.apply_peer_batch(RouterSyncBatch(0xA, out))
+    assert len(b.approx.blocks_of(decision.instance_id)) == 10
+    assert b.select(_req("r2", [*PROMPT[:40], 7]), [1, 2, 3]).instance_id == decision.instance_id
 
 
 def test_peer_load_steers_a_replica_away_from_a_busy_worker() -> None:
