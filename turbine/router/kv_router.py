@@ -187,6 +187,7 @@ class KvRouter(_LoadCounting):
         self.active = ActiveBlocks()
         self.worker_load: dict[int, LoadMetrics] = {}
         self._warned: set[int] = set()
+        self._has_peers = False
 
     @property
     def wants_events(self) -> bool:
@@ -262,11 +263,13 @@ class KvRouter(_LoadCounting):
             # KV events yet, and a prefix whose blocks a worker just evicted is best re-cached
             # where it lived, not copied onto a second worker where it evicts some third prefix.
             pending = self.pending.find_matches(hashes).scores
-            # Blocks that requests in flight on a worker are computing right now (this replica's
-            # and, through replica sync, its peers'): the next part of this prefix will be cached
-            # there by the time this request runs. This is how a peer's just-routed prefix counts
-            # here without every replica recording every peer's placement in its own history.
-            pending = self.active.extend_prefixes(hashes, pending, overlap.scores)
+            # With peers (replica sync): blocks that requests in flight on a worker are computing
+            # right now, this replica's and its peers', will be cached there by the time this
+            # request runs. This is how a peer's just-routed prefix counts here without every
+            # replica recording every peer's placement in its own history. A lone replica's own
+            # placements are all in its routing history already.
+            if self._has_peers:
+                pending = self.active.extend_prefixes(hashes, pending, overlap.scores)
             if pending:
                 scores = dict(overlap.scores)
                 for worker, blocks in pending.items():
@@ -389,6 +392,7 @@ class KvRouter(_LoadCounting):
         # every replica follows the workers' real events, and recording every peer's placement
         # as well cost each replica ~20-40 us per peer request (an LRU update per block). Without
         # events, peers' placements are the only cache model there is, so they are recorded.
+        self._has_peers = True
         self.load.add_request(key, event.worker, event.prefill_tokens, 0)
         self.active.add(key, event.worker, event.hashes[event.overlap :], event.tail)
         if not self.settings.use_kv_events:
