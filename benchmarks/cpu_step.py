@@ -128,6 +128,8 @@ def main() -> int:
         result["engine_tok_s"] = batch * NEW / wall
         result["engine_step_ms"] = wall / len(spent) * 1e3
         result["engine_executor_ms"] = sum(spent) / len(spent) * 1e3
+        decode = sorted(spent[1:])  # the first step is the prefill
+        result["engine_executor_decode_min_median_ms"] = [decode[0] * 1e3, decode[len(decode) // 2] * 1e3]
     executor = runner.engine.executor()
     model = loaded.model
     bs = cfg.block_size
@@ -195,6 +197,8 @@ def main() -> int:
             f"of which the executor {result['engine_executor_ms']:.1f} ms (the rest: scheduler, delivery, "
             "the hop to the runner thread)"
         )
+        low, mid = result["engine_executor_decode_min_median_ms"]
+        print(f"  executor's decode steps in that run: fastest {low:.1f} ms, median {mid:.1f} ms")
     for key in ("executor_step_ms", "host_meta_ms", "forward_ms", "logits_sample_ms", "profiled_forward_ms"):
         print(f"{key:>24}: {result[key]:7.2f}")
     ops = sum(cats.values())
