@@ -151,7 +151,7 @@ def sync(device: str) -> None:
 # ---------------------------------------------------------------------------------------------- CPU
 
 
-def bench_cpu(out_dir: Path, progress: bool) -> list[Row]:
+def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1, 8, 32)) -> list[Row]:
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +173,7 @@ def bench_cpu(out_dir: Path, progress: bool) -> list[Row]:
         hf[name].eval()
     rows: list[Row] = []
     new = 128
-    for conc in (1, 8, 32):
+    for conc in concurrencies:
         batch = text_prompts(tokenizer, conc, 60, conc)
         # Alternate ours and theirs so a change in the machine's load hits both alike.
         rates: dict[str, float] = {}
@@ -197,6 +197,9 @@ def bench_cpu(out_dir: Path, progress: bool) -> list[Row]:
         print(f"c={conc}: {rates}", file=sys.stderr)
     runner = runners["bfloat16"]
     runners["float32"].close()
+    if concurrencies != (1, 8, 32):  # a quick run of some concurrencies: no TTFT measurement
+        runner.close()
+        return rows
     # TTFT with a 1,000-token prefix cached vs not (different prefixes each round, median of 3).
     cold, warm = [], []
     for r in range(3):
@@ -363,10 +366,17 @@ def main() -> int:
     parser.add_argument("--presets", default="llama-1b,llama-8b")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--concurrency",
+        default="1,8,32",
+        help="CPU: comma-separated concurrencies to measure (default 1,8,32); any other set skips the "
+        "TTFT measurement, for quick runs",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.device == "cpu":
-        rows = bench_cpu(args.out, not args.no_progress)
+        concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+        rows = bench_cpu(args.out, not args.no_progress, concurrencies)
         header = (
             "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), "
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. 128 new tokens per "

@@ -160,10 +160,10 @@ class LlamaModel:
             q, k = qk[:, :heads], qk[:, heads:]
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             o = attend(q, k_cache, v_cache, meta, self.scale)
-            x = x + layer.o_proj(o.reshape(n, a.q_size))
+            x += layer.o_proj(o.reshape(n, a.q_size))  # x is this forward's own tensor: add in place
             h = rms_norm(x, layer.post_norm, a.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x += layer.down(F.silu(gate) * up)
         return rms_norm(x, self.norm, a.rms_norm_eps)
 
     def _forward_fused(
@@ -269,4 +269,8 @@ def _plain(linear: Linear) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm: normalise in float32, scale in the input dtype."""
     # F.rms_norm computes the same float32 expression in one call (bit-identical, checked in tests).
+    # On CPU it also upcasts a bfloat16 input itself and rounds the result back once, exactly as the
+    # explicit casts do (checked in tests): two operations fewer per norm, ~60 per decode step.
+    if x.device.type == "cpu":
+        return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)

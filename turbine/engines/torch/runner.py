@@ -190,6 +190,7 @@ class TorchExecutor:
             sliding_window=model.arch.sliding_window,
             decode_kernel=self.decode_kernel,
             gather_decodes=device.type == "cpu",
+            dtype=model.dtype,
         )
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)
         positions = torch.tensor(step.positions, dtype=torch.long, device=device)
