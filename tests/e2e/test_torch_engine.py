@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import signal
 import subprocess
 import sys
-import time
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import openai
@@ -161,17 +163,19 @@ def test_kv_events_from_torch_workers_route_each_group_to_its_holder(
     assert len(holders) == 2  # new prefixes spread over both workers
 
 
-def _story(oai: openai.OpenAI, i: int) -> tuple[str, str | None]:
-    chunks = list(
-        oai.completions.create(
-            model=TINY,
-            prompt=f"Story {i}: once upon a time",
-            max_tokens=300,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-    )
+def _story(oai: openai.OpenAI, i: int, on_chunk: Callable[[], None] | None = None) -> tuple[str, str | None]:
+    chunks = []
+    for chunk in oai.completions.create(
+        model=TINY,
+        prompt=f"Story {i}: once upon a time",
+        max_tokens=300,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
+        chunks.append(chunk)
+        if on_chunk is not None:
+            on_chunk()
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     finish = next(
         (c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason), None
@@ -186,9 +190,21 @@ def test_greedy_streams_migrate_between_torch_workers_unchanged(stack: Stack, ti
     _tiny_worker(stack, tiny_llama_dir, ttl=2.0)
     wait_instances(url, 2, timeout=60, model=TINY)
     oai = _client(url)
+    # Kill the victim once every stream has its first tokens, not on a timer: on a fast machine a
+    # timer can fire after the stories are done, and nothing migrates.
+    received = collections.Counter[int]()
+    lock = threading.Lock()
+
+    def count(i: int) -> Callable[[], None]:
+        def seen() -> None:
+            with lock:
+                received[i] += 1
+
+        return seen
+
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(_story, oai, i) for i in range(8)]
-        time.sleep(0.4)
+        futures = [pool.submit(_story, oai, i, count(i)) for i in range(8)]
+        wait_until(lambda: len(received) == 8 and min(received.values()) >= 5, 60)
         victim.signal(signal.SIGKILL)
         results = [f.result() for f in futures]
     assert all(finish == "length" for _, finish in results)
