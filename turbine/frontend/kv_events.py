@@ -44,7 +44,7 @@ from turbine.runtime.events.base import (
     model_subject_prefix,
     subject_kind,
 )
-from turbine.runtime.transport.base import RequestPlaneClient
+from turbine.runtime.transport.base import CallbackClient, RequestPlaneClient
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +213,23 @@ class RequestPlaneFollowers:
                 # Dump as the stream opens: an event that falls between the dump and the stream's
                 # start makes the next batch's id jump, which the index reports as a gap.
                 self._resync.request(iid, fresh=True)
-                stream = self._client.stream(instance.address, KV_EVENTS_ENDPOINT, _NIL)
-                async with contextlib.aclosing(stream) as batches:
-                    async for batch in batches:
-                        for frame in batch:
-                            event = _decode_event(frame)
-                            self._resync.apply(event.kv, event.load)
+                client = self._client
+                if isinstance(client, CallbackClient):
+                    # Each message applied as it is read: no queue or task wake-up per read.
+                    await client.follow(instance.address, KV_EVENTS_ENDPOINT, _NIL, self._on_frame)
+                else:
+                    stream = client.stream(instance.address, KV_EVENTS_ENDPOINT, _NIL)
+                    async with contextlib.aclosing(stream) as batches:
+                        async for batch in batches:
+                            for frame in batch:
+                                self._on_frame(frame)
             except (TurbineError, msgspec.DecodeError) as exc:
                 log.debug("worker %x: event stream ended: %s", iid, exc)
             await asyncio.sleep(self._retry_s)
+
+    def _on_frame(self, frame: bytes) -> None:
+        event = _decode_event(frame)
+        self._resync.apply(event.kv, event.load)
 
 
 class PlaneFollowers:

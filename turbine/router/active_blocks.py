@@ -30,8 +30,11 @@ class ActiveBlocks:
 
     def add(self, request_id: str, worker: int, hashes: Sequence[int], private_blocks: int) -> None:
         """Count a routed request; an id already counted (a retry elsewhere) is moved, not doubled."""
-        self.remove(request_id)
-        refs = self._refs.setdefault(worker, {})
+        if request_id in self._requests:
+            self.remove(request_id)
+        refs = self._refs.get(worker)
+        if refs is None:
+            refs = self._refs[worker] = {}
         for h in hashes:
             refs[h] = refs.get(h, 0) + 1
         self._private[worker] = self._private.get(worker, 0) + private_blocks

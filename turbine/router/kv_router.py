@@ -125,15 +125,17 @@ class _LoadCounting:
             return
         replica = batch.replica_id
         peers.seen(replica)
+        workers = self._workers
+        count, drop = self._count_peer, self._drop
         for event in batch.events:
-            if isinstance(event, Routed):
+            if type(event) is Routed:
                 # A worker this replica does not know (yet, or any more) has no load to count.
-                if event.worker in self._workers:
-                    self._count_peer(peers.add(replica, event.request_id), event)
-            elif isinstance(event, PrefillDone):
+                if event.worker in workers:
+                    count(peers.add(replica, event.request_id), event)
+            elif type(event) is Finished:
+                drop(peers.discard(replica, event.request_id))
+            elif type(event) is PrefillDone:
                 self.load.prefill_done(peer_key(replica, event.request_id))
-            elif isinstance(event, Finished):
-                self._drop(peers.discard(replica, event.request_id))
             elif isinstance(event, ReplicaState):
                 for key in peers.reconcile(replica, event.active):
                     self._drop(key)

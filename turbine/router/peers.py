@@ -28,15 +28,19 @@ class PeerRequests:
     def seen(self, replica: int) -> None:
         """The replica spoke (any message): it is alive."""
         self._last_seen[replica] = self._clock()
-        self._keys.setdefault(replica, set())
+        if replica not in self._keys:
+            self._keys[replica] = set()
 
     def add(self, replica: int, request_id: str) -> str:
-        key = peer_key(replica, request_id)
-        self._keys.setdefault(replica, set()).add(key)
+        key = f"{replica:x}/{request_id}"  # peer_key, inlined: it runs for every peer request
+        keys = self._keys.get(replica)
+        if keys is None:
+            keys = self._keys[replica] = set()
+        keys.add(key)
         return key
 
     def discard(self, replica: int, request_id: str) -> str:
-        key = peer_key(replica, request_id)
+        key = f"{replica:x}/{request_id}"
         keys = self._keys.get(replica)
         if keys is not None:
             keys.discard(key)

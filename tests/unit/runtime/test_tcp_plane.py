@@ -6,6 +6,7 @@ import pytest
 
 from tests.unit.runtime.plane_helpers import Echo, collect, enc
 from turbine.errors import EngineError, InvalidRequest, WorkerDraining, WorkerUnreachable
+from turbine.runtime.transport.base import CallbackClient
 from turbine.runtime.transport.tcp import TcpRequestClient, TcpRequestServer
 
 pytestmark = pytest.mark.integration
@@ -123,3 +124,61 @@ async def test_forget_waits_for_open_streams_to_end() -> None:
     finally:
         await client.close()
         await server.stop()
+
+
+async def test_follow_hands_payloads_to_the_callback_in_order() -> None:
+    echo = Echo()
+    server = TcpRequestServer()
+    address = await server.start(echo.handler)
+    client = TcpRequestClient()
+    try:
+        assert isinstance(client, CallbackClient)
+        got: list[bytes] = []
+        await client.follow(address, "gen", enc(300), got.append)
+        assert got == [enc(i) for i in range(300)]
+        with pytest.raises(EngineError, match="engine exploded"):
+            await client.follow(address, "fail", enc(1), got.append)
+        assert await collect(client, address, "gen", enc(2)) == [enc(0), enc(1)]  # the connection lives
+        assert client._connections[address].streams == {}
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_a_failing_callback_ends_the_stream_and_cancels_it_at_the_server() -> None:
+    echo = Echo()
+    server = TcpRequestServer()
+    address = await server.start(echo.handler)
+    client = TcpRequestClient()
+
+    def refuse(payload: bytes) -> None:
+        raise ValueError("cannot take it")
+
+    try:
+        with pytest.raises(ValueError, match="cannot take it"):
+            await client.follow(address, "slow", enc(100000), refuse)
+        for _ in range(200):
+            if echo.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert echo.cancelled == [enc(100000)]
+    finally:
+        await client.close()
+        await server.stop()
+
+
+async def test_follow_fails_when_the_connection_drops() -> None:
+    echo = Echo()
+    server = TcpRequestServer()
+    address = await server.start(echo.handler)
+    client = TcpRequestClient()
+    try:
+        got: list[bytes] = []
+        task = asyncio.create_task(client.follow(address, "slow", enc(100000), got.append))
+        await asyncio.sleep(0.05)
+        await server.stop()
+        with pytest.raises(WorkerUnreachable):
+            await task
+        assert got
+    finally:
+        await client.close()

@@ -16,13 +16,19 @@ least one), so a consumer can handle a burst of token deltas with one write down
 End, `WorkerDraining` if the worker refused it, `EngineError` for an
 engine failure. Leaving the iteration early (break, exception, task cancel, `aclose()`) sends a
 Cancel so the worker frees the request. Many streams to one address share one connection.
+
+Some clients (`CallbackClient`) can also `follow(address, endpoint, payload, on_data)`: the same
+stream, but each payload is handed to `on_data` as soon as it is read, inside the transport's own
+read callback, and the call returns (or raises, as `stream` would) when the stream ends. A
+long-lived stream of small messages (a worker's KV events, followed by every frontend process)
+then costs no queue and no task wake-up per read.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from turbine.errors import EngineError, InvalidRequest, TurbineError, WorkerDraining, WorkerUnreachable
 from turbine.runtime.transport import framing
@@ -47,6 +53,15 @@ class RequestPlaneClient(Protocol):
     def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class CallbackClient(Protocol):
+    """A client that can also deliver a stream's payloads by callback (see the module docstring)."""
+
+    async def follow(
+        self, address: str, endpoint: str, payload: bytes, on_data: Callable[[bytes], None]
+    ) -> None: ...
 
 
 def error_from_frame(code: str, message: str, address: str) -> TurbineError:

@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncGenerator
-from typing import cast
+from collections.abc import AsyncGenerator, Callable
+from typing import Protocol, cast
 
 import msgspec
 
@@ -194,12 +194,38 @@ _LOST = object()
 _StreamItem = framing.Frame | object
 
 
+class _Sink(Protocol):
+    def put_nowait(self, item: _StreamItem) -> None: ...
+
+
+class _Handoff:
+    """Where `follow` streams go instead of a queue: each Data payload is handed to `on_data` from
+    `data_received`; the item that ends the stream (or `on_data`'s exception) resolves `done`."""
+
+    __slots__ = ("_on_data", "done")
+
+    def __init__(self, on_data: Callable[[bytes], None], done: asyncio.Future[_StreamItem]) -> None:
+        self._on_data = on_data
+        self.done = done
+
+    def put_nowait(self, item: _StreamItem) -> None:
+        if self.done.done():
+            return
+        if type(item) is framing.Data:
+            try:
+                self._on_data(bytes(item.payload))
+            except Exception as exc:
+                self.done.set_exception(exc)
+        else:
+            self.done.set_result(item)
+
+
 class _ClientConnection(asyncio.Protocol):
     def __init__(self, address: str) -> None:
         self.address = address
         self.closed = False
         self.close_when_idle = False
-        self.streams: dict[int, asyncio.Queue[_StreamItem]] = {}
+        self.streams: dict[int, _Sink] = {}
         self._next_id = 0
         self._decoder = framing.FrameDecoder()
         self._writer = _FrameWriter(asyncio.get_running_loop())
@@ -237,10 +263,13 @@ class _ClientConnection(asyncio.Protocol):
         self._writer.resume()
 
     def open_stream(self) -> tuple[int, asyncio.Queue[_StreamItem]]:
-        self._next_id += 1
         queue: asyncio.Queue[_StreamItem] = asyncio.Queue()
-        self.streams[self._next_id] = queue
-        return self._next_id, queue
+        return self.open_sink(queue), queue
+
+    def open_sink(self, sink: _Sink) -> int:
+        self._next_id += 1
+        self.streams[self._next_id] = sink
+        return self._next_id
 
     def send(self, frame: framing.Frame) -> None:
         self._writer.send(frame)
@@ -316,6 +345,30 @@ class TcpRequestClient:
                 if type(last) is framing.Error:
                     raise error_from_frame(last.code, last.message, address)
                 raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
+        finally:
+            conn.streams.pop(sid, None)
+            if not finished and not conn.closed:
+                conn.send(framing.Cancel(sid))
+            if conn.close_when_idle and not conn.streams:
+                conn.close()
+
+    async def follow(
+        self, address: str, endpoint: str, payload: bytes, on_data: Callable[[bytes], None]
+    ) -> None:
+        """`stream`, each payload handed to `on_data` as it is read (see `base.CallbackClient`)."""
+        conn = await self._connection(address)
+        done: asyncio.Future[_StreamItem] = asyncio.get_running_loop().create_future()
+        sid = conn.open_sink(_Handoff(on_data, done))
+        finished = False
+        try:
+            conn.send(framing.Request(sid, endpoint, msgspec.Raw(payload)))
+            last = await done
+            finished = True
+            if type(last) is framing.End:
+                return
+            if type(last) is framing.Error:
+                raise error_from_frame(last.code, last.message, address)
+            raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
         finally:
             conn.streams.pop(sid, None)
             if not finished and not conn.closed:
