@@ -8,7 +8,6 @@ finish (bounded), revoke the lease, close the request plane, stop the engine.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
@@ -30,6 +29,7 @@ from turbine.protocol.request import PreprocessedRequest
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.lease import LeaseKeeper
 from turbine.runtime.events.base import EventPlane, kv_events_subject, load_subject, model_subject_prefix
+from turbine.runtime.events.pacing import paced
 from turbine.runtime.transport.base import RequestPlaneServer
 
 log = logging.getLogger(__name__)
@@ -153,34 +153,22 @@ class EngineWorker:
     async def _stream_events(self) -> AsyncGenerator[bytes, None]:
         """This worker's KV event batches and load metrics, from now on, until shutdown.
 
-        While events keep coming they go out at most once per `events_batch_s`, all that arrived
-        meanwhile together (the request plane writes frames produced in one loop iteration as one
-        write): a busy engine publishes a batch per scheduler step, and every frontend process
-        following it would otherwise wake once per step. A quiet stream's first event goes at once.
+        While events keep coming they go out in bursts at most once per `events_batch_s`, each burst
+        all that arrived meanwhile (`runtime/events/pacing.py`): a busy engine publishes a batch
+        per scheduler step, and every frontend process following it would otherwise wake once per
+        step. A quiet stream's first event goes at once.
         """
         if self._events is None:
             raise InvalidRequest("this worker publishes no events")
         kv_subject = kv_events_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
         load_subject_ = load_subject(self._identity.namespace, self._identity.model_name, self.instance_id)
         prefix = model_subject_prefix(self._identity.namespace, self._identity.model_name)
-        loop = asyncio.get_running_loop()
-        window = self._events_batch_s
-        next_send = 0.0
         async with contextlib.aclosing(self._events.subscribe(prefix)) as sub:
-            async for subject, data in sub:
+            async for subject, data in paced(sub, self._events_batch_s):
                 if subject == kv_subject:
-                    event = RawWorkerEvent(kv=msgspec.Raw(data))
+                    yield _encode(RawWorkerEvent(kv=msgspec.Raw(data)))
                 elif subject == load_subject_:
-                    event = RawWorkerEvent(load=msgspec.Raw(data))
-                else:
-                    continue
-                if window:
-                    delay = next_send - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                yield _encode(event)
-                if window:
-                    next_send = loop.time() + window
+                    yield _encode(RawWorkerEvent(load=msgspec.Raw(data)))
 
     async def _dump(self) -> AsyncGenerator[bytes, None]:
         if not isinstance(self.engine, KvCacheReporter):
