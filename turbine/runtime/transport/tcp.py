@@ -340,17 +340,10 @@ class TcpRequestClient:
                 if last is None:
                     continue
                 finished = True
-                if type(last) is framing.End:
-                    return
-                if type(last) is framing.Error:
-                    raise error_from_frame(last.code, last.message, address)
-                raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
+                _raise_unless_end(last, address)
+                return
         finally:
-            conn.streams.pop(sid, None)
-            if not finished and not conn.closed:
-                conn.send(framing.Cancel(sid))
-            if conn.close_when_idle and not conn.streams:
-                conn.close()
+            _end_stream(conn, sid, finished)
 
     async def follow(
         self, address: str, endpoint: str, payload: bytes, on_data: Callable[[bytes], None]
@@ -364,17 +357,9 @@ class TcpRequestClient:
             conn.send(framing.Request(sid, endpoint, msgspec.Raw(payload)))
             last = await done
             finished = True
-            if type(last) is framing.End:
-                return
-            if type(last) is framing.Error:
-                raise error_from_frame(last.code, last.message, address)
-            raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
+            _raise_unless_end(last, address)
         finally:
-            conn.streams.pop(sid, None)
-            if not finished and not conn.closed:
-                conn.send(framing.Cancel(sid))
-            if conn.close_when_idle and not conn.streams:
-                conn.close()
+            _end_stream(conn, sid, finished)
 
     def forget(self, address: str) -> None:
         """Close the connection to a worker that left discovery, once its open streams have ended
@@ -393,3 +378,22 @@ class TcpRequestClient:
         # Let the transports finish closing before the loop goes away.
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)
+
+
+def _raise_unless_end(last: _StreamItem, address: str) -> None:
+    """A stream's last item: End is a clean finish; an Error frame or a lost connection raises."""
+    if type(last) is framing.End:
+        return
+    if type(last) is framing.Error:
+        raise error_from_frame(last.code, last.message, address)
+    raise WorkerUnreachable(f"connection to worker {address} was lost mid-stream")
+
+
+def _end_stream(conn: _ClientConnection, sid: int, finished: bool) -> None:
+    """Forget stream `sid`; cancel it at the worker if it did not finish; close a connection that
+    was only kept for its streams."""
+    conn.streams.pop(sid, None)
+    if not finished and not conn.closed:
+        conn.send(framing.Cancel(sid))
+    if conn.close_when_idle and not conn.streams:
+        conn.close()
