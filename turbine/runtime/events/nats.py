@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from turbine.runtime.events.base import OnLive
 from turbine.runtime.events.fanout import Subscription
+from turbine.runtime.transport.nats_flush import flush_in_order
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,8 @@ class NatsEventPlane:
         nats_sub = None
         try:
             nats_sub = await nc.subscribe(prefix + ">", cb=deliver)
-            # The server has the subscription once a PING after it is answered.
-            await nc.flush()
+            # The server has the subscription once a PING written after it is answered.
+            await flush_in_order(nc)
             self._subs.add(sub)
             if on_live is not None:
                 on_live()

@@ -46,6 +46,7 @@ from nats.aio.msg import Msg
 from turbine.errors import InvalidRequest, WorkerUnreachable
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import Handler, StreamTasks, error_from_frame, error_to_frame, take_batch
+from turbine.runtime.transport.nats_flush import flush_in_order
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class NatsRequestServer(StreamTasks):
         self._outbox = _Outbox(self._nc)
         await self._nc.subscribe(self._subject, cb=self._on_msg)
         # The subscription must reach the NATS server before the address is published.
-        await self._nc.flush()
+        await flush_in_order(self._nc)
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         return self._subject
 
@@ -338,7 +339,7 @@ class NatsRequestClient:
                     raise WorkerUnreachable(f"cannot connect to NATS at {self._url}: {exc}") from exc
                 await nc.subscribe(self._inbox, cb=self._on_frames)
                 await nc.subscribe(self._inbox + ".*", cb=self._on_status)
-                await nc.flush()
+                await flush_in_order(nc)
                 self._outbox = _Outbox(nc)
                 self._watchdog = asyncio.get_running_loop().create_task(self._watch())
                 self._nc = nc
