@@ -1,4 +1,5 @@
-"""The CPU forward's shortcuts compute exactly what the plain expressions compute, bit for bit."""
+"""The CPU forward's shortcuts: exactly what the plain expressions compute (bit for bit where the
+shortcut only reorders work, within float rounding where the kernel sees another layout)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,45 @@ def test_gathered_decode_mask_is_additive_and_attends_like_a_boolean_mask(dtype:
     additive = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=True)
     boolean = F.scaled_dot_product_attention(q, k, v, attn_mask=attended[:, None, None, :], enable_gqa=True)
     assert torch.equal(additive, boolean)
+
+
+def reference_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: list[int], ctx: int
+) -> torch.Tensor:
+    """One decode token's attention ([heads, dim]) over its context, per query head, in float64."""
+    heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    k = torch.cat([k_cache[b] for b in table]).double()[:ctx].repeat_interleave(heads // kv_heads, 1)
+    v = torch.cat([v_cache[b] for b in table]).double()[:ctx].repeat_interleave(heads // kv_heads, 1)
+    scores = torch.einsum("hd,lhd->hl", q.double(), k) * dim**-0.5
+    return torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["decodes", "lone decode", "decodes beside a prefill"])
+def test_decode_attention_groups_query_heads_and_matches_per_head_attention(
+    dtype: torch.dtype, layout: str
+) -> None:
+    from turbine.engines.torch.attention import attend
+
+    block, heads, kv_heads, dim = 4, 6, 2, 8
+    torch.manual_seed(2)
+    k_cache = torch.randn(6, block, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(6, block, kv_heads, dim).to(dtype)
+    decodes = [([3, 1], 7), ([0], 2), ([2, 4], 5)]
+    if layout == "lone decode":
+        decodes = decodes[:1]
+    chunks = [(t, n - 1, 1) for t, n in decodes]
+    if layout == "decodes beside a prefill":
+        chunks.insert(1, ([5], 0, 3))  # a 3-token prefill between the decodes
+    meta = build_meta(chunks, block, torch.device("cpu"), gather_decodes=True, dtype=dtype)
+    rows = sum(c[2] for c in chunks)
+    q = torch.randn(rows, heads, dim).to(dtype)
+    out = attend(q, k_cache, v_cache, meta, dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    row = 0
+    for table, computed, new in chunks:
+        if new == 1:
+            want = reference_attention(q[row], k_cache, v_cache, table, computed + 1)
+            assert torch.allclose(out[row].double(), want, atol=tol, rtol=tol)
+        row += new
