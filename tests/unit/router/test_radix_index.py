@@ -336,3 +336,20 @@ def test_find_matches_agrees_with_a_brute_force_model(tidy: bool, size: int) -> 
         if tidy:
             assert not any(index.has_holes(w) for w in model if w not in dumped)
         _check_links(index)
+
+
+def test_a_new_chain_through_a_block_that_is_still_a_parent_keeps_both_children() -> None:
+    # Block 2 leaves every worker while A still holds its child 3 (an orphan now), so 2 keeps its
+    # child link. A new chain that stores 2 again adds a child to it instead of replacing that link.
+    index = RadixIndex()
+    index.apply(stored(0xA, 0, [1, 2, 3]))
+    index.apply(removed(0xA, 1, [2]))
+    index.apply(stored(0xB, 0, [2, 4], parent=1))
+    _check_links(index)
+    assert sorted([index._child[2], *index._more_children.get(2, [])]) == [3, 4]
+    assert index.find_matches([1, 2, 3]) == OverlapScores({0xA: 1}, {0xA: 2, 0xB: 2})
+    assert index.find_matches([1, 2, 4]) == OverlapScores({0xA: 1}, {0xA: 2, 0xB: 2})
+    index.apply(stored(0xB, 1, [7, 8, 9]))  # a chain new everywhere
+    _check_links(index)
+    assert index._parents[7] is None and index._parents[9] == 8 and index._child[7] == 8
+    assert index.find_matches([7, 8, 9]) == OverlapScores({0xB: 3}, {0xA: 2, 0xB: 5})
