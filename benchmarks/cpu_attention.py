@@ -12,24 +12,23 @@ difference between the two outputs.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cpu_step import best_ms
+
 HEADS, KV_HEADS, DIM = 9, 3, 64
 
 
 def best_us(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e6
+    return best_ms(fn, reps) * 1e3
 
 
 def case(batch: int, ctx: int, dtype: torch.dtype, reps: int) -> tuple[float, float, float]:
