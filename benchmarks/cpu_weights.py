@@ -2,12 +2,13 @@
 
 SmolLM2-135M's layer weights are Q4_1: per block of 32 weights an fp16 scale d and min m, w = d·q + m
 with q in 0..15. torch's CPU weight-only kernels compute w = (q − 8)·scale + zero per group, so Q4_1
-maps onto them with scale = d, zero = m + 8·d. This script
-- checks that mapping on the real file: one layer's raw Q4_1 blocks, decoded here and packed for
+maps onto them with scale = d, zero = m + 8·d (the engine's `q4.py`, used for steps of at most
+`--q4-max-rows` rows). This script
+- checks that mapping on the real file: one layer's raw Q4_1 blocks, decoded by `q4.py` and packed for
   `_weight_int4pack_mm_for_cpu`, against a matmul with `gguf`'s own dequantization of the same tensor;
 - times the 120 layer matmuls of one decode step (weights cold: every layer's own tensors, in the
-  forward's order) at 1, 4 and 8 rows: oneDNN-packed bfloat16 (the engine's path), the int4 kernel
-  (group 32, bfloat16 activations), and `_weight_int8pack_mm` (per-channel int8, for scale; it cannot
+  forward's order) at 1, 4 and 8 rows: oneDNN-packed bfloat16 (the engine's dense path), the int4
+  kernel (group 32, bfloat16 activations), and `_weight_int8pack_mm` (per-channel int8, for scale; it cannot
   hold Q4_1 exactly); best of several rounds, interleaved, as the machine is shared.
 
     flock /tmp/turbine-bench.lock .venv/bin/python benchmarks/cpu_weights.py
@@ -23,55 +24,38 @@ from functools import partial
 import numpy as np
 import torch
 
+from turbine.engines.torch import q4
 from turbine.models import default_real_model_path
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # qkv, o, gate_up, down of one layer
 LAYERS = 30
-GROUP = 32
-
-
-def q4_1_blocks(raw: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [rows, cols] int32 in 0..15, d and m [rows, cols / 32] float32, from GGUF Q4_1 bytes.
-
-    A block is 20 bytes: d (fp16), m (fp16), then 16 bytes whose low nibbles are weights 0..15 and
-    whose high nibbles are weights 16..31."""
-    blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP, 20)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    nibbles = blocks[..., 4:]
-    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)
-    return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(m)
-
-
-def int4_pack(
-    q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int4 kernel's packed weight and its [groups, rows, 2] scales-and-zeros for Q4_1 blocks."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    scales_zeros = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous().to(dtype)
-    return packed, scales_zeros
+GROUP = q4.GROUP
 
 
 def check_mapping() -> float:
-    """Largest |difference| of the int4 kernel (float32 activations) from a matmul with gguf's
-    dequantized weight, over the largest |output|: ~1e-7 when the mapping is exact."""
+    """Largest |difference| of the int4 kernel (bfloat16, as the engine runs it, `q4.py`) from a
+    float32 matmul with gguf's dequantized weight, over the largest |output|."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(default_real_model_path()))
     tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate.weight")
     cols, rows = (int(x) for x in tensor.shape.tolist())
-    q, d, m = q4_1_blocks(tensor.data, rows, cols)
+    blocks = q4.decode(tensor.data, tensor.tensor_type.name, rows, cols)
     w = torch.from_numpy(np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)).reshape(
         rows, cols
     )
-    ours = (q.float().view(rows, -1, GROUP) * d[..., None] + m[..., None]).view(rows, cols)
-    assert torch.equal(ours, w), "Q4_1 decoding differs from gguf's"
-    packed, sz = int4_pack(q, d, m, torch.float32)
+    assert torch.equal(q4.dequantize(blocks), w), "Q4_1 decoding differs from gguf's"
     x = torch.randn(8, cols)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
+    y = q4.Q4Weight(blocks, torch.bfloat16)(x.to(torch.bfloat16)).float()
     ref = x @ w.T
     return float((y - ref).abs().max() / ref.abs().max())
+
+
+def random_q4(rows: int, cols: int) -> q4.Q4Weight:
+    nibbles = torch.randint(0, 256, (rows, cols // GROUP, 16), dtype=torch.uint8)
+    d, m = torch.rand(rows, cols // GROUP) * 0.01, -torch.rand(rows, cols // GROUP) * 0.1
+    return q4.Q4Weight((nibbles, d, m + 8 * d), torch.bfloat16)
 
 
 def run_bf16(ins: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -81,11 +65,8 @@ def run_bf16(ins: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch
     ]
 
 
-def run_int4(ins: list[torch.Tensor], weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    return [
-        torch.ops.aten._weight_int4pack_mm_for_cpu(a, p, GROUP, sz)
-        for a, (p, sz) in zip(ins, weights, strict=True)
-    ]
+def run_int4(ins: list[torch.Tensor], weights: list[q4.Q4Weight]) -> list[torch.Tensor]:
+    return [w(a) for a, w in zip(ins, weights, strict=True)]
 
 
 def run_int8(ins: list[torch.Tensor], weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -110,14 +91,12 @@ def main() -> int:
     torch.manual_seed(0)
     shapes = [s for _ in range(LAYERS) for s in SHAPES]
     bf16: list[torch.Tensor] = []
-    int4: list[tuple[torch.Tensor, torch.Tensor]] = []
+    int4: list[q4.Q4Weight] = []
     int8: list[tuple[torch.Tensor, torch.Tensor]] = []
     for rows, cols in shapes:
         w = torch.randn(rows, cols) * 0.02
         bf16.append(torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), 8))
-        q = torch.randint(0, 16, (rows, cols), dtype=torch.int32)
-        d, m = torch.rand(rows, cols // GROUP) * 0.01, -torch.rand(rows, cols // GROUP) * 0.1
-        int4.append(int4_pack(q, d, m, torch.bfloat16))
+        int4.append(random_q4(rows, cols))
         int8.append((torch.randint(-128, 128, (rows, cols), dtype=torch.int8), torch.rand(rows).bfloat16()))
     mb = {
         "bf16 packed": sum(r * c * 2 for r, c in shapes) / 1e6,

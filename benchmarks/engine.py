@@ -161,12 +161,22 @@ def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1
     model_dir = convert_gguf(default_real_model_path(), progress=progress)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     runners: dict[str, EngineRunner] = {}
-    for dtype in ("bfloat16", "float32"):
+    # "bfloat16 dequantized": the engine without the GGUF's 4-bit weights (`--q4-max-rows 0`).
+    for name, dtype, q4_rows in (
+        ("bfloat16", "bfloat16", 8),
+        ("float32", "float32", 8),
+        ("bfloat16 dequantized", "bfloat16", 0),
+    ):
         cfg = TorchEngineConfig(
-            model_dir=model_dir, device="cpu", dtype=dtype, max_num_batched_tokens=2048, progress=progress
+            model_dir=model_dir,
+            device="cpu",
+            dtype=dtype,
+            max_num_batched_tokens=2048,
+            progress=progress,
+            q4_max_rows=q4_rows,
         )
-        runners[dtype] = EngineRunner(cfg, load_model(cfg))
-        runners[dtype].run([request(p, 4) for p in text_prompts(tokenizer, 2, 40, 99)])  # warm up
+        runners[name] = EngineRunner(cfg, load_model(cfg))
+        runners[name].run([request(p, 4) for p in text_prompts(tokenizer, 2, 40, 99)])  # warm up
     hf: dict[str, Any] = {}
     for name, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         hf[name] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
@@ -180,6 +190,9 @@ def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1
         for dtype in ("bfloat16", "float32"):
             wall, _ = runners[dtype].run([request(p, new) for p in batch])
             rates[f"ours {dtype}"] = conc * new / wall
+            if dtype == "bfloat16":  # right after the default engine, as a pair
+                wall, _ = runners["bfloat16 dequantized"].run([request(p, new) for p in batch])
+                rates["ours bfloat16 dequantized"] = conc * new / wall
             rates[f"generate {dtype}"] = conc * new / hf_generate(hf[dtype], batch, new, "cpu")
         extra = {k.replace(" ", "_") + "_tok_s": v for k, v in rates.items()}
         rows.append(
@@ -194,9 +207,14 @@ def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1
             Row(f"output tok/s, concurrency {conc} (both fp32)",
                 rates["ours float32"], rates["generate float32"], "tok/s")
         )  # fmt: skip
+        rows.append(
+            Row(f"output tok/s, concurrency {conc} (engine default vs `--q4-max-rows 0`, both bf16)",
+                rates["ours bfloat16"], rates["ours bfloat16 dequantized"], "tok/s")
+        )  # fmt: skip
         print(f"c={conc}: {rates}", file=sys.stderr)
     runner = runners["bfloat16"]
     runners["float32"].close()
+    runners["bfloat16 dequantized"].close()
     if concurrencies != (1, 8, 32):  # a quick run of some concurrencies: no TTFT measurement
         runner.close()
         return rows
@@ -378,7 +396,8 @@ def main() -> int:
         concurrencies = tuple(int(c) for c in args.concurrency.split(","))
         rows = bench_cpu(args.out, not args.no_progress, concurrencies)
         header = (
-            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), "
+            "SmolLM2-135M-Instruct (Q4_1 GGUF; steps of up to 8 rows use its 4-bit weights, larger "
+            "steps the dequantized ones), "
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. 128 new tokens per "
             "request, greedy, EOS ignored; ours and `generate` alternate per dtype; `generate` runs "
             "the same prompts as one left-padded batch."

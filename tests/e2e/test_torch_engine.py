@@ -131,6 +131,32 @@ def test_smollm2_answers_through_the_openai_client(
     assert details is not None and (details.cached_tokens or 0) >= 64
 
 
+@pytest.mark.timeout(300)
+def test_smollm2_in_bfloat16_answers_with_its_4bit_weights(
+    stack: Stack, smollm2_gguf: Path, gguf_cache: Path, smollm2_dir: Path
+) -> None:
+    """The CPU's decode steps on the file's Q4_1 blocks (`--q4-max-rows`), prefill on the dequantized
+    weights: the same right answer, streamed and not."""
+    _, url = stack.frontend()
+    worker = stack.worker(
+        "--engine", "torch", "--model-path", str(smollm2_gguf), "--gguf-cache-dir", str(gguf_cache),
+        "--device", "cpu", "--dtype", "bfloat16", "--q4-max-rows", "8",
+    )  # fmt: skip
+    wait_until(lambda: live_instances(url, SMOLLM2) == 1, 120, worker)
+    assert "use the 4-bit weights" in worker.log()
+    oai = _client(url)
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the capital of France?"}
+    ]
+    out = oai.chat.completions.create(model=SMOLLM2, messages=messages, temperature=0, max_tokens=24)
+    text = out.choices[0].message.content or ""
+    assert "Paris" in text, text
+    streamed = oai.chat.completions.create(
+        model=SMOLLM2, messages=messages, temperature=0, max_tokens=24, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
 def test_kv_events_from_torch_workers_route_each_group_to_its_holder(
     stack: Stack, tiny_llama_dir: Path
 ) -> None:

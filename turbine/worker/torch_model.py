@@ -75,6 +75,7 @@ def load_torch_model(cfg: WorkerConfig) -> TorchModel:
         max_num_batched_tokens=budget,
         enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=cfg.enforce_eager,
+        q4_max_rows=cfg.q4_max_rows,
     )
     loaded = load_model(config)
     overrides = cfg.generation_overrides()

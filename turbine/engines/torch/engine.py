@@ -20,6 +20,7 @@ import torch
 from turbine.engines.base import EventSink
 from turbine.engines.core.engine import EngineCore, Executor
 from turbine.engines.core.scheduler import SchedulerConfig
+from turbine.engines.torch import q4
 from turbine.engines.torch.arch import ModelArch, read_arch
 from turbine.engines.torch.cuda_graphs import DecodeGraphs
 from turbine.engines.torch.loader import load_weights
@@ -57,6 +58,9 @@ class TorchEngineConfig:
     """No CUDA graphs for decode steps (vLLM's flag): slower, but nothing is captured."""
     progress: bool = True
     """Show a progress bar while the weights load."""
+    q4_max_rows: int = 8
+    """On CPU in bfloat16, steps of at most this many rows use a GGUF's 4-bit linear weights as they
+    are stored (`q4.py`); larger steps the dequantized ones. 0: always the dequantized weights."""
 
 
 @dataclass
@@ -118,11 +122,17 @@ def load_model(cfg: TorchEngineConfig) -> LoadedModel:
         "loading %s (%s, %d layers) as %s on %s", cfg.model_dir, arch.family, arch.num_layers, dtype, device
     )
     weights = load_weights(cfg.model_dir, dtype, progress=cfg.progress)
+    small = cfg.q4_max_rows if q4.applies(device, dtype) else 0
     try:
-        model = LlamaModel(arch, weights, device)
+        blocks = q4.load(cfg.model_dir) if small > 0 else {}
+        model = LlamaModel(arch, weights, device, q4_blocks=blocks, q4_max_rows=small)
     except ValueError as exc:
         raise ConfigError(f"{cfg.model_dir}: {exc}") from None
     log.info("loaded %.1f MB of weights", model.weight_bytes() / 1e6)
+    if model.q4_bytes():
+        log.info(
+            "steps of at most %d rows use the 4-bit weights (%.1f MB more)", small, model.q4_bytes() / 1e6
+        )
     return LoadedModel(model, arch, sampling_defaults(cfg.model_dir), device)
 
 

@@ -5,7 +5,9 @@ quantized) weights. Converting once to an ordinary model directory — config.js
 tokenizer_config.json with the template, generation_config.json and float32 safetensors — lets the
 frontend, the model-file publisher and the torch loader treat it like any checkpoint, and a restart
 finds the directory in the cache instead of dequantizing again. The cache key covers the file's
-path, size and modification time, so a replaced file is converted anew.
+path, size and modification time, so a replaced file is converted anew. The 4-bit (Q4_0/Q4_1) linear
+weights are also kept as the file stores them, beside the checkpoint, for the CPU's small steps
+(`q4.py`).
 
 Facts of the format used here: GGUF stores a 2-D weight as ggml dims `[in, out]` (rows of `in`);
 `gguf.quants.dequantize` returns it row-major as `[out, in]`. llama.cpp's converter permutes the rows
@@ -28,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from turbine.engines.torch import q4
 from turbine.errors import ConfigError
 from turbine.models import gguf_served_name
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1  # bump when the converted layout changes, so old cache entries are not reused
+_FORMAT = 2  # bump when the converted layout changes, so old cache entries are not reused
 _COMPLETE = ".turbine-complete"
 
 # GGUF tensor name (after "blk.N.") → transformers name (after "model.layers.N.").
@@ -121,6 +124,7 @@ def _convert(path: Path, out: Path, progress: bool) -> None:
     config = _config(meta, arch, has_output=any(t.name == "output.weight" for t in reader.tensors))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     weights: dict[str, torch.Tensor] = {}
+    blocks: dict[str, q4.Blocks] = {}  # 4-bit linear weights, also kept as they are (q4.py)
     bar = tqdm(
         reader.tensors, desc=f"Dequantizing {path.name}", unit="tensor", file=sys.stderr, disable=not progress
     )
@@ -131,10 +135,20 @@ def _convert(path: Path, out: Path, progress: bool) -> None:
         data = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         w = torch.from_numpy(data.reshape(shape).copy())
+        kind = tensor.tensor_type.name
+        linear = name.endswith("proj.weight") or name == "lm_head.weight"
+        found = q4.decode(tensor.data, kind, *shape) if linear and kind in q4.KINDS else None
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _unpermute(w, heads if name.endswith("q_proj.weight") else kv_heads)
+            n = heads if name.endswith("q_proj.weight") else kv_heads
+            w = _unpermute(w, n)
+            if found is not None:
+                found = (_unpermute(found[0], n), _unpermute(found[1], n), _unpermute(found[2], n))
         weights[name] = w
+        if found is not None:
+            blocks[name] = found
     save_file(weights, str(out / "model.safetensors"))
+    if blocks:
+        q4.save(blocks, out)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_tokenizer(path, out, meta, config)
 

@@ -9,12 +9,17 @@ matmuls, so the gain reaches the tokens/s almost whole.
 float32 keeps `F.linear`. MKL's packed float32 GEMM is tied to one batch size and falls back to the
 plain weight for any other, and float32 is the dtype the tests compare with `transformers` token for
 token. CUDA keeps `F.linear` (cuBLAS needs no packing).
+
+A weight that came from a GGUF file's 4-bit blocks can also carry them (`q4.py`): inputs of few rows
+then go through the int4 kernel, which reads a quarter of the bytes.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from turbine.engines.torch.q4 import Q4Weight
 
 
 def packs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -30,10 +35,21 @@ def packs(device: torch.device, dtype: torch.dtype) -> bool:
 class Linear:
     """`y = x @ weight.T + bias` for 2-D `x`, with the weight in the fastest layout for its device."""
 
-    __slots__ = ("_bias", "_nbytes", "_packed", "weight")
+    __slots__ = ("_bias", "_nbytes", "_packed", "_q4", "_q4_rows", "weight")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = False) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        pack: bool = False,
+        q4: Q4Weight | None = None,
+        q4_max_rows: int = 0,
+    ) -> None:
+        """`q4`: the same weight as 4-bit blocks, used for inputs of at most `q4_max_rows` rows."""
         self._bias = bias
+        self._q4 = q4
+        self._q4_rows = q4_max_rows if q4 is not None else 0
         self._nbytes = weight.numel() * weight.element_size() + (
             0 if bias is None else bias.numel() * bias.element_size()
         )
@@ -45,6 +61,10 @@ class Linear:
             self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q4 = self._q4
+        if q4 is not None and x.shape[0] <= self._q4_rows:
+            y = q4(x)
+            return y if self._bias is None else y + self._bias
         if self._packed is not None:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
                 x, self._packed, self._bias, "none", [], ""
@@ -57,3 +77,8 @@ class Linear:
     def nbytes(self) -> int:
         """Bytes of the weight and bias as loaded (what a forward reads)."""
         return self._nbytes
+
+    @property
+    def q4_nbytes(self) -> int:
+        """Bytes of the 4-bit copy, if any."""
+        return 0 if self._q4 is None else self._q4.nbytes

@@ -9,14 +9,18 @@ cache slots given per token; see `attention.py` for the cache.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from turbine.engines.torch import q4
 from turbine.engines.torch.arch import ModelArch
 from turbine.engines.torch.attention import AttnMeta, attend, write_kv
 from turbine.engines.torch.linear import Linear, packs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +45,13 @@ class LlamaModel:
         device: torch.device,
         *,
         fused: bool | None = None,
+        q4_blocks: dict[str, q4.Blocks] | None = None,
+        q4_max_rows: int = 0,
     ) -> None:
-        """`fused`: use the Triton kernels of `triton_ops` (default: on CUDA, where they apply)."""
+        """`fused`: use the Triton kernels of `triton_ops` (default: on CUDA, where they apply).
+        `q4_blocks`: 4-bit blocks of linear weights by checkpoint name (a GGUF's, `q4.py`); where
+        `q4.applies`, each linear whose parts all have them uses them for inputs of at most
+        `q4_max_rows` rows."""
         self.arch = arch
         self.device = device
         self.fused = _fused_ops_apply(arch, device) if fused is None else fused
@@ -57,7 +66,20 @@ class LlamaModel:
             return take(name) if name in weights else None
 
         self.embed = take("model.embed_tokens.weight")
-        pack = packs(device, self.embed.dtype)
+        dtype = self.embed.dtype
+        pack = packs(device, dtype)
+        small = (q4_blocks or {}) if q4_max_rows > 0 and q4.applies(device, dtype) else {}
+
+        def linear(names: list[str], weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            blocks = [small.get(n) for n in names]
+            quarter = None
+            if blocks and all(b is not None for b in blocks):
+                try:
+                    quarter = q4.Q4Weight(q4.concat([b for b in blocks if b is not None]), dtype)
+                except RuntimeError as exc:  # a shape the kernel's packing refuses: dense only
+                    log.warning("%s stays dequantized only: %s", names[0], exc)
+            return Linear(weight, bias, pack=pack, q4=quarter, q4_max_rows=q4_max_rows)
+
         self.layers: list[Layer] = []
         for i in range(arch.num_layers):
             p = f"model.layers.{i}."
@@ -66,32 +88,38 @@ class LlamaModel:
             bias = None
             if arch.attention_bias:
                 bias = torch.cat([take(a + "q_proj.bias"), take(a + "k_proj.bias"), take(a + "v_proj.bias")])
+            qkv_names = [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
+            gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
             self.layers.append(
                 Layer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=Linear(torch.cat([q, k, v]), bias, pack=pack),
+                    qkv=linear(qkv_names, torch.cat([q, k, v]), bias),
                     q_norm=maybe(a + "q_norm.weight") if arch.qk_norm else None,
                     k_norm=maybe(a + "k_norm.weight") if arch.qk_norm else None,
-                    o_proj=Linear(take(a + "o_proj.weight"), pack=pack),
+                    o_proj=linear([a + "o_proj.weight"], take(a + "o_proj.weight")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=Linear(
-                        torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                        pack=pack,
-                    ),
-                    down=Linear(take(p + "mlp.down_proj.weight"), pack=pack),
+                    gate_up=linear(gate_up, torch.cat([take(n) for n in gate_up])),
+                    down=linear([p + "mlp.down_proj.weight"], take(p + "mlp.down_proj.weight")),
                 )
             )
             del q, k, v
         self.norm = take("model.norm.weight")
         lm_head = maybe("lm_head.weight")
         tied = lm_head is None or arch.tie_word_embeddings
-        self.lm_head = Linear(self.embed if lm_head is None or tied else lm_head, pack=pack)
+        self.lm_head = (
+            Linear(self.embed, pack=pack) if lm_head is None or tied else linear(["lm_head.weight"], lm_head)
+        )
         self._tied = tied
-        self.dtype = self.embed.dtype
+        self.dtype = dtype
         inv_freq = torch.tensor(arch.inv_freq(), dtype=torch.float32, device=device)
         self._inv_freq = inv_freq
         self.scale = arch.head_dim**-0.5
         self._gemv = self.fused and _gemv_applies(self)
+
+    def q4_bytes(self) -> int:
+        """Bytes of the 4-bit copies of weights, if any (held besides the weights)."""
+        linears = [self.lm_head, *(p for layer in self.layers for p in vars(layer).values())]
+        return sum(p.q4_nbytes for p in linears if isinstance(p, Linear))
 
     def weight_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in (self.embed, self.norm))

@@ -1,0 +1,127 @@
+"""A GGUF file's Q4_0 / Q4_1 weights, kept 4-bit for the CPU's small steps.
+
+A CPU decode step of a few rows is bound by the weight bytes it reads. SmolLM2-135M's layers are
+212 MB in bfloat16 but 66 MB as the file's 4-bit blocks, and torch's CPU int4 kernel reads the
+blocks as they are. Measured in the real forward on this project's 2-core CPU machine (median of 60
+steps, context 164): 11.1 ms against 26.2 ms at one row, 19.0 against 29.8 ms at four, equal at
+eight (27.5 against 27.9 ms). Beyond that the kernel is compute-bound and loses, and a prefill would
+be many times slower. So the engine keeps both: the dequantized weights (the model as converted)
+for large steps, and these blocks for steps of at most `--q4-max-rows` rows.
+
+Format facts (ggml): a block is 32 consecutive weights of a row. Q4_0 stores an fp16 `d`, then 16
+bytes whose low nibbles are weights 0-15 and high nibbles weights 16-31: w = d·(q − 8). Q4_1 stores
+`d`, an fp16 minimum `m`, then the same 16 bytes: w = d·q + m. torch's kernel computes
+w = (q − 8)·scale + zero per group of 32 along the input, so scale = d and zero = 0 (Q4_0) or
+m + 8d (Q4_1). Scale and zero are held in the compute dtype (bfloat16, see `applies`), so they are
+rounded as the dequantized weights are.
+
+`gguf.py` writes the blocks of every Q4 linear weight beside the converted model, in `SIDECAR`
+(outside the checkpoint's `*.safetensors`, so other readers of the directory never see them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GROUP = 32
+SIDECAR = Path("q4") / "blocks.safetensors"
+KINDS = ("Q4_0", "Q4_1")
+
+Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""nibbles uint8 [rows, cols/32, 16] as the file stores them, scale and zero float32 [rows, cols/32]."""
+
+
+def decode(raw: np.ndarray, kind: str, rows: int, cols: int) -> Blocks:
+    """The blocks of a `[rows, cols]` weight from its GGUF bytes (`kind` in `KINDS`)."""
+    size = 18 if kind == "Q4_0" else 20
+    blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP, size)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == "Q4_0":
+        zero = np.zeros_like(d)
+    else:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zero = m + 8 * d
+    nibbles = torch.from_numpy(blocks[..., size - 16 :].copy())
+    return nibbles, torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def unpack(nibbles: torch.Tensor) -> torch.Tensor:
+    """The weights' 4-bit values 0..15, int32 [rows, cols], in column order."""
+    rows, groups, _ = nibbles.shape
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # weights 0-15, then 16-31, of each block
+    return q.view(rows, groups * GROUP).to(torch.int32)
+
+
+def dequantize(blocks: Blocks) -> torch.Tensor:
+    """float32 [rows, cols]: what the int4 kernel multiplies by (for tests and checks)."""
+    nibbles, scale, zero = blocks
+    q = unpack(nibbles).float().view(*scale.shape, GROUP)
+    return ((q - 8) * scale[..., None] + zero[..., None]).view(q.shape[0], -1)
+
+
+def concat(parts: list[Blocks]) -> Blocks:
+    """The blocks of weights stacked along their rows (q/k/v into qkv, gate/up into gate_up)."""
+    return (
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts]),
+    )
+
+
+def applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` computing in `dtype` gains from the blocks: on CPU in bfloat16.
+    In float32 the kernel is several times slower than the plain matmul (SmolLM2 at one request:
+    4.5 against 25 tok/s), so float32 keeps the dequantized weights."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    )
+
+
+class Q4Weight:
+    """A 4-bit weight in the int4 kernel's layout; `w(x)` is `x @ W.T` for 2-D `x` of `dtype`."""
+
+    __slots__ = ("nbytes", "packed", "scales_zeros")
+
+    def __init__(self, blocks: Blocks, dtype: torch.dtype) -> None:
+        nibbles, scale, zero = blocks
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(nibbles), 1)
+        # The kernel wants [groups, rows, 2]: each group's (scale, zero) for every output row.
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        self.nbytes = self.packed.nbytes + self.scales_zeros.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, GROUP, self.scales_zeros
+        )
+        return out
+
+
+def save(blocks: dict[str, Blocks], model_dir: Path) -> None:
+    """Write `blocks` (by checkpoint weight name) to the model directory's sidecar file."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (nibbles, scale, zero) in blocks.items():
+        tensors[name + ".nibbles"] = nibbles
+        tensors[name + ".scale"] = scale
+        tensors[name + ".zero"] = zero
+    path = model_dir / SIDECAR
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def load(model_dir: Path) -> dict[str, Blocks]:
+    """The sidecar's blocks by weight name; empty when the model has none."""
+    path = model_dir / SIDECAR
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    return {n: (tensors[n + ".nibbles"], tensors[n + ".scale"], tensors[n + ".zero"]) for n in names}
