@@ -312,8 +312,10 @@ class EngineCore:
     def _publish_load_if_due(self, now: float) -> float | None:
         """Publish load when the interval allows; returns seconds until the next heartbeat, if any."""
         interval = self._load_interval
-        metrics = self.load_metrics()
         since = now - self._last_load_at
+        if interval > 0 and since < interval:  # not due: skip building the metrics (every step)
+            return interval - since
+        metrics = self.load_metrics()
         if since >= interval and (metrics != self._last_load or interval > 0):
             self._sink.publish_load(metrics)
             self._last_load, self._last_load_at, since = metrics, now, 0.0

@@ -52,6 +52,10 @@ class _FrameWriter:
             self.transport.write(bytes(self._buf))
         self._buf.clear()
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def pause(self) -> None:
         self._paused = True
 
@@ -123,7 +127,8 @@ class _ServerConnection(asyncio.Protocol):
         try:
             async for out in handler(endpoint, payload):
                 writer.send(framing.Data(sid, msgspec.Raw(out)))
-                await writer.wait_writable()
+                if writer.paused:  # checked here: awaiting a no-op coroutine per frame is not free
+                    await writer.wait_writable()
             writer.send(framing.End(sid))
         except asyncio.CancelledError:
             # Cancelled by the client (Cancel frame) or because the connection closed: nobody is
