@@ -467,7 +467,7 @@ class WorkerConfig(RuntimeConfig):
     kv_cache_memory_bytes: int | None = opt(None, "Torch engine on CPU: KV cache bytes per worker (1 GiB).")
     q4_max_rows: int = opt(
         8,
-        "Torch engine on CPU in bfloat16: steps of at most this many tokens use a .gguf's Q4_0/Q4_1 "
+        "Torch engine on CPU in bfloat16: steps of at most this many tokens use a .gguf's Q4_0/Q4_1/Q4_K "
         "weights as stored (a 4-bit kernel, faster for few rows), larger steps the dequantized "
         "weights; 0: off.",
     )

@@ -5,7 +5,7 @@ quantized) weights. Converting once to an ordinary model directory — config.js
 tokenizer_config.json with the template, generation_config.json and float32 safetensors — lets the
 frontend, the model-file publisher and the torch loader treat it like any checkpoint, and a restart
 finds the directory in the cache instead of dequantizing again. The cache key covers the file's
-path, size and modification time, so a replaced file is converted anew. The 4-bit (Q4_0/Q4_1) linear
+path, size and modification time, so a replaced file is converted anew. The 4-bit (Q4_0/Q4_1/Q4_K) linear
 weights are also kept as the file stores them, beside the checkpoint, for the CPU's small steps
 (`q4.py`).
 
@@ -36,7 +36,7 @@ from turbine.models import gguf_served_name
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 2  # bump when the converted layout changes, so old cache entries are not reused
+_FORMAT = 3  # bump when the converted layout changes, so old cache entries are not reused
 _COMPLETE = ".turbine-complete"
 
 # GGUF tensor name (after "blk.N.") → transformers name (after "model.layers.N.").

@@ -1,4 +1,4 @@
-"""A GGUF file's Q4_0 / Q4_1 weights, kept 4-bit for the CPU's small steps.
+"""A GGUF file's Q4_0 / Q4_1 / Q4_K weights, kept 4-bit for the CPU's small steps.
 
 A CPU decode step of a few rows is bound by the weight bytes it reads. SmolLM2-135M's layers are
 212 MB in bfloat16 but 66 MB as the file's 4-bit blocks, and torch's CPU int4 kernel reads the
@@ -10,10 +10,15 @@ for large steps, and these blocks for steps of at most `--q4-max-rows` rows.
 
 Format facts (ggml): a block is 32 consecutive weights of a row. Q4_0 stores an fp16 `d`, then 16
 bytes whose low nibbles are weights 0-15 and high nibbles weights 16-31: w = d·(q − 8). Q4_1 stores
-`d`, an fp16 minimum `m`, then the same 16 bytes: w = d·q + m. torch's kernel computes
-w = (q − 8)·scale + zero per group of 32 along the input, so scale = d and zero = 0 (Q4_0) or
-m + 8d (Q4_1). Scale and zero are held in the compute dtype (bfloat16, see `applies`), so they are
-rounded as the dequantized weights are.
+`d`, an fp16 minimum `m`, then the same 16 bytes: w = d·q + m. Q4_K (the 4-bit tensors of the
+common Q4_K_M files) groups 8 sub-blocks of 32 into a 144-byte super-block: fp16 `d` and `dmin`,
+12 bytes of 6-bit sub-block scales `sc` and mins `mn`, then 4 runs of 32 bytes whose low nibbles
+are one sub-block and high nibbles the next: w = d·sc·q − dmin·mn. torch's kernel computes
+w = (q − 8)·scale + zero per group of 32 along the input, so scale = d and zero = 0 (Q4_0),
+m + 8d (Q4_1), or scale = d·sc and zero = 8·d·sc − dmin·mn (Q4_K). Scale and zero are held in the
+compute dtype (bfloat16, see `applies`), so they are rounded as the dequantized weights are. A Q4_K_M
+file mixes Q4_K with Q6_K tensors; a fused matmul (q/k/v, gate/up) gets the 4-bit path only when
+all its parts are 4-bit.
 
 `gguf.py` writes the blocks of every Q4 linear weight beside the converted model, in `SIDECAR`
 (outside the checkpoint's `*.safetensors`, so other readers of the directory never see them).
@@ -28,14 +33,17 @@ import torch
 
 GROUP = 32
 SIDECAR = Path("q4") / "blocks.safetensors"
-KINDS = ("Q4_0", "Q4_1")
+KINDS = ("Q4_0", "Q4_1", "Q4_K")
 
 Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""nibbles uint8 [rows, cols/32, 16] as the file stores them, scale and zero float32 [rows, cols/32]."""
+"""nibbles uint8 [rows, cols/32, 16] in Q4_0's layout (byte i: weight i low, weight i + 16 high),
+scale and zero float32 [rows, cols/32]."""
 
 
 def decode(raw: np.ndarray, kind: str, rows: int, cols: int) -> Blocks:
     """The blocks of a `[rows, cols]` weight from its GGUF bytes (`kind` in `KINDS`)."""
+    if kind == "Q4_K":
+        return _decode_q4_k(raw, rows, cols)
     size = 18 if kind == "Q4_0" else 20
     blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP, size)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -46,6 +54,25 @@ def decode(raw: np.ndarray, kind: str, rows: int, cols: int) -> Blocks:
         zero = m + 8 * d
     nibbles = torch.from_numpy(blocks[..., size - 16 :].copy())
     return nibbles, torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def _decode_q4_k(raw: np.ndarray, rows: int, cols: int) -> Blocks:
+    supers = np.ascontiguousarray(raw).reshape(rows, cols // 256, 144)
+    d = supers[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = supers[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = supers[..., 4:16].astype(np.uint16)
+    lo, mid, hi = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    # Sub-blocks 0-3 keep their 6 bits in bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7 take
+    # their low 4 bits from bytes 8-11 and their top 2 bits from the top of bytes 0-3 / 4-7.
+    sc = np.concatenate([lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)
+    mn = np.concatenate([mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30)], axis=-1).astype(np.float32)
+    scale = (d[..., None] * sc).reshape(rows, cols // GROUP)
+    zero = (8 * d[..., None] * sc - dmin[..., None] * mn).reshape(rows, cols // GROUP)
+    qs = supers[..., 16:].reshape(rows, cols // 256, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-2).reshape(rows, cols // GROUP, GROUP)
+    # Into this module's layout, that of Q4_0/Q4_1: byte i holds weights i (low) and i + 16 (high).
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    return torch.from_numpy(nibbles.copy()), torch.from_numpy(scale), torch.from_numpy(zero)
 
 
 def unpack(nibbles: torch.Tensor) -> torch.Tensor:

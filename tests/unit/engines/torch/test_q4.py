@@ -1,6 +1,6 @@
-"""A GGUF's 4-bit weights kept for the CPU's small steps: the block format against the `gguf`
-package's own dequantization, the int4 kernel against the dequantized matmul, the row threshold,
-SmolLM2's converted blocks, and a model that uses them."""
+"""A GGUF's 4-bit weights kept for the CPU's small steps: the block formats (Q4_0, Q4_1, Q4_K)
+against the `gguf` package's own dequantization, the int4 kernel against the dequantized matmul,
+the row threshold, SmolLM2's converted blocks, and a model that uses them."""
 
 from __future__ import annotations
 
@@ -18,8 +18,14 @@ from turbine.engines.torch.model import LlamaModel
 
 
 def _raw_blocks(kind: str, rows: int, cols: int, seed: int) -> np.ndarray:
-    """GGUF bytes of a random Q4_0 / Q4_1 weight: per block of 32, fp16 d (and m), 16 nibble bytes."""
+    """GGUF bytes of a random Q4_0 / Q4_1 weight (per block of 32: fp16 d, and m, 16 nibble bytes)
+    or Q4_K weight (per 256: fp16 d and dmin, then 12 bytes of 6-bit scales and 128 of nibbles)."""
     rng = np.random.default_rng(seed)
+    if kind == "Q4_K":
+        supers = rows * cols // 256
+        halves = (rng.random((supers, 2)) * 0.01).astype(np.float16).view(np.uint8)
+        rest = rng.integers(0, 256, (supers, 140), dtype=np.uint8)
+        return np.concatenate([halves, rest], axis=1).reshape(rows, -1)
     groups = rows * cols // q4.GROUP
     d = (rng.random(groups) * 0.02 + 0.001).astype(np.float16).view(np.uint8).reshape(groups, 2)
     parts = [d]
@@ -38,13 +44,13 @@ def test_decoded_blocks_are_the_gguf_packages_dequantization(kind: str) -> None:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    rows, cols = 48, 96
+    rows, cols = 48, 512
     raw = _raw_blocks(kind, rows, cols, seed=1)
     theirs = torch.from_numpy(
         np.asarray(dequantize(raw, GGMLQuantizationType[kind]), dtype=np.float32).reshape(rows, cols)
     )
     ours = q4.dequantize(q4.decode(raw, kind, rows, cols))
-    # Q4_1's zero is m + 8d, rounded once in float32: equal up to that rounding.
+    # The zeros (m + 8d, 8·d·sc − dmin·mn) are rounded once in float32: equal up to that rounding.
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     if kind == "Q4_0":
         assert torch.equal(ours, theirs)
@@ -62,10 +68,11 @@ def test_applies_on_cpu_in_bfloat16_only() -> None:
     assert not q4.applies(torch.device("cuda"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("kind", q4.KINDS)
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_int4_kernel_matches_the_dequantized_matmul(rows: int) -> None:
-    blocks = _blocks(seed=rows)
-    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+def test_int4_kernel_matches_the_dequantized_matmul(kind: str, rows: int) -> None:
+    blocks = _blocks(kind, cols=256, seed=rows)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     ref = x @ q4.dequantize(blocks).T
     got = q4.Q4Weight(blocks, torch.bfloat16)(x.to(torch.bfloat16)).float()
     # bfloat16 activations and scales: a few parts in a thousand of the largest output.
