@@ -2,10 +2,10 @@
 
 A CPU decode step of a few rows is bound by the weight bytes it reads. SmolLM2-135M's layers are
 212 MB in bfloat16 but 66 MB as the file's 4-bit blocks, and torch's CPU int4 kernel reads the
-blocks as they are. Measured in the real forward on this project's 2-core CPU machine (median of 60
-steps, context 164): 11.1 ms against 26.2 ms at one row, 19.0 against 29.8 ms at four, equal at
-eight (27.5 against 27.9 ms). Beyond that the kernel is compute-bound and loses, and a prefill would
-be many times slower. So the engine keeps both: the dequantized weights (the model as converted)
+blocks as they are. Measured in the real forward on this project's 2-core CPU machine
+(`benchmarks/cpu_q4.py`, context 164): 21.5 ms against 45.9 ms at one row, 25.9 against 40.4 ms at
+four, 39.8 against 45.7 ms at eight. Beyond that the kernel is compute-bound and loses, and a prefill
+would be many times slower. So the engine keeps both: the dequantized weights (the model as converted)
 for large steps, and these blocks for steps of at most `--q4-max-rows` rows.
 
 Format facts (ggml): a block is 32 consecutive weights of a row. Q4_0 stores an fp16 `d`, then 16
