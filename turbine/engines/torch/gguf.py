@@ -5,9 +5,9 @@ quantized) weights. Converting once to an ordinary model directory — config.js
 tokenizer_config.json with the template, generation_config.json and float32 safetensors — lets the
 frontend, the model-file publisher and the torch loader treat it like any checkpoint, and a restart
 finds the directory in the cache instead of dequantizing again. The cache key covers the file's
-path, size and modification time, so a replaced file is converted anew. The 4-bit (Q4_0/Q4_1/Q4_K) linear
-weights are also kept as the file stores them, beside the checkpoint, for the CPU's small steps
-(`q4.py`).
+path, size and modification time, so a replaced file is converted anew (and its older conversions
+are removed). The 4-bit (Q4_0/Q4_1/Q4_K) linear weights are also kept as the file stores them,
+beside the checkpoint, for the CPU's small steps (`q4.py`).
 
 Facts of the format used here: GGUF stores a 2-D weight as ggml dims `[in, out]` (rows of `in`);
 `gguf.quants.dequantize` returns it row-major as `[out, in]`. llama.cpp's converter permutes the rows
@@ -89,6 +89,7 @@ def convert_gguf(path: Path, cache_dir: Path | None = None, *, progress: bool = 
     out = root / f"{served_name(path)}-{key}"
     if (out / _COMPLETE).is_file():
         log.info("using the converted %s from %s", path.name, out)
+        prune_stale(root, out, path)
         return out
     log.info("converting %s to %s (once; later starts reuse it)", path.name, out)
     tmp = root / f".{out.name}.{os.getpid()}.tmp"
@@ -101,7 +102,28 @@ def convert_gguf(path: Path, cache_dir: Path | None = None, *, progress: bool = 
         tmp.rename(out)  # atomic: a concurrent start sees either nothing or a complete directory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    prune_stale(root, out, path)
     return out
+
+
+def prune_stale(root: Path, current: Path, path: Path) -> list[Path]:
+    """Remove `root`'s other conversions of the same file `path` (an older format, or the file as it
+    was before it changed): each is as large as the model in float32, and nothing reads them again.
+    Conversions of other files are kept, whatever their names. Returns what was removed."""
+    removed = []
+    for entry in root.glob(f"{served_name(path)}-*"):
+        marker = entry / _COMPLETE
+        if entry == current or not marker.is_file():
+            continue
+        try:
+            source = marker.read_text().strip()
+        except OSError:
+            continue
+        if source == str(path):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            log.info("removed %s, an older conversion of %s", entry, path.name)
+    return removed
 
 
 def _convert(path: Path, out: Path, progress: bool) -> None:

@@ -95,3 +95,27 @@ def test_qwen3_and_llama3_scaling_switches(tmp_path: Path) -> None:
     plain = [1.0 / 10000.0 ** (i / 16) for i in range(0, 16, 2)]
     assert inv[0] == plain[0]  # the highest frequency is kept
     assert inv[-1] == pytest.approx(plain[-1] / 8.0)  # the lowest is slowed by the factor
+
+
+def test_older_conversions_of_the_same_file_are_pruned(tmp_path: Path) -> None:
+    from turbine.engines.torch.gguf import prune_stale
+
+    source = tmp_path / "models" / "Tiny.Q4_1.gguf"
+    other = tmp_path / "elsewhere" / "Tiny.Q4_1.gguf"
+    root = tmp_path / "cache"
+
+    def conversion(key: str, of: Path | None) -> Path:
+        entry = root / f"Tiny-{key}"
+        entry.mkdir(parents=True)
+        (entry / "model.safetensors").write_bytes(b"x")
+        if of is not None:
+            (entry / ".turbine-complete").write_text(f"{of}\n")
+        return entry
+
+    current = conversion("new", source)
+    old = conversion("old", source)
+    foreign = conversion("foreign", other)  # another file of the same name: not ours to remove
+    unfinished = conversion("partial", None)  # no marker: maybe a conversion in progress
+    assert prune_stale(root, current, source) == [old]
+    assert not old.exists()
+    assert current.is_dir() and foreign.is_dir() and unfinished.is_dir()
