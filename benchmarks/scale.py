@@ -164,6 +164,22 @@ def main() -> None:
     parser.add_argument("--frontend-cpus", help="--processes: taskset CPU list of the frontend")
     parser.add_argument("--worker-cpus", help="--processes: taskset CPU list of the workers")
     parser.add_argument("--loadgen-cpus", help="--processes: CPU list of the load generators")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--processes: run every process count this many times in turn; report medians",
+    )
+    parser.add_argument(
+        "--frontend-args", default="", help="--processes: more frontend flags (e.g. --pin-processes)"
+    )
+    parser.add_argument(
+        "--router-mode",
+        default="kv",
+        choices=("kv", "round-robin", "random"),
+        help="--processes: the frontend's router (round-robin follows no KV events: the ceiling of "
+        "the multi-process frontend without routing state to share)",
+    )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.processes:

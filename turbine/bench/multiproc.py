@@ -16,6 +16,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import random
+import statistics
 import time
 import urllib.request
 from pathlib import Path
@@ -164,7 +165,7 @@ def _measure(
 
     worker = ["--engine", "mocker", "--speedup-ratio", "1000000", "--num-gpu-blocks-override", "16384"]
     stack = LocalStack(
-        ["--num-processes", str(count), "--router-mode", "kv"],
+        ["--num-processes", str(count), "--router-mode", args.router_mode, *args.frontend_args.split()],
         [*worker, "--num-workers", "1", "--block-size", "16"],
         expect_instances=args.workers,
         # One process per mocker: a single process hosting them all is one Python thread, and it
@@ -183,15 +184,27 @@ def _measure(
         for stream in (False, True):
             key = "stream" if stream else "nonstream"
             cpu0 = stack.frontend_cpu_s()
+            io0 = stack.frontend_io_counts()
+            sys0 = stack.frontend_system_cpu_s()
             ok, failed, wall, latencies = _drive(
                 pool, args, stack.url, stream, args.requests, seed=1 + stream
             )
             cpu = stack.frontend_cpu_s() - cpu0
+            io1 = stack.frontend_io_counts()
+            row[f"{key}_sys_ms"] = (stack.frontend_system_cpu_s() - sys0) / max(1, ok) * 1000
+            row[f"{key}_syscalls"] = (io1[0] - io0[0]) / max(1, ok)
+            row[f"{key}_switches"] = (io1[1] - io0[1]) / max(1, ok)
             row[f"{key}_req_s"] = ok / wall
             row[f"{key}_cpu_ms"] = cpu / max(1, ok) * 1000
             row[f"{key}_p50_ms"] = percentile(latencies, 0.5) * 1000
             row[f"{key}_failed"] = failed
-            print(f"{count} process(es), {key}: {ok / wall:,.0f} req/s, {failed} failed", flush=True)
+            print(
+                f"{count} process(es), {key}: {ok / wall:,.0f} req/s, {failed} failed; per request: "
+                f"{row[f'{key}_cpu_ms']:.2f} ms CPU ({row[f'{key}_sys_ms']:.2f} in the kernel), "
+                f"{row[f'{key}_syscalls']:.1f} read/write system calls, "
+                f"{row[f'{key}_switches']:.1f} sleeps (voluntary context switches)",
+                flush=True,
+            )
             if failed:
                 print((stack.root / "frontend.log").read_text()[-6000:], flush=True)
     finally:
@@ -199,8 +212,24 @@ def _measure(
     return row
 
 
-def _report(rows: list[dict[str, float]], args: argparse.Namespace) -> str:
-    base = rows[0]
+def _median_rows(rounds: list[list[dict[str, float]]]) -> tuple[list[dict[str, float]], list[str]]:
+    """Per process count, the median of each figure over the rounds, with `{key}_x` the median of
+    the per-round speed-ups against the same round's first count; and those speed-ups, as text."""
+    rows, speedups = [], []
+    for i, first in enumerate(rounds[0]):
+        runs = [r[i] for r in rounds]
+        row = {k: statistics.median(run[k] for run in runs) for k in first}
+        parts = []
+        for key, label in (("nonstream", "chat"), ("stream", "stream")):
+            xs = [run[f"{key}_req_s"] / r[0][f"{key}_req_s"] for run, r in zip(runs, rounds, strict=True)]
+            row[f"{key}_x"] = statistics.median(xs)
+            parts.append(f"{label} " + ", ".join(f"{x:.2f}" for x in xs))
+        rows.append(row)
+        speedups.append(f"{first['processes']:.0f} processes: " + "; ".join(parts))
+    return rows, speedups
+
+
+def _report(rows: list[dict[str, float]], speedups: list[str], args: argparse.Namespace) -> str:
     lines = [
         "| processes | chat req/s | x | CPU ms/req | p50 ms | stream req/s | x | CPU ms/req | p50 ms | "
         "KV hit ratio | failed |",
@@ -208,21 +237,27 @@ def _report(rows: list[dict[str, float]], args: argparse.Namespace) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['processes']:.0f} | {r['nonstream_req_s']:,.0f} | "
-            f"{r['nonstream_req_s'] / base['nonstream_req_s']:.2f} | {r['nonstream_cpu_ms']:.2f} | "
-            f"{r['nonstream_p50_ms']:.1f} | {r['stream_req_s']:,.0f} | "
-            f"{r['stream_req_s'] / base['stream_req_s']:.2f} | {r['stream_cpu_ms']:.2f} | "
-            f"{r['stream_p50_ms']:.1f} | {r['hit_ratio']:.3f} | "
-            f"{r['nonstream_failed'] + r['stream_failed']:.0f} |"
+            f"| {r['processes']:.0f} | {r['nonstream_req_s']:,.0f} | {r['nonstream_x']:.2f} | "
+            f"{r['nonstream_cpu_ms']:.2f} | {r['nonstream_p50_ms']:.1f} | {r['stream_req_s']:,.0f} | "
+            f"{r['stream_x']:.2f} | {r['stream_cpu_ms']:.2f} | {r['stream_p50_ms']:.1f} | "
+            f"{r['hit_ratio']:.3f} | {r['nonstream_failed'] + r['stream_failed']:.0f} |"
         )
     setup = (
         f"{args.requests} chat requests per figure (unique ~120-word prompts, 16 output tokens), "
         f"concurrency {args.concurrency} from {args.loadgen_procs} load-generator processes; "
-        f"{args.workers} mocker worker processes at speedup 1e6; router kv. CPUs: frontend "
-        f"{args.frontend_cpus or 'any'}, workers {args.worker_cpus or 'any'}, load generators "
-        f"{args.loadgen_cpus or 'any'} (of {os.cpu_count()} on this machine). KV hit ratio: 96 "
-        "completions in 16 shared-prefix groups on fresh connections. CPU: supervisor + children."
+        f"{args.workers} mocker worker processes at speedup 1e6; router {args.router_mode}. CPUs: "
+        f"frontend {args.frontend_cpus or 'any'}, workers {args.worker_cpus or 'any'}, load "
+        f"generators {args.loadgen_cpus or 'any'} (of {os.cpu_count()} on this machine). KV hit "
+        "ratio: 96 completions in 16 shared-prefix groups on fresh connections. CPU: supervisor + "
+        "children."
     )
+    if args.rounds > 1:
+        per_round = " / ".join(speedups[1:])
+        setup += (
+            f" {args.rounds} rounds, each running every process count in turn; the table shows "
+            f"medians over the rounds, x the median of each round's speed-up against that round's "
+            f"first count. Per-round speed-ups: {per_round}."
+        )
     return (
         "# Multi-process frontend (`--num-processes N`)\n\n"
         + setup
@@ -238,8 +273,9 @@ def run_processes(args: argparse.Namespace) -> None:
     with concurrent.futures.ProcessPoolExecutor(
         args.loadgen_procs, mp_context=context, initializer=_pin, initargs=(args.loadgen_cpus,)
     ) as pool:
-        rows = [_measure(args, pool, count) for count in counts]
-    text = _report(rows, args)
+        rounds = [[_measure(args, pool, count) for count in counts] for _ in range(args.rounds)]
+    rows, speedups = _median_rows(rounds)
+    text = _report(rows, speedups, args)
     out = Path(args.out)
     (out / "scale_processes.md").write_text(text)
     import matplotlib

@@ -25,9 +25,27 @@ def free_port() -> int:
 
 def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc (Linux)."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def proc_io_counts(pid: int) -> tuple[int, int]:
+    """A process's read + write system calls (`/proc/PID/io`) and its threads' voluntary context
+    switches, i.e. how often it slept waiting for something (Linux)."""
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just exited
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    switches += int(line.split()[1])
+    return int(io["syscr"]) + int(io["syscw"]), switches
 
 
 def child_pids(pid: int) -> list[int]:
@@ -126,6 +144,24 @@ class LocalStack:
             with contextlib.suppress(OSError):  # a child that just exited
                 total += proc_cpu_seconds(pid)
         return total
+
+    def frontend_system_cpu_s(self) -> float:
+        """System (kernel) CPU seconds of the frontend process and its live children."""
+        total = 0.0
+        for pid in [self.frontend.pid, *child_pids(self.frontend.pid)]:
+            with contextlib.suppress(OSError):
+                total += proc_cpu_split(pid)[1]
+        return total
+
+    def frontend_io_counts(self) -> tuple[int, int]:
+        """`proc_io_counts` of the frontend process and its live children, summed."""
+        calls = switches = 0
+        for pid in [self.frontend.pid, *child_pids(self.frontend.pid)]:
+            with contextlib.suppress(OSError):
+                c, s = proc_io_counts(pid)
+                calls += c
+                switches += s
+        return calls, switches
 
     def close(self) -> None:
         stop_processes(self.processes)
