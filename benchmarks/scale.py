@@ -171,7 +171,7 @@ def main() -> None:
         help="--processes: run every process count this many times in turn; report medians",
     )
     parser.add_argument(
-        "--frontend-args", default="", help="--processes: more frontend flags (e.g. --pin-processes)"
+        "--frontend-args", default="", help="--processes: more frontend flags, space-separated"
     )
     parser.add_argument(
         "--router-mode",

@@ -185,13 +185,13 @@ def _measure(
             key = "stream" if stream else "nonstream"
             cpu0 = stack.frontend_cpu_s()
             io0 = stack.frontend_io_counts()
-            sys0 = stack.frontend_system_cpu_s()
+            sys0 = stack.frontend_cpu_split()[1]
             ok, failed, wall, latencies = _drive(
                 pool, args, stack.url, stream, args.requests, seed=1 + stream
             )
             cpu = stack.frontend_cpu_s() - cpu0
             io1 = stack.frontend_io_counts()
-            row[f"{key}_sys_ms"] = (stack.frontend_system_cpu_s() - sys0) / max(1, ok) * 1000
+            row[f"{key}_sys_ms"] = (stack.frontend_cpu_split()[1] - sys0) / max(1, ok) * 1000
             row[f"{key}_syscalls"] = (io1[0] - io0[0]) / max(1, ok)
             row[f"{key}_switches"] = (io1[1] - io0[1]) / max(1, ok)
             row[f"{key}_req_s"] = ok / wall

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -137,31 +137,28 @@ class LocalStack:
             time.sleep(0.1)
         raise TimeoutError("stack did not become ready")
 
-    def frontend_cpu_s(self) -> float:
-        """CPU of the frontend process and its live children (--num-processes)."""
-        total = 0.0
+    def _frontend_sum(self, read: Callable[[int], tuple[float, float]]) -> tuple[float, float]:
+        """`read(pid)` summed over the frontend process and its live children (--num-processes)."""
+        first = second = 0.0
         for pid in [self.frontend.pid, *child_pids(self.frontend.pid)]:
             with contextlib.suppress(OSError):  # a child that just exited
-                total += proc_cpu_seconds(pid)
-        return total
+                a, b = read(pid)
+                first += a
+                second += b
+        return first, second
 
-    def frontend_system_cpu_s(self) -> float:
-        """System (kernel) CPU seconds of the frontend process and its live children."""
-        total = 0.0
-        for pid in [self.frontend.pid, *child_pids(self.frontend.pid)]:
-            with contextlib.suppress(OSError):
-                total += proc_cpu_split(pid)[1]
-        return total
+    def frontend_cpu_s(self) -> float:
+        """CPU of the frontend process and its live children (--num-processes)."""
+        return sum(self._frontend_sum(proc_cpu_split))
+
+    def frontend_cpu_split(self) -> tuple[float, float]:
+        """User and system (kernel) CPU seconds of the frontend process and its live children."""
+        return self._frontend_sum(proc_cpu_split)
 
     def frontend_io_counts(self) -> tuple[int, int]:
         """`proc_io_counts` of the frontend process and its live children, summed."""
-        calls = switches = 0
-        for pid in [self.frontend.pid, *child_pids(self.frontend.pid)]:
-            with contextlib.suppress(OSError):
-                c, s = proc_io_counts(pid)
-                calls += c
-                switches += s
-        return calls, switches
+        calls, switches = self._frontend_sum(proc_io_counts)
+        return int(calls), int(switches)
 
     def close(self) -> None:
         stop_processes(self.processes)
