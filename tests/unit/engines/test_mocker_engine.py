@@ -276,3 +276,24 @@ async def test_load_metrics_rate_limited_with_idle_heartbeat(sink: RecordingSink
     assert min(gaps) >= 0.039
     assert len(sink.loads) > busy  # heartbeats while idle
     assert sink.loads[-1] == LoadMetrics(7, 0, 256, 0, 0)
+
+
+def test_running_context_hash_equals_hashing_the_whole_context() -> None:
+    """The executor's per-sequence hash state gives what one-shot XXH3 of `_context` gives, across
+    block boundaries, a recompute at the same position, and a fresh executor (migration)."""
+    import xxhash
+
+    from turbine.engines.core.scheduler import Seq
+    from turbine.engines.mocker.engine import _context, _MockExecutor
+
+    ex = _MockExecutor(MockerConfig(block_size=4))
+    seq = Seq(seq_id=7, tokens=[5, 6, 7], prompt_len=3, max_tokens=20, seed=3, block_size=4)
+    for step in range(13):
+        p = len(seq.tokens)
+        expected = xxhash.xxh3_64_intdigest(_context(seq, p))
+        assert ex._digest(seq, p) == expected
+        assert ex._digest(seq, p) == expected  # asked again (a recomputed step): same state
+        assert _MockExecutor(MockerConfig(block_size=4))._digest(seq, p) == expected
+        seq.append(100 + step)
+    ex.release(seq)
+    assert not ex._ctx

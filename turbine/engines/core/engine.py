@@ -37,6 +37,7 @@ from turbine.engines.core.scheduler import (
 from turbine.protocol.kv_events import KvDump, KvEvent, KvEventBatch, LoadMetrics
 from turbine.protocol.request import PreprocessedRequest
 from turbine.protocol.response import EngineOutput, FinishReason
+from turbine.runtime.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,38 @@ def _concat(a: list[_T] | None, b: list[_T] | None) -> list[_T] | None:
 
 
 class _Stream:
-    """Engine-side state of one generate() call."""
+    """Engine-side state of one generate() call. Outputs go through an `Inbox`, not an
+    `asyncio.Queue`: the engine hands every running stream one output per step, so the hand-off is
+    paid per token."""
 
-    __slots__ = ("queue", "seq")
+    __slots__ = ("inbox", "seq")
 
     def __init__(self, seq: Seq) -> None:
         self.seq = seq
-        self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self.inbox: Inbox[EngineOutput] = Inbox()
+
+    async def take(self) -> EngineOutput:
+        """Everything queued since the last take, as one output (waits while there is none)."""
+        items = await self.inbox.take()
+        return items[0] if len(items) == 1 else _merge(items)
+
+
+def _merge(items: list[EngineOutput]) -> EngineOutput:
+    """Outputs queued while the consumer was busy, as one delta with the same tokens, up to the first
+    that finishes the stream (engine shutdown may queue a second finish behind a real one)."""
+    out = items[0]
+    for nxt in items[1:]:
+        if out.finish_reason is not None:
+            break
+        out = EngineOutput(
+            token_ids=out.token_ids + nxt.token_ids,
+            finish_reason=nxt.finish_reason,
+            cached_tokens=nxt.cached_tokens,
+            error=nxt.error,
+            logprobs=_concat(out.logprobs, nxt.logprobs),
+            top_logprobs=_concat(out.top_logprobs, nxt.top_logprobs),
+        )
+    return out
 
 
 class EngineCore:
@@ -195,18 +221,8 @@ class EngineCore:
         self._wakeup.set()
         try:
             while True:
-                out = await stream.queue.get()
-                # Coalesce whatever piled up while the consumer was busy: one delta, same tokens.
-                while out.finish_reason is None and not stream.queue.empty():
-                    nxt = stream.queue.get_nowait()
-                    out = EngineOutput(
-                        token_ids=out.token_ids + nxt.token_ids,
-                        finish_reason=nxt.finish_reason,
-                        cached_tokens=nxt.cached_tokens,
-                        error=nxt.error,
-                        logprobs=_concat(out.logprobs, nxt.logprobs),
-                        top_logprobs=_concat(out.top_logprobs, nxt.top_logprobs),
-                    )
+                # Whatever piled up while the consumer was busy comes as one delta, same tokens.
+                out = await stream.take()
                 yield out
                 if out.finish_reason is not None:
                     return
@@ -288,9 +304,9 @@ class EngineCore:
                 logprobs = [sampled.logprob]
                 top = [sampled.top_logprobs or []] if seq.sampling.logprobs else None
             if finished is None:
-                stream.queue.put_nowait(EngineOutput(token_ids=tokens, logprobs=logprobs, top_logprobs=top))
+                stream.inbox.put_nowait(EngineOutput(token_ids=tokens, logprobs=logprobs, top_logprobs=top))
             else:
-                stream.queue.put_nowait(
+                stream.inbox.put_nowait(
                     EngineOutput(
                         token_ids=tokens,
                         finish_reason=FINISH_REASONS[finished],
@@ -329,5 +345,5 @@ class EngineCore:
             if not seq.status.is_finished:
                 self.scheduler.abort(seq)
                 self.executor().release(seq)
-            stream.queue.put_nowait(EngineOutput(finish_reason=reason, cached_tokens=0, error=error))
+            stream.inbox.put_nowait(EngineOutput(finish_reason=reason, cached_tokens=0, error=error))
         self._streams.clear()

@@ -280,8 +280,8 @@ class Scheduler:
         for seq, num_new, _ in plan.chunks:
             if seq.status != SeqStatus.RUNNING:  # aborted while the step ran
                 continue
+            # No commit here: `schedule` already cached every full block up to this count.
             seq.num_computed += num_new
-            self.blocks.commit(seq.seq_id, seq.hashes, seq.num_computed)
             if seq.num_computed < len(seq.tokens):  # a prefill chunk that is not the last one
                 continue
             update = self._apply(seq, sample(seq))
@@ -306,16 +306,17 @@ class Scheduler:
 
     def _apply(self, seq: Seq, sampled: Sampled) -> Update:
         """Stop conditions, in vLLM's order: EOS/stop tokens (after min_tokens), then max_tokens."""
-        if seq.num_output >= seq.min_tokens:
+        num_output = len(seq.tokens) - seq.prompt_len  # once: this runs for every token
+        tok = sampled.token_id
+        if num_output >= seq.min_tokens:
             if sampled.eos and not seq.ignore_eos:
                 return Update(seq, None, SeqStatus.FINISHED_STOPPED)
-            tok = sampled.token_id
             if tok in seq.stop_token_ids or (tok in seq.eos_token_ids and not seq.ignore_eos):
                 return Update(seq, None, SeqStatus.FINISHED_STOPPED)
-        seq.append(sampled.token_id)
-        if seq.num_output >= seq.max_tokens:
-            return Update(seq, sampled.token_id, SeqStatus.FINISHED_LENGTH, sampled)
-        return Update(seq, sampled.token_id, None, sampled)
+        seq.append(tok)
+        if num_output + 1 >= seq.max_tokens:
+            return Update(seq, tok, SeqStatus.FINISHED_LENGTH, sampled)
+        return Update(seq, tok, None, sampled)
 
     def _preempt(self, seq: Seq) -> None:
         # Recompute from scratch on readmission; its freed blocks stay cached, so usually cheaply.

@@ -8,7 +8,8 @@ The request side (streams, cancellation, KV events, load metrics) is `EngineCore
 torch engine; this module is the mocker's executor: a step "runs" by sleeping for its simulated time.
 
 Output tokens are a pure function of the token context: the token at position p is
-XXH3(seed, p, chained hash of the last full block before p, the tokens after it), mapped into
+XXH3(seed, index of p's block, chained hash of the last full block before p, the tokens after it
+up to p), mapped into
 `token_id_range`, with seed = `sampling.seed` (0 when unset). Identical requests therefore stream
 identical tokens, different prompts diverge, and a request migrated with its generated tokens appended
 to the prompt (and max_tokens reduced) continues exactly where it left off on any worker with the
@@ -24,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
@@ -36,7 +37,7 @@ from turbine.engines.core.scheduler import Sampled, SchedulerConfig, Seq, StepPl
 from turbine.engines.embedding import hash_embedding
 from turbine.engines.mocker.timing import TimingModel
 
-_pack_position = struct.Struct("<QQQ").pack
+_pack_block = struct.Struct("<QQQ").pack
 _EOS_SALT = 0x5EED_E05
 _LOGPROB_SALT = 0x1069_9F0B
 
@@ -120,6 +121,10 @@ class _MockExecutor:
 
     def __init__(self, config: MockerConfig) -> None:
         self.config = config
+        # Per running sequence: [block index, tokens hashed, XXH3 state over `_context`'s bytes so
+        # far]. A decode step then hashes the one new token instead of re-packing the block's tail,
+        # which is most of what the simulated model costs per token.
+        self._ctx: dict[int, list[Any]] = {}
 
     async def execute(self, plan: StepPlan, scheduled_at: float) -> Callable[[Seq], Sampled]:
         loop = asyncio.get_running_loop()
@@ -130,16 +135,33 @@ class _MockExecutor:
         return self.sample
 
     def release(self, seq: Seq) -> None:
-        return None
+        self._ctx.pop(seq.seq_id, None)
+
+    def _digest(self, seq: Seq, p: int) -> int:
+        """`xxh3_64(_context(seq, p))`, from the sequence's running hash state where it has one."""
+        bs = seq.block_size
+        full = p // bs
+        st = self._ctx.get(seq.seq_id)
+        if st is None or st[0] != full or st[1] > p:
+            parent = seq.hashes.sequence[full - 1] if full else 0
+            st = [full, full * bs, xxhash.xxh3_64(_pack_block(seq.seed, full, parent))]
+            self._ctx[seq.seq_id] = st
+        covered = st[1]
+        if covered < p:
+            tokens = seq.tokens
+            st[2].update(_pack_u32(tokens[covered]) if p - covered == 1 else _pack_tail(tokens[covered:p]))
+            st[1] = p
+        digest: int = st[2].intdigest()
+        return digest
 
     def sample(self, seq: Seq) -> Sampled:
         """The simulated model: a deterministic token for position len(seq.tokens)."""
-        data = _context(seq, len(seq.tokens))
-        h = xxhash.xxh3_64_intdigest(data)
+        p = len(seq.tokens)
+        h = self._digest(seq, p)
         low, high = self.config.token_id_range
         span = high - low
         token = low + h % span
-        if seq.num_output < seq.min_tokens:
+        if seq.min_tokens and seq.num_output < seq.min_tokens:
             # As with logit masking for min_tokens: never pick a token that would stop the sequence.
             stopping = seq.stop_token_ids if seq.ignore_eos else seq.stop_token_ids | seq.eos_token_ids
             for _ in range(span):
@@ -147,11 +169,13 @@ class _MockExecutor:
                     break
                 token = low + (token - low + 1) % span
         p_eos = self.config.eos_probability
-        eos = p_eos > 0.0 and (p_eos >= 1.0 or xxhash.xxh3_64_intdigest(data, _EOS_SALT) < p_eos * 2.0**64)
+        eos = p_eos > 0.0 and (
+            p_eos >= 1.0 or xxhash.xxh3_64_intdigest(_context(seq, p), _EOS_SALT) < p_eos * 2.0**64
+        )
         k = seq.sampling.logprobs
         if k is None:
             return Sampled(token, eos)
-        lp, alternatives = mock_logprobs(data, token, k, self.config.token_id_range)
+        lp, alternatives = mock_logprobs(_context(seq, p), token, k, self.config.token_id_range)
         return Sampled(token, eos, lp, alternatives)
 
 
@@ -181,11 +205,19 @@ class MockerEngine(EngineCore):
         return hash_embedding(token_ids)
 
 
+def _pack_tail(tokens: list[int]) -> bytes:
+    return struct.pack(f"<{len(tokens)}I", *tokens)
+
+
+def _pack_u32(token: int) -> bytes:
+    return token.to_bytes(4, "little")
+
+
 def _context(seq: Seq, p: int) -> bytes:
-    """What the token at position `p` is drawn from: the seed, `p`, the chained hash of the last full
-    block before `p` and the tokens after it (so equal contexts give equal tokens on any worker)."""
+    """What the token at position `p` is drawn from: the seed, the index of `p`'s block, the chained
+    hash of the last full block before `p` and the tokens after it (so equal contexts give equal
+    tokens on any worker). With the block index, the tail's length fixes `p`."""
     bs = seq.block_size
     full = p // bs
     parent = seq.hashes.sequence[full - 1] if full else 0
-    tail = array("I", seq.tokens[full * bs : p]).tobytes()
-    return _pack_position(seq.seed, p, parent) + tail
+    return _pack_block(seq.seed, full, parent) + _pack_tail(seq.tokens[full * bs : p])

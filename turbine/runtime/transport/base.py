@@ -84,18 +84,17 @@ def error_to_frame(exc: BaseException) -> tuple[str, str]:
     return framing.ERROR_ENGINE, f"{type(exc).__name__}: {exc}"
 
 
-def take_batch(item: Any, queue: asyncio.Queue[Any]) -> tuple[list[bytes], Any]:
-    """Starting from `item` (just taken from a stream's queue), the payloads of every Data frame
-    already queued behind it, in order, and the first non-Data item that ended the run (None when
-    the queue simply ran dry). Clients yield such a batch as one item: a worker's batch step sends
-    many frames at once, and downstream (detokenize, one SSE write) is cheaper in bulk."""
+def take_batch(items: list[Any]) -> tuple[list[bytes], Any]:
+    """Of `items` (all a stream's inbox held), the payloads of the leading Data frames, in order,
+    and the first non-Data item, which ends the stream (None when there is none yet). Clients yield
+    such a batch as one item: a worker's batch step sends many frames at once, and downstream
+    (detokenize, one SSE write) is cheaper in bulk."""
     batch: list[bytes] = []
-    while type(item) is framing.Data:
+    for item in items:
+        if type(item) is not framing.Data:
+            return batch, item
         batch.append(bytes(item.payload))
-        if queue.empty():
-            return batch, None
-        item = queue.get_nowait()
-    return batch, item
+    return batch, None
 
 
 class StreamTasks:

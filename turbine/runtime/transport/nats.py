@@ -44,6 +44,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from turbine.errors import InvalidRequest, WorkerUnreachable
+from turbine.runtime.inbox import Inbox
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import Handler, StreamTasks, error_from_frame, error_to_frame, take_batch
 from turbine.runtime.transport.nats_flush import flush_in_order
@@ -293,7 +294,7 @@ _StreamItem = framing.Frame | object
 class _Stream:
     address: str
     started: float
-    queue: asyncio.Queue[_StreamItem] = field(default_factory=asyncio.Queue)
+    queue: Inbox[_StreamItem] = field(default_factory=Inbox)
 
 
 class NatsRequestClient:
@@ -407,7 +408,7 @@ class NatsRequestClient:
         try:
             outbox.send(address, reply, request)
             while True:
-                batch, last = take_batch(await queue.get(), queue)
+                batch, last = take_batch(await queue.take())
                 if batch:
                     yield batch
                 if last is None:

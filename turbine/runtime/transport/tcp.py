@@ -21,6 +21,7 @@ from typing import Protocol, cast
 import msgspec
 
 from turbine.errors import WorkerUnreachable
+from turbine.runtime.inbox import Inbox
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import Handler, StreamTasks, error_from_frame, error_to_frame, take_batch
 
@@ -267,9 +268,9 @@ class _ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writer.resume()
 
-    def open_stream(self) -> tuple[int, asyncio.Queue[_StreamItem]]:
-        queue: asyncio.Queue[_StreamItem] = asyncio.Queue()
-        return self.open_sink(queue), queue
+    def open_stream(self) -> tuple[int, Inbox[_StreamItem]]:
+        inbox: Inbox[_StreamItem] = Inbox()
+        return self.open_sink(inbox), inbox
 
     def open_sink(self, sink: _Sink) -> int:
         self._next_id += 1
@@ -334,12 +335,12 @@ class TcpRequestClient:
 
     async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]:
         conn = await self._connection(address)
-        sid, queue = conn.open_stream()
+        sid, inbox = conn.open_stream()
         finished = False
         try:
             conn.send(framing.Request(sid, endpoint, msgspec.Raw(payload)))
             while True:
-                batch, last = take_batch(await queue.get(), queue)
+                batch, last = take_batch(await inbox.take())
                 if batch:
                     yield batch
                 if last is None:
