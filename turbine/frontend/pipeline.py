@@ -15,6 +15,7 @@ from turbine.frontend.kv_events import make_followers
 from turbine.frontend.python_engine import PythonEngine
 from turbine.frontend.replica_sync import ReplicaSync
 from turbine.frontend.routing import NO_HINTS, RouteHints, Routing, RoutingSettings
+from turbine.postprocess.detokenizer import ByteLevelTable
 from turbine.postprocess.logprobs import TokenLogprob, TokenStrings
 from turbine.postprocess.parsers.output import (
     OutputParser,
@@ -68,6 +69,7 @@ class Generation:
             stop_strings,
             pipeline.token_strings,
             skip_special_tokens=special is None,
+            byte_table=pipeline.byte_table,
         )
         self.decision: Decision | None = None
         self.migrations = 0
@@ -130,6 +132,8 @@ class ModelPipeline:
         self.preprocessor = preprocessor
         # Token id → string/bytes for logprobs, decoded once per id for all of the model's requests.
         self.token_strings = TokenStrings(preprocessor.tokenizer.hf)
+        # Byte-level tokenizers detokenize through a table shared by every request (or None).
+        self.byte_table = ByteLevelTable.build(preprocessor.tokenizer.hf)
         self.router = router
         # Readiness, direct mode, session affinity and the router queue, around the router.
         self.routing = Routing(name, router, routing or RoutingSettings())

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import tokenizers
 
-from turbine.postprocess.detokenizer import IncrementalDetokenizer
+from turbine.postprocess.detokenizer import ByteLevelTable, IncrementalDetokenizer
 from turbine.postprocess.logprobs import LogprobAligner, TokenLogprob, TokenStrings
 from turbine.postprocess.parsers.output import ToolCallDelta
 from turbine.postprocess.stop import StopStringMatcher
@@ -52,14 +52,18 @@ class Postprocessor:
         stop_strings: list[str],
         token_strings: TokenStrings | None = None,
         skip_special_tokens: bool = True,
+        byte_table: ByteLevelTable | None = None,
     ) -> None:
         """`token_strings`: the model's shared id → token string cache for logprobs (one per
         tokenizer, so every request reuses its decodings); built on demand when not given.
         `skip_special_tokens` False: special tokens stay in the text (for output parsers whose
-        markers are special tokens)."""
+        markers are special tokens). `byte_table`: the model's shared `ByteLevelTable`, for
+        byte-level tokenizers (faster detokenization)."""
         self._tokenizer = tokenizer
         self._strings = token_strings
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._detok = IncrementalDetokenizer(
+            tokenizer, skip_special_tokens=skip_special_tokens, table=byte_table
+        )
         # Created by the first output that carries logprobs; the text-only path never touches it.
         self._logprobs: LogprobAligner | None = None
         self._stop = StopStringMatcher(stop_strings) if stop_strings else None
