@@ -13,7 +13,7 @@ Contract of `generate(request)`:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -58,6 +58,16 @@ class Engine(Protocol):
     def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class PushEngine(Protocol):
+    """An engine that can also hand a request's outputs to a callback as it makes them (one per
+    step), instead of through a generator the consumer resumes per token."""
+
+    async def generate_into(
+        self, request: PreprocessedRequest, sink: Callable[[EngineOutput], None]
+    ) -> None: ...
 
 
 @runtime_checkable

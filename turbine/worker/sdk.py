@@ -9,6 +9,7 @@ finish (bounded), revoke the lease, close the request plane, stop the engine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import AsyncGenerator
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from turbine.engines.base import Embedder, Engine, KvCacheReporter
+from turbine.engines.base import Embedder, Engine, KvCacheReporter, PushEngine
 from turbine.errors import InvalidRequest
 from turbine.protocol.instance import Instance, model_key
 from turbine.protocol.kv_events import (
@@ -30,7 +31,7 @@ from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.lease import LeaseKeeper
 from turbine.runtime.events.base import EventPlane, kv_events_subject, load_subject, model_subject_prefix
 from turbine.runtime.events.pacing import paced
-from turbine.runtime.transport.base import RequestPlaneServer
+from turbine.runtime.transport.base import Emit, Pushed, RequestPlaneServer
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class EngineWorker:
         await self._lease.put(self._keys[1], _encode(card))
         log.info("worker %x serving %s on %s", self.instance_id, ident.model_name, self.address)
 
-    def _handle(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
+    def _handle(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None] | Pushed:
         if endpoint != self._identity.endpoint:
             if endpoint == KV_EVENTS_ENDPOINT:
                 return self._stream_events()
@@ -138,7 +139,19 @@ class EngineWorker:
             if endpoint == EMBED_ENDPOINT:
                 return self._embed(payload)
             raise InvalidRequest(f"unknown endpoint {endpoint!r}")
+        if isinstance(self.engine, PushEngine):
+            return Pushed(functools.partial(self._generate_pushed, self.engine, payload))
         return self._generate(payload)
+
+    @staticmethod
+    async def _generate_pushed(engine: PushEngine, payload: bytes, emit: Emit) -> None:
+        """`_generate` for engines that push: each output is encoded and handed to the transport
+        from the engine's step loop, with no task wake-up per token."""
+        try:
+            request = _decode_request(payload)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"malformed request: {exc}") from None
+        await engine.generate_into(request, lambda out: emit(_encode(out)))
 
     async def _generate(self, payload: bytes) -> AsyncGenerator[bytes, None]:
         try:

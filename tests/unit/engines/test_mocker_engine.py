@@ -297,3 +297,58 @@ def test_running_context_hash_equals_hashing_the_whole_context() -> None:
         seq.append(100 + step)
     ex.release(seq)
     assert not ex._ctx
+
+
+async def test_pushed_outputs_equal_pulled_ones_one_per_step(sink: RecordingSink) -> None:
+    engine = await started(sink)
+    try:
+        prompt = list(range(40))
+        pulled, last = await collect(engine.generate(req(prompt, 24, seed=5)))
+        outs: list[EngineOutput] = []
+        await engine.generate_into(req(prompt, 24, seed=5), outs.append)
+        assert [t for o in outs for t in o.token_ids] == pulled
+        assert all(len(o.token_ids) == 1 for o in outs)  # pushed: nothing coalesced
+        assert outs[-1].finish_reason == last.finish_reason == FinishReason.LENGTH
+        assert outs[-1].cached_tokens == 32  # the first run's two full prompt blocks
+    finally:
+        await engine.stop()
+
+
+async def test_a_failing_sink_ends_only_its_own_request(sink: RecordingSink) -> None:
+    engine = await started(sink)
+    try:
+        seen: list[EngineOutput] = []
+
+        def bad(out: EngineOutput) -> None:
+            seen.append(out)
+            if len(seen) == 3:
+                raise ValueError("client gone")
+
+        other = asyncio.create_task(collect(engine.generate(req(list(range(20)), 40, rid="b"))))
+        with pytest.raises(ValueError, match="client gone"):
+            await engine.generate_into(req(list(range(100, 130)), 40, rid="a"), bad)
+        tokens, last = await other
+        assert len(tokens) == 40 and last.finish_reason == FinishReason.LENGTH
+        assert len(seen) == 3
+        assert engine.blocks.num_used_blocks == 0  # the failed request's blocks are free
+    finally:
+        await engine.stop()
+
+
+async def test_cancelling_a_pushed_request_frees_its_blocks(sink: RecordingSink) -> None:
+    engine = await started(sink, speedup_ratio=1.0)  # real step times: the request is mid-flight
+    try:
+        outs: list[EngineOutput] = []
+        task = asyncio.create_task(engine.generate_into(req(list(range(64)), 500), outs.append))
+        for _ in range(500):
+            if outs:
+                break
+            await asyncio.sleep(0.01)
+        assert outs and engine.blocks.num_used_blocks > 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.blocks.num_used_blocks == 0
+        assert not engine.scheduler.has_work
+    finally:
+        await engine.stop()

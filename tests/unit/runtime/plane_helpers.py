@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 import msgspec
 
 from turbine.errors import InvalidRequest
-from turbine.runtime.transport.base import RequestPlaneClient
+from turbine.runtime.transport.base import Emit, Pushed, RequestPlaneClient
 
 
 def enc(n: int) -> bytes:
@@ -35,6 +35,25 @@ class Echo:
         except asyncio.CancelledError:
             self.cancelled.append(payload)
             raise
+
+    def pushed(self, endpoint: str, payload: bytes) -> Pushed:
+        """The same endpoints, as a handler that pushes its payloads (`Pushed`)."""
+
+        async def run(emit: Emit) -> None:
+            if endpoint == "fail":
+                raise RuntimeError("engine exploded")
+            if endpoint == "bad":
+                raise InvalidRequest("bad payload")
+            try:
+                for i in range(msgspec.msgpack.decode(payload)):
+                    emit(enc(i))
+                    await asyncio.sleep(0.001 if endpoint == "slow" else 0)
+                self.finished.append(payload)
+            except asyncio.CancelledError:
+                self.cancelled.append(payload)
+                raise
+
+        return Pushed(run)
 
 
 async def collect(client: RequestPlaneClient, address: str, endpoint: str, payload: bytes) -> list[bytes]:

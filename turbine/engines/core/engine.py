@@ -74,15 +74,34 @@ def _concat(a: list[_T] | None, b: list[_T] | None) -> list[_T] | None:
 
 
 class _Stream:
-    """Engine-side state of one generate() call. Outputs go through an `Inbox`, not an
-    `asyncio.Queue`: the engine hands every running stream one output per step, so the hand-off is
-    paid per token."""
+    """Engine-side state of one request: pulled (`generate`: outputs wait in an `Inbox`, not an
+    `asyncio.Queue`, since the hand-off is paid per token) or pushed (`generate_into`: each output
+    goes to the caller's sink from the step loop, and `done` resolves with the last one)."""
 
-    __slots__ = ("inbox", "seq")
+    __slots__ = ("done", "inbox", "seq", "sink")
 
-    def __init__(self, seq: Seq) -> None:
+    def __init__(self, seq: Seq, sink: Callable[[EngineOutput], None] | None = None) -> None:
         self.seq = seq
+        self.sink = sink
         self.inbox: Inbox[EngineOutput] = Inbox()
+        self.done: asyncio.Future[None] | None = (
+            None if sink is None else asyncio.get_running_loop().create_future()
+        )
+
+    def deliver(self, out: EngineOutput) -> None:
+        sink, done = self.sink, self.done
+        if sink is None or done is None:
+            self.inbox.put_nowait(out)
+            return
+        if done.done():  # ended already (the sink failed, or a second finish at shutdown)
+            return
+        try:
+            sink(out)
+        except Exception as exc:  # the consumer's failure ends its request, not the step loop
+            done.set_exception(exc)
+            return
+        if out.finish_reason is not None:
+            done.set_result(None)
 
     async def take(self) -> EngineOutput:
         """Everything queued since the last take, as one output (waits while there is none)."""
@@ -201,24 +220,40 @@ class EngineCore:
         """Why this engine can never serve `request`, or None (engines add their own checks)."""
         return None
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
+    def _admit(self, request: PreprocessedRequest) -> Seq | EngineOutput:
+        """The request's sequence, or the one output that answers it without scheduling."""
         if self._task is None:
             raise RuntimeError(f"{self.name} engine: generate() called before start()")
         if self._failure is not None:
-            yield EngineOutput(finish_reason=FinishReason.ERROR, cached_tokens=0, error=self._failure)
-            return
+            return EngineOutput(finish_reason=FinishReason.ERROR, cached_tokens=0, error=self._failure)
         seq = self.new_seq(request)
         reason = self.rejection(request) or self.scheduler.rejection(seq)
         if reason is not None:
-            yield EngineOutput(finish_reason=FinishReason.ERROR, cached_tokens=0, error=reason)
-            return
+            return EngineOutput(finish_reason=FinishReason.ERROR, cached_tokens=0, error=reason)
         if seq.max_tokens <= 0:
-            yield EngineOutput(finish_reason=FinishReason.LENGTH, cached_tokens=0)
+            return EngineOutput(finish_reason=FinishReason.LENGTH, cached_tokens=0)
+        return seq
+
+    def _open(self, stream: _Stream) -> None:
+        self._streams[stream.seq.seq_id] = stream
+        self.scheduler.add(stream.seq)
+        self._wakeup.set()
+
+    def _close(self, seq: Seq) -> None:
+        self._streams.pop(seq.seq_id, None)
+        if not seq.status.is_finished:
+            # Cancelled by the consumer: free its blocks now, not at the next step.
+            self.scheduler.abort(seq)
+            self.executor().release(seq)
+            self._wakeup.set()
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[EngineOutput, None]:
+        seq = self._admit(request)
+        if isinstance(seq, EngineOutput):
+            yield seq
             return
         stream = _Stream(seq)
-        self._streams[seq.seq_id] = stream
-        self.scheduler.add(seq)
-        self._wakeup.set()
+        self._open(stream)
         try:
             while True:
                 # Whatever piled up while the consumer was busy comes as one delta, same tokens.
@@ -227,12 +262,24 @@ class EngineCore:
                 if out.finish_reason is not None:
                     return
         finally:
-            self._streams.pop(seq.seq_id, None)
-            if not seq.status.is_finished:
-                # Cancelled by the consumer: free its blocks now, not at the next step.
-                self.scheduler.abort(seq)
-                self.executor().release(seq)
-                self._wakeup.set()
+            self._close(seq)
+
+    async def generate_into(self, request: PreprocessedRequest, sink: Callable[[EngineOutput], None]) -> None:
+        """`generate`, pushed: each output is handed to `sink` from the step loop as the step that
+        made it completes (one per step, nothing coalesced); returns after the last one. Cancelling
+        the caller cancels the request. An exception from `sink` ends this request and is raised
+        here; the other requests go on."""
+        seq = self._admit(request)
+        if isinstance(seq, EngineOutput):
+            sink(seq)
+            return
+        stream = _Stream(seq, sink)
+        assert stream.done is not None
+        self._open(stream)
+        try:
+            await stream.done
+        finally:
+            self._close(seq)
 
     def new_seq(self, request: PreprocessedRequest) -> Seq:
         stop = request.stop
@@ -304,9 +351,9 @@ class EngineCore:
                 logprobs = [sampled.logprob]
                 top = [sampled.top_logprobs or []] if seq.sampling.logprobs else None
             if finished is None:
-                stream.inbox.put_nowait(EngineOutput(token_ids=tokens, logprobs=logprobs, top_logprobs=top))
+                stream.deliver(EngineOutput(token_ids=tokens, logprobs=logprobs, top_logprobs=top))
             else:
-                stream.inbox.put_nowait(
+                stream.deliver(
                     EngineOutput(
                         token_ids=tokens,
                         finish_reason=FINISH_REASONS[finished],
@@ -345,5 +392,5 @@ class EngineCore:
             if not seq.status.is_finished:
                 self.scheduler.abort(seq)
                 self.executor().release(seq)
-            stream.inbox.put_nowait(EngineOutput(finish_reason=reason, cached_tokens=0, error=error))
+            stream.deliver(EngineOutput(finish_reason=reason, cached_tokens=0, error=error))
         self._streams.clear()

@@ -17,6 +17,12 @@ End, `WorkerDraining` if the worker refused it, `EngineError` for an
 engine failure. Leaving the iteration early (break, exception, task cancel, `aclose()`) sends a
 Cancel so the worker frees the request. Many streams to one address share one connection.
 
+A handler may also return a `Pushed` instead of a generator: `run(emit)` hands each payload to
+`emit` as it is produced, from whatever callback produces it, and returns when the stream is
+complete. An engine delivers a token per stream per step, so this spares a task wake-up and a
+generator resumption per token. The TCP server writes emitted payloads straight into its
+connection's buffer; other servers read a `Pushed` through `pulled`, as a generator.
+
 Some clients (`CallbackClient`) can also `follow(address, endpoint, payload, on_data)`: the same
 stream, but each payload is handed to `on_data` as soon as it is read, inside the transport's own
 read callback, and the call returns (or raises, as `stream` would) when the stream ends. A
@@ -27,13 +33,57 @@ then costs no queue and no task wake-up per read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from turbine.errors import EngineError, InvalidRequest, TurbineError, WorkerDraining, WorkerUnreachable
+from turbine.runtime.inbox import Inbox
 from turbine.runtime.transport import framing
 
-Handler = Callable[[str, bytes], AsyncGenerator[bytes, None]]
+Emit = Callable[[bytes], None]
+
+
+class Pushed:
+    """A handler's stream by callback (see the module docstring). `run(emit)` must not return
+    before its last `emit`; cancelling the task awaiting it must stop the source."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[Emit], Awaitable[None]]) -> None:
+        self.run = run
+
+
+Handler = Callable[[str, bytes], "AsyncGenerator[bytes, None] | Pushed"]
+
+_DONE = object()
+
+
+def as_generator(outputs: AsyncGenerator[bytes, None] | Pushed) -> AsyncGenerator[bytes, None]:
+    """A handler's output as a generator, whichever form it came in."""
+    return pulled(outputs) if isinstance(outputs, Pushed) else outputs
+
+
+async def pulled(pushed: Pushed) -> AsyncGenerator[bytes, None]:
+    """A `Pushed` stream as a generator (for servers that iterate their handlers' output)."""
+    inbox: Inbox[object] = Inbox()
+
+    async def run() -> None:
+        try:
+            await pushed.run(inbox.put_nowait)
+        finally:
+            inbox.put_nowait(_DONE)
+
+    task = asyncio.ensure_future(run())
+    try:
+        while True:
+            for item in await inbox.take():
+                if item is _DONE:
+                    await task  # the handler's exception, if it failed
+                    return
+                yield item  # type: ignore[misc]  # everything but _DONE is an emitted payload
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 class RequestPlaneServer(Protocol):

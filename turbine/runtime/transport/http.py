@@ -19,7 +19,7 @@ from aiohttp import web
 
 from turbine.errors import WorkerUnreachable
 from turbine.runtime.transport import framing
-from turbine.runtime.transport.base import Handler, error_from_frame, error_to_frame
+from turbine.runtime.transport.base import Handler, as_generator, error_from_frame, error_to_frame
 
 # Any small id: each HTTP response carries exactly one stream.
 _SID = 1
@@ -60,7 +60,7 @@ class HttpRequestServer:
         buf = bytearray()
         try:
             try:
-                outputs = self._handler(request.match_info["endpoint"], payload)
+                outputs = as_generator(self._handler(request.match_info["endpoint"], payload))
                 async with contextlib.aclosing(outputs) as stream:
                     async for out in stream:
                         framing.encode_frames_into(buf, framing.Data(_SID, msgspec.Raw(out)))

@@ -8,7 +8,7 @@ import itertools
 from collections.abc import AsyncGenerator
 
 from turbine.errors import WorkerDraining, WorkerUnreachable
-from turbine.runtime.transport.base import Handler
+from turbine.runtime.transport.base import Handler, as_generator
 
 
 class InprocHub:
@@ -60,7 +60,7 @@ class InprocServer:
         self._active += 1
         self._idle.clear()
         try:
-            async with contextlib.aclosing(self._handler(endpoint, payload)) as outputs:
+            async with contextlib.aclosing(as_generator(self._handler(endpoint, payload))) as outputs:
                 async for out in outputs:
                     yield out
         finally:

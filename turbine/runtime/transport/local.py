@@ -27,6 +27,7 @@ from turbine.runtime.transport.base import (
     Handler,
     RequestPlaneClient,
     RequestPlaneServer,
+    as_generator,
     error_from_frame,
     error_to_frame,
 )
@@ -103,7 +104,7 @@ class LocalServer:
         self._local += 1
         self._idle.clear()
         try:
-            async with contextlib.aclosing(handler(endpoint, payload)) as outputs:
+            async with contextlib.aclosing(as_generator(handler(endpoint, payload))) as outputs:
                 async for out in outputs:
                     yield [out]
         except Exception as exc:

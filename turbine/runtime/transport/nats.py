@@ -46,7 +46,14 @@ from nats.aio.msg import Msg
 from turbine.errors import InvalidRequest, WorkerUnreachable
 from turbine.runtime.inbox import Inbox
 from turbine.runtime.transport import framing
-from turbine.runtime.transport.base import Handler, StreamTasks, error_from_frame, error_to_frame, take_batch
+from turbine.runtime.transport.base import (
+    Handler,
+    StreamTasks,
+    as_generator,
+    error_from_frame,
+    error_to_frame,
+    take_batch,
+)
 from turbine.runtime.transport.nats_flush import flush_in_order
 
 log = logging.getLogger(__name__)
@@ -253,7 +260,7 @@ class NatsRequestServer(StreamTasks):
         inbox, sid = key
         me = self._subject
         try:
-            async for out in handler(endpoint, payload):
+            async for out in as_generator(handler(endpoint, payload)):
                 outbox.send(inbox, me, framing.Data(sid, msgspec.Raw(out)))
             outbox.send(inbox, me, framing.End(sid))
         except asyncio.CancelledError:

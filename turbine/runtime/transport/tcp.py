@@ -23,7 +23,14 @@ import msgspec
 from turbine.errors import WorkerUnreachable
 from turbine.runtime.inbox import Inbox
 from turbine.runtime.transport import framing
-from turbine.runtime.transport.base import Handler, StreamTasks, error_from_frame, error_to_frame, take_batch
+from turbine.runtime.transport.base import (
+    Handler,
+    Pushed,
+    StreamTasks,
+    error_from_frame,
+    error_to_frame,
+    take_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +133,15 @@ class _ServerConnection(asyncio.Protocol):
         assert handler is not None
         writer = self._writer
         try:
-            async for out in handler(endpoint, payload):
-                writer.send(framing.Data(sid, msgspec.Raw(out)))
-                if writer.paused:  # checked here: awaiting a no-op coroutine per frame is not free
-                    await writer.wait_writable()
+            outputs = handler(endpoint, payload)
+            if isinstance(outputs, Pushed):
+                # Each payload goes into the connection's buffer from the producer's own callback.
+                await outputs.run(lambda out: writer.send(framing.Data(sid, msgspec.Raw(out))))
+            else:
+                async for out in outputs:
+                    writer.send(framing.Data(sid, msgspec.Raw(out)))
+                    if writer.paused:  # checked here: awaiting a no-op coroutine per frame is not free
+                        await writer.wait_writable()
             writer.send(framing.End(sid))
         except asyncio.CancelledError:
             # Cancelled by the client (Cancel frame) or because the connection closed: nobody is
