@@ -202,3 +202,20 @@ def test_timing_shape() -> None:
     assert t.step_seconds(StepShape(0, 0, 1, 1), speedup_ratio=10) == pytest.approx(
         t.step_ms(StepShape(0, 0, 1, 1)) / 1e4
     )
+
+
+def test_decoding_takes_a_block_exactly_when_a_token_starts_one_and_caches_each_filled_block() -> None:
+    """Most decode steps skip the block manager (the token lands inside the last block and does not
+    fill it); the block table must still grow at every boundary and every filled block be cached."""
+    s = make(budget=100)
+    a = seq(5, max_tokens=12)  # positions 0-4 from the prompt, then decodes at 5, 6, ... 16
+    s.add(a)
+    step(s)  # the prompt: 2 blocks (positions 0-3 and 4)
+    st = s.blocks._seqs[a.seq_id]
+    for _ in range(11):
+        computed_before = a.num_computed
+        step(s)
+        assert len(st.table) == -(-a.num_computed // BS)  # exactly the blocks the computed tokens need
+        assert st.committed == a.num_computed // BS  # every full block of computed tokens is cached
+        assert a.num_computed == computed_before + 1
+    assert a.hashes.sequence[: st.committed] == st.shared

@@ -219,12 +219,21 @@ class Scheduler:
         finished: list[Update] = []
         preempted = 0
 
+        bs = self.blocks.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            remaining = len(seq.tokens) - seq.num_computed
+            computed = seq.num_computed
+            remaining = len(seq.tokens) - computed
+            is_decode = remaining == 1 and len(seq.tokens) > seq.prompt_len
+            if is_decode and computed % bs and (computed + 1) % bs:
+                # The common decode: its token lands in the block that holds the one before it (no
+                # block to reserve) and does not fill it (nothing to cache), so no call can fail.
+                chunks.append(Chunk(seq, 1, True))
+                budget -= 1
+                i += 1
+                continue
             num_new = min(remaining, budget)
-            is_decode = remaining == 1 and seq.num_output > 0
             while not self.blocks.reserve(seq.seq_id, seq.num_computed + num_new):
                 victim = self.running.pop()
                 if victim is seq and not self.running[:i]:
