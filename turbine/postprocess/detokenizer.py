@@ -30,7 +30,7 @@ import tokenizers
 from tokenizers import decoders
 from tokenizers.decoders import DecodeStream
 
-__all__ = ["ByteLevelTable", "IncrementalDetokenizer"]
+__all__ = ["BYTE_DECODER", "ByteLevelTable", "IncrementalDetokenizer"]
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -46,7 +46,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(values, chars, strict=True)}
 
 
-_BYTE_DECODER = _byte_decoder()
+BYTE_DECODER = _byte_decoder()
 _PROBE_TEXTS = ("Hello, world! naïve café — 😀👍🏽 日本語 Ελληνικά\n\tdef f(x): return x", "🎉🎉 ok")
 
 
@@ -98,8 +98,8 @@ class ByteLevelTable:
             piece = self._tokenizer.id_to_token(token_id)
             if piece is None:
                 hit = b""  # an id outside the vocabulary decodes to nothing, as in `tokenizers`
-            elif all(c in _BYTE_DECODER for c in piece):
-                hit = bytes([_BYTE_DECODER[c] for c in piece])
+            elif all(c in BYTE_DECODER for c in piece):
+                hit = bytes([BYTE_DECODER[c] for c in piece])
             else:
                 hit = piece.encode("utf-8")
             self._raw[token_id] = hit

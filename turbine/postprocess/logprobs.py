@@ -24,6 +24,8 @@ from typing import NamedTuple
 import tokenizers
 from tokenizers import decoders
 
+from turbine.postprocess.detokenizer import BYTE_DECODER
+
 __all__ = ["LogprobAligner", "TokenLogprob", "TokenStrings", "TopLogprob"]
 
 
@@ -43,22 +45,6 @@ class TokenLogprob(NamedTuple):
     top: list[TopLogprob]
     # Character offset of the token's text in the choice's whole text (legacy `text_offset`).
     offset: int
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the printable stand-in character of each byte → byte."""
-    values = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(values)
-    extra = 0
-    for b in range(256):
-        if b not in values:
-            values.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(values, chars, strict=True)}
-
-
-_BYTE_DECODER = _byte_decoder()
 
 
 class TokenStrings:
@@ -82,8 +68,8 @@ class TokenStrings:
     def _resolve(self, token_id: int) -> tuple[str, bytes]:
         if self._byte_level and token_id not in self._added:
             piece = self._tokenizer.id_to_token(token_id)
-            if piece is not None and all(c in _BYTE_DECODER for c in piece):
-                raw = bytes(_BYTE_DECODER[c] for c in piece)
+            if piece is not None and all(c in BYTE_DECODER for c in piece):
+                raw = bytes(BYTE_DECODER[c] for c in piece)
                 return raw.decode("utf-8", errors="replace"), raw
         text = self._tokenizer.decode([token_id], skip_special_tokens=False)
         return text, text.encode("utf-8")

@@ -15,6 +15,13 @@ def enc(n: int) -> bytes:
     return msgspec.msgpack.encode(n)
 
 
+def _fail_if_asked(endpoint: str) -> None:
+    if endpoint == "fail":
+        raise RuntimeError("engine exploded")
+    if endpoint == "bad":
+        raise InvalidRequest("bad payload")
+
+
 class Echo:
     """Endpoint "gen"/"slow": stream 0..n-1 (n = the payload); "fail": engine error; "bad": 400."""
 
@@ -23,10 +30,7 @@ class Echo:
         self.finished: list[bytes] = []
 
     async def handler(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
-        if endpoint == "fail":
-            raise RuntimeError("engine exploded")
-        if endpoint == "bad":
-            raise InvalidRequest("bad payload")
+        _fail_if_asked(endpoint)
         try:
             for i in range(msgspec.msgpack.decode(payload)):
                 yield enc(i)
@@ -40,10 +44,7 @@ class Echo:
         """The same endpoints, as a handler that pushes its payloads (`Pushed`)."""
 
         async def run(emit: Emit) -> None:
-            if endpoint == "fail":
-                raise RuntimeError("engine exploded")
-            if endpoint == "bad":
-                raise InvalidRequest("bad payload")
+            _fail_if_asked(endpoint)
             try:
                 for i in range(msgspec.msgpack.decode(payload)):
                     emit(enc(i))
