@@ -78,6 +78,8 @@ class EngineWorker:
         events_batch_s: float = EVENTS_BATCH_S,
     ) -> None:
         self.engine = engine
+        # Checked once: a runtime Protocol check per request would cost a few µs each time.
+        self._push: PushEngine | None = engine if isinstance(engine, PushEngine) else None
         self._store = store
         self._server = server
         self._identity = identity
@@ -139,8 +141,8 @@ class EngineWorker:
             if endpoint == EMBED_ENDPOINT:
                 return self._embed(payload)
             raise InvalidRequest(f"unknown endpoint {endpoint!r}")
-        if isinstance(self.engine, PushEngine):
-            return Pushed(functools.partial(self._generate_pushed, self.engine, payload))
+        if self._push is not None:
+            return Pushed(functools.partial(self._generate_pushed, self._push, payload))
         return self._generate(payload)
 
     @staticmethod
