@@ -175,7 +175,8 @@ class IncrementalDetokenizer:
         self._fast = None if table is None else _ByteLevelStream(table, skip_special_tokens)
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        # Only without a table: building one per request would be wasted on the fast path.
+        self._stream = None if table is not None else DecodeStream(skip_special_tokens=skip_special_tokens)
         # Ids added since the stream last produced text: an incomplete character (or skipped special
         # tokens). Kept only so `flush` can write out what the stream never released.
         self._pending: list[int] = []
@@ -191,6 +192,7 @@ class IncrementalDetokenizer:
             return self._fast.add(token_ids)
         # A single id (the common case) goes in as an int: the binding's list path is ~75% slower.
         step = token_ids[0] if len(token_ids) == 1 else token_ids
+        assert self._stream is not None
         text = self._stream.step(self._tokenizer, step)
         if text is None:
             self._pending.extend(token_ids)

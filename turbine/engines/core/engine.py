@@ -83,7 +83,8 @@ class _Stream:
     def __init__(self, seq: Seq, sink: Callable[[EngineOutput], None] | None = None) -> None:
         self.seq = seq
         self.sink = sink
-        self.inbox: Inbox[EngineOutput] = Inbox()
+        # One or the other: an inbox for a pulled stream, a completion future for a pushed one.
+        self.inbox: Inbox[EngineOutput] | None = Inbox() if sink is None else None
         self.done: asyncio.Future[None] | None = (
             None if sink is None else asyncio.get_running_loop().create_future()
         )
@@ -91,6 +92,7 @@ class _Stream:
     def deliver(self, out: EngineOutput) -> None:
         sink, done = self.sink, self.done
         if sink is None or done is None:
+            assert self.inbox is not None
             self.inbox.put_nowait(out)
             return
         if done.done():  # ended already (the sink failed, or a second finish at shutdown)
@@ -105,6 +107,7 @@ class _Stream:
 
     async def take(self) -> EngineOutput:
         """Everything queued since the last take, as one output (waits while there is none)."""
+        assert self.inbox is not None
         items = await self.inbox.take()
         return items[0] if len(items) == 1 else _merge(items)
 

@@ -301,7 +301,7 @@ _StreamItem = framing.Frame | object
 class _Stream:
     address: str
     started: float
-    queue: Inbox[_StreamItem] = field(default_factory=Inbox)
+    inbox: Inbox[_StreamItem] = field(default_factory=Inbox)
 
 
 class NatsRequestClient:
@@ -356,7 +356,7 @@ class NatsRequestClient:
 
     def _on_disconnect(self) -> None:
         for stream in self._streams.values():
-            stream.queue.put_nowait(_LOST)
+            stream.inbox.put_nowait(_LOST)
 
     async def _on_frames(self, msg: Msg) -> None:
         if msg.reply:
@@ -373,14 +373,14 @@ class NatsRequestClient:
         for frame in frames:
             stream = streams.get(frame.stream_id)
             if stream is not None:
-                stream.queue.put_nowait(frame)
+                stream.inbox.put_nowait(frame)
 
     async def _on_status(self, msg: Msg) -> None:
         if msg.headers and msg.headers.get("Status") == NO_RESPONDERS:
             with contextlib.suppress(ValueError):
                 stream = self._streams.get(int(msg.subject.rpartition(".")[2]))
                 if stream is not None:
-                    stream.queue.put_nowait(_NO_RESPONDERS)
+                    stream.inbox.put_nowait(_NO_RESPONDERS)
 
     async def _watch(self) -> None:
         """Fail streams whose worker went silent (no frame, no keep-alive)."""
@@ -396,7 +396,7 @@ class NatsRequestClient:
                 else:
                     silent = now - stream.started > self._first_frame_timeout_s
                 if silent:
-                    stream.queue.put_nowait(_STALE)
+                    stream.inbox.put_nowait(_STALE)
 
     async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]:
         nc, outbox = await self._connection()
@@ -410,12 +410,12 @@ class NatsRequestClient:
         reply = f"{self._inbox}.{sid}"
         stream = _Stream(address, asyncio.get_running_loop().time())
         self._streams[sid] = stream
-        queue = stream.queue
+        inbox = stream.inbox
         finished = False
         try:
             outbox.send(address, reply, request)
             while True:
-                batch, last = take_batch(await queue.take())
+                batch, last = take_batch(await inbox.take())
                 if batch:
                     yield batch
                 if last is None:

@@ -136,6 +136,9 @@ class _ServerConnection(asyncio.Protocol):
             outputs = handler(endpoint, payload)
             if isinstance(outputs, Pushed):
                 # Each payload goes into the connection's buffer from the producer's own callback.
+                # No pause here: a producer that cannot wait would otherwise have to buffer itself;
+                # the transport's buffer holds what a slow reader has not taken yet, as the engine's
+                # per-stream queue did before.
                 await outputs.run(lambda out: writer.send(framing.Data(sid, msgspec.Raw(out))))
             else:
                 async for out in outputs:
