@@ -112,6 +112,23 @@ def test_stop_strings_are_never_emitted(stack: Stack) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_multibyte_text_streams_whole_through_the_byte_level_detokenizer(stack: Stack) -> None:
+    """The bundled tokenizer is byte-level, so the frontend detokenizes through its `ByteLevelTable`:
+    emoji and CJK split over byte tokens must arrive whole, streamed token by token or not."""
+    _, url = stack.frontend()
+    stack.worker("--engine", "echo")
+    wait_instances(url, 1)
+    oai = client(url)
+    prompt = "party 🎉🎉 日本語のテキスト naïve café 👍🏽 done"
+    whole = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=200)
+    assert whole.choices[0].text == prompt
+    chunks = list(oai.completions.create(model=MODEL, prompt=prompt, max_tokens=200, stream=True))
+    texts = [c.choices[0].text for c in chunks]
+    assert "".join(texts) == prompt
+    assert all("\ufffd" not in t for t in texts)  # no half character ever went out
+    assert len(texts) > 1  # streamed in several deltas, not one
+
+
 def test_round_robin_spreads_requests_evenly(stack: Stack) -> None:
     _, url = stack.frontend("--router-mode", "round-robin")
     stack.worker(*FAST, "--num-workers", "3")
