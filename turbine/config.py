@@ -471,6 +471,13 @@ class WorkerConfig(RuntimeConfig):
         "weights as stored (a 4-bit kernel, faster for few rows), larger steps the dequantized "
         "weights; 0: off.",
     )
+    cpu_kernels: str = opt(
+        "auto",
+        "Torch engine on CPU: the kernel of those 4-bit steps: turbine (Turbine's AMX kernel, "
+        "compiled on first use with the C++ compiler), torch (torch's int4 kernel), auto (turbine where "
+        "it builds and the CPU has AMX, else torch).",
+        choices=("auto", "turbine", "torch"),
+    )
     override_generation_config: str | None = opt(
         None,
         "Torch engine: JSON object of default sampling knobs (temperature, top_p, top_k, min_p) over "

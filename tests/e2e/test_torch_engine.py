@@ -157,6 +157,43 @@ def test_smollm2_in_bfloat16_answers_with_its_4bit_weights(
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
 
 
+def test_smollm2_answers_concurrent_requests_through_turbines_amx_kernel(
+    stack: Stack, smollm2_gguf: Path, gguf_cache: Path, smollm2_dir: Path
+) -> None:
+    """`--cpu-kernels turbine`: decode steps of 4-8 rows run the 4-bit weights on Turbine's own AMX
+    kernel (`csrc/cpu_q4.cpp`); eight concurrent greedy requests all get the right answer."""
+    from turbine.engines.torch import cpu_kernels
+
+    try:
+        cpu_kernels.load()
+    except cpu_kernels.KernelsUnavailable as exc:
+        pytest.skip(f"Turbine's CPU kernels cannot run here: {exc}")
+    _, url = stack.frontend()
+    worker = stack.worker(
+        "--engine", "torch", "--model-path", str(smollm2_gguf), "--gguf-cache-dir", str(gguf_cache),
+        "--device", "cpu", "--dtype", "bfloat16", "--q4-max-rows", "16", "--cpu-kernels", "turbine",
+    )  # fmt: skip
+    wait_until(lambda: live_instances(url, SMOLLM2) == 1, 120, worker)
+    assert "Turbine's AMX kernel" in worker.log()
+    oai = _client(url)
+    questions = [
+        "What is the capital of France?",
+        "Which city is the capital of France?",
+        "Tell me the capital of France.",
+        "Name the capital of France.",
+    ] * 2
+
+    def ask(question: str) -> str:
+        out = oai.chat.completions.create(
+            model=SMOLLM2, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+        )
+        return out.choices[0].message.content or ""
+
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        answers = list(pool.map(ask, questions))
+    assert all("Paris" in a for a in answers), answers
+
+
 def test_kv_events_from_torch_workers_route_each_group_to_its_holder(
     stack: Stack, tiny_llama_dir: Path
 ) -> None:

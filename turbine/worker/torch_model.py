@@ -76,6 +76,7 @@ def load_torch_model(cfg: WorkerConfig) -> TorchModel:
         enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=cfg.enforce_eager,
         q4_max_rows=cfg.q4_max_rows,
+        cpu_kernels=cfg.cpu_kernels,
     )
     loaded = load_model(config)
     overrides = cfg.generation_overrides()

@@ -20,7 +20,7 @@ import torch
 from turbine.engines.base import EventSink
 from turbine.engines.core.engine import EngineCore, Executor
 from turbine.engines.core.scheduler import SchedulerConfig
-from turbine.engines.torch import q4
+from turbine.engines.torch import cpu_kernels, q4
 from turbine.engines.torch.arch import ModelArch, read_arch
 from turbine.engines.torch.cuda_graphs import DecodeGraphs
 from turbine.engines.torch.loader import load_weights
@@ -61,6 +61,9 @@ class TorchEngineConfig:
     q4_max_rows: int = 8
     """On CPU in bfloat16, steps of at most this many rows use a GGUF's 4-bit linear weights as they
     are stored (`q4.py`); larger steps the dequantized ones. 0: always the dequantized weights."""
+    cpu_kernels: str = "auto"
+    """Which kernel runs those 4-bit steps: turbine (`cpu_kernels.py`, compiled here), torch (its int4
+    kernel), or auto (turbine where it can run, else torch)."""
 
 
 @dataclass
@@ -123,15 +126,24 @@ def load_model(cfg: TorchEngineConfig) -> LoadedModel:
     )
     weights = load_weights(cfg.model_dir, dtype, progress=cfg.progress)
     small = cfg.q4_max_rows if q4.applies(device, dtype) else 0
+    blocks = q4.load(cfg.model_dir) if small > 0 else {}
+    kernel: q4.Q4Kernel = q4.Q4Weight
     try:
-        blocks = q4.load(cfg.model_dir) if small > 0 else {}
-        model = LlamaModel(arch, weights, device, q4_blocks=blocks, q4_max_rows=small)
+        if blocks and cpu_kernels.resolve(cfg.cpu_kernels):
+            kernel = cpu_kernels.AmxQ4Weight
+    except cpu_kernels.KernelsUnavailable as exc:
+        raise ConfigError(f"--cpu-kernels turbine: {exc}") from None
+    try:
+        model = LlamaModel(arch, weights, device, q4_blocks=blocks, q4_max_rows=small, q4_kernel=kernel)
     except ValueError as exc:
         raise ConfigError(f"{cfg.model_dir}: {exc}") from None
     log.info("loaded %.1f MB of weights", model.weight_bytes() / 1e6)
     if model.q4_bytes():
         log.info(
-            "steps of at most %d rows use the 4-bit weights (%.1f MB more)", small, model.q4_bytes() / 1e6
+            "steps of at most %d rows use the 4-bit weights (%.1f MB more, %s kernel)",
+            small,
+            model.q4_bytes() / 1e6,
+            "Turbine's AMX" if kernel is cpu_kernels.AmxQ4Weight else "torch's int4",
         )
     return LoadedModel(model, arch, sampling_defaults(cfg.model_dir), device)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from turbine.engines.torch.q4 import Q4Weight
+from turbine.engines.torch.q4 import Q4Matmul
 
 
 def packs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -43,7 +43,7 @@ class Linear:
         bias: torch.Tensor | None = None,
         *,
         pack: bool = False,
-        q4: Q4Weight | None = None,
+        q4: Q4Matmul | None = None,
         q4_max_rows: int = 0,
     ) -> None:
         """`q4`: the same weight as 4-bit blocks, used for inputs of at most `q4_max_rows` rows."""

@@ -47,11 +47,12 @@ class LlamaModel:
         fused: bool | None = None,
         q4_blocks: dict[str, q4.Blocks] | None = None,
         q4_max_rows: int = 0,
+        q4_kernel: q4.Q4Kernel = q4.Q4Weight,
     ) -> None:
         """`fused`: use the Triton kernels of `triton_ops` (default: on CUDA, where they apply).
         `q4_blocks`: 4-bit blocks of linear weights by checkpoint name (a GGUF's, `q4.py`); where
         `q4.applies`, each linear whose parts all have them uses them for inputs of at most
-        `q4_max_rows` rows."""
+        `q4_max_rows` rows, through `q4_kernel` (torch's int4 kernel unless told otherwise)."""
         self.arch = arch
         self.device = device
         self.fused = _fused_ops_apply(arch, device) if fused is None else fused
@@ -75,7 +76,7 @@ class LlamaModel:
             quarter = None
             if blocks and all(b is not None for b in blocks):
                 try:
-                    quarter = q4.Q4Weight(q4.concat([b for b in blocks if b is not None]), dtype)
+                    quarter = q4_kernel(q4.concat([b for b in blocks if b is not None]), dtype)
                 except RuntimeError as exc:  # a shape the kernel's packing refuses: dense only
                     log.warning("%s stays dequantized only: %s", names[0], exc)
             return Linear(weight, bias, pack=pack, q4=quarter, q4_max_rows=q4_max_rows)

@@ -26,7 +26,9 @@ all its parts are 4-bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -107,6 +109,19 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
         and dtype == torch.bfloat16
         and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     )
+
+
+class Q4Matmul(Protocol):
+    """A 4-bit weight ready for a kernel: `w(x)` is `x @ W.T` for 2-D `x`."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+Q4Kernel = Callable[[Blocks, torch.dtype], Q4Matmul]
+"""Packs blocks for one kernel: `Q4Weight` (torch's) or `cpu_kernels.VnniQ4Weight` (Turbine's)."""
 
 
 class Q4Weight:

@@ -1,0 +1,179 @@
+"""Turbine's CPU 4-bit kernel (`--cpu-kernels turbine`) against torch's int4 kernel, paired.
+
+SmolLM2-135M-Instruct (Q4_1 GGUF), bfloat16, on this machine's CPU. Three measurements, each
+alternating the configurations in one process so that the shared machine's slow and fast phases hit
+them alike:
+- the 120 layer matmuls of one decode step (SmolLM2's shapes, random 4-bit weights, one copy per
+  layer so the weights come from memory as in a forward) at 1, 4, 8 and 16 rows, each kernel;
+- the engine end to end (`EngineRunner`: 128 new tokens per request, greedy) at concurrency 1, 8 and
+  32, each round's order flipped from the last: torch's kernel for steps of up to 8 rows (the
+  default before), Turbine's for up to 8, and Turbine's for up to `--wide-rows` rows;
+- greedy agreement: 8 prompts, 64 new tokens, each configuration against the float32 model on the
+  dequantized weights (tokens until the first difference).
+Prints medians and per-round ratios; `--json` writes them.
+
+    flock /tmp/turbine-bench.lock .venv/bin/python benchmarks/cpu_kernels.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine import EngineRunner, request, text_prompts
+
+from turbine.engines.torch import cpu_kernels
+from turbine.engines.torch.engine import TorchEngineConfig, load_model
+from turbine.engines.torch.gguf import convert_gguf
+from turbine.models import default_real_model_path
+
+NEW = 128
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # SmolLM2: qkv, o, gate_up, down
+
+
+def matmul_pairs(rounds: int) -> dict[str, Any]:
+    """Per row count: each kernel's time (ms) for the 120 matmuls of a step, median of its rounds.
+    "turbine" is the AMX kernel itself, at every row count (in the engine, 1-3 rows go to torch's)."""
+    gen = torch.Generator().manual_seed(0)
+    kernels: dict[str, list[tuple[Callable[[torch.Tensor], torch.Tensor], int]]] = {
+        "torch": [],
+        "turbine": [],
+    }
+    for n, k in SHAPES * 30:
+        nib = torch.randint(0, 256, (n, k // 32, 16), dtype=torch.uint8, generator=gen)
+        scale = torch.rand(n, k // 32, generator=gen) * 0.02
+        zero = torch.randn(n, k // 32, generator=gen) * 0.01
+        blocks = (nib, scale, zero)
+        amx = cpu_kernels.AmxQ4Weight(blocks, torch.bfloat16)
+        kernels["torch"].append((amx.small, k))
+        kernels["turbine"].append(
+            (functools.partial(torch.ops.turbine_cpu.q4_linear, packed=amx.packed, n=n), k)
+        )
+    out: dict[str, Any] = {}
+    for rows in (1, 4, 8, 16):
+        xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in (576, 1536)}
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for _ in tqdm(range(rounds * 10), desc=f"matmuls, {rows} rows", leave=False):
+            for name, layers in kernels.items():
+                t0 = time.perf_counter()
+                for fn, k in layers:
+                    fn(xs[k])
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        out[f"matmuls_ms_{rows}_rows"] = {name: statistics.median(ts) for name, ts in times.items()}
+    return out
+
+
+def greedy_agreement(
+    runners: dict[str, EngineRunner], reference: EngineRunner, prompts: list[list[int]]
+) -> dict[str, Any]:
+    def outputs(runner: EngineRunner) -> list[list[int]]:
+        async def one(tokens: list[int]) -> list[int]:
+            got: list[int] = []
+            async for out in runner.engine.generate(request(tokens, 64)):
+                got += out.token_ids
+            return got
+
+        async def main() -> list[list[int]]:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+        return runner.loop.run_until_complete(main())
+
+    ref = outputs(reference)
+    result: dict[str, Any] = {}
+    for name, runner in runners.items():
+        agree = []
+        for a, b in zip(outputs(runner), ref, strict=True):
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            agree.append(n)
+        result[name] = agree
+    return {"greedy_tokens_agreeing_with_float32": result}
+
+
+def engine_pairs(runners: dict[str, EngineRunner], prompts: list[list[int]], rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    names = list(runners)
+    for conc in (1, 8, 32):
+        batch = prompts[:conc]
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for r in tqdm(range(rounds), desc=f"engine, concurrency {conc}", leave=False):
+            for name in names if r % 2 == 0 else names[::-1]:
+                wall, _ = runners[name].run([request(p, NEW) for p in batch])
+                rates[name].append(conc * NEW / wall)
+        out[f"engine_tok_s_c{conc}"] = {name: statistics.median(v) for name, v in rates.items()}
+        for name in names[1:]:
+            ratios = [a / b for a, b in zip(rates[name], rates[names[0]], strict=True)]
+            out[f"engine_ratio_c{conc}_{name}"] = {"median": statistics.median(ratios), "per_round": ratios}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--wide-rows", type=int, default=16)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    cpu_kernels.load()
+    model_dir = convert_gguf(default_real_model_path(), progress=False)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    prompts = text_prompts(tokenizer, 32, 60, 32)
+    configs = {
+        "torch-8": ("bfloat16", 8, "torch"),
+        "turbine-8": ("bfloat16", 8, "turbine"),
+        f"turbine-{args.wide_rows}": ("bfloat16", args.wide_rows, "turbine"),
+        "float32": ("float32", 0, "torch"),
+    }
+    runners: dict[str, EngineRunner] = {}
+    for name, (dtype, rows, kernels) in configs.items():
+        cfg = TorchEngineConfig(
+            model_dir=model_dir,
+            device="cpu",
+            dtype=dtype,
+            max_num_batched_tokens=2048,
+            progress=False,
+            q4_max_rows=rows,
+            cpu_kernels=kernels,
+        )
+        runners[name] = EngineRunner(cfg, load_model(cfg))
+        runners[name].run([request(p, 4) for p in text_prompts(tokenizer, 2, 40, 99)])  # warm up
+    reference = runners.pop("float32")
+    try:
+        result: dict[str, Any] = {"threads": torch.get_num_threads(), "rounds": args.rounds}
+        result |= greedy_agreement(runners, reference, prompts[:8])
+        reference.close()
+        result |= matmul_pairs(args.rounds)
+        result |= engine_pairs(runners, prompts, args.rounds)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    for key, value in result.items():
+        if key.startswith(("matmuls_ms", "engine_tok_s")):
+            print(f"{key}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()))
+        elif key.startswith("engine_ratio"):
+            rounds = ", ".join(f"{x:.2f}" for x in value["per_round"])
+            print(f"{key}: median {value['median']:.2f}x (rounds {rounds})")
+        else:
+            print(f"{key}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

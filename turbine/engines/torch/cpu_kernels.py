@@ -1,0 +1,152 @@
+"""Turbine's own CPU kernels (`csrc/`), compiled on first use and cached.
+
+One kernel so far: a GGUF's 4-bit weights multiplied on the CPU's matrix unit (AMX), exactly
+(`csrc/cpu_q4.cpp` says how). torch ships no CPU kernel that stays fast at a decode step's 4-16
+rows: its int4 kernel is bound by dequantizing to floating point there. Measured on this project's
+2-core CPU machine (`benchmarks/cpu_kernels.py`): SmolLM2's 120 layer matmuls take ~8 ms at 8 or 16
+rows, against ~15 and ~27 ms with torch's kernel. At 1-3 rows torch's kernel is as fast or faster,
+so `AmxQ4Weight` keeps both and picks by the number of rows.
+
+The source is compiled with torch's extension builder (a C++ compiler, and `ninja`, which the torch
+extra installs) into `~/.cache/turbine/kernels/<hash>` once per machine, source and torch version
+(`TURBINE_KERNEL_CACHE` moves it); later starts load the cached library. `--cpu-kernels auto` falls
+back to torch's kernel, with one warning, where that cannot happen (no compiler, a CPU without AMX,
+or a kernel that refuses the tile state); `turbine` makes that an error; `torch` never tries.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from turbine.engines.torch.q4 import Blocks, Q4Weight
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "turbine", "torch")
+SOURCES = (Path(__file__).parent / "csrc" / "cpu_q4.cpp",)
+CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "f16c", "fma")
+CFLAGS = (
+    "-O3", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mfma",
+)  # fmt: skip
+SMALL_ROWS = 3
+"""Inputs of at most this many rows go through torch's int4 kernel: there it is as fast or faster
+(120 matmuls at 1 row: 4.5-4.9 ms against 6.2-7.1; at 3 rows level)."""
+
+
+class KernelsUnavailable(RuntimeError):
+    """The kernels cannot run here; the message says why, in one line."""
+
+
+def missing_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The instruction sets the kernels need that this CPU lacks (all of them where unknown)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return list(CPU_FLAGS)
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    return [f for f in CPU_FLAGS if f not in flags]
+
+
+def cache_dir() -> Path:
+    """Where the compiled library goes: keyed by the sources, flags and torch version."""
+    digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    root = Path(os.environ.get("TURBINE_KERNEL_CACHE", Path.home() / ".cache" / "turbine" / "kernels"))
+    return root / digest.hexdigest()[:16]
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` wheel's binary is there only when the
+    environment's bin directory is, which a plain `.venv/bin/python` run does not arrange."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+
+
+# A shared library loads once per process, whoever asks: the cache mirrors that process-wide fact.
+@functools.cache
+def load() -> None:
+    """Compile (first time on this machine) and load the kernels; `KernelsUnavailable` if they can't."""
+    missing = missing_cpu_flags()
+    if missing:
+        raise KernelsUnavailable(f"this CPU lacks {', '.join(missing)}")
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    build = cache_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    if not (build / "turbine_cpu_kernels.so").is_file():
+        log.info("compiling Turbine's CPU kernels into %s (once, about 15 s)", build)
+    try:
+        cpp_extension.load(
+            name="turbine_cpu_kernels",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            is_python_module=False,
+            verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        text = str(exc).strip()
+        raise KernelsUnavailable(
+            f"compiling them failed: {text.splitlines()[0] if text else type(exc).__name__}"
+        ) from exc
+    if not torch.ops.turbine_cpu.amx_ready():
+        raise KernelsUnavailable("the kernel refused this process the AMX tile state")
+
+
+def resolve(choice: str) -> bool:
+    """Whether to use the kernels for `--cpu-kernels choice`: raises `KernelsUnavailable` for
+    `turbine` where they cannot run; warns and says no for `auto`."""
+    if choice not in CHOICES:
+        raise ValueError(f"--cpu-kernels {choice!r}: one of {', '.join(CHOICES)}")
+    if choice == "torch":
+        return False
+    try:
+        load()
+    except KernelsUnavailable as exc:
+        if choice == "turbine":
+            raise
+        log.warning("Turbine's CPU kernels are off (%s): torch's int4 kernel instead", exc)
+        return False
+    return True
+
+
+class AmxQ4Weight:
+    """A 4-bit weight for `csrc/cpu_q4.cpp` (inputs of more than `SMALL_ROWS` rows) and torch's int4
+    kernel (the rest); `w(x)` is `x @ W.T` for 2-D bfloat16 `x`. Same interface as `q4.Q4Weight`.
+    Needs `load()` to have succeeded."""
+
+    __slots__ = ("nbytes", "packed", "rows", "small")
+
+    def __init__(self, blocks: Blocks, dtype: torch.dtype) -> None:
+        nibbles, scale, zero = blocks
+        self.rows = nibbles.shape[0]
+        if self.rows % 16:
+            raise RuntimeError(f"{self.rows} output rows: the AMX kernel takes multiples of 16")
+        # q4.Blocks hold w = (q − 8)·scale + zero; the kernel wants w = q·d + m (the GGUF's Q4_1 form).
+        self.packed: torch.Tensor = torch.ops.turbine_cpu.q4_pack(nibbles, scale, zero - 8 * scale)
+        self.small = Q4Weight(blocks, dtype)
+        self.nbytes = self.packed.nbytes + self.small.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= SMALL_ROWS:
+            return self.small(x)
+        out: torch.Tensor = torch.ops.turbine_cpu.q4_linear(x, self.packed, self.rows)
+        return out
