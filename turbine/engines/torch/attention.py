@@ -15,10 +15,16 @@ Two paths:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+PagedDecode = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
+"""(q, k_cache, v_cache, block_tables, context_lens, scale) -> attention output, like q."""
 
 
 @dataclass
@@ -41,7 +47,8 @@ class SeqAttn:
 
 @dataclass
 class DecodeBatch:
-    """Sequences decoding one token each, laid out for the paged decode kernel (CUDA only)."""
+    """Sequences decoding one token each, laid out for the paged decode kernel (Triton's on CUDA,
+    Turbine's on CPU)."""
 
     rows: torch.Tensor | None
     """Rows of these sequences' tokens in the step's flattened batch (long); None: every row."""
@@ -211,13 +218,23 @@ def attend(
         assert g.rows is not None
         out[g.rows] = _attend_gathered(q.index_select(0, g.rows), k_cache, v_cache, g, scale)
     if meta.decode is not None:
-        from turbine.engines.torch.triton_decode import paged_decode
-
+        paged_decode = _paged_decode(q.device)
         d = meta.decode
         if d.rows is None:  # a pure decode step (the CUDA-graph path): no gather, no scatter
             return paged_decode(q, k_cache, v_cache, d.block_tables, d.context_lens, scale)
         out[d.rows] = paged_decode(q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, scale)
     return out
+
+
+def _paged_decode(device: torch.device) -> PagedDecode:
+    """The paged decode kernel for `device`: Triton's on CUDA, Turbine's C++ one on CPU."""
+    if device.type == "cpu":
+        from turbine.engines.torch.cpu_kernels import paged_decode as on_cpu
+
+        return on_cpu
+    from turbine.engines.torch.triton_decode import paged_decode as on_cuda
+
+    return on_cuda
 
 
 def _attend_gathered(

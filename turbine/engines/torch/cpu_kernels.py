@@ -29,7 +29,10 @@ from turbine.engines.torch.q4 import Blocks, Q4Weight
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "turbine", "torch")
-SOURCES = (Path(__file__).parent / "csrc" / "cpu_q4.cpp",)
+SOURCES = tuple(
+    Path(__file__).parent / "csrc" / f for f in ("cpu_q4.cpp", "cpu_ops.cpp", "cpu_attention.cpp")
+)
+HEADERS = (Path(__file__).parent / "csrc" / "cpu_vec.h",)
 CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 CFLAGS = (
     "-O3", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mfma",
@@ -60,7 +63,7 @@ def missing_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 def cache_dir() -> Path:
     """Where the compiled library goes: keyed by the sources, flags and torch version."""
     digest = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
-    for src in SOURCES:
+    for src in (*SOURCES, *HEADERS):
         digest.update(src.read_bytes())
     root = Path(os.environ.get("TURBINE_KERNEL_CACHE", Path.home() / ".cache" / "turbine" / "kernels"))
     return root / digest.hexdigest()[:16]
@@ -150,3 +153,56 @@ class AmxQ4Weight:
             return self.small(x)
         out: torch.Tensor = torch.ops.turbine_cpu.q4_linear(x, self.packed, self.rows)
         return out
+
+
+# The fused layer kernels (`csrc/cpu_ops.cpp`) and the paged decode attention
+# (`csrc/cpu_attention.cpp`), with the signatures of `triton_ops` and `triton_decode`.
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMSNorm of each row of `x` ([rows, n], contiguous); with `residual`, `x += residual` first,
+    in place (the residual stream), and the norm is of that sum."""
+    out: torch.Tensor = torch.ops.turbine_cpu.rms_norm(x, weight, eps, residual)
+    return out
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """q with RoPE applied ([T, heads, head_dim]); K (with RoPE) and V written at `slots` of the cache."""
+    out: torch.Tensor = torch.ops.turbine_cpu.rope_and_cache(
+        qkv, positions, inv_freq, k_cache, v_cache, slots, heads, kv_heads, head_dim
+    )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up for `gate_up` = [gate | up] along the last dim ([T, 2n] → [T, n])."""
+    out: torch.Tensor = torch.ops.turbine_cpu.silu_mul(gate_up)
+    return out
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query per sequence ([S, heads, head_dim]) over its paged context, read in
+    place from `k_cache`/`v_cache` [num_blocks, block_size, kv_heads, head_dim]."""
+    out: torch.Tensor = torch.ops.turbine_cpu.paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens, scale
+    )
+    return out

@@ -62,8 +62,9 @@ class TorchEngineConfig:
     """On CPU in bfloat16, steps of at most this many rows use a GGUF's 4-bit linear weights as they
     are stored (`q4.py`); larger steps the dequantized ones. 0: always the dequantized weights."""
     cpu_kernels: str = "auto"
-    """Which kernel runs those 4-bit steps: turbine (`cpu_kernels.py`, compiled here), torch (its int4
-    kernel), or auto (turbine where it can run, else torch)."""
+    """On CPU in bfloat16: turbine (`cpu_kernels.py`, compiled here: the 4-bit matmuls of small
+    steps, fused layer ops, paged decode attention), torch (torch's ops only), or auto (turbine
+    where it can run, else torch)."""
 
 
 @dataclass
@@ -72,6 +73,8 @@ class LoadedModel:
     arch: ModelArch
     defaults: SamplingDefaults
     device: torch.device
+    cpu_kernels: bool = False
+    """Turbine's CPU kernels (`cpu_kernels.py`) are loaded and the model uses them."""
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     """Held by each engine's runner around a CUDA step: engines sharing the model (and the GPU) then
     never launch work while another captures a CUDA graph, which capture does not allow."""
@@ -127,17 +130,24 @@ def load_model(cfg: TorchEngineConfig) -> LoadedModel:
     weights = load_weights(cfg.model_dir, dtype, progress=cfg.progress)
     small = cfg.q4_max_rows if q4.applies(device, dtype) else 0
     blocks = q4.load(cfg.model_dir) if small > 0 else {}
-    kernel: q4.Q4Kernel = q4.Q4Weight
+    # Turbine's CPU kernels serve bfloat16 on CPU; float32 stays the plain torch path, the one the
+    # tests hold token for token against transformers.
+    native = False
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        try:
+            native = cpu_kernels.resolve(cfg.cpu_kernels)
+        except cpu_kernels.KernelsUnavailable as exc:
+            raise ConfigError(f"--cpu-kernels turbine: {exc}") from None
+    kernel: q4.Q4Kernel = cpu_kernels.AmxQ4Weight if native else q4.Q4Weight
     try:
-        if blocks and cpu_kernels.resolve(cfg.cpu_kernels):
-            kernel = cpu_kernels.AmxQ4Weight
-    except cpu_kernels.KernelsUnavailable as exc:
-        raise ConfigError(f"--cpu-kernels turbine: {exc}") from None
-    try:
-        model = LlamaModel(arch, weights, device, q4_blocks=blocks, q4_max_rows=small, q4_kernel=kernel)
+        model = LlamaModel(
+            arch, weights, device, q4_blocks=blocks, q4_max_rows=small, q4_kernel=kernel, cpu_kernels=native
+        )
     except ValueError as exc:
         raise ConfigError(f"{cfg.model_dir}: {exc}") from None
     log.info("loaded %.1f MB of weights", model.weight_bytes() / 1e6)
+    if native:
+        log.info("Turbine's CPU kernels: fused layer ops and paged decode attention")
     if model.q4_bytes():
         log.info(
             "steps of at most %d rows use the 4-bit weights (%.1f MB more, %s kernel)",
@@ -145,7 +155,7 @@ def load_model(cfg: TorchEngineConfig) -> LoadedModel:
             model.q4_bytes() / 1e6,
             "Turbine's AMX" if kernel is cpu_kernels.AmxQ4Weight else "torch's int4",
         )
-    return LoadedModel(model, arch, sampling_defaults(cfg.model_dir), device)
+    return LoadedModel(model, arch, sampling_defaults(cfg.model_dir), device, cpu_kernels=native)
 
 
 def kv_cache_blocks(cfg: TorchEngineConfig, loaded: LoadedModel) -> int:
@@ -196,9 +206,9 @@ class TorchEngine(EngineCore):
             cfg.block_size,
             num_blocks * cfg.block_size * loaded.arch.kv_bytes_per_token(model.dtype.itemsize) / 1e6,
         )
-        kernel = _decode_kernel_available(loaded.device)
+        kernel = loaded.cpu_kernels or _decode_kernel_available(loaded.device)
         graphs = None
-        if kernel and not cfg.enforce_eager:
+        if kernel and loaded.device.type == "cuda" and not cfg.enforce_eager:
             graphs = DecodeGraphs(
                 model,
                 kv,

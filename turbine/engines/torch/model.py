@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,14 +49,26 @@ class LlamaModel:
         q4_blocks: dict[str, q4.Blocks] | None = None,
         q4_max_rows: int = 0,
         q4_kernel: q4.Q4Kernel = q4.Q4Weight,
+        cpu_kernels: bool = False,
     ) -> None:
         """`fused`: use the Triton kernels of `triton_ops` (default: on CUDA, where they apply).
+        `cpu_kernels`: on CPU, Turbine's kernels are loaded (`cpu_kernels.py`): the forward runs
+        fused with their element-wise ops, as on CUDA with Triton's.
         `q4_blocks`: 4-bit blocks of linear weights by checkpoint name (a GGUF's, `q4.py`); where
         `q4.applies`, each linear whose parts all have them uses them for inputs of at most
         `q4_max_rows` rows, through `q4_kernel` (torch's int4 kernel unless told otherwise)."""
         self.arch = arch
         self.device = device
         self.fused = _fused_ops_apply(arch, device) if fused is None else fused
+        self._ops: FusedOps | None = None
+        if device.type == "cpu" and cpu_kernels and not arch.qk_norm:
+            from turbine.engines.torch import cpu_kernels as cpu_ops
+
+            self.fused, self._ops = True, cpu_ops
+        elif self.fused:
+            from turbine.engines.torch import triton_ops
+
+            self._ops = triton_ops
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -115,7 +128,7 @@ class LlamaModel:
         inv_freq = torch.tensor(arch.inv_freq(), dtype=torch.float32, device=device)
         self._inv_freq = inv_freq
         self.scale = arch.head_dim**-0.5
-        self._gemv = self.fused and _gemv_applies(self)
+        self._gemv = self.fused and device.type == "cuda" and _gemv_applies(self)
 
     def q4_bytes(self) -> int:
         """Bytes of the 4-bit copies of weights, if any (held besides the weights)."""
@@ -202,9 +215,10 @@ class LlamaModel:
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttnMeta,
     ) -> torch.Tensor:
-        """The same computation with the element-wise work in fused Triton kernels (CUDA)."""
-        from turbine.engines.torch import triton_ops as ops
-
+        """The same computation with the element-wise work in fused kernels (Triton's on CUDA,
+        Turbine's C++ ones on CPU)."""
+        ops = self._ops
+        assert ops is not None
         a = self.arch
         n = input_ids.shape[0]
         eps = a.rms_norm_eps
@@ -259,6 +273,29 @@ class LlamaModel:
 
             return gemv(hidden, _plain(self.lm_head), out_dtype=torch.float32)
         return self.lm_head(hidden).float()
+
+
+class FusedOps(Protocol):
+    """The fused element-wise kernels of a layer: `triton_ops` (CUDA) or `cpu_kernels` (CPU)."""
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+    ) -> torch.Tensor: ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
 
 
 def _fused_ops_apply(arch: ModelArch, device: torch.device) -> bool:

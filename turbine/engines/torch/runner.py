@@ -189,7 +189,7 @@ class TorchExecutor:
             device,
             sliding_window=model.arch.sliding_window,
             decode_kernel=self.decode_kernel,
-            gather_decodes=device.type == "cpu",
+            gather_decodes=device.type == "cpu" and not self.decode_kernel,
             dtype=model.dtype,
         )
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)

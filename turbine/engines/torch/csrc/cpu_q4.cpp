@@ -27,6 +27,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
+
+#include "cpu_vec.h"
 
 namespace {
 
@@ -80,14 +83,6 @@ at::Tensor q4_pack(const at::Tensor& nibbles, const at::Tensor& d, const at::Ten
       }
   });
   return out;
-}
-
-// Float32 to bfloat16, rounding to nearest even (as torch does), 16 lanes.
-inline __m256i to_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
 // Columns [16 t0, 16 t1) of y for rows [r0, r0 + rows) of x (rows <= 16).
@@ -144,7 +139,7 @@ void tiles(const uint16_t* x, const float* sums, const uint8_t* w, uint16_t* y, 
       }
     }
     for (int64_t r = 0; r < rows; ++r)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (r0 + r) * n + 16 * t), to_bf16(out[r]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (r0 + r) * n + 16 * t), turbine_cpu::to_bf16(out[r]));
   }
   _tile_release();
 }
@@ -157,12 +152,14 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t n
   const int64_t rows = x.size(0), k = x.size(1), groups = k / 32, ntiles = n / 16;
   TORCH_CHECK(k % 32 == 0 && packed.size(0) == ntiles && packed.size(1) == groups && n == 16 * ntiles,
               "x [", rows, ", ", k, "] does not fit a packed weight of ", n, " rows");
-  // Each row's float sum per group of 32 inputs: the m term.
-  const at::Tensor sums = x.view({rows, groups, 32}).sum(-1, false, at::kFloat).contiguous();
-  at::Tensor y = at::empty({rows, n}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  // Each row's float sum per group of 32 inputs: the m term.
+  std::vector<float> sums(rows * groups);
+  for (int64_t i = 0; i < rows * groups; ++i)
+    sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(turbine_cpu::load_bf16(xp + 32 * i), turbine_cpu::load_bf16(xp + 32 * i + 16)));
+  at::Tensor y = at::empty({rows, n}, x.options());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  const float* sp = sums.data_ptr<float>();
+  const float* sp = sums.data();
   const uint8_t* w = packed.data_ptr<uint8_t>();
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows)
