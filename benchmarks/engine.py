@@ -395,9 +395,17 @@ def main() -> int:
     if args.device == "cpu":
         concurrencies = tuple(int(c) for c in args.concurrency.split(","))
         rows = bench_cpu(args.out, not args.no_progress, concurrencies)
+        from turbine.engines.torch import cpu_kernels
+
+        kernels = (
+            "Turbine's CPU kernels on in bf16 (AMX 4-bit matmuls from 4 rows, fused layer ops, paged "
+            "decode attention)"
+            if cpu_kernels.resolve("auto")
+            else "torch's kernels only (Turbine's CPU kernels cannot run here)"
+        )
         header = (
             "SmolLM2-135M-Instruct (Q4_1 GGUF; steps of up to 8 rows use its 4-bit weights, larger "
-            "steps the dequantized ones), "
+            f"steps the dequantized ones; {kernels}), "
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. 128 new tokens per "
             "request, greedy, EOS ignored; ours and `generate` alternate per dtype; `generate` runs "
             "the same prompts as one left-padded batch."

@@ -132,7 +132,8 @@ def build_meta(
         width = max(len(t) for t in dec_tables)
         padded = [t + [0] * (width - len(t)) for t in dec_tables]
         decode = DecodeBatch(
-            rows=torch.tensor(dec_rows, dtype=torch.long, device=device),
+            # A step of decodes alone needs no gather of its rows or scatter of their output.
+            rows=None if len(dec_rows) == row else torch.tensor(dec_rows, dtype=torch.long, device=device),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
             context_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
         )
@@ -220,7 +221,7 @@ def attend(
     if meta.decode is not None:
         paged_decode = _paged_decode(q.device)
         d = meta.decode
-        if d.rows is None:  # a pure decode step (the CUDA-graph path): no gather, no scatter
+        if d.rows is None:  # a pure decode step: no gather, no scatter
             return paged_decode(q, k_cache, v_cache, d.block_tables, d.context_lens, scale)
         out[d.rows] = paged_decode(q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, scale)
     return out

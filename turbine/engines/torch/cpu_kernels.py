@@ -33,9 +33,10 @@ SOURCES = tuple(
     Path(__file__).parent / "csrc" / f for f in ("cpu_q4.cpp", "cpu_ops.cpp", "cpu_attention.cpp")
 )
 HEADERS = (Path(__file__).parent / "csrc" / "cpu_vec.h",)
-CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "f16c", "fma")
+CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx512bw", "avx512vl", "f16c", "fma")
 CFLAGS = (
-    "-O3", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mfma",
+    "-O3", "-fopenmp", "-mamx-tile", "-mamx-bf16", "-mavx512bf16",
+    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mf16c", "-mfma",
 )  # fmt: skip
 SMALL_ROWS = 3
 """Inputs of at most this many rows go through torch's int4 kernel: there it is as fast or faster

@@ -63,7 +63,38 @@ void decode_one(const T* q, const T* k_cache, const T* v_cache, const int32_t* t
     for (int64_t i = 0; i < dim; ++i) out[g * dim + i] = static_cast<T>(acc[g * dim + i] / total[g]);
 }
 
-// bfloat16 with head_dim a multiple of 16 (up to 256): AVX-512. Each K and V row is read once for
+// Token j of a 16-token tile is folded from position kBitReversed[j]: fold16 leaves its results in
+// bit-reversed order, so feeding it bit-reversed gives them in order.
+constexpr int kBitReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// Sixteen vectors in, the sum of each vector's lanes out (lane i: vector kBitReversed[i]'s sum).
+// Four levels; each adds the two halves of every block of lanes, pairing up vectors, so 16 vectors
+// of 16 partial sums become 8 of 8 (two items each), then 4 of 4, 2 of 2, 1 of 1.
+// Per level (block of 16, 8, 4, 2 lanes): the lanes of the pair (x, y) (y's as 16 + lane) whose
+// sum makes each output lane: the first halves of their blocks, then the second halves.
+alignas(64) constexpr int32_t kFold[8][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+};
+
+inline __m512 fold16(__m512* v) {
+  int n = 16;
+  for (int level = 0; level < 4; ++level, n /= 2) {
+    const __m512i lo = _mm512_load_si512(kFold[2 * level]), hi = _mm512_load_si512(kFold[2 * level + 1]);
+    for (int j = 0; j < n / 2; ++j)
+      v[j] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * j], lo, v[2 * j + 1]),
+                           _mm512_permutex2var_ps(v[2 * j], hi, v[2 * j + 1]));
+  }
+  return v[0];
+}
+
+// bfloat16 with head_dim a multiple of 32 (up to 256): AVX-512. Each K and V row is read once for
 // all the query heads that share it; the next rows are prefetched, since a layer's cache was last
 // touched a whole step ago and comes from memory.
 void decode_one_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* table,
@@ -74,22 +105,39 @@ void decode_one_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t*
   std::vector<int64_t> rows(ctx);  // where this head's K (and V) row of each context token starts
   for (int64_t t = 0; t < ctx; ++t)
     rows[t] = ((static_cast<int64_t>(table[t / block]) * block + t % block) * kv_heads + head) * dim;
-  std::vector<float> qf(group * dim), p(group * ctx), acc(group * dim, 0.0f);
-  for (int64_t i = 0; i < group * dim; ++i) qf[i] = static_cast<float>(c10::BFloat16(q[i], c10::BFloat16::from_bits())) * scale;
-  for (int64_t t = 0; t < ctx; ++t) {
-    if (t + kAhead < ctx) {
-      const char* next = reinterpret_cast<const char*>(k_cache + rows[t + kAhead]);
+  std::vector<float> p(group * ctx), acc(group * dim, 0.0f);
+  // Scores: VDPBF16PS multiplies q's and K's bfloat16 pairs exactly into float32 sums, so K is used as
+  // stored. 16 tokens at a time: their 16 partial-sum vectors fold into one vector of 16 scores
+  // (fold16), a quarter of the work of 16 separate horizontal sums.
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const int64_t pairs = dim / 32;  // 32 bfloat16 per vector
+  int64_t t0 = 0;
+  for (; t0 + 16 <= ctx; t0 += 16) {
+    for (int64_t j = 0; j < 16 && t0 + 16 + j < ctx; ++j) {
+      const char* next = reinterpret_cast<const char*>(k_cache + rows[t0 + 16 + j]);
       for (int64_t b = 0; b < 2 * dim; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
-    __m512 k[16];
-    for (int64_t c = 0; c < chunks; ++c) k[c] = turbine_cpu::load_bf16(k_cache + rows[t] + 16 * c);
     for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qf.data() + g * dim;
-      __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-      for (int64_t c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], s);
-      p[g * ctx + t] = _mm512_reduce_add_ps(s);
+      __m512 part[16];
+      for (int j = 0; j < 16; ++j) {
+        const uint16_t* k = k_cache + rows[t0 + kBitReversed[j]];
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t c = 0; c < pairs; ++c)
+          s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(q + g * dim + 32 * c),
+                               (__m512bh)_mm512_loadu_si512(k + 32 * c));
+        part[j] = s;
+      }
+      _mm512_storeu_ps(p.data() + g * ctx + t0, _mm512_mul_ps(fold16(part), scale_v));
     }
   }
+  for (int64_t t = t0; t < ctx; ++t)
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t c = 0; c < pairs; ++c)
+        s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(q + g * dim + 32 * c),
+                             (__m512bh)_mm512_loadu_si512(k_cache + rows[t] + 32 * c));
+      p[g * ctx + t] = _mm512_reduce_add_ps(s) * scale;
+    }
   std::vector<float> total(group);
   for (int64_t g = 0; g < group; ++g) {
     float* pg = p.data() + g * ctx;
@@ -152,7 +200,7 @@ at::Tensor paged_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const
   }
   const int64_t group = heads / kv_heads;
   at::Tensor out = at::empty_like(q);
-  if (q.scalar_type() == at::kBFloat16 && dim % 16 == 0 && dim <= 256) {
+  if (q.scalar_type() == at::kBFloat16 && dim % 32 == 0 && dim <= 256) {
     const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
     const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
     const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
