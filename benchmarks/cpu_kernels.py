@@ -9,7 +9,11 @@ them alike:
   32, each round's order flipped from the last: torch's kernel for steps of up to 8 rows (the
   default before), Turbine's for up to 8, and Turbine's for up to `--wide-rows` rows;
 - greedy agreement: 8 prompts, 64 new tokens, each configuration against the float32 model on the
-  dequantized weights (tokens until the first difference).
+  dequantized weights (tokens until the first difference);
+- logit error: one batch-8 decode step after a 20-token prefill, for 6 sets of random prompts, the
+  mean absolute difference of the logits from the float32 model's, for the plain bfloat16 forward
+  (dense and torch's int4 weights) and Turbine's (dense and 4-bit). Greedy agreement alone turns
+  on near-ties; this says whether a path is less exact (`--accuracy-only` runs just this).
 Prints medians and per-round ratios; `--json` writes them.
 
     flock /tmp/turbine-bench.lock .venv/bin/python benchmarks/cpu_kernels.py [--rounds 5]
@@ -104,6 +108,55 @@ def greedy_agreement(
     return {"greedy_tokens_agreeing_with_float32": result}
 
 
+def logit_errors(model_dir: Path, seeds: int = 6) -> dict[str, Any]:
+    from turbine.engines.torch.attention import build_meta
+
+    def model(dtype: str, rows: int, kernels: str) -> Any:
+        cfg = TorchEngineConfig(
+            model_dir=model_dir,
+            device="cpu",
+            dtype=dtype,
+            progress=False,
+            q4_max_rows=rows,
+            cpu_kernels=kernels,
+        )
+        return load_model(cfg).model
+
+    def logits(m: Any, seed: int, decode_kernel: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        cpu, batch = torch.device("cpu"), 8
+        cache = m.new_kv_cache(2 * batch, 16)
+        tables = [[2 * i, 2 * i + 1] for i in range(batch)]
+        prompts = [torch.randint(0, m.arch.vocab_size, (20,), generator=gen) for _ in range(batch)]
+        meta = build_meta([(t, 0, 20) for t in tables], 16, cpu, dtype=torch.bfloat16)
+        m.forward(torch.cat(prompts), torch.arange(20).repeat(batch), cache, meta)
+        meta = build_meta(
+            [(t, 20, 1) for t in tables], 16, cpu, decode_kernel=decode_kernel, dtype=torch.bfloat16
+        )
+        ids = torch.randint(0, m.arch.vocab_size, (batch,), generator=gen)
+        out: torch.Tensor = m.logits(m.forward(ids, torch.full((batch,), 20), cache, meta)).float()
+        return out
+
+    reference = model("float32", 0, "torch")
+    paths = {
+        "plain bf16, dense": (model("bfloat16", 0, "torch"), False),
+        "plain bf16, torch int4": (model("bfloat16", 8, "torch"), False),
+        "turbine bf16, dense": (model("bfloat16", 0, "turbine"), True),
+        "turbine bf16, AMX 4-bit": (model("bfloat16", 8, "turbine"), True),
+    }
+    errors: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.inference_mode():
+        for seed in range(seeds):
+            ref = logits(reference, seed, False)
+            for name, (m, kernel) in paths.items():
+                errors[name].append(float((logits(m, seed, kernel) - ref).abs().mean()))
+    return {
+        "logit_mean_abs_error_vs_float32": {
+            n: {"mean": statistics.mean(e), "per_seed": e} for n, e in errors.items()
+        }
+    }
+
+
 def engine_pairs(runners: dict[str, EngineRunner], prompts: list[list[int]], rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     names = list(runners)
@@ -126,9 +179,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--wide-rows", type=int, default=16)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--accuracy-only", action="store_true", help="only the logit error (merged into --json)")
     args = ap.parse_args()
     cpu_kernels.load()
     model_dir = convert_gguf(default_real_model_path(), progress=False)
+    if args.accuracy_only:
+        errors = logit_errors(model_dir)
+        for name, value in errors["logit_mean_abs_error_vs_float32"].items():
+            print(f"{name}: mean {value['mean']:.3f} ({', '.join(f'{x:.3f}' for x in value['per_seed'])})")
+        if args.json:
+            merged = json.loads(args.json.read_text()) if args.json.is_file() else {}
+            args.json.write_text(json.dumps(merged | errors, indent=2) + "\n")
+        return 0
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -157,6 +219,7 @@ def main() -> int:
         result: dict[str, Any] = {"threads": torch.get_num_threads(), "rounds": args.rounds}
         result |= greedy_agreement(runners, reference, prompts[:8])
         reference.close()
+        result |= logit_errors(model_dir)
         result |= matmul_pairs(args.rounds)
         result |= engine_pairs(runners, prompts, args.rounds)
     finally:

@@ -1,17 +1,24 @@
 """Turbine's own CPU kernels (`csrc/`), compiled on first use and cached.
 
-One kernel so far: a GGUF's 4-bit weights multiplied on the CPU's matrix unit (AMX), exactly
-(`csrc/cpu_q4.cpp` says how). torch ships no CPU kernel that stays fast at a decode step's 4-16
-rows: its int4 kernel is bound by dequantizing to floating point there. Measured on this project's
-2-core CPU machine (`benchmarks/cpu_kernels.py`): SmolLM2's 120 layer matmuls take ~8 ms at 8 or 16
-rows, against ~15 and ~27 ms with torch's kernel. At 1-3 rows torch's kernel is as fast or faster,
-so `AmxQ4Weight` keeps both and picks by the number of rows.
+torch ships no CPU kernel for what bounds a small model's decode step on CPU, so the project writes
+its own (SmolLM2 at concurrency 8: a batch-8 step 20.6 ms against 34.3 on torch's ops; `generate`
+ratio 2.0-2.4x before, 4.3-4.7x after: `benchmarks/results/engine_cpu.md`):
 
-The source is compiled with torch's extension builder (a C++ compiler, and `ninja`, which the torch
+- `csrc/cpu_q4.cpp`: a GGUF's 4-bit weights multiplied on the CPU's matrix unit (AMX), exactly.
+  torch's int4 kernel is bound by dequantizing to floating point as rows grow; this one costs the
+  same at 4 or 16 rows (SmolLM2's 120 layer matmuls: ~10 ms, against ~9 and ~29 ms). At 1-3 rows
+  torch's kernel is as fast or faster, so `AmxQ4Weight` keeps both and picks by the rows.
+- `csrc/cpu_ops.cpp`: the element-wise work of a layer fused (RMSNorm with the residual add, RoPE
+  with the K/V cache write, SiLU·up), as `triton_ops` does on CUDA.
+- `csrc/cpu_attention.cpp`: paged decode attention straight from the cache's blocks, as
+  `triton_decode` does on CUDA.
+
+The sources are compiled with torch's extension builder (a C++ compiler, and `ninja`, which the torch
 extra installs) into `~/.cache/turbine/kernels/<hash>` once per machine, source and torch version
 (`TURBINE_KERNEL_CACHE` moves it); later starts load the cached library. `--cpu-kernels auto` falls
-back to torch's kernel, with one warning, where that cannot happen (no compiler, a CPU without AMX,
-or a kernel that refuses the tile state); `turbine` makes that an error; `torch` never tries.
+back to torch's ops, with one warning, where that cannot happen (no compiler, a CPU without AMX and
+AVX-512 BF16, or a kernel that refuses the tile state); `turbine` makes that an error; `torch` never
+tries. They serve bfloat16 on CPU (`engine.load_model`).
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ def load() -> None:
             is_python_module=False,
             verbose=False,
         )
-    except (RuntimeError, OSError, ImportError) as exc:
+    except Exception as exc:  # whatever the builder raises (no compiler, no ninja, a compile error)
         text = str(exc).strip()
         raise KernelsUnavailable(
             f"compiling them failed: {text.splitlines()[0] if text else type(exc).__name__}"
