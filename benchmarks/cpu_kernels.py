@@ -174,13 +174,47 @@ def engine_pairs(runners: dict[str, EngineRunner], prompts: list[list[int]], rou
     return out
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Matmul times by rows, and engine tok/s by concurrency, each kernel side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [int(k.split("_")[2]) for k in result if k.startswith("matmuls_ms_")]
+    for i, name in enumerate(("torch", "turbine")):
+        left.bar([r + (i - 0.5) * 0.35 for r in range(len(rows))],
+                 [result[f"matmuls_ms_{n}_rows"][name] for n in rows], 0.35, label=name)  # fmt: skip
+    left.set_xticks(range(len(rows)), [f"{n} rows" for n in rows])
+    left.set_ylabel("ms for SmolLM2's 120 layer matmuls")
+    left.set_title("4-bit matmuls (lower is better)")
+    left.legend()
+    concs = [int(k.removeprefix("engine_tok_s_c")) for k in result if k.startswith("engine_tok_s_c")]
+    names = list(result[f"engine_tok_s_c{concs[0]}"])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        right.bar([c + (i - (len(names) - 1) / 2) * width for c in range(len(concs))],
+                  [result[f"engine_tok_s_c{c}"][name] for c in concs], width, label=name)  # fmt: skip
+    right.set_xticks(range(len(concs)), [f"concurrency {c}" for c in concs])
+    right.set_ylabel("output tok/s")
+    right.set_title("engine, 128 new tokens (higher is better)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--wide-rows", type=int, default=16)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--accuracy-only", action="store_true", help="only the logit error (merged into --json)")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG beside --json from it")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.json.read_text()), args.json.with_suffix(".png"))
+        return 0
     cpu_kernels.load()
     model_dir = convert_gguf(default_real_model_path(), progress=False)
     if args.accuracy_only:
@@ -235,6 +269,7 @@ def main() -> int:
             print(f"{key}: {value}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, args.json.with_suffix(".png"))
     return 0
 
 
