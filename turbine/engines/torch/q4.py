@@ -6,7 +6,9 @@ blocks as they are. Measured in the real forward on this project's 2-core CPU ma
 (`benchmarks/cpu_q4.py`, context 164): 21.5 ms against 45.9 ms at one row, 25.9 against 40.4 ms at
 four, 39.8 against 45.7 ms at eight. Beyond that the kernel is compute-bound and loses, and a prefill
 would be many times slower. So the engine keeps both: the dequantized weights (the model as converted)
-for large steps, and these blocks for steps of at most `--q4-max-rows` rows.
+for large steps, and these blocks for steps of at most `--q4-max-rows` rows. Where Turbine's CPU
+kernels run (`cpu_kernels.py`: AMX), steps of 4 or more of those rows use its exact AMX kernel on the
+same blocks instead, which is not compute-bound there.
 
 Format facts (ggml): a block is 32 consecutive weights of a row. Q4_0 stores an fp16 `d`, then 16
 bytes whose low nibbles are weights 0-15 and high nibbles weights 16-31: w = d·(q − 8). Q4_1 stores

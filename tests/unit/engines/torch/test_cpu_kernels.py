@@ -125,23 +125,6 @@ def test_engine_config_turbine_where_they_cannot_run_is_one_line_config_error(
         load_model(cfg)
 
 
-def test_a_model_on_the_amx_kernel_agrees_with_the_dequantized_one(smollm2_dir: Path) -> None:
-    """SmolLM2 on its Q4_1 blocks, a decode step of 8 rows: the same argmax on every row as the model
-    on the dequantized weights, and logits of cosine > 0.99."""
-    _kernels()
-    models = {}
-    for name, kernels, rows in (("amx", "turbine", 8), ("dense", "torch", 0)):
-        cfg = TorchEngineConfig(
-            model_dir=smollm2_dir, device="cpu", dtype="bfloat16", progress=False,
-            q4_max_rows=rows, cpu_kernels=kernels,
-        )  # fmt: skip
-        models[name] = load_model(cfg).model
-    got, ref = (_decode_logits(models[n], batch=8) for n in ("amx", "dense"))
-    assert models["amx"].q4_bytes() > 0
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() > 0.99
-
-
 # ------------------------------------------------------------------ fused layer ops, paged decode
 
 BF16 = torch.bfloat16
@@ -281,7 +264,7 @@ def test_a_model_on_turbines_kernels_agrees_with_the_plain_forward(smollm2_dir: 
             q4_max_rows=rows, cpu_kernels=kernels,
         )  # fmt: skip
         models[name] = load_model(cfg).model
-    assert models["turbine"].fused and not models["plain"].fused
+    assert models["turbine"].fused and models["turbine"].q4_bytes() > 0 and not models["plain"].fused
     got, ref = (
         _decode_logits(models[n], batch=8, decode_kernel=n == "turbine") for n in ("turbine", "plain")
     )

@@ -4,7 +4,7 @@
 // AVX-512 and is bound by that arithmetic as rows grow (SmolLM2's 120 layer matmuls: ~5 ms at 1 row,
 // ~15 ms at 8, ~27 ms at 16 on this project's CPU machine). Here the matrix unit (AMX, TDPBF16PS:
 // 16 rows x 16 columns x 32 inputs per instruction) does the multiplications, so the cost is
-// unpacking the nibbles, whatever the number of rows up to 16: ~8 ms for those 120 matmuls.
+// unpacking the nibbles, whatever the number of rows up to 16: ~10-12 ms for those 120 matmuls.
 //
 // Exact, not approximate: the 4-bit values q (0..15) become bfloat16 exactly, x stays the model's
 // bfloat16, products and sums are float32. For w = q * d + m over a group of 32 inputs,
