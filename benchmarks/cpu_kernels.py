@@ -207,7 +207,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--wide-rows", type=int, default=16)
+    ap.add_argument("--wide-rows", type=int, default=32)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--accuracy-only", action="store_true", help="only the logit error (merged into --json)")
     ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG beside --json from it")

@@ -162,9 +162,10 @@ def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     runners: dict[str, EngineRunner] = {}
     # "bfloat16 dequantized": the engine without the GGUF's 4-bit weights (`--q4-max-rows 0`).
+    q4_rows: int | None
     for name, dtype, q4_rows in (
-        ("bfloat16", "bfloat16", 8),
-        ("float32", "float32", 8),
+        ("bfloat16", "bfloat16", None),
+        ("float32", "float32", None),
         ("bfloat16 dequantized", "bfloat16", 0),
     ):
         cfg = TorchEngineConfig(
@@ -173,7 +174,7 @@ def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1
             dtype=dtype,
             max_num_batched_tokens=2048,
             progress=progress,
-            q4_max_rows=q4_rows,
+            q4_max_rows=q4_rows,  # None: the engine's default
         )
         runners[name] = EngineRunner(cfg, load_model(cfg))
         runners[name].run([request(p, 4) for p in text_prompts(tokenizer, 2, 40, 99)])  # warm up
@@ -398,14 +399,14 @@ def main() -> int:
         from turbine.engines.torch import cpu_kernels
 
         kernels = (
-            "Turbine's CPU kernels on in bf16 (AMX 4-bit matmuls from 4 rows, fused layer ops, paged "
+            "Turbine's CPU kernels on in bf16 (AMX 4-bit matmuls from 4 to 32 rows, fused layer ops, paged "
             "decode attention)"
             if cpu_kernels.resolve("auto")
             else "torch's kernels only (Turbine's CPU kernels cannot run here)"
         )
         header = (
-            "SmolLM2-135M-Instruct (Q4_1 GGUF; steps of up to 8 rows use its 4-bit weights, larger "
-            f"steps the dequantized ones; {kernels}), "
+            "SmolLM2-135M-Instruct (Q4_1 GGUF; small steps use its 4-bit weights, up to 32 rows on "
+            f"Turbine's AMX kernel or 8 on torch's, larger steps the dequantized ones; {kernels}), "
             f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. 128 new tokens per "
             "request, greedy, EOS ignored; ours and `generate` alternate per dtype; `generate` runs "
             "the same prompts as one left-padded batch."

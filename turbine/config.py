@@ -465,11 +465,11 @@ class WorkerConfig(RuntimeConfig):
     gpu_memory_utilization: float = opt(0.9, "Torch engine on CUDA: fraction of GPU memory it may use.")
     enforce_eager: bool = opt(False, "Torch engine on CUDA: no CUDA graphs for decode steps.")
     kv_cache_memory_bytes: int | None = opt(None, "Torch engine on CPU: KV cache bytes per worker (1 GiB).")
-    q4_max_rows: int = opt(
-        8,
+    q4_max_rows: int | None = opt(
+        None,
         "Torch engine on CPU in bfloat16: steps of at most this many tokens use a .gguf's Q4_0/Q4_1/Q4_K "
         "weights as stored (a 4-bit kernel, faster for few rows), larger steps the dequantized "
-        "weights; 0: off.",
+        "weights; 0: off. Default: 32 with Turbine's AMX kernel (--cpu-kernels), else 8.",
     )
     cpu_kernels: str = opt(
         "auto",
@@ -565,7 +565,7 @@ class WorkerConfig(RuntimeConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be within (0, 1]")
-        if self.q4_max_rows < 0:
+        if self.q4_max_rows is not None and self.q4_max_rows < 0:
             raise ConfigError("--q4-max-rows must be at least 0")
         self.generation_overrides()  # raises on a malformed value
         if self.speedup_ratio <= 0:

@@ -102,7 +102,7 @@ def load() -> None:
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
     if not (build / "turbine_cpu_kernels.so").is_file():
-        log.info("compiling Turbine's CPU kernels into %s (once, about 15 s)", build)
+        log.info("compiling Turbine's CPU kernels into %s (once, about 20 s)", build)
     try:
         cpp_extension.load(
             name="turbine_cpu_kernels",

@@ -270,3 +270,17 @@ def test_a_model_on_turbines_kernels_agrees_with_the_plain_forward(smollm2_dir: 
     )
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() > 0.99
+
+
+def test_the_default_row_limit_follows_the_kernel(smollm2_dir: Path) -> None:
+    """Unset `q4_max_rows`: 32 rows on Turbine's AMX kernel (it beats the dequantized weights up to
+    there), 8 on torch's int4 kernel (compute-bound beyond)."""
+    from turbine.engines.torch.engine import Q4_ROWS_AMX, Q4_ROWS_TORCH
+
+    _kernels()
+    for kernels, expected in (("turbine", Q4_ROWS_AMX), ("torch", Q4_ROWS_TORCH)):
+        cfg = TorchEngineConfig(
+            model_dir=smollm2_dir, device="cpu", dtype="bfloat16", progress=False, cpu_kernels=kernels
+        )
+        layer = load_model(cfg).model.layers[0]
+        assert layer.qkv._q4_rows == expected and layer.down._q4_rows == expected
