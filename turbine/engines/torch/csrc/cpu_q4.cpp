@@ -55,7 +55,9 @@ at::Tensor q4_pack(const at::Tensor& nibbles, const at::Tensor& d, const at::Ten
   TORCH_CHECK(nibbles.dim() == 3 && nibbles.size(2) == 16 && nibbles.scalar_type() == at::kByte,
               "nibbles must be uint8 [rows, groups, 16]");
   const int64_t n = nibbles.size(0), groups = nibbles.size(1);
-  TORCH_CHECK(n % 16 == 0, "rows must be a multiple of 16, got ", n);
+  // Messages without formatted numbers: on one platform (torch 2.11, GCC 13.3) a check whose message
+  // formats an integer crashed the process instead of raising.
+  TORCH_CHECK(n % 16 == 0, "rows must be a multiple of 16");
   TORCH_CHECK(d.dim() == 2 && d.sizes() == m.sizes() && d.size(0) == n && d.size(1) == groups,
               "d and m must be [rows, groups]");
   const at::Tensor nib = nibbles.contiguous();
@@ -151,7 +153,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t n
   const at::Tensor x = x_in.to(at::kBFloat16).contiguous();
   const int64_t rows = x.size(0), k = x.size(1), groups = k / 32, ntiles = n / 16;
   TORCH_CHECK(k % 32 == 0 && packed.size(0) == ntiles && packed.size(1) == groups && n == 16 * ntiles,
-              "x [", rows, ", ", k, "] does not fit a packed weight of ", n, " rows");
+              "x does not fit the packed weight (its inputs or the output rows differ)");
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   // Each row's float sum per group of 32 inputs: the m term.
   std::vector<float> sums(rows * groups);
