@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -77,6 +78,25 @@ def cache_dir() -> Path:
     return root / digest.hexdigest()[:16]
 
 
+STALE_LOCK_S = 300.0
+"""A build lock older than this is a dead builder's (a build takes ~20 s)."""
+
+
+def clear_stale_lock(build: Path, now: float | None = None) -> bool:
+    """Remove the build directory's lock if a builder left it and died (killed mid-compile): torch's
+    builder waits for that file to go away, without a timeout, so every later start would hang."""
+    lock = build / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    log.warning("removing a stale build lock (%.0f s old) in %s", age, build)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def _put_ninja_on_path() -> None:
     """torch's builder runs `ninja` from PATH; the `ninja` wheel's binary is there only when the
     environment's bin directory is, which a plain `.venv/bin/python` run does not arrange."""
@@ -101,6 +121,7 @@ def load() -> None:
     _put_ninja_on_path()
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(build)
     if not (build / "turbine_cpu_kernels.so").is_file():
         log.info("compiling Turbine's CPU kernels into %s (once, about 20 s)", build)
     try:
@@ -134,7 +155,7 @@ def resolve(choice: str) -> bool:
     except KernelsUnavailable as exc:
         if choice == "turbine":
             raise
-        log.warning("Turbine's CPU kernels are off (%s): torch's int4 kernel instead", exc)
+        log.warning("Turbine's CPU kernels are off (%s): torch's ops instead", exc)
         return False
     return True
 

@@ -284,3 +284,14 @@ def test_the_default_row_limit_follows_the_kernel(smollm2_dir: Path) -> None:
         )
         layer = load_model(cfg).model.layers[0]
         assert layer.qkv._q4_rows == expected and layer.down._q4_rows == expected
+
+
+def test_a_dead_builders_lock_is_cleared_and_a_live_ones_kept(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    mtime = lock.stat().st_mtime
+    assert not cpu_kernels.clear_stale_lock(tmp_path, now=mtime + 10)  # a build in progress
+    assert lock.exists()
+    assert cpu_kernels.clear_stale_lock(tmp_path, now=mtime + cpu_kernels.STALE_LOCK_S + 1)
+    assert not lock.exists()
+    assert not cpu_kernels.clear_stale_lock(tmp_path)  # nothing to clear
