@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cpu_kernels import engine_pairs
 from engine import EngineRunner, request, text_prompts
 
 from turbine.engines.torch.attention import build_meta
@@ -35,9 +36,8 @@ from turbine.engines.torch.gguf import convert_gguf
 from turbine.engines.torch.runner import _Step
 from turbine.models import default_real_model_path
 
-CONFIGS = {"4-bit": 8, "dequantized": 0}  # name -> q4_max_rows
+CONFIGS = {"dequantized": 0, "4-bit": 8}  # name -> q4_max_rows; the first is the ratios' baseline
 CONTEXT = 164
-NEW = 128
 
 
 def forward_pairs(runners: dict[str, EngineRunner], prompts: list[list[int]], rounds: int) -> dict[str, Any]:
@@ -77,23 +77,6 @@ def forward_pairs(runners: dict[str, EngineRunner], prompts: list[list[int]], ro
                         model.forward(ids, pos, cache, meta)
                         times[name].append((time.perf_counter() - t0) * 1e3)
         out[f"forward_ms_{batch}_rows"] = {name: statistics.median(ts) for name, ts in times.items()}
-    return out
-
-
-def engine_pairs(runners: dict[str, EngineRunner], prompts: list[list[int]], rounds: int) -> dict[str, Any]:
-    """Per concurrency: each configuration's output tok/s per round, order flipped every round."""
-    out: dict[str, Any] = {}
-    names = list(runners)
-    for conc in (1, 8, 32):
-        batch = prompts[:conc]
-        rates: dict[str, list[float]] = {name: [] for name in names}
-        for r in tqdm(range(rounds), desc=f"engine, concurrency {conc}", leave=False):
-            for name in names if r % 2 == 0 else names[::-1]:
-                wall, _ = runners[name].run([request(p, NEW) for p in batch])
-                rates[name].append(conc * NEW / wall)
-        ratios = [a / b for a, b in zip(rates[names[0]], rates[names[1]], strict=True)]
-        out[f"engine_tok_s_c{conc}"] = {name: statistics.median(v) for name, v in rates.items()}
-        out[f"engine_ratio_c{conc}"] = {"median": statistics.median(ratios), "per_round": ratios}
     return out
 
 
