@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -293,13 +294,31 @@ def test_a_prompt_longer_than_the_context_is_a_400(stack: Stack, tiny_llama_dir:
     assert error["code"] == "context_length_exceeded" and str(TINY_LLAMA_CONTEXT) in error["message"]
 
 
-def _worker_exit(*args: str) -> subprocess.CompletedProcess[str]:
+def _worker_exit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "turbine.worker", "--engine", "torch", "--discovery-backend", "mem", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=None if env is None else {**os.environ, **env},
     )
+
+
+def test_cpu_kernels_turbine_where_they_cannot_build_exits_2_with_one_line(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """`--cpu-kernels turbine` asks for Turbine's kernels or nothing: with a kernel cache that cannot
+    be created (or on a CPU without AMX), the worker says why in one line and exits 2."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = _worker_exit(
+        "--model-path", str(tiny_llama_dir), "--device", "cpu", "--dtype", "bfloat16",
+        "--cpu-kernels", "turbine",
+        env={"TURBINE_KERNEL_CACHE": str(blocker / "kernels")},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--cpu-kernels turbine:" in lines[0], result.stderr
 
 
 def test_a_missing_or_unsupported_model_exits_2_with_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -48,6 +48,7 @@ def test_boolean_flags_both_ways() -> None:
         (WorkerConfig, ["--num-workers", "0"], "at least 1"),
         (WorkerConfig, ["--eos-probability", "2"], "within"),
         (WorkerConfig, ["--q4-max-rows", "-1"], "q4-max-rows must be at least 0"),
+        (WorkerConfig, ["--cpu-kernels", "native"], "not one of"),
         (WorkerConfig, ["--model-type", "chat,images"], "model-type"),
         (UpConfig, ["--workers", "0"], "at least 1"),
     ],

@@ -132,18 +132,19 @@ def load_model(cfg: TorchEngineConfig) -> LoadedModel:
     arch = read_arch(cfg.model_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, arch)
-    log.info(
-        "loading %s (%s, %d layers) as %s on %s", cfg.model_dir, arch.family, arch.num_layers, dtype, device
-    )
-    weights = load_weights(cfg.model_dir, dtype, progress=cfg.progress)
     # Turbine's CPU kernels serve bfloat16 on CPU; float32 stays the plain torch path, the one the
-    # tests hold token for token against transformers.
+    # tests hold token for token against transformers. Settled before the weights load, so that a
+    # worker that cannot have them fails at once.
     native = False
     if device.type == "cpu" and dtype == torch.bfloat16:
         try:
             native = cpu_kernels.resolve(cfg.cpu_kernels)
         except cpu_kernels.KernelsUnavailable as exc:
             raise ConfigError(f"--cpu-kernels turbine: {exc}") from None
+    log.info(
+        "loading %s (%s, %d layers) as %s on %s", cfg.model_dir, arch.family, arch.num_layers, dtype, device
+    )
+    weights = load_weights(cfg.model_dir, dtype, progress=cfg.progress)
     rows = cfg.q4_max_rows
     if rows is None:
         rows = Q4_ROWS_AMX if native else Q4_ROWS_TORCH
