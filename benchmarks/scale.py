@@ -180,6 +180,12 @@ def main() -> None:
         help="--processes: the frontend's router (round-robin follows no KV events: the ceiling of "
         "the multi-process frontend without routing state to share)",
     )
+    parser.add_argument(
+        "--independent",
+        action="store_true",
+        help="--processes: N separate one-process frontends on their own ports instead of one "
+        "--num-processes N frontend (what the host gives N Python frontends that share nothing)",
+    )
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.processes:

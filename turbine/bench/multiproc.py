@@ -54,16 +54,25 @@ def _pin(spec: str | None) -> None:
 
 
 def _generate(
-    url: str, bodies: list[dict[str, Any]], concurrency: int, stream: bool, start_at: float
+    urls: list[str], bodies: list[dict[str, Any]], concurrency: int, stream: bool, start_at: float
 ) -> Share:
-    """In a load-generator process: wait for the agreed instant, then send `bodies`."""
+    """In a load-generator process: wait for the agreed instant, then send `bodies`, its
+    connections split evenly over `urls` (several with `--independent`)."""
     import uvloop
 
     async def go() -> Share:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        run = await run_closed_loop(url, bodies, concurrency=concurrency, stream=stream)
-        errors = [r.error for r in run.results if not r.ok][:3]
-        return Share(len(run.ok), run.failures, time.time(), [r.latency_s for r in run.ok], errors)
+        k = len(urls)
+        runs = await asyncio.gather(
+            *(
+                run_closed_loop(url, bodies[i::k], concurrency=max(1, concurrency // k), stream=stream)
+                for i, url in enumerate(urls)
+            )
+        )
+        results = [r for run in runs for r in run.results]
+        ok = [r for r in results if r.ok]
+        errors = [r.error for r in results if not r.ok][:3]
+        return Share(len(ok), len(results) - len(ok), time.time(), [r.latency_s for r in ok], errors)
 
     return uvloop.run(go())
 
@@ -86,20 +95,21 @@ def _chat_bodies(rng: random.Random, n: int) -> list[dict[str, Any]]:
 def _drive(
     pool: concurrent.futures.ProcessPoolExecutor,
     args: argparse.Namespace,
-    url: str,
+    urls: list[str],
     stream: bool,
     n: int,
     seed: int,
 ) -> tuple[int, int, float, list[float]]:
     """(ok, failed, wall seconds, latencies) of `n` chat requests over every load generator; a
-    distinct `seed` per call keeps prompts from repeating across calls (no cache hits)."""
+    distinct `seed` per call keeps prompts from repeating across calls (no cache hits). Load
+    generator i sends to `urls[i::procs]` (to one of them when there are fewer URLs than it)."""
     procs = args.loadgen_procs
     bodies = _chat_bodies(random.Random(seed), n)
     start_at = time.time() + 1.0
     futures = [
         pool.submit(
             _generate,
-            url + "/v1/chat/completions",
+            [u + "/v1/chat/completions" for u in (urls[i::procs] or [urls[i % len(urls)]])],
             bodies[i::procs],
             max(1, args.concurrency // procs),
             stream,
@@ -164,8 +174,10 @@ def _measure(
         return ["taskset", "-c", cpus] if cpus else []
 
     worker = ["--engine", "mocker", "--speedup-ratio", "1000000", "--num-gpu-blocks-override", "16384"]
+    # --independent: `count` separate one-process frontends, sharing nothing but the workers.
+    processes = 1 if args.independent else count
     stack = LocalStack(
-        ["--num-processes", str(count), "--router-mode", args.router_mode, *args.frontend_args.split()],
+        ["--num-processes", str(processes), "--router-mode", args.router_mode, *args.frontend_args.split()],
         [*worker, "--num-workers", "1", "--block-size", "16"],
         expect_instances=args.workers,
         # One process per mocker: a single process hosting them all is one Python thread, and it
@@ -173,21 +185,22 @@ def _measure(
         worker_processes=args.workers,
         frontend_prefix=taskset(args.frontend_cpus),
         worker_prefix=taskset(args.worker_cpus),
+        extra_frontends=count - processes,
     )
     row: dict[str, float] = {"processes": count}
     try:
         stack.wait_ready(timeout=300)
-        _wait_processes(stack, count)
+        _wait_processes(stack, processes)
         time.sleep(1.0)  # replica sync subscribes when the model appears
         row["hit_ratio"] = _hit_ratio(stack.url)
-        _drive(pool, args, stack.url, False, min(500, args.requests), seed=0)  # warm-up
+        _drive(pool, args, stack.urls, False, min(500, args.requests), seed=0)  # warm-up
         for stream in (False, True):
             key = "stream" if stream else "nonstream"
             cpu0 = stack.frontend_cpu_s()
             io0 = stack.frontend_io_counts()
             sys0 = stack.frontend_cpu_split()[1]
             ok, failed, wall, latencies = _drive(
-                pool, args, stack.url, stream, args.requests, seed=1 + stream
+                pool, args, stack.urls, stream, args.requests, seed=1 + stream
             )
             cpu = stack.frontend_cpu_s() - cpu0
             io1 = stack.frontend_io_counts()
@@ -257,6 +270,12 @@ def _report(rows: list[dict[str, float]], speedups: list[str], args: argparse.Na
             f" {args.rounds} rounds, each running every process count in turn; the table shows "
             f"medians over the rounds, x the median of each round's speed-up against that round's "
             f"first count. Per-round speed-ups: {per_round}."
+        )
+    if args.independent:
+        setup += (
+            " `--independent`: N separate one-process frontends on their own ports (the load "
+            "generators split their connections over them), sharing nothing but the workers; the "
+            "KV hit ratio is the first frontend's alone."
         )
     return (
         "# Multi-process frontend (`--num-processes N`)\n\n"

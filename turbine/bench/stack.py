@@ -71,7 +71,10 @@ def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 
 
 
 class LocalStack:
-    """A frontend and worker processes (each with its own `--num-workers`) over a private file store."""
+    """A frontend and worker processes (each with its own `--num-workers`) over a private file store.
+
+    `extra_frontends` more frontend processes, each on its own port (`urls`), follow the same workers:
+    independent frontends that share nothing but the workers, a baseline for `--num-processes`."""
 
     def __init__(
         self,
@@ -83,21 +86,33 @@ class LocalStack:
         worker_extra: list[list[str]] | None = None,
         frontend_prefix: Sequence[str] = (),
         worker_prefix: Sequence[str] = (),
+        extra_frontends: int = 0,
     ) -> None:
         """`frontend_prefix`/`worker_prefix` go before the commands (e.g. `taskset -c 0-7`)."""
         self._dir = tempfile.TemporaryDirectory(prefix="turbine-bench-")
         self.root = Path(self._dir.name)
-        self.port = free_port()
+        ports = [free_port() for _ in range(1 + extra_frontends)]
+        self.port = ports[0]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.urls = [f"http://127.0.0.1:{port}" for port in ports]
         common = ["--discovery-backend", "file", "--file-store-path", str(self.root / "store")]
         common += ["--namespace", "bench", "--log-level", "warning"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         names = ["frontend.log", *(f"worker-{i}.log" for i in range(worker_processes))]
+        names += [f"frontend-{i}.log" for i in range(1, 1 + extra_frontends)]
         self._logs = [open(self.root / name, "wb") for name in names]  # noqa: SIM115
-        frontend = [*frontend_prefix, sys.executable, "-m", "turbine.frontend", "--http-port", str(self.port)]
-        self.frontend = subprocess.Popen(
-            [*frontend, *common, *frontend_args], stdout=self._logs[0], stderr=subprocess.STDOUT, env=env
-        )
+        frontends = [
+            subprocess.Popen(
+                [*frontend_prefix, sys.executable, "-m", "turbine.frontend", "--http-port", str(port)]
+                + [*common, *frontend_args],
+                stdout=self._logs[0 if i == 0 else worker_processes + i],
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            for i, port in enumerate(ports)
+        ]
+        self.frontend = frontends[0]
+        self.extra_frontends = frontends[1:]
         self.workers = [
             subprocess.Popen(
                 [
@@ -119,7 +134,7 @@ class LocalStack:
 
     @property
     def processes(self) -> list[subprocess.Popen[bytes]]:
-        return [self.frontend, *self.workers]
+        return [self.frontend, *self.extra_frontends, *self.workers]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -127,20 +142,24 @@ class LocalStack:
             for proc in self.processes:
                 if proc.poll() is not None:
                     raise RuntimeError(f"a stack process exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
-                    models = json.loads(resp.read())["models"]
-                    if sum(models.values()) >= self._expect:
-                        return
-            except OSError:
-                pass
+            if all(self._ready(url) for url in self.urls):
+                return
             time.sleep(0.1)
         raise TimeoutError("stack did not become ready")
 
+    def _ready(self, url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
+                models = json.loads(resp.read())["models"]
+                return bool(sum(models.values()) >= self._expect)
+        except OSError:
+            return False
+
     def _frontend_sum(self, read: Callable[[int], tuple[float, float]]) -> tuple[float, float]:
-        """`read(pid)` summed over the frontend process and its live children (--num-processes)."""
+        """`read(pid)` summed over the frontend processes and their live children (--num-processes)."""
         first = second = 0.0
-        for pid in [self.frontend.pid, *child_pids(self.frontend.pid)]:
+        pids = [p.pid for p in (self.frontend, *self.extra_frontends)]
+        for pid in [*pids, *(c for p in pids for c in child_pids(p))]:
             with contextlib.suppress(OSError):  # a child that just exited
                 a, b = read(pid)
                 first += a
