@@ -92,6 +92,12 @@ def _chat_bodies(rng: random.Random, n: int) -> list[dict[str, Any]]:
     ]
 
 
+def urls_of_generator(i: int, procs: int, urls: list[str]) -> list[str]:
+    """The frontends load generator `i` of `procs` sends to: every procs-th URL from the i-th, or one
+    URL when there are fewer URLs than generators (so every URL and every generator has a share)."""
+    return urls[i::procs] or [urls[i % len(urls)]]
+
+
 def _drive(
     pool: concurrent.futures.ProcessPoolExecutor,
     args: argparse.Namespace,
@@ -101,15 +107,14 @@ def _drive(
     seed: int,
 ) -> tuple[int, int, float, list[float]]:
     """(ok, failed, wall seconds, latencies) of `n` chat requests over every load generator; a
-    distinct `seed` per call keeps prompts from repeating across calls (no cache hits). Load
-    generator i sends to `urls[i::procs]` (to one of them when there are fewer URLs than it)."""
+    distinct `seed` per call keeps prompts from repeating across calls (no cache hits)."""
     procs = args.loadgen_procs
     bodies = _chat_bodies(random.Random(seed), n)
     start_at = time.time() + 1.0
     futures = [
         pool.submit(
             _generate,
-            [u + "/v1/chat/completions" for u in (urls[i::procs] or [urls[i % len(urls)]])],
+            [u + "/v1/chat/completions" for u in urls_of_generator(i, procs, urls)],
             bodies[i::procs],
             max(1, args.concurrency // procs),
             stream,

@@ -101,10 +101,10 @@ class LocalStack:
         names = ["frontend.log", *(f"worker-{i}.log" for i in range(worker_processes))]
         names += [f"frontend-{i}.log" for i in range(1, 1 + extra_frontends)]
         self._logs = [open(self.root / name, "wb") for name in names]  # noqa: SIM115
+        frontend = [*frontend_prefix, sys.executable, "-m", "turbine.frontend", "--http-port"]
         frontends = [
             subprocess.Popen(
-                [*frontend_prefix, sys.executable, "-m", "turbine.frontend", "--http-port", str(port)]
-                + [*common, *frontend_args],
+                [*frontend, str(port), *common, *frontend_args],
                 stdout=self._logs[0 if i == 0 else worker_processes + i],
                 stderr=subprocess.STDOUT,
                 env=env,

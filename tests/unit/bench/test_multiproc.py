@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from turbine.bench.multiproc import _median_rows
-from turbine.bench.stack import proc_cpu_split, proc_io_counts
+from turbine.bench.multiproc import _median_rows, urls_of_generator
+from turbine.bench.stack import LocalStack, proc_cpu_split, proc_io_counts
 
 
 def _row(processes: int, nonstream: float, stream: float, cpu: float) -> dict[str, float]:
@@ -59,3 +59,33 @@ def test_proc_counters_move_with_work() -> None:
     assert calls1 - calls0 >= 100
     assert switches1 > switches0
     assert work > 0 and user1 >= user0
+
+
+def test_every_url_and_every_load_generator_gets_a_share() -> None:
+    urls = [f"u{i}" for i in range(8)]
+    shares = [urls_of_generator(i, 4, urls) for i in range(4)]
+    assert shares == [["u0", "u4"], ["u1", "u5"], ["u2", "u6"], ["u3", "u7"]]
+    assert [urls_of_generator(i, 4, ["only"]) for i in range(4)] == [["only"]] * 4
+    assert [urls_of_generator(i, 3, ["a", "b"]) for i in range(3)] == [["a"], ["b"], ["a"]]
+
+
+def test_independent_frontends_each_serve_the_same_workers() -> None:
+    """`extra_frontends`: separate frontend processes on their own ports, over one worker."""
+    import json
+    import urllib.request
+
+    worker = ["--engine", "mocker", "--speedup-ratio", "1000000", "--num-workers", "1"]
+    with LocalStack([], worker, extra_frontends=1) as stack:
+        assert len(stack.urls) == 2 and stack.urls[0] == stack.url
+        for url in stack.urls:
+            body = json.dumps({"model": "turbine-tiny", "prompt": "hi", "max_tokens": 2}).encode()
+            request = urllib.request.Request(
+                url + "/v1/completions", body, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                assert json.loads(resp.read())["usage"]["completion_tokens"] == 2
+        frontends = [stack.frontend, *stack.extra_frontends]
+        assert len({p.pid for p in frontends}) == 2
+        assert all(p.poll() is None for p in frontends)
+        assert stack.frontend_cpu_s() > 0
+    assert all(p.poll() is not None for p in frontends)  # both stopped
