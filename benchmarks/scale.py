@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument(
         "--frontend-args", default="", help="--processes: more frontend flags, space-separated"
     )
+    parser.add_argument("--worker-args", default="", help="--processes: more worker flags, space-separated")
     parser.add_argument(
         "--router-mode",
         default="kv",

@@ -452,6 +452,12 @@ class WorkerConfig(RuntimeConfig):
         None, "KV blocks per worker (default: mocker 16384; torch: sized from memory)."
     )
     max_num_seqs: int = opt(256, "Most sequences in one batch.")
+    kv_events_interval_ms: float = opt(
+        10.0,
+        "Least time between two sends of this worker's KV events to each following frontend process "
+        "while events keep coming (each send carries all that arrived meanwhile); 0: every batch at "
+        "once. Longer costs every follower fewer wake-ups; routing sees events up to this much later.",
+    )
     max_num_batched_tokens: int | None = opt(
         None, "Token budget of one scheduler step (default 8192; torch on CPU 2048)."
     )
@@ -570,6 +576,8 @@ class WorkerConfig(RuntimeConfig):
         self.generation_overrides()  # raises on a malformed value
         if self.speedup_ratio <= 0:
             raise ConfigError("--speedup-ratio must be positive")
+        if not 0.0 <= self.kv_events_interval_ms <= 1000.0:
+            raise ConfigError("--kv-events-interval-ms must be within [0, 1000]")
         if self.engine == "scripted" and (self.script_file is None or not Path(self.script_file).is_file()):
             raise ConfigError("--engine scripted needs --script-file naming an existing file")
         if (self.engine == "openai") != bool(self.upstream):

@@ -124,3 +124,32 @@ def test_load_based_modes_use_every_worker(stack: Stack, mode: str) -> None:
     # (and did, in CI); with 40 it is about 6 · 2^-40.
     seen = {_complete(url, f"hello {i}")[1] for i in range(40)}
     assert len(seen) >= 3
+
+
+def test_kv_events_interval_holds_a_busy_workers_events_back_that_long(stack: Stack) -> None:
+    """`--kv-events-interval-ms`: while a worker's events keep coming, each follower gets them at
+    most once per interval. A second frontend (no replica sync with the first) sees a prefix the
+    first just cached only through those events: not within the interval, then in full."""
+    _, first = stack.frontend("--router-mode", "kv")
+    _, second = stack.frontend("--router-mode", "kv")
+    stack.worker(
+        "--engine", "mocker", "--block-size", str(BLOCK), "--speedup-ratio", "20",
+        "--kv-events-interval-ms", "1000",
+    )  # fmt: skip
+    wait_instances(first, 1)
+    wait_instances(second, 1)
+    time.sleep(1.5)  # both follow the worker; its stream is quiet, so the next event goes at once
+    rng = random.Random(11)
+    opening, held = _prefix(rng, 0), _prefix(rng, 1)
+    _complete(first, f"{opening} a")  # its events go at once and open a 1 s window
+    _complete(first, f"{held} b")  # its events wait for the window's end
+    time.sleep(0.2)
+    assert _complete(second, f"{held} c")[2] == 0
+    time.sleep(1.2)
+    assert _complete(second, f"{held} d")[2] >= 8
+
+
+def test_a_bad_kv_events_interval_is_refused_in_one_line(stack: Stack) -> None:
+    worker = stack.worker("--engine", "mocker", "--kv-events-interval-ms", "-1")
+    assert worker.wait(30) == 2
+    assert "--kv-events-interval-ms must be within [0, 1000]" in worker.log()

@@ -183,7 +183,7 @@ def _measure(
     processes = 1 if args.independent else count
     stack = LocalStack(
         ["--num-processes", str(processes), "--router-mode", args.router_mode, *args.frontend_args.split()],
-        [*worker, "--num-workers", "1", "--block-size", "16"],
+        [*worker, "--num-workers", "1", "--block-size", "16", *args.worker_args.split()],
         expect_instances=args.workers,
         # One process per mocker: a single process hosting them all is one Python thread, and it
         # capped the whole run at ~2,000-2,600 req/s whatever the frontend's process count.
@@ -263,7 +263,10 @@ def _report(rows: list[dict[str, float]], speedups: list[str], args: argparse.Na
     setup = (
         f"{args.requests} chat requests per figure (unique ~120-word prompts, 16 output tokens), "
         f"concurrency {args.concurrency} from {args.loadgen_procs} load-generator processes; "
-        f"{args.workers} mocker worker processes at speedup 1e6; router {args.router_mode}. CPUs: "
+        f"{args.workers} mocker worker processes at speedup 1e6"
+        + (f" ({args.worker_args})" if args.worker_args else "")
+        + (f"; frontend flags {args.frontend_args}" if args.frontend_args else "")
+        + f"; router {args.router_mode}. CPUs: "
         f"frontend {args.frontend_cpus or 'any'}, workers {args.worker_cpus or 'any'}, load "
         f"generators {args.loadgen_cpus or 'any'} (of {os.cpu_count()} on this machine). KV hit "
         "ratio: 96 completions in 16 shared-prefix groups on fresh connections. CPU: supervisor + "
@@ -302,6 +305,18 @@ def run_processes(args: argparse.Namespace) -> None:
     text = _report(rows, speedups, args)
     out = Path(args.out)
     (out / "scale_processes.md").write_text(text)
+    plot_rows(rows, out / "scale_processes.png")
+    print(text)
+
+
+def plot_rows(
+    rows: list[dict[str, float]],
+    path: Path,
+    ceiling: list[dict[str, float]] | None = None,
+    title: str | None = None,
+) -> None:
+    """Chat and streaming req/s against the process count, with linear scaling from 1 process;
+    `ceiling`: rows of another run (e.g. `--independent --router-mode round-robin`), dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,6 +326,12 @@ def run_processes(args: argparse.Namespace) -> None:
     xs = [r["processes"] for r in rows]
     for key, label in (("nonstream", "chat"), ("stream", "chat, streaming")):
         ax.plot(xs, [r[f"{key}_req_s"] for r in rows], marker="o", label=label)
+    for key, label in (("nonstream", "chat"), ("stream", "chat, streaming")):
+        if ceiling:
+            ys = [r[f"{key}_req_s"] for r in ceiling]
+            ax.plot(
+                [r["processes"] for r in ceiling], ys, marker="s", linestyle="--", label=f"{label}: ceiling"
+            )
     ax.plot(
         xs, [rows[0]["nonstream_req_s"] * x for x in xs], linestyle=":", color="gray", label="linear (chat)"
     )
@@ -318,6 +339,7 @@ def run_processes(args: argparse.Namespace) -> None:
     ax.set_ylabel("requests/s")
     ax.set_ylim(bottom=0)
     ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "scale_processes.png", dpi=100)
-    print(text)
+    fig.savefig(path, dpi=100)

@@ -166,6 +166,7 @@ async def run_workers(
                 lease_ttl_s=cfg.lease_ttl_s,
                 instance_id=instance_id,
                 events=plane,
+                events_batch_s=cfg.kv_events_interval_ms / 1000,
             )
         )
     started: list[EngineWorker] = []

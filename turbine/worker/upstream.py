@@ -30,7 +30,7 @@ from turbine.runtime.factory import make_event_plane, make_request_server, make_
 from turbine.runtime.model_files import publish_worker_model_files
 from turbine.runtime.transport.base import RequestPlaneServer
 from turbine.runtime.transport.local import LocalPlane
-from turbine.worker.sdk import EngineWorker, WorkerIdentity
+from turbine.worker.sdk import EVENTS_BATCH_S, EngineWorker, WorkerIdentity
 
 log = logging.getLogger("turbine.worker")
 
@@ -50,6 +50,7 @@ async def upstream_workers(
     host: str,
     drain_timeout_s: float,
     local: LocalPlane | None = None,
+    events_batch_s: float = EVENTS_BATCH_S,
 ) -> AsyncIterator[list[EngineWorker]]:
     """Serve one model's upstreams as registered workers until the context exits; with `local`
     (inside a frontend), that process's own streams to them skip the request plane."""
@@ -82,6 +83,7 @@ async def upstream_workers(
                     lease_ttl_s=cfg.lease_ttl_s,
                     instance_id=instance_id,
                     events=plane,
+                    events_batch_s=events_batch_s,
                 )
             )
         sidecar.follow_kv_events()
@@ -174,6 +176,7 @@ async def run_upstream_workers(
             files=files,
             host=cfg.host,
             drain_timeout_s=cfg.drain_timeout_s,
+            events_batch_s=cfg.kv_events_interval_ms / 1000,
         ) as workers:
             if on_ready is not None:
                 on_ready(workers)
