@@ -453,7 +453,7 @@ class WorkerConfig(RuntimeConfig):
     )
     max_num_seqs: int = opt(256, "Most sequences in one batch.")
     kv_events_interval_ms: float = opt(
-        10.0,
+        2.0,
         "Least time between two sends of this worker's KV events to each following frontend process "
         "while events keep coming (each send carries all that arrived meanwhile); 0: every batch at "
         "once. Longer costs every follower fewer wake-ups; routing sees events up to this much later.",

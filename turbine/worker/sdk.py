@@ -40,14 +40,14 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_embed = msgspec.msgpack.Decoder(list[list[int]]).decode
 
 
-EVENTS_BATCH_S = 0.010
+EVENTS_BATCH_S = 0.002
 """The least time between two sends of a `kv_events` stream while events keep coming (their
 delay at most; the frontend's routing history and active blocks cover requests routed since).
-Every process of every frontend follows every worker, so each send costs each of them a wake-up:
-at 10 ms rather than 2 ms a follower spent 69-93 µs instead of 93-138 µs per request it did not
-route (`benchmarks/peer_cost.py`), and the KV hit ratio stayed within run-to-run spread
-(`benchmarks/results/scale_processes.md`, run I). A real engine's step (tens of ms) is mostly longer
-anyway, so its events then go out at once."""
+Every process of every frontend follows every worker, so each send costs each of them a wake-up.
+10 ms cut a follower's CPU per request it did not route from 93-138 to 69-93 µs
+(`benchmarks/peer_cost.py`) and 8 processes' CPU per request by 3-5% (`scale_processes.md`, run I),
+but routing saw new prefixes' blocks that much later: fast requests in a row then tied on stale
+cache sizes and piled onto one worker (`test_kv_routing.py`). `--kv-events-interval-ms` trades."""
 
 
 @dataclass(frozen=True)
