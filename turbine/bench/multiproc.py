@@ -326,12 +326,10 @@ def plot_rows(
     xs = [r["processes"] for r in rows]
     for key, label in (("nonstream", "chat"), ("stream", "chat, streaming")):
         ax.plot(xs, [r[f"{key}_req_s"] for r in rows], marker="o", label=label)
-    for key, label in (("nonstream", "chat"), ("stream", "chat, streaming")):
         if ceiling:
             ys = [r[f"{key}_req_s"] for r in ceiling]
-            ax.plot(
-                [r["processes"] for r in ceiling], ys, marker="s", linestyle="--", label=f"{label}: ceiling"
-            )
+            cx = [r["processes"] for r in ceiling]
+            ax.plot(cx, ys, marker="s", linestyle="--", label=f"{label}: ceiling")
     ax.plot(
         xs, [rows[0]["nonstream_req_s"] * x for x in xs], linestyle=":", color="gray", label="linear (chat)"
     )
