@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from turbine.errors import ConfigError
+from turbine.protocol.request import SAMPLING_KNOBS
 
 ENV_PREFIX = "TURBINE_"
 # The few fields that also take a short flag.
@@ -97,6 +98,18 @@ class RuntimeConfig:
         "ipc://PATH; one frontend per endpoint).",
     )
     lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
+    request_stall_timeout_s: float = opt(
+        10.0,
+        "Request plane liveness (0: off). Frontend: a worker connection silent this long (no "
+        "frame, not even a heartbeat) fails its streams, which --migration-limit moves on, and the "
+        "worker is skipped by routing until it answers again. Worker: a frontend connection silent "
+        "this long is closed and its requests stopped (their KV blocks freed); an upstream "
+        "sidecar also cuts the streams of a server silent this long that no longer answers HTTP. "
+        "Both ends send a heartbeat every 0.25 s whatever the requests are doing (queued, "
+        "prefilling), so only a frozen or partitioned process goes silent. The default, the "
+        "lease TTL's, outlasts GC and scheduling pauses by far and stays short next to clients' "
+        "timeouts (Dynamo's DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS is off unless set). At least 1 s.",
+    )
     # TLS between processes (turbine/runtime/transport/tls.py says who uses which file).
     tcp_tls_cert_path: str | None = opt(
         None, "TCP request plane, worker: serve TLS with this PEM certificate (needs --tcp-tls-key-path)."
@@ -137,6 +150,8 @@ class RuntimeConfig:
                 raise ConfigError(f"{_flag(cert)} and {_flag(key)} must be given together")
         if self.lease_ttl_s <= 0:
             raise ConfigError("--lease-ttl-s must be positive")
+        if self.request_stall_timeout_s != 0 and not self.request_stall_timeout_s >= 1.0:
+            raise ConfigError("--request-stall-timeout-s must be 0 (off) or at least 1 second")
         if not self.namespace or "/" in self.namespace:
             raise ConfigError("--namespace must be non-empty and contain no '/'")
         if "nats" in (self.request_plane, self.event_plane) and "://" not in self.nats_server:
@@ -232,6 +247,17 @@ class FrontendConfig(RuntimeConfig):
     metrics_prefix: str = opt("turbine", "Prefix of the Prometheus metric names served at /metrics.")
     migration_limit: int = opt(
         0, "How many times a stream broken by a failing worker may continue on another one (0: never)."
+    )
+    health_check_interval_s: float = opt(
+        0.0,
+        "Canary health checks (0: off): every this many seconds each worker that served nothing "
+        "meanwhile gets a one-token request; one that fails or times out is skipped by routing "
+        "until a canary passes. Off by default: heartbeats (--request-stall-timeout-s) already "
+        "catch frozen processes at no cost, and a canary spends a forward pass per idle worker; "
+        "turn it on to also catch an engine that hangs while its process still answers.",
+    )
+    health_check_timeout_s: float = opt(
+        10.0, "How long a canary (--health-check-interval-s) may take before the worker is skipped."
     )
     tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
     exp_python_factory: str | None = opt(
@@ -364,6 +390,10 @@ class FrontendConfig(RuntimeConfig):
             raise ConfigError("--max-request-body-bytes must be at least 1024")
         if self.migration_limit < 0:
             raise ConfigError("--migration-limit must not be negative")
+        if not self.health_check_interval_s >= 0:  # written so that NaN fails too
+            raise ConfigError("--health-check-interval-s must not be negative")
+        if not self.health_check_timeout_s > 0:
+            raise ConfigError("--health-check-timeout-s must be positive")
         if self.tokenizer_cache_entries < 0:
             raise ConfigError("--tokenizer-cache-entries must not be negative")
         if self.tokenizer_threads < 1:
@@ -484,6 +514,12 @@ class WorkerConfig(RuntimeConfig):
         "it builds and the CPU has AMX, else torch).",
         choices=("auto", "turbine", "torch"),
     )
+    load_format: str = opt(
+        "auto",
+        "Torch engine: auto (the checkpoint's weights) or dummy (random weights of the model's "
+        "config.json shape drawn on the device, no weights read: for benchmarks; vLLM's flag).",
+        choices=("auto", "dummy"),
+    )
     override_generation_config: str | None = opt(
         None,
         "Torch engine: JSON object of default sampling knobs (temperature, top_p, top_k, min_p) over "
@@ -539,10 +575,21 @@ class WorkerConfig(RuntimeConfig):
         (), "--engine openai: the engine's ZMQ replay (ROUTER) endpoint, one per --kv-events-endpoint."
     )
     kv_events_topic: str = opt("", "--engine openai: ZMQ topic of the engines' KV events ('': all).")
+    upstream_sampling_knobs: str = opt(
+        "presence_penalty,frequency_penalty,repetition_penalty,logit_bias",
+        "--engine openai: the sampling knobs the upstreams honour, comma-separated (of "
+        "presence_penalty, frequency_penalty, repetition_penalty, logit_bias, bad_words, "
+        "allowed_token_ids; vLLM takes all, SGLang and llama.cpp the default four); frontends "
+        "refuse the others with a 400.",
+    )
 
     @property
     def model_types(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.model_type.split(",") if t.strip())
+
+    @property
+    def upstream_knobs(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.upstream_sampling_knobs.split(",") if k.strip())
 
     @property
     def is_gguf(self) -> bool:
@@ -584,6 +631,12 @@ class WorkerConfig(RuntimeConfig):
             raise ConfigError("--engine openai and --upstream URL go together")
         if len(self.kv_events_endpoint) > len(self.upstream):
             raise ConfigError("more --kv-events-endpoint than --upstream")
+        unknown = set(self.upstream_knobs) - set(SAMPLING_KNOBS)
+        if unknown:
+            raise ConfigError(
+                f"--upstream-sampling-knobs: unknown {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(SAMPLING_KNOBS)})"
+            )
         if len(self.kv_replay_endpoint) > len(self.kv_events_endpoint):
             raise ConfigError("more --kv-replay-endpoint than --kv-events-endpoint")
         for url in self.upstream:

@@ -81,6 +81,12 @@ class WorkerUnreachable(ServiceUnavailable):
     """The request plane could not reach a worker, or the connection broke mid-stream."""
 
 
+class WorkerStalled(WorkerUnreachable):
+    """A worker's connection or stream stayed silent past `--request-stall-timeout-s` (frozen,
+    hung or partitioned); its streams move like a broken connection's and routing avoids it until
+    it answers again."""
+
+
 class WorkerDraining(ServiceUnavailable):
     """The worker is shutting down and refused a new request; another worker may take it."""
 

@@ -112,7 +112,7 @@ def test_tool_use_blocks_after_text(served: str) -> None:
     assert out.stop_reason == "tool_use"
     assert blocks(out) == [("text", "Let me check.\n"), ("tool_use", ("get_weather", PARIS))]
 
-    two = create(served, "two", tools=TOOLS, tool_choice={"type": "any"})
+    two = create(served, "two", tools=TOOLS, tool_choice={"type": "auto"})
     assert two.stop_reason == "tool_use"
     assert blocks(two) == [
         ("tool_use", ("get_weather", PARIS)),
@@ -120,6 +120,10 @@ def test_tool_use_blocks_after_text(served: str) -> None:
     ]
     ids = [b.id for b in two.content if b.type == "tool_use"]
     assert len(set(ids)) == 2
+    # `any` / `tool` are enforced by engines that constrain their output; the scripted one cannot.
+    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+        with pytest.raises(anthropic.BadRequestError):
+            create(served, "two", tools=TOOLS, tool_choice=choice)
 
 
 def test_streamed_tool_use_has_anthropics_event_shape(served: str) -> None:

@@ -83,7 +83,8 @@ CASES = [
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("prompt wrong type", "/v1/completions", {"model": MODEL, "prompt": 12}, 400, "prompt"),
     ("token id out of vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "prompt"),
-    ("batched prompts", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("mixed prompt batch", "/v1/completions", {"model": MODEL, "prompt": ["a", [1, 2]]}, 400, "prompt"),
+    ("empty prompt in a batch", "/v1/completions", {"model": MODEL, "prompt": ["a", ""]}, 400, "prompt"),
     ("unknown model completions", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
     ("prompt over context", "/v1/completions", {"model": MODEL, "prompt": "word " * 10000}, 400, "prompt"),
 ]

@@ -234,7 +234,7 @@ def test_hermes_calls_with_content_stream_and_not(urls: Urls) -> None:
 
 def test_two_calls_are_indexed_in_order(urls: Urls) -> None:
     oai = client(urls.default)
-    chat = complete(oai, model="m-hermes", messages=ask("two"), tools=TOOLS, tool_choice="required")
+    chat = complete(oai, model="m-hermes", messages=ask("two"), tools=TOOLS, tool_choice="auto")
     assert [args["city"] for _, _, args in functions(chat.choices[0].message)] == ["Paris", "Rome"]
     assert chat.choices[0].message.content is None
     streamed = stream(oai, model="m-hermes", messages=ask("two"), tools=TOOLS)
@@ -260,12 +260,15 @@ def test_malformed_call_stays_text_and_tool_choice_none_or_no_tools_do_not_parse
         assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (hermes, "stop")
 
 
-def test_named_tool_choice_and_bad_tool_requests(urls: Urls) -> None:
+def test_enforced_tool_choice_on_an_engine_that_cannot_constrain_and_bad_tool_requests(urls: Urls) -> None:
+    """The scripted engine cannot constrain its output: `required`, a named function (enforced tool
+    choice) and `response_format` are 400s there, never served as `auto` / free text."""
     oai = client(urls.default)
     named = {"type": "function", "function": {"name": "get_weather"}}
-    chat = complete(oai, model="m-hermes", messages=ask("hermes"), tools=TOOLS, tool_choice=named)
-    assert chat.choices[0].finish_reason == "tool_calls"
     bad: list[dict[str, Any]] = [
+        {"tools": TOOLS, "tool_choice": named},
+        {"tools": TOOLS, "tool_choice": "required"},
+        {"response_format": {"type": "json_object"}},
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         {"tool_choice": "required"},
         {"tools": TOOLS, "tool_choice": "sometimes"},

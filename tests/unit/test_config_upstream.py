@@ -80,3 +80,24 @@ def test_upstream_file_adds_to_the_flags(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigError, match="cannot be read"):
         parse_config(FrontendConfig, ["--upstream-file", str(tmp_path / "nowhere")], {}, prog="t")
+
+
+def test_upstream_sampling_knobs_are_declared_by_flag_or_env() -> None:
+    default = parse_config(WorkerConfig, list(BASE), {}, prog="t")
+    assert default.upstream_knobs == (
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+    )
+    vllm = parse_config(
+        WorkerConfig,
+        list(BASE),
+        {"TURBINE_UPSTREAM_SAMPLING_KNOBS": "presence_penalty, bad_words,allowed_token_ids"},
+        prog="t",
+    )
+    assert vllm.upstream_knobs == ("presence_penalty", "bad_words", "allowed_token_ids")
+    none = parse_config(WorkerConfig, [*BASE, "--upstream-sampling-knobs", ""], {}, prog="t")
+    assert none.upstream_knobs == ()
+    with pytest.raises(ConfigError, match="best_of"):
+        parse_config(WorkerConfig, [*BASE, "--upstream-sampling-knobs", "best_of"], {}, prog="t")

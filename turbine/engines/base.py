@@ -30,6 +30,9 @@ class EngineCapacity(msgspec.Struct, frozen=True):
     total_kv_blocks: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    # What the engine honours beyond plain sampling (turbine.protocol.model_card capability names),
+    # copied into the model card.
+    capabilities: tuple[str, ...] = ()
 
 
 class EventSink(Protocol):

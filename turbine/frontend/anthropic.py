@@ -28,7 +28,8 @@ from turbine.frontend.anthropic_format import (
     tool_use,
 )
 from turbine.frontend.anthropic_translate import to_chat
-from turbine.frontend.edge_requests import require_response_format, require_type
+from turbine.frontend.edge_requests import require_type
+from turbine.frontend.guided import constrain
 from turbine.frontend.http import MODEL_KEY, OpenAIService, _decode
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.pipeline import Generation, ModelPipeline
@@ -80,6 +81,7 @@ class AnthropicService:
         self._service = service
 
     def add_routes(self, app: web.Application) -> None:
+        self._service.error_writers["/v1/messages"] = error_response
         app.router.add_post("/v1/messages", _anthropic_errors(self._messages))
         app.router.add_post("/v1/messages/count_tokens", _anthropic_errors(self._count_tokens))
 
@@ -99,13 +101,12 @@ class AnthropicService:
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         req = _decode(decode_messages_request, await request.read())
         pipeline = self._pipeline(request, req.model)
-        output_format = (req.output_config or {}).get("format")
-        require_response_format(pipeline, output_format, "output_config.format")
         translated = to_chat(req)
         message_id = new_message_id()
         prepared = await pipeline.preprocessor.chat(
             translated.chat, message_id, assistant_prefix=translated.assistant_prefix
         )
+        prepared = constrain(pipeline, translated.chat, prepared, format_param="output_config.format")
         async with self._service.generation(pipeline, prepared) as (gen, served):
             # The first delta before any answer, so that a request no worker can take still gets an
             # HTTP error status rather than an in-band error event.

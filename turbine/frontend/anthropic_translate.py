@@ -230,5 +230,33 @@ def to_chat(req: MessagesRequest | CountTokensRequest) -> Translated:
         stream=req.stream,
         user=user if isinstance(user, str) else None,
         tools=tools,
+        tool_choice=_tool_choice(req.tool_choice) if tools else None,
+        parallel_tool_calls=False
+        if (req.tool_choice or {}).get("disable_parallel_tool_use") is True
+        else None,
+        response_format=_response_format(req.output_config),
     )
     return Translated(chat, prefix)
+
+
+def _tool_choice(choice: dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """Anthropic's `tool_choice` as chat's: `any` → "required", `tool` → the named function (both
+    enforced by engines that constrain their output, refused by the others)."""
+    kind = None if choice is None else choice.get("type")
+    if choice is None or kind in (None, "auto"):
+        return None
+    if kind == "any":
+        return "required"
+    if kind == "tool":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return None
+
+
+def _response_format(output_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`output_config.format` (`{"type": "json_schema", "schema": {...}}`) as chat's response_format."""
+    fmt = (output_config or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise InvalidRequest("output_config.format.type: must be 'json_schema'", param="output_config.format")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}

@@ -11,13 +11,16 @@ from turbine.frontend.pipeline import Generation
 from turbine.postprocess.postprocessor import TextDelta
 
 
-def usage_of(gens: list[Generation]) -> dict[str, Any]:
-    """One prompt, n completions: the prompt counts once (as OpenAI's usage does)."""
+def usage_of(gens: list[Generation], per_prompt: int = 1) -> dict[str, Any]:
+    """`per_prompt` choices of each prompt, prompt by prompt: each prompt counts once (as OpenAI's
+    usage does)."""
     usage = gens[0].usage()
     if len(gens) > 1:
         completion = sum(g.completion_tokens for g in gens)
+        prompt = sum(g.prompt_tokens for g in gens[:: max(1, per_prompt)])
+        usage["prompt_tokens"] = prompt
         usage["completion_tokens"] = completion
-        usage["total_tokens"] = gens[0].prompt_tokens + completion
+        usage["total_tokens"] = prompt + completion
     return usage
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from turbine.errors import InvalidRequest
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.protocol.openai import ChatMessage, ResponsesRequest
+from turbine.protocol.request import PreprocessedRequest, knobs_used
 
 
 def require_type(pipeline: ModelPipeline, kind: str) -> None:
@@ -21,28 +22,17 @@ def require_type(pipeline: ModelPipeline, kind: str) -> None:
         )
 
 
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
-
-
-def require_response_format(pipeline: ModelPipeline, response_format: object, param: str) -> None:
-    """Structured output is enforced by the engine or refused: a model whose engine cannot constrain
-    its output must not answer free text to a client that asked for JSON. `text` is always fine."""
-    if response_format is None:
-        return
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind not in RESPONSE_FORMAT_TYPES:
-        raise InvalidRequest(
-            f"{param}.type must be one of {', '.join(map(repr, RESPONSE_FORMAT_TYPES))}",
-            param=param,
-            code="invalid_value",
-        )
-    if kind != "text" and not pipeline.card.supports_response_format:
-        raise InvalidRequest(
-            f"{param} {kind!r} is not supported by model '{pipeline.name}': its engine cannot enforce "
-            "structured output",
-            param=param,
-            code="unsupported_value",
-        )
+def require_sampling_knobs(pipeline: ModelPipeline, request: PreprocessedRequest) -> None:
+    """Penalties, biases and token restrictions are applied by the engine or refused: the card
+    lists those its engine honours (turbine.protocol.request.SAMPLING_KNOBS)."""
+    for knob in knobs_used(request.sampling):
+        if knob not in pipeline.card.capabilities:
+            raise InvalidRequest(
+                f"Unsupported parameter: '{knob}' is not supported by model '{pipeline.name}': its "
+                "engine cannot apply it.",
+                param=knob,
+                code="unsupported_parameter",
+            )
 
 
 _RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")

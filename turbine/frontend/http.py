@@ -31,10 +31,11 @@ from turbine.errors import (
 from turbine.frontend.choices import collect, merge, usage_of
 from turbine.frontend.edge_requests import (
     embedding_inputs,
-    require_response_format,
+    require_sampling_knobs,
     require_type,
     responses_messages,
 )
+from turbine.frontend.guided import constrain, responses_format
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from turbine.frontend.metrics import FrontendMetrics, RequestMetrics
 from turbine.frontend.models import ModelRegistry
@@ -78,24 +79,29 @@ def error_response(exc: TurbineError) -> web.Response:
     )
 
 
-async def _handle_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+ErrorWriter = Callable[[TurbineError], web.Response]
+
+
+async def _handle_errors(
+    request: web.Request, handler: _Handler, write: ErrorWriter = error_response
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except TurbineError as exc:
-        return error_response(exc)
+        return write(exc)
     except web.HTTPException as exc:
         if exc.status == 413:
-            return error_response(PayloadTooLarge(f"request body too large: {exc.text}"))
+            return write(PayloadTooLarge(f"request body too large: {exc.text}"))
         if exc.status == 404:
-            return error_response(NotFound(f"no route for {request.method} {request.path}"))
+            return write(NotFound(f"no route for {request.method} {request.path}"))
         if exc.status == 405:
-            return error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.path}"))
+            return write(MethodNotAllowed(f"method {request.method} not allowed on {request.path}"))
         if exc.status < 500:
-            return error_response(InvalidRequest(exc.reason))
+            return write(InvalidRequest(exc.reason))
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(TurbineError("internal error; see the frontend's log"))
+        return write(TurbineError("internal error; see the frontend's log"))
 
 
 def _decode(decoder: Callable[[bytes], Any], body: bytes) -> Any:
@@ -110,10 +116,19 @@ def _decode(decoder: Callable[[bytes], Any], body: bytes) -> Any:
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:
-        # msgspec raises this (not a DecodeError) for strings whose bytes are not UTF-8.
+        # msgspec raises this (not a DecodeError) for strings whose bytes are not UTF-8, with the
+        # offset inside that string; the client needs the offset in the body.
         raise InvalidRequest(
-            f"request body is not valid UTF-8 JSON: {exc.reason} at byte {exc.start}"
+            f"request body is not valid UTF-8 JSON: {exc.reason} at byte {_utf8_error_offset(body, exc)}"
         ) from None
+
+
+def _utf8_error_offset(body: bytes, exc: UnicodeDecodeError) -> int:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        return whole.start
+    return exc.start
 
 
 class OpenAIService:
@@ -135,8 +150,12 @@ class OpenAIService:
             lambda: {p.name: len(p.instance_ids) for p in registry.models()},
             registry.router_loads,
             registry.router_queues,
+            registry.health,
         )
         self.inflight = 0
+        # Path prefix → how errors under it are written, for other APIs on this app (Anthropic's
+        # routes answer every error, a 404 or 405 from routing included, in their own shape).
+        self.error_writers: dict[str, ErrorWriter] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -171,7 +190,11 @@ class OpenAIService:
 
         @web.middleware
         async def errors_and_counts(request: web.Request, handler: _Handler) -> web.StreamResponse:
-            response = await _handle_errors(request, handler)
+            write = next(
+                (w for prefix, w in self.error_writers.items() if request.path.startswith(prefix)),
+                error_response,
+            )
+            response = await _handle_errors(request, handler, write)
             if request.path.startswith("/v1/"):
                 model = request.get(_MODEL_KEY, "")
                 # The route's pattern, not the path: a label per requested URL would grow forever.
@@ -200,9 +223,9 @@ class OpenAIService:
         request[_MODEL_KEY] = req.model
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "chat")
-        require_response_format(pipeline, req.response_format, "response_format")
         hints = route_hints(request.headers, req.user)
-        prepared = await pipeline.preprocessor.chat(req, new_id("chatcmpl"))
+        prepared = constrain(pipeline, req, await pipeline.preprocessor.chat(req, new_id("chatcmpl")))
+        require_sampling_knobs(pipeline, prepared.request)
         return await self._serve(request, pipeline, prepared, chat=True, hints=hints)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -211,7 +234,8 @@ class OpenAIService:
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "completions")
         hints = route_hints(request.headers, req.user)
-        prepared = await pipeline.preprocessor.completion(req, new_id("cmpl"))
+        prepared = constrain(pipeline, req, await pipeline.preprocessor.completion(req, new_id("cmpl")))
+        require_sampling_knobs(pipeline, prepared.request)
         return await self._serve(request, pipeline, prepared, chat=False, hints=hints)
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
@@ -221,7 +245,6 @@ class OpenAIService:
         pipeline = self._registry.get(req.model)
         require_type(pipeline, "chat")
         text_format = req.text.get("format") if isinstance(req.text, dict) else None
-        require_response_format(pipeline, text_format, "text.format")
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_output_tokens")
         chat = ChatCompletionRequest(
@@ -232,9 +255,11 @@ class OpenAIService:
             top_p=req.top_p,
             stream=req.stream,
             user=req.user,
+            response_format=responses_format(text_format),
         )
         hints = route_hints(request.headers, req.user)
         prepared = await pipeline.preprocessor.chat(chat, new_id("resp"))
+        prepared = constrain(pipeline, chat, prepared, format_param="text.format")
         return await self._serve(request, pipeline, prepared, chat=True, responses=True, hints=hints)
 
     async def _embeddings(self, request: web.Request) -> web.Response:
@@ -343,7 +368,7 @@ class OpenAIService:
                     created=created,
                     text=text,
                     finish=finish,
-                    usage=usage_of(gens),
+                    usage=usage_of(gens, prepared.n),
                 )
                 return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=headers)
             build = (
@@ -356,7 +381,7 @@ class OpenAIService:
                 model=model,
                 created=created,
                 choices=list(choices),
-                usage=usage_of(gens),
+                usage=usage_of(gens, prepared.n),
             )
             return web.Response(body=body, content_type="application/json", headers=headers)
         finally:
@@ -404,7 +429,7 @@ class OpenAIService:
             else:
                 async for index, delta in merge(gens, firsts):
                     await resp.write(fmt.delta(delta, index))
-            tail = fmt.usage(usage_of(gens)) if prepared.include_usage else b""
+            tail = fmt.usage(usage_of(gens, prepared.n)) if prepared.include_usage else b""
             await resp.write(tail + ChunkFormatter.DONE)
         except TurbineError as exc:
             # Headers are gone: report the failure in-band, as OpenAI does, and end the stream.

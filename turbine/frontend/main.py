@@ -26,6 +26,7 @@ from aiohttp import web
 from turbine.config import FrontendConfig, config_from_cli
 from turbine.errors import ConfigError
 from turbine.frontend.anthropic import AnthropicService
+from turbine.frontend.health import HealthSettings
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
@@ -94,6 +95,9 @@ async def run_frontend(
         only_model=cfg.model_name,
         model_path_override=cfg.model_path,
         migration_limit=cfg.migration_limit,
+        health=HealthSettings(
+            cfg.request_stall_timeout_s, cfg.health_check_interval_s, cfg.health_check_timeout_s
+        ),
         tokenizer_cache_entries=cfg.tokenizer_cache_entries,
         engine_factory=load_factory(cfg.exp_python_factory) if cfg.exp_python_factory else None,
         model_files=model_files,

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from turbine.frontend.health import HealthCounts
 from turbine.router.queue import WAIT_BUCKETS, WaitStats
 
 if TYPE_CHECKING:
@@ -130,6 +131,43 @@ class _RouterQueue(Collector):
         yield sessions
 
 
+class _Health(Collector):
+    """Per model: streams failed by a silent worker, workers taken out of routing after a stall or
+    a failed canary, workers out of routing now, failed canaries (read at scrape time)."""
+
+    def __init__(self, prefix: str, source: Callable[[], dict[str, HealthCounts]]) -> None:
+        self._prefix = prefix
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        p = self._prefix
+        stalls = CounterMetricFamily(
+            f"{p}_request_stalls", "Streams failed because their worker went silent.", labels=["model"]
+        )
+        quarantines = CounterMetricFamily(
+            f"{p}_worker_quarantines",
+            "Times a stalled worker or one failing canaries was taken out of routing.",
+            labels=["model"],
+        )
+        quarantined = GaugeMetricFamily(
+            f"{p}_quarantined_workers", "Workers routing skips right now.", labels=["model"]
+        )
+        canaries = CounterMetricFamily(
+            f"{p}_health_check_failures",
+            "Canary requests (--health-check-interval-s) that failed or timed out.",
+            labels=["model"],
+        )
+        for model, counts in sorted(self._source().items()):
+            stalls.add_metric([model], counts.stalls)
+            quarantines.add_metric([model], counts.quarantines)
+            quarantined.add_metric([model], counts.quarantined)
+            canaries.add_metric([model], counts.canary_failures)
+        yield stalls
+        yield quarantines
+        yield quarantined
+        yield canaries
+
+
 class FrontendMetrics:
     def __init__(
         self,
@@ -137,6 +175,7 @@ class FrontendMetrics:
         live_workers: Callable[[], dict[str, int]] | None = None,
         router_loads: Callable[[], RouterLoads] | None = None,
         router_queues: Callable[[], RouterQueues] | None = None,
+        health: Callable[[], dict[str, HealthCounts]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._scraped = self.registry  # what render() serializes (see aggregate_processes)
@@ -230,6 +269,8 @@ class FrontendMetrics:
             self._live.append(_RouterLoad(p, router_loads))
         if router_queues is not None:
             self._live.append(_RouterQueue(p, router_queues))
+        if health is not None:
+            self._live.append(_Health(p, health))
         for collector in self._live:
             r.register(collector)
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from turbine.errors import ConfigError, ModelNotFound, TurbineError
+from turbine.errors import ConfigError, ModelNotFound, TurbineError, WorkerUnreachable
+from turbine.frontend.health import HealthCounts, HealthSettings
 from turbine.frontend.metrics import RoutingStats
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.frontend.python_engine import EngineFactory
@@ -65,8 +66,10 @@ class ModelRegistry:
         parser_overrides: ParserSettings | None = None,
         exclude_tools_when_tool_choice_none: bool = False,
         sync_events: EventPlane | None = None,
+        health: HealthSettings | None = None,
     ) -> None:
         self._store = store
+        self._health = health or HealthSettings()
         # --tool-call-parser / --reasoning-parser on the frontend: win over every card's.
         self._parser_overrides = parser_overrides or ParserSettings()
         self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
@@ -140,6 +143,10 @@ class ModelRegistry:
                 )
         return out
 
+    def health(self) -> dict[str, HealthCounts]:
+        """model -> its stalls, quarantines after a stall, and workers out of routing now."""
+        return {p.name: p.health.counts() for p in self._pipelines.values()}
+
     # ------------------------------------------------------------------------------ watching
 
     async def caught_up(self, timeout_s: float) -> bool:
@@ -191,11 +198,26 @@ class ModelRegistry:
                     continue
             else:
                 gone = self._instances.pop(instance_id, None)
+                self._refresh_instance(instance_id)
                 if gone is not None:
-                    forget = getattr(self._client, "forget", None)
-                    if forget is not None:
-                        forget(gone.address)
+                    self._left(gone)
+                continue
             self._refresh_instance(instance_id)
+
+    def _left(self, gone: Instance) -> None:
+        """An instance key vanished: its lease expired or it was deleted. A draining worker deletes
+        only its card first and keeps this key until its streams are done, so whatever is still
+        streaming from this one is cut off: fail it now, and `--migration-limit` moves it on,
+        rather than wait for the connection to break (a frozen worker's never does)."""
+        abandon = getattr(self._client, "abandon", None)
+        if abandon is None:
+            forget = getattr(self._client, "forget", None)
+            if forget is not None:
+                forget(gone.address)
+            return
+        failed = abandon(gone.address, WorkerUnreachable(f"worker {gone.instance_id:x} left discovery"))
+        if failed:
+            log.warning("worker %x left discovery: moving its %d open stream(s)", gone.instance_id, failed)
 
     async def _watch_cards(self) -> None:
         async for event in self._store.watch_prefix(models_prefix(self._namespace)):
@@ -321,6 +343,7 @@ class ModelRegistry:
             sync_events=self._sync_events,
             routing=self._routing,
             parsers=self._parsers_for(card),
+            health=self._health,
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)

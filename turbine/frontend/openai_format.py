@@ -171,6 +171,8 @@ def _chat_message(choice: Choice, reasoning_field: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
     if choice.reasoning:
         message[reasoning_field] = choice.reasoning
+        # A reply that is all reasoning has no content (null, as vLLM's and OpenAI's).
+        message["content"] = choice.text or None
     if choice.tool_calls:
         # OpenAI's content is null when the reply is only calls.
         message["content"] = choice.text or None

@@ -16,6 +16,7 @@ from aiohttp import web
 from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from turbine.preprocess.preprocessor import (
     CHAT_ROLES,
+    MAX_BATCH_CHOICES,
     MAX_COMPLETION_LOGPROBS,
     MAX_N,
     MAX_TOP_LOGPROBS,
@@ -82,6 +83,21 @@ _SAMPLING: dict[str, Any] = {
             "items": {"type": "integer", "minimum": 0},
             "description": "Ids below the vocab size.",
         }
+    ),
+    # Honoured by engines whose card lists them (the torch engine: all); others answer 400.
+    "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+    "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+    "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": True, "minimum": 0}),
+    "logit_bias": _nullable(
+        {
+            "type": "object",
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "Token id (a string of digits) → bias added to its logit.",
+        }
+    ),
+    "bad_words": _nullable({"type": "array", "items": {"type": "string", "minLength": 1}}),
+    "allowed_token_ids": _nullable(
+        {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
     ),
 }
 
@@ -155,14 +171,14 @@ _COMPLETION_REQUEST = {
     "properties": {
         **_SAMPLING,
         "prompt": {
-            "description": "Text, token ids, or a batch of one of either.",
+            "description": "Text, token ids, or a batch of either (n choices per prompt).",
             "oneOf": [
                 {"type": "string", "minLength": 1},
                 {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
                 {
                     "type": "array",
                     "minItems": 1,
-                    "maxItems": 1,
+                    "maxItems": MAX_BATCH_CHOICES,
                     "items": {
                         "oneOf": [
                             {"type": "string", "minLength": 1},

@@ -10,13 +10,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import msgspec
 
-from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerUnreachable
+from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerStalled, WorkerUnreachable
+from turbine.frontend.canary import Canary
+from turbine.frontend.health import HealthSettings, Quarantine
 from turbine.frontend.kv_events import make_followers
 from turbine.frontend.python_engine import PythonEngine
 from turbine.frontend.replica_sync import ReplicaSync
 from turbine.frontend.routing import NO_HINTS, RouteHints, Routing, RoutingSettings
 from turbine.postprocess.detokenizer import ByteLevelTable
-from turbine.postprocess.logprobs import TokenLogprob, TokenStrings
+from turbine.postprocess.logprobs import TokenStrings
 from turbine.postprocess.parsers.output import (
     OutputParser,
     ParsedText,
@@ -37,11 +39,6 @@ from turbine.runtime.transport.base import RequestPlaneClient
 
 log = logging.getLogger(__name__)
 
-# After a worker refuses connections, skip it for this long (unless nobody else is left): discovery
-# will remove a dead worker only after its lease TTL, and every request in between should not pay
-# for a failed connect first.
-UNREACHABLE_QUARANTINE_S = 2.0
-
 _encode = msgspec.msgpack.Encoder().encode
 _decode_output = msgspec.msgpack.Decoder(EngineOutput).decode
 _decode_vectors = msgspec.msgpack.Decoder(list[list[float]]).decode
@@ -60,9 +57,11 @@ class Generation:
         hints: RouteHints = NO_HINTS,
         parser: OutputParser | None = None,
         special: Callable[[str], str] | None = None,
+        named_call: bool = False,
     ) -> None:
         """`parser`: the choice's reasoning/tool-call parser; `special`: set when the parsers' markers
-        are special tokens, which then stay in the text and this removes the other special tokens."""
+        are special tokens, which then stay in the text and this removes the other special tokens;
+        `named_call`: the output is a forced call of a named function (finishes with "stop")."""
         self.prompt_tokens = len(request.token_ids)
         self.post = Postprocessor(
             pipeline.preprocessor.tokenizer.hf,
@@ -74,7 +73,9 @@ class Generation:
         self.decision: Decision | None = None
         self.migrations = 0
         deltas = pipeline._run(self, request, hints)
-        self._deltas = deltas if parser is None and special is None else _parsed(deltas, parser, special)
+        self._deltas = (
+            deltas if parser is None and special is None else _parsed(deltas, parser, special, named_call)
+        )
 
     @property
     def completion_tokens(self) -> int:
@@ -120,6 +121,7 @@ class ModelPipeline:
         routing: RoutingSettings | None = None,
         parsers: ParserSettings | None = None,
         sync_events: EventPlane | None = None,
+        health: HealthSettings | None = None,
     ) -> None:
         self.name = name
         self._engine = engine
@@ -141,7 +143,23 @@ class ModelPipeline:
         self._migration_limit = migration_limit
         self._instances: dict[int, Instance] = {}
         self._ids: list[int] = []
-        self._quarantined: dict[int, float] = {}
+        # Workers routing skips for now: refused (briefly), stalled (until they answer a probe) or
+        # failing canaries (until one passes).
+        checks = health or HealthSettings()
+        self.health = Quarantine(name, getattr(client, "probe", None), checks.stall_timeout_s)
+        self._canary: Canary | None = None
+        if checks.check_interval_s > 0:
+            probe_ids = preprocessor.tokenizer.hf.encode("Hello", add_special_tokens=False).ids or [0]
+            self._canary = Canary(
+                name,
+                client,
+                lambda: self._instances,
+                self.health,
+                list(probe_ids),
+                checks.check_interval_s,
+                checks.check_timeout_s,
+            )
+            self._canary.start()
         # A KV router fed by events follows the workers' events (one stream per worker over the
         # request plane, or one subscription on the shared event plane); other routers need none.
         self._followers = (
@@ -171,7 +189,7 @@ class ModelPipeline:
     def set_instances(self, instances: dict[int, Instance], cards: dict[int, ModelDeploymentCard]) -> None:
         self._instances = dict(instances)
         self._ids = sorted(self._instances)
-        self._quarantined = {i: t for i, t in self._quarantined.items() if i in self._instances}
+        self.health.retain(self._ids)
         self.routing.update_instances({i: cards[i] for i in self._ids})
         if self._followers is not None:
             self._followers.sync(self._instances)
@@ -179,6 +197,9 @@ class ModelPipeline:
     async def close(self) -> None:
         """Stop following workers' events (the model left, or the frontend is stopping)."""
         self.routing.close()
+        await self.health.close()
+        if self._canary is not None:
+            await self._canary.close()
         if self._followers is not None:
             await self._followers.close()
         if self._replica_sync is not None:
@@ -213,6 +234,7 @@ class ModelPipeline:
                 hints,
                 make_output_parser(self.parsers, prepared.tools),
                 special,
+                prepared.named_call,
             )
             for request in prepared.choices()
         ]
@@ -237,18 +259,24 @@ class ModelPipeline:
             except (WorkerUnreachable, WorkerDraining) as exc:
                 log.warning("embed: %s; retrying on another worker", exc.message)
                 excluded.add(instance.instance_id)
-                self._quarantined[instance.instance_id] = time.monotonic() + UNREACHABLE_QUARANTINE_S
+                self._skip(instance, exc)
             finally:
                 self.routing.finish(probe.request_id, decision)
         raise ServiceUnavailable(f"no worker of model '{self.name}' could take the request")
 
     def _candidates(self, excluded: set[int]) -> list[int]:
-        if not excluded and not self._quarantined:
+        if not excluded and not self.health:
             return self._ids  # the common case, without a copy per request
         now = time.monotonic()
         live = [i for i in self._ids if i not in excluded]
-        healthy = [i for i in live if self._quarantined.get(i, 0.0) <= now]
+        healthy = [i for i in live if self.health.healthy(i, now)]
         return healthy or live
+
+    def _skip(self, instance: Instance, exc: WorkerUnreachable | WorkerDraining) -> None:
+        if isinstance(exc, WorkerStalled):
+            self.health.stalled(instance.instance_id, instance.address)
+        else:
+            self.health.unreachable(instance.instance_id)
 
     async def _run(
         self, gen: Generation, request: PreprocessedRequest, hints: RouteHints
@@ -272,35 +300,33 @@ class ModelPipeline:
             instance = self._instances[decision.instance_id]
             gen.decision = decision
             started = False
+            canary = self._canary
             try:
                 stream = self._client.stream(instance.address, instance.endpoint, payload)
                 async with contextlib.aclosing(stream) as batches:
                     async for batch in batches:
+                        if canary is not None:
+                            canary.served(instance.instance_id)  # it produces: no canary this round
                         if not started:
                             started = True
                             self.routing.first_token(request.request_id, decision)
-                        # A batch of frames that arrived together becomes one delta (one SSE event),
-                        # its logprobs the frames' in order (None unless the engine sends them).
-                        text = ""
-                        logprobs: list[TokenLogprob] | None = None
+                        # Each frame is its own delta (its own SSE event), also when several
+                        # arrived together: a client sees every step's token as the step made it.
                         for frame in batch:
                             out = _decode_output(frame)
                             if out.error is not None:
                                 raise EngineError(f"worker {instance.instance_id:x}: {out.error}")
                             generated += out.token_ids
                             delta = post.process(out)
-                            if delta.logprobs is not None:
-                                logprobs = delta.logprobs if logprobs is None else logprobs + delta.logprobs
                             if delta.finish_reason is not None:
-                                yield TextDelta(text + delta.text, delta.finish_reason, logprobs)
+                                yield delta
                                 return
-                            text += delta.text
-                        if text or logprobs:
-                            yield TextDelta(text, None, logprobs)
+                            if delta.text or delta.logprobs:
+                                yield delta
                 raise WorkerUnreachable(f"worker {instance.instance_id:x} ended the stream without finishing")
             except (WorkerUnreachable, WorkerDraining) as exc:
                 excluded.add(instance.instance_id)
-                self._quarantined[instance.instance_id] = time.monotonic() + UNREACHABLE_QUARANTINE_S
+                self._skip(instance, exc)
                 if started:
                     if gen.migrations >= self._migration_limit:
                         raise
@@ -332,6 +358,8 @@ class ModelPipeline:
                     log.warning("request %s: %s; retrying on another worker", request.request_id, exc.message)
             finally:
                 self.routing.finish(request.request_id, decision)
+                if self._canary is not None:
+                    self._canary.served(instance.instance_id)
 
 
 async def _python_engine_deltas(
@@ -358,9 +386,11 @@ async def _parsed(
     deltas: AsyncGenerator[TextDelta, None],
     parser: OutputParser | None,
     special: Callable[[str], str] | None,
+    named_call: bool = False,
 ) -> AsyncGenerator[TextDelta, None]:
     """The choice's deltas through its parser: reasoning and tool calls split off the text, text that
-    may be markup held back; a stream that produced calls and stopped finishes with "tool_calls"."""
+    may be markup held back; a stream that produced calls and stopped finishes with "tool_calls"
+    (with "stop" when the call was forced by naming the function, as OpenAI's does)."""
     try:
         async for delta in deltas:
             text = delta.text if special is None else special(delta.text)
@@ -376,7 +406,7 @@ async def _parsed(
                         parsed.reasoning + tail.reasoning,
                         parsed.calls + tail.calls,
                     )
-                    if parser.called and finish is FinishReason.STOP:
+                    if parser.called and finish is FinishReason.STOP and not named_call:
                         finish = FinishReason.TOOL_CALLS
             if parsed.content or parsed.reasoning or parsed.calls or delta.logprobs or finish is not None:
                 yield TextDelta(parsed.content, finish, delta.logprobs, parsed.reasoning, parsed.calls)
@@ -387,9 +417,14 @@ async def _parsed(
 def _continuation(original: PreprocessedRequest, generated: list[int]) -> PreprocessedRequest:
     stop = original.stop
     n = len(generated)
+    # Penalties over the output keep counting what was generated before the move.
+    sampling = msgspec.structs.replace(
+        original.sampling, prior_output_tokens=original.sampling.prior_output_tokens + n
+    )
     return msgspec.structs.replace(
         original,
         token_ids=[*original.token_ids, *generated],
+        sampling=sampling,
         stop=msgspec.structs.replace(
             stop, max_tokens=max(1, stop.max_tokens - n), min_tokens=max(0, stop.min_tokens - n)
         ),

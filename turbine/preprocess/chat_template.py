@@ -91,13 +91,17 @@ def _text_of_parts(parts: list[Any], index: int) -> str:
 
 
 def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of `messages` whose content is a plain string (or None), as most templates expect."""
+    """Copies of `messages` whose content is a plain string, as most templates expect: null content
+    (an assistant turn that only calls tools) becomes "", as vLLM passes it, so that templates that
+    concatenate the content do not fail on it."""
     normalized: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidRequest(f"messages[{index}] must be an object", param=f"messages[{index}]")
         content = message.get("content")
-        if content is None or isinstance(content, str):
+        if content is None:
+            normalized.append({**message, "content": ""})
+        elif isinstance(content, str):
             normalized.append(dict(message))
         elif isinstance(content, list):
             normalized.append({**message, "content": _text_of_parts(content, index)})

@@ -9,9 +9,10 @@ import msgspec
 
 from turbine.errors import InvalidRequest
 from turbine.preprocess.chat_template import ChatTemplate
+from turbine.preprocess.knobs import sampling_knobs
 from turbine.preprocess.tokenizer import ModelFiles, Tokenizer
 from turbine.preprocess.tools import ToolPlan, plan_tools, template_tool_calls
-from turbine.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from turbine.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, refused_field
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 
 # Choices per request (`n`): each is a separate generation on some worker.
@@ -21,6 +22,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 # Most alternatives per token: chat's `top_logprobs` (as OpenAI's) and legacy completions' `logprobs`.
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+# Choices per completions request over a batch of prompts (prompts × n).
+MAX_BATCH_CHOICES = 128
 
 
 class Prepared(NamedTuple):
@@ -35,16 +38,52 @@ class Prepared(NamedTuple):
     # `postprocess.parsers`), with `tools` the tools calls are parsed against (None: no tool parsing).
     parse_output: bool = False
     tools: list[dict[str, Any]] | None = None
+    # The output is forced to be one call of a named function (tool_choice names it): as OpenAI's,
+    # such a choice finishes with "stop", not "tool_calls".
+    named_call: bool = False
+    # Completions with a batch of prompts: the requests of the prompts after the first.
+    batch: tuple[PreprocessedRequest, ...] = ()
 
     def choices(self) -> list[PreprocessedRequest]:
-        """One engine request per choice. Choice i > 0 gets its own id and seed (seed + i), so the
-        choices differ from each other yet stay reproducible for a given seed."""
-        base = self.request
-        out = [base]
-        for i in range(1, self.n):
-            sampling = msgspec.structs.replace(base.sampling, seed=(base.sampling.seed or 0) + i)
-            out.append(msgspec.structs.replace(base, request_id=f"{base.request_id}-{i}", sampling=sampling))
+        """One engine request per choice, `n` per prompt, prompt by prompt (choice index
+        p * n + i). Choice i > 0 of a prompt gets its own id and seed (seed + i), so the choices
+        differ from each other yet stay reproducible for a given seed."""
+        out = []
+        for base in (self.request, *self.batch):
+            out.append(base)
+            for i in range(1, self.n):
+                sampling = msgspec.structs.replace(base.sampling, seed=(base.sampling.seed or 0) + i)
+                out.append(
+                    msgspec.structs.replace(base, request_id=f"{base.request_id}-{i}", sampling=sampling)
+                )
         return out
+
+
+_BAD_PROMPT = (
+    "'prompt' must be a non-empty string, list of token ids, list of strings or list of token id lists"
+)
+
+
+def _completion_prompts(prompt: str | list[Any] | None) -> list[str | list[int]]:
+    """A completions `prompt` → the prompts of the batch (one for a string or a token id list)."""
+    bad = InvalidRequest(_BAD_PROMPT, param="prompt")
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif not prompt:
+        raise bad
+    elif all(type(t) is int for t in prompt):
+        prompts = [prompt]
+    elif all(isinstance(p, str) for p in prompt) or all(
+        isinstance(p, list) and all(type(t) is int for t in p) for p in prompt
+    ):
+        prompts = list(prompt)
+    else:
+        raise bad
+    if any(not p for p in prompts):
+        raise bad
+    if len(prompts) > MAX_BATCH_CHOICES:
+        raise InvalidRequest(f"at most {MAX_BATCH_CHOICES} prompts per request", param="prompt")
+    return prompts
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -73,6 +112,19 @@ def _check_roles(messages: list[ChatMessage]) -> None:
             )
 
 
+def _check_contents(messages: list[ChatMessage]) -> None:
+    """Content is required except on an assistant message that carries tool calls (OpenAI's rule);
+    checked here so a template never meets a null it would fail on."""
+    for i, message in enumerate(messages):
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise InvalidRequest(
+                f"Invalid value for 'content': messages[{i}] ({message.role}) needs content, a string "
+                "or a list of content parts; only an assistant message with tool_calls may omit it.",
+                param=f"messages[{i}].content",
+                code="invalid_value",
+            )
+
+
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -80,6 +132,17 @@ def _stop_strings(stop: str | list[str] | None) -> list[str]:
     if any(not s for s in stops):
         raise InvalidRequest("stop strings must be non-empty", param="stop")
     return stops
+
+
+def _refuse_unbuilt(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """A field Turbine does not build is refused, never ignored."""
+    name = refused_field(req)
+    if name is not None:
+        raise InvalidRequest(
+            f"Unsupported parameter: '{name}' is not supported by this server.",
+            param=name,
+            code="unsupported_parameter",
+        )
 
 
 def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -126,6 +189,7 @@ class Preprocessor:
     ) -> Prepared:
         """`assistant_prefix`: text the answer continues (a prefill), written after the generation
         prompt."""
+        _refuse_unbuilt(req)
         logprobs = _chat_logprobs(req)
         tools = self._plan_tools(req)
         prompt = self.chat_prompt(req, assistant_prefix, tools)
@@ -153,6 +217,7 @@ class Preprocessor:
         if self.template is None:
             raise InvalidRequest(f"model '{self.model}' has no chat template; use /v1/completions")
         _check_roles(req.messages)
+        _check_contents(req.messages)
         if tools is None:
             tools = self._plan_tools(req)
         extra = dict(req.chat_template_kwargs or {})
@@ -181,32 +246,41 @@ class Preprocessor:
             )
 
     async def completion(self, req: CompletionRequest, request_id: str) -> Prepared:
-        prompt = req.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if prompt is None or prompt == "" or prompt == []:
-            raise InvalidRequest("'prompt' is required and must not be empty", param="prompt")
-        if isinstance(prompt, str):
-            self._check_can_fit(prompt, req.max_tokens, "prompt")
-            token_ids = await self.tokenizer.encode_async(prompt, self._executor)
-        elif all(type(t) is int for t in prompt):
-            vocab = self.tokenizer.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise InvalidRequest(f"prompt token ids must be within [0, {vocab})", param="prompt")
-            token_ids = list(prompt)
-        elif all(isinstance(p, (str, list)) for p in prompt):
+        """One prompt, or a batch of them (a list of strings or of token id lists): each prompt gets
+        `n` choices, indexed prompt by prompt as OpenAI does."""
+        _refuse_unbuilt(req)
+        prompts = _completion_prompts(req.prompt)
+        n = req.n or 1
+        if len(prompts) * n > MAX_BATCH_CHOICES:
             raise InvalidRequest(
-                "batched prompts are not supported; send one prompt per request", param="prompt"
-            )
-        else:
-            raise InvalidRequest(
-                "'prompt' must be a string, a list of token ids, or a batch of one", param="prompt"
+                f"a batch of {len(prompts)} prompts with n={n} asks for {len(prompts) * n} choices; "
+                f"at most {MAX_BATCH_CHOICES} per request",
+                param="prompt",
             )
         if req.echo:
             raise InvalidRequest("'echo' is not supported", param="echo")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
             raise InvalidRequest(f"logprobs must be within [0, {MAX_COMPLETION_LOGPROBS}]", param="logprobs")
-        return self._finish(req, request_id, token_ids, req.max_tokens, "max_tokens", "prompt", req.logprobs)
+        vocab = self.tokenizer.vocab_size
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                self._check_can_fit(prompt, req.max_tokens, "prompt")
+            elif any(not 0 <= t < vocab for t in prompt):
+                raise InvalidRequest(f"prompt token ids must be within [0, {vocab})", param="prompt")
+        ids = [
+            await self.tokenizer.encode_async(p, self._executor) if isinstance(p, str) else list(p)
+            for p in prompts
+        ]
+        first, *rest = (
+            self._finish(req, request_id, token_ids, req.max_tokens, "max_tokens", "prompt", req.logprobs)
+            for token_ids in ids
+        )
+        if not rest:
+            return first
+        batch = tuple(
+            msgspec.structs.replace(p.request, request_id=f"{request_id}-p{i}") for i, p in enumerate(rest, 1)
+        )
+        return first._replace(batch=batch)
 
     def _finish(
         self,
@@ -265,6 +339,7 @@ class Preprocessor:
                 seed=req.seed,
                 logprobs=logprobs,
                 top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
+                **sampling_knobs(req, self.tokenizer),
             ),
             stop=StopConditions(
                 max_tokens=resolved_max,

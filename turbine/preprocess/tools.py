@@ -5,8 +5,9 @@ template sees and what the frontend parses tool calls against.
   the template (the model knows they exist, as with OpenAI) unless the frontend runs with
   `--exclude-tools-when-tool-choice-none`.
 - `auto` (the default when tools are given): tools reach the template, the output is parsed.
-- `required` and a named function: the same as `auto` here. Nothing constrains decoding, so a reply
-  without a call stays a text reply; the named function must be one of the tools.
+- `required` and a named function: as `auto` here (the named function must be one of the tools);
+  the frontend then constrains decoding to calls (`frontend/guided.py`), or refuses the request
+  where the model's engine cannot.
 """
 
 from __future__ import annotations

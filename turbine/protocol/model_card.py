@@ -9,6 +9,9 @@ MODEL_TYPES = ("chat", "completions", "embedding")
 # Request-plane endpoint of workers whose model embeds: payload is a msgpack list of token id lists,
 # the reply one frame with a msgpack list of vectors (one per input, in order).
 EMBED_ENDPOINT = "embed"
+# Engine capabilities a card can list. "guided_decoding": the engine constrains its output to a
+# grammar (structured outputs, enforced tool choice; `PreprocessedRequest.guided`).
+CAP_GUIDED_DECODING = "guided_decoding"
 
 
 class ModelFile(msgspec.Struct, frozen=True):
@@ -50,9 +53,10 @@ class ModelDeploymentCard(msgspec.Struct, frozen=True):
     max_num_batched_tokens: int | None = None
     # The tokenizer/template/config files, published where frontends on other machines can fetch them.
     files: tuple[ModelFile, ...] = ()
-    # Whether the engine enforces structured output (`response_format` json_object / json_schema).
-    # Frontends refuse such requests with 400 for models whose card says False.
-    supports_response_format: bool = False
+    # What the engine honours beyond plain sampling: CAP_GUIDED_DECODING, the SAMPLING_KNOBS names of
+    # turbine.protocol.request. Frontends refuse a request that needs one the card does not list with
+    # a 400 naming the field, never ignore it.
+    capabilities: tuple[str, ...] = ()
     # How the model writes tool calls and reasoning (turbine.postprocess.parsers.registry names);
     # frontends parse its output with them. None: leave the text as it is.
     tool_call_parser: str | None = None

@@ -73,18 +73,20 @@ def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
 
 def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
     if cfg.request_plane == "tcp":
-        return TcpRequestClient(ssl_context=tcp_client_tls(cfg))
+        return TcpRequestClient(ssl_context=tcp_client_tls(cfg), stall_timeout_s=cfg.request_stall_timeout_s)
     if cfg.request_plane == "nats":
         return NatsRequestClient(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.request_plane == "http":
-        return HttpRequestClient()
+        return HttpRequestClient(stall_timeout_s=cfg.request_stall_timeout_s)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
 
 
 def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestPlaneServer:
     """A worker's server; `host` is the TCP or HTTP plane's bind address (NATS connects out)."""
     if cfg.request_plane == "tcp":
-        return TcpRequestServer(host, ssl_context=tcp_server_tls(cfg))
+        return TcpRequestServer(
+            host, ssl_context=tcp_server_tls(cfg), stall_timeout_s=cfg.request_stall_timeout_s
+        )
     if cfg.request_plane == "nats":
         return NatsRequestServer(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.request_plane == "http":

@@ -1,9 +1,10 @@
 """Serve an engine as a discoverable worker.
 
 `EngineWorker` lifecycle: `start()` → engine started, request plane listening, lease granted, Instance
-and ModelDeploymentCard registered under the lease → serving → `shutdown()`: unregister (frontends
-stop routing here), refuse new requests with a retriable "draining" error, let in-flight streams
-finish (bounded), revoke the lease, close the request plane, stop the engine.
+and ModelDeploymentCard registered under the lease → serving → `shutdown()`: delete the card
+(frontends stop routing here; the Instance stays until the lease goes, so frontends do not move its
+streams), refuse new requests with a retriable "draining" error, let in-flight streams finish
+(bounded), revoke the lease, close the request plane, stop the engine.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class EngineWorker:
             total_kv_blocks=capacity.total_kv_blocks,
             max_num_seqs=capacity.max_num_seqs,
             max_num_batched_tokens=capacity.max_num_batched_tokens,
+            capabilities=capacity.capabilities,
             files=ident.files,
             tool_call_parser=ident.tool_call_parser,
             reasoning_parser=ident.reasoning_parser,
@@ -209,8 +211,10 @@ class EngineWorker:
     async def shutdown(self, drain_timeout_s: float) -> None:
         lease = self._lease
         if lease is not None:
-            for key in self._keys:
-                await lease.delete(key)
+            # The card only: frontends stop routing here at once, but keep the instance's streams,
+            # which they would move elsewhere if its instance key went (`ModelRegistry._left`).
+            # The instance key goes with the lease, once the streams are done.
+            await lease.delete(self._keys[1])
         self._server.drain()
         if self._events is not None:
             # Event subscriptions never end by themselves; close them so the drain below can finish.

@@ -77,6 +77,7 @@ def load_torch_model(cfg: WorkerConfig) -> TorchModel:
         enforce_eager=cfg.enforce_eager,
         q4_max_rows=cfg.q4_max_rows,
         cpu_kernels=cfg.cpu_kernels,
+        load_format=cfg.load_format,
     )
     loaded = load_model(config)
     overrides = cfg.generation_overrides()

@@ -165,6 +165,8 @@ async def run_upstream_workers(
             poll_interval_s=cfg.upstream_poll_interval_s,
             api_key=cfg.upstream_api_key,
             topic=cfg.kv_events_topic,
+            sampling_knobs=cfg.upstream_knobs,
+            stall_timeout_s=cfg.request_stall_timeout_s,
         )
         specs = _specs(cfg.upstream, cfg.kv_events_endpoint, cfg.kv_replay_endpoint)
         async with upstream_workers(
@@ -220,7 +222,11 @@ async def frontend_upstreams(
                     cfg,
                     store=store,
                     specs=_specs(tuple(urls), (), ()),
-                    settings=SidecarSettings(block_size=block_size, context_length=files.context_length),
+                    settings=SidecarSettings(
+                        block_size=block_size,
+                        context_length=files.context_length,
+                        stall_timeout_s=cfg.request_stall_timeout_s,
+                    ),
                     identity=identity,
                     files=files,
                     host="127.0.0.1",

@@ -99,10 +99,15 @@ def test_undefined_error_is_invalid_request() -> None:
 
 
 def test_python_error_in_template_is_invalid_request() -> None:
-    # A null content (assistant tool-call turns) concatenated by a template that assumes strings.
-    template = _tiny_template()
     with pytest.raises(InvalidRequest, match="TypeError"):
-        template.render([{"role": "assistant", "content": None}])
+        ChatTemplate("{{ messages[0]['content'] + 1 }}").render([_user("x")])
+
+
+def test_null_content_reaches_the_template_as_an_empty_string() -> None:
+    # An assistant turn that only calls tools, under a template that concatenates the content.
+    template = _tiny_template()
+    with_null = template.render([{"role": "assistant", "content": None}], add_generation_prompt=False)
+    assert with_null == template.render([{"role": "assistant", "content": ""}], add_generation_prompt=False)
 
 
 def test_sandbox_blocks_mutation_and_internals() -> None:

@@ -135,6 +135,8 @@ class EngineCore:
 
     name = "engine"
     """Used in log and error messages ("mocker", "torch")."""
+    capabilities: tuple[str, ...] = ()
+    """Published in the model card (turbine.protocol.model_card capability names)."""
 
     def __init__(
         self,
@@ -181,7 +183,11 @@ class EngineCore:
     def capacity(self) -> EngineCapacity:
         c = self.scheduler.config
         return EngineCapacity(
-            self.block_size, self.blocks.num_blocks, c.max_num_seqs, c.max_num_batched_tokens
+            self.block_size,
+            self.blocks.num_blocks,
+            c.max_num_seqs,
+            c.max_num_batched_tokens,
+            capabilities=self.capabilities,
         )
 
     async def start(self) -> None:

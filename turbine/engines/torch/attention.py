@@ -59,6 +59,23 @@ class DecodeBatch:
 
 
 @dataclass
+class PrefillBatch:
+    """Sequences computing several new tokens (or a window-limited one), laid out for the paged
+    prefill kernel (`triton_prefill.py`, CUDA): one launch per layer for all of them."""
+
+    q_starts: torch.Tensor
+    """[n] int32: each sequence's first row in the step's flattened batch."""
+    q_lens: torch.Tensor
+    """[n] int32: new tokens per sequence."""
+    ctx_lens: torch.Tensor
+    """[n] int32: tokens each attends to in total (cached + new)."""
+    block_tables: torch.Tensor
+    """[n, max_blocks] int32, padded with 0."""
+    max_q_len: int
+    window: int | None
+
+
+@dataclass
 class GatheredDecode:
     """Sequences decoding one token each, served by one padded SDPA call (the CPU path): one call
     per layer instead of one per sequence."""
@@ -85,6 +102,8 @@ class AttnMeta:
     """Sequences served by the paged decode kernel, if any."""
     gathered: GatheredDecode | None = None
     """Sequences decoding together through one padded SDPA call, if any."""
+    prefill: PrefillBatch | None = None
+    """Sequences served by the paged prefill kernel (instead of `seqs`), if any."""
 
 
 def build_meta(
@@ -96,18 +115,21 @@ def build_meta(
     decode_kernel: bool = False,
     gather_decodes: bool = False,
     dtype: torch.dtype = torch.float32,
+    prefill_kernel: bool = False,
 ) -> AttnMeta:
     """Metadata of a step from `(block_table, num_computed, num_new)` per sequence, in batch order.
 
     With `decode_kernel`, single-token chunks go to `AttnMeta.decode` instead of the SDPA path;
     with `gather_decodes` (and no sliding window), several of them go to one padded SDPA call, whose
-    mask is built in `dtype` (the model's compute dtype).
+    mask is built in `dtype` (the model's compute dtype). With `prefill_kernel`, every other chunk
+    goes to `AttnMeta.prefill`.
     """
     slot_rows: list[int] = []
     seqs: list[SeqAttn] = []
     dec_rows: list[int] = []
     dec_tables: list[list[int]] = []
     dec_lens: list[int] = []
+    pre: list[tuple[int, int, int, list[int]]] = []
     row = 0
     gather = gather_decodes and sliding_window is None and sum(1 for c in chunks if c[2] == 1) > 1
     for table, num_computed, num_new in chunks:
@@ -118,6 +140,8 @@ def build_meta(
             dec_rows.append(row)
             dec_tables.append(table[: -(-ctx // block_size)])
             dec_lens.append(ctx)
+        elif prefill_kernel:
+            pre.append((row, num_new, ctx, table[: -(-ctx // block_size)]))
         else:
             seqs.append(_seq_attn(table, num_computed, num_new, row, block_size, device, sliding_window))
         row += num_new
@@ -137,7 +161,34 @@ def build_meta(
             block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
             context_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
         )
-    return AttnMeta(slot_mapping, seqs, decode)
+    prefill = _prefill_batch(pre, device, sliding_window) if pre else None
+    return AttnMeta(slot_mapping, seqs, decode, prefill=prefill)
+
+
+def _prefill_batch(
+    pre: list[tuple[int, int, int, list[int]]], device: torch.device, window: int | None
+) -> PrefillBatch:
+    width = max(len(t) for *_, t in pre)
+    n = len(pre)
+    # One host tensor, one transfer: [starts | lens | ctx | tables], each part starting 16 bytes in
+    # (Triton compiles a variant per pointer alignment).
+    m = -(-n // 4) * 4
+    host = torch.zeros(3 * m + n * width, dtype=torch.int32)
+    host[0:n] = torch.tensor([p[0] for p in pre], dtype=torch.int32)
+    host[m : m + n] = torch.tensor([p[1] for p in pre], dtype=torch.int32)
+    host[2 * m : 2 * m + n] = torch.tensor([p[2] for p in pre], dtype=torch.int32)
+    tables = host[3 * m :].view(n, width)
+    for i, (*_, table) in enumerate(pre):
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    dev = host.to(device, non_blocking=True)
+    return PrefillBatch(
+        q_starts=dev[0:n],
+        q_lens=dev[m : m + n],
+        ctx_lens=dev[2 * m : 2 * m + n],
+        block_tables=dev[3 * m :].view(n, width),
+        max_q_len=max(p[1] for p in pre),
+        window=window,
+    )
 
 
 def _gathered(
@@ -200,6 +251,23 @@ def attend(
     if g is not None and g.rows is None:  # a pure decode step: no scatter into a step-wide output
         return _attend_gathered(q, k_cache, v_cache, g, scale)
     out = torch.empty_like(q)
+    if meta.prefill is not None:
+        from turbine.engines.torch.triton_prefill import paged_prefill
+
+        p = meta.prefill
+        paged_prefill(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            p.q_starts,
+            p.q_lens,
+            p.ctx_lens,
+            p.block_tables,
+            p.max_q_len,
+            scale,
+            p.window,
+        )
     heads, dim = k_cache.shape[-2:]
     k_flat = k_cache.view(-1, heads, dim)
     v_flat = v_cache.view(-1, heads, dim)

@@ -4,8 +4,9 @@ A decode step of a small model is mostly kernel-launch overhead when run eagerly
 kernels, each a few microseconds of CPU time to launch); a graph replays all of them with one launch.
 Each graph reads its inputs from static buffers (token ids, positions, cache slots, block tables,
 context lengths) that a step fills before `replay()`; a batch is padded up to the next captured size,
-its padding rows writing their K/V to a scratch block no sequence owns. Graphs are captured lazily,
-the first time a size is needed, and share one memory pool.
+its padding rows writing their K/V to a scratch block no sequence owns. Every size is captured at
+start-up (`capture_all`, largest first, so the smaller ones reuse its memory in the one pool they
+share): a capture on the request path would stall every stream of the step.
 
 A graph also computes the logits and the greedy tokens, and `launch()` only enqueues: the tokens
 reach a pinned host buffer when the GPU gets there (`Launched.greedy_tokens()` waits). So the runner
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from turbine.engines.torch.attention import AttnMeta, DecodeBatch
+from turbine.engines.torch.compile_watch import CompileWatch
 from turbine.engines.torch.model import LlamaModel
 
 BATCH_SIZES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256]
@@ -70,8 +72,10 @@ class DecodeGraphs:
         scratch_block: int,
         max_batch: int,
         max_blocks_per_seq: int,
+        watch: CompileWatch | None = None,
     ) -> None:
         self.model = model
+        self.watch = watch
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sizes = [b for b in BATCH_SIZES if b < max_batch] + [max_batch]
@@ -96,6 +100,13 @@ class DecodeGraphs:
         self.tables = buf[4 * n :].view(n, max_blocks_per_seq)
         self._graphs: dict[int, _Captured] = {}
         self._pool: Any = None
+
+    def capture_all(self) -> list[int]:
+        """Capture every batch size not captured yet, largest first; returns the sizes."""
+        for size in reversed(self.sizes):
+            if size not in self._graphs:
+                self._capture(size)
+        return list(self.sizes)
 
     def fits(self, batch: int, max_blocks: int) -> bool:
         return batch <= self.sizes[-1] and max_blocks <= self.max_blocks
@@ -174,6 +185,8 @@ class DecodeGraphs:
         return self.model.forward(self.input_ids[:size], self.positions[:size], self.kv_cache, meta)
 
     def _capture(self, size: int) -> _Captured:
+        if self.watch is not None:
+            self.watch.record(f"a CUDA graph of decode batch {size}")
         # Padding rows of a warm-up write only the scratch block; warm up on a side stream (Triton
         # compiles and cuBLAS picks kernels there), then capture.
         self.slots[:size].fill_(self._scratch_slot)

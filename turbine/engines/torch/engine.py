@@ -9,9 +9,11 @@ load metrics come from the shared scheduler (`engines/core`), exactly as in the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +24,15 @@ from turbine.engines.core.engine import EngineCore, Executor
 from turbine.engines.core.scheduler import SchedulerConfig
 from turbine.engines.torch import cpu_kernels, q4
 from turbine.engines.torch.arch import ModelArch, read_arch
+from turbine.engines.torch.compile_watch import CompileWatch
 from turbine.engines.torch.cuda_graphs import DecodeGraphs
+from turbine.engines.torch.grammar import Guides
 from turbine.engines.torch.loader import load_weights
 from turbine.engines.torch.model import LlamaModel
 from turbine.engines.torch.runner import SamplingDefaults, TorchExecutor
 from turbine.errors import ConfigError
-from turbine.protocol.request import PreprocessedRequest
+from turbine.protocol.model_card import CAP_GUIDED_DECODING
+from turbine.protocol.request import SAMPLING_KNOBS, PreprocessedRequest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,9 @@ class TorchEngineConfig:
     """On CPU in bfloat16: turbine (`cpu_kernels.py`, compiled here: the 4-bit matmuls of small
     steps, fused layer ops, paged decode attention), torch (torch's ops only), or auto (turbine
     where it can run, else torch)."""
+    load_format: str = "auto"
+    """auto: the checkpoint's weights; dummy: random weights of its config's shape, drawn on the device
+    (benchmarks of shapes whose weights are not at hand)."""
 
 
 @dataclass
@@ -83,6 +91,8 @@ class LoadedModel:
     device: torch.device
     cpu_kernels: bool = False
     """Turbine's CPU kernels (`cpu_kernels.py`) are loaded and the model uses them."""
+    watch: CompileWatch = field(default_factory=CompileWatch)
+    """Kernel compiles and graph captures of this process: warnings once serving."""
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     """Held by each engine's runner around a CUDA step: engines sharing the model (and the GPU) then
     never launch work while another captures a CUDA graph, which capture does not allow."""
@@ -144,11 +154,16 @@ def load_model(cfg: TorchEngineConfig) -> LoadedModel:
     log.info(
         "loading %s (%s, %d layers) as %s on %s", cfg.model_dir, arch.family, arch.num_layers, dtype, device
     )
-    weights = load_weights(cfg.model_dir, dtype, progress=cfg.progress)
+    dummy = cfg.load_format == "dummy"
+    weights = (
+        dummy_model_weights(cfg.model_dir, dtype, device)
+        if dummy
+        else load_weights(cfg.model_dir, dtype, progress=cfg.progress)
+    )
     rows = cfg.q4_max_rows
     if rows is None:
         rows = Q4_ROWS_AMX if native else Q4_ROWS_TORCH
-    small = rows if q4.applies(device, dtype) else 0
+    small = rows if q4.applies(device, dtype) and not dummy else 0
     blocks = q4.load(cfg.model_dir) if small > 0 else {}
     kernel: q4.Q4Kernel = cpu_kernels.AmxQ4Weight if native else q4.Q4Weight
     try:
@@ -167,7 +182,23 @@ def load_model(cfg: TorchEngineConfig) -> LoadedModel:
             model.q4_bytes() / 1e6,
             "Turbine's AMX" if kernel is cpu_kernels.AmxQ4Weight else "torch's int4",
         )
-    return LoadedModel(model, arch, sampling_defaults(cfg.model_dir), device, cpu_kernels=native)
+    loaded = LoadedModel(model, arch, sampling_defaults(cfg.model_dir), device, cpu_kernels=native)
+    if device.type == "cuda":
+        loaded.watch.open()
+    return loaded
+
+
+def dummy_model_weights(model_dir: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """`--load-format dummy`: random weights of the shape `config.json` gives, drawn on the device."""
+    from turbine.engines.torch.random_model import dummy_weights
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        return dummy_weights(config, dtype, device)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"--load-format dummy: {model_dir}/config.json gives no Llama shape: {exc}"
+        ) from None
 
 
 def kv_cache_blocks(cfg: TorchEngineConfig, loaded: LoadedModel) -> int:
@@ -194,6 +225,8 @@ class TorchEngine(EngineCore):
     """Implements `turbine.engines.base.Engine` with a real model (see the module docstring)."""
 
     name = "torch"
+    # The sampler applies every penalty and bias knob (logits_processors.py).
+    capabilities: tuple[str, ...] = SAMPLING_KNOBS
 
     def __init__(
         self, cfg: TorchEngineConfig, loaded: LoadedModel, worker_id: int, events: EventSink
@@ -219,6 +252,12 @@ class TorchEngine(EngineCore):
             num_blocks * cfg.block_size * loaded.arch.kv_bytes_per_token(model.dtype.itemsize) / 1e6,
         )
         kernel = loaded.cpu_kernels or _decode_kernel_available(loaded.device)
+        tokenizer_json = cfg.model_dir / "tokenizer.json"
+        # Guided decoding needs the vocabulary as text; a model directory without tokenizer.json
+        # serves without it (its card does not list the capability, so frontends refuse such requests).
+        self._guides = Guides(tokenizer_json, loaded.arch.vocab_size) if tokenizer_json.is_file() else None
+        if self._guides is not None:
+            self.capabilities = (*self.capabilities, CAP_GUIDED_DECODING)
         graphs = None
         if kernel and loaded.device.type == "cuda" and not cfg.enforce_eager:
             graphs = DecodeGraphs(
@@ -228,7 +267,9 @@ class TorchEngine(EngineCore):
                 scratch_block=num_blocks,
                 max_batch=min(cfg.max_num_seqs, 256),
                 max_blocks_per_seq=-(-loaded.arch.max_position_embeddings // cfg.block_size),
+                watch=loaded.watch,
             )
+        self._scratch_block = num_blocks
         self._executor = TorchExecutor(
             model,
             kv,
@@ -237,10 +278,27 @@ class TorchEngine(EngineCore):
             decode_kernel=kernel,
             graphs=graphs,
             step_lock=loaded.gpu_lock if loaded.device.type == "cuda" else None,
+            guides=self._guides,
+            prefill_kernel=_prefill_kernel_available(loaded.device, cfg.block_size, loaded.arch.head_dim),
         )
 
     def executor(self) -> Executor:
         return self._executor
+
+    async def _prepare(self) -> None:
+        """Compile and capture before serving (`TorchExecutor.warm_up`), so no request pays for it."""
+        if self._guides is not None:  # the vocabulary, read into the grammar library
+            await asyncio.to_thread(self._guides.load)
+        started = time.perf_counter()
+        with self.loaded.watch.warming_up():
+            sizes = await self._executor.warm_up(self._scratch_block)
+        graphs = f"; CUDA graphs of decode batches {', '.join(map(str, sizes))}" if sizes else ""
+        log.info(
+            "warm-up done in %.1f s: %d kernel compiles and graph captures%s",
+            time.perf_counter() - started,
+            self.loaded.watch.compiles,
+            graphs,
+        )
 
     def rejection(self, request: PreprocessedRequest) -> str | None:
         limit = self.loaded.arch.max_position_embeddings
@@ -249,11 +307,29 @@ class TorchEngine(EngineCore):
         vocab = self.loaded.arch.vocab_size
         if any(not 0 <= t < vocab for t in request.token_ids):
             return f"prompt has token ids outside the model's vocabulary of {vocab}"
+        guided = request.sampling.guided
+        if guided is not None:
+            if self._guides is None:
+                return "this engine has no tokenizer.json, so it cannot constrain its output"
+            error = self._guides.error(guided)
+            if error is not None:
+                return f"{guided.param}: the grammar does not compile: {error}"
         return None
 
     async def stop(self) -> None:
         await super().stop()
         self._executor.close()
+
+
+def _prefill_kernel_available(device: torch.device, block_size: int, head_dim: int) -> bool:
+    """Prefill chunks through the paged Triton kernel: on CUDA, where Triton runs and the shape fits."""
+    if device.type != "cuda":
+        return False
+    try:
+        from turbine.engines.torch import triton_prefill
+    except ImportError:
+        return False
+    return triton_prefill.supported(block_size, head_dim)
 
 
 def _decode_kernel_available(device: torch.device) -> bool:

@@ -71,6 +71,31 @@ def llama_config(preset: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama checkpoint of `config` has, by name, with its shape."""
+    hidden = config["hidden_size"]
+    inter = config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
+        shapes[p + "self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
+
+
 def random_weights(
     config: dict[str, Any],
     *,
@@ -79,37 +104,33 @@ def random_weights(
     seed: int = 0,
     std: float = 0.02,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor a Llama checkpoint of `config` has, normal(0, std) (norm weights 1 + noise)."""
+    """Every tensor a Llama checkpoint of `config` has, normal(0, std) (norm weights 1 + noise).
+
+    Drawn on the CPU, in checkpoint order, for the same values on any device."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = config["hidden_size"]
-    inter = config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or hidden // heads
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in weight_shapes(config).items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(*shape, generator=gen)
+        else:
+            t = torch.randn(*shape, generator=gen) * std
+        out[name] = t.to(dtype=dtype, device=device)
+    return out
 
-    def normal(*shape: int, scale: float = std) -> torch.Tensor:
-        # Drawn on the CPU for the same values on any device; cast in chunks to bound host memory.
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
 
-    def norm() -> torch.Tensor:
-        return (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype=dtype, device=device)
-
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = norm()
-        w[p + "post_attention_layernorm.weight"] = norm()
-        w[p + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden)
-        w[p + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden)
-        w[p + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden)
-        w[p + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
-        w[p + "mlp.gate_proj.weight"] = normal(inter, hidden)
-        w[p + "mlp.up_proj.weight"] = normal(inter, hidden)
-        w[p + "mlp.down_proj.weight"] = normal(hidden, inter)
-    w["model.norm.weight"] = norm()
-    if not config.get("tie_word_embeddings"):
-        w["lm_head.weight"] = normal(config["vocab_size"], hidden)
-    return w
+def dummy_weights(
+    config: dict[str, Any], dtype: torch.dtype, device: torch.device, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random weights of `config`'s shape drawn on `device` itself (`--load-format dummy`): an 8B shape
+    in seconds on a GPU, where drawing on the CPU and copying takes minutes. The same distribution as
+    `random_weights`, other values."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in weight_shapes(config).items():
+        t = torch.empty(shape, dtype=dtype, device=device)
+        mean, std = (1.0, 0.1) if name.endswith("norm.weight") else (0.0, 0.02)
+        out[name] = t.normal_(mean, std, generator=gen)
+    return out
 
 
 def bundled_tokenizer_dir() -> Path:

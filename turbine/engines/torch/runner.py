@@ -32,6 +32,8 @@ from turbine.engines.core.block_manager import BlockManager
 from turbine.engines.core.scheduler import Sampled, Seq, StepPlan
 from turbine.engines.torch.attention import build_meta
 from turbine.engines.torch.cuda_graphs import DecodeGraphs, Launched
+from turbine.engines.torch.grammar import Guides
+from turbine.engines.torch.logits_processors import TokenCounts, row_adjust
 from turbine.engines.torch.model import LlamaModel
 from turbine.engines.torch.sampler import RowParams, sample
 
@@ -96,22 +98,31 @@ class TorchExecutor:
         decode_kernel: bool = False,
         graphs: DecodeGraphs | None = None,
         step_lock: threading.Lock | None = None,
+        guides: Guides | None = None,
+        prefill_kernel: bool = False,
     ) -> None:
+        """`prefill_kernel`: prefill chunks through the paged Triton kernel (CUDA), not gather + SDPA."""
         self.model = model
+        self.prefill_kernel = prefill_kernel
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.defaults = defaults
         self.decode_kernel = decode_kernel
         self.graphs = graphs
         self._step_lock = step_lock
+        self.guides = guides
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-runner")
         self._generators: dict[int, torch.Generator] = {}
+        self._counts = TokenCounts(model.arch.vocab_size, model.device)
+        """Token counts of the sequences with penalties (logits_processors.py)."""
         self._ahead: _Ahead | None = None
         self.ahead_hits = 0
         """Steps served by a launch queued ahead (for tests and benchmarks)."""
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        if self.guides is not None:
+            self.guides.close()
 
     async def execute(self, plan: StepPlan, scheduled_at: float) -> Callable[[Seq], Sampled]:
         step = self._snapshot(plan)
@@ -121,6 +132,15 @@ class TorchExecutor:
 
     def release(self, seq: Seq) -> None:
         self._generators.pop(seq.seq_id, None)
+        self._counts.release(seq.seq_id)
+        if self.guides is not None:
+            self.guides.release(seq.seq_id)
+
+    async def warm_up(self, scratch_block: int) -> list[int]:
+        """Compile and capture, before serving, whatever the request path would otherwise meet
+        first; returns the decode batch sizes captured as CUDA graphs."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._locked_warm_up, scratch_block)
 
     # ---- on the event loop ---------------------------------------------------------------------
 
@@ -160,6 +180,8 @@ class TorchExecutor:
             generator=generator,
             logprobs=s.logprobs,
             banned=banned,
+            adjust=row_adjust(seq, self._counts),
+            guide=self.guides.row(seq) if self.guides is not None else None,
         )
 
     # ---- on the runner thread ------------------------------------------------------------------
@@ -175,6 +197,8 @@ class TorchExecutor:
         model = self.model
         device = model.device
         graphs = self.graphs
+        if self.guides is not None:
+            self.guides.prepare([g for p in step.params if (g := p.guide) is not None])
         if graphs is not None and len(step.chunks) == len(step.input_ids):  # one token each: decode
             bs = self.blocks.block_size
             tables = [
@@ -191,11 +215,57 @@ class TorchExecutor:
             decode_kernel=self.decode_kernel,
             gather_decodes=device.type == "cpu" and not self.decode_kernel,
             dtype=model.dtype,
+            prefill_kernel=self.prefill_kernel,
         )
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)
         positions = torch.tensor(step.positions, dtype=torch.long, device=device)
         hidden = model.forward(input_ids, positions, self.kv_cache, meta)
         return self._sample(hidden, step)
+
+    def _locked_warm_up(self, scratch_block: int) -> list[int]:
+        if self._step_lock is None:
+            return self._warm_up(scratch_block)
+        with self._step_lock:
+            return self._warm_up(scratch_block)
+
+    @torch.inference_mode()
+    def _warm_up(self, scratch: int) -> list[int]:
+        """A mixed step (a prefill from scratch, one after a cached prefix, a decode) and the decode
+        kernel at every split count, all on the scratch block no sequence owns; then every CUDA graph."""
+        model, bs = self.model, self.blocks.block_size
+        table = [scratch] * 4
+        chunks = [(table, 0, bs + 3), (table, bs, 5), (table, 2 * bs, 1)]
+        input_ids = [0] * sum(n for _, _, n in chunks)
+        positions = [p for _, start, n in chunks for p in range(start, start + n)]
+        meta = build_meta(
+            chunks,
+            bs,
+            model.device,
+            sliding_window=model.arch.sliding_window,
+            decode_kernel=self.decode_kernel,
+            gather_decodes=model.device.type == "cpu" and not self.decode_kernel,
+            dtype=model.dtype,
+            prefill_kernel=self.prefill_kernel,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=model.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=model.device)
+        model.logits(model.forward(ids, pos, self.kv_cache, meta)[-2:])
+        if model.device.type != "cuda":
+            return []
+        if self.decode_kernel:
+            from turbine.engines.torch.triton_decode import paged_decode
+
+            k, v = self.kv_cache[0]
+            q = torch.zeros(
+                (1, model.arch.num_heads, model.arch.head_dim), dtype=model.dtype, device=model.device
+            )
+            tables = torch.full((1, 16), scratch, dtype=torch.int32, device=model.device)
+            lens = torch.full((1,), 16 * bs, dtype=torch.int32, device=model.device)
+            for splits in (1, 2, 4, 8, 16):
+                paged_decode(q, k, v, tables, lens, 1.0, splits=splits)
+        sizes = self.graphs.capture_all() if self.graphs is not None else []
+        torch.cuda.synchronize(model.device)
+        return sizes
 
     def _graph_decode(self, graphs: DecodeGraphs, step: _Step, tables: list[list[int]]) -> dict[int, Sampled]:
         bs = self.blocks.block_size
@@ -206,7 +276,10 @@ class TorchExecutor:
             self.ahead_hits += 1
         else:
             launched = graphs.launch(step.input_ids, step.positions, slots, tables)
-        greedy = all(p.greedy and p.logprobs is None and not p.banned for p in step.params)
+        greedy = all(
+            p.greedy and p.logprobs is None and not p.banned and p.guide is None and p.adjust is None
+            for p in step.params
+        )
         if not greedy:
             sampled = sample(launched.logits, step.params)
             return dict(zip(step.sample_ids, sampled, strict=True))

@@ -1,10 +1,12 @@
 """Turn a step's logits into tokens: greedy, temperature, top-k, top-p, min-p, per-request seeds.
 
 Semantics follow vLLM's: logprobs are of the model's raw distribution (log-softmax of the logits,
-before any processing), so they do not depend on the sampling knobs; `min_tokens` bans the stop and
+before any processing), so they do not depend on the sampling knobs; penalties, logit bias, allowed
+tokens and bad words adjust the logits first (logits_processors.py); `min_tokens` bans the stop and
 EOS ids by masking their logits; temperature 0 (or top-k 1) is greedy; otherwise temperature scales
 the logits, min-p drops tokens below `min_p × max prob`, then top-k and top-p (nucleus) trim the
-rest. Random draws use the exponential race (argmax of p / E with E ~ Exp(1) is a draw from p), so a
+rest; a guided row's grammar (`grammar.py`) sets the tokens it disallows to -inf before any of it.
+Random draws use the exponential race (argmax of p / E with E ~ Exp(1) is a draw from p), so a
 seeded request draws from its own generator and gets the same tokens whatever it is batched with.
 """
 
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from turbine.engines.core.scheduler import Sampled
+from turbine.engines.torch.grammar import GuideRow, constrain
+from turbine.engines.torch.logits_processors import RowAdjust, adjust_logits
 
 
 @dataclass
@@ -32,6 +36,10 @@ class RowParams:
     """Alternatives wanted (0..20), None: no logprobs."""
     banned: list[int] = field(default_factory=list)
     """Token ids that must not be sampled now (stop/EOS ids under min_tokens)."""
+    adjust: RowAdjust | None = None
+    """Penalties, logit bias, allowed tokens and bad words (logits_processors.py); None: none."""
+    guide: GuideRow | None = None
+    """The row's grammar (guided decoding): only the tokens it allows can be sampled."""
 
     @property
     def greedy(self) -> bool:
@@ -41,11 +49,16 @@ class RowParams:
 def sample(logits: torch.Tensor, params: list[RowParams]) -> list[Sampled]:
     """One token per row of `logits` ([rows, vocab], float32)."""
     raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+    if any(p.adjust is not None for p in params):
+        logits = adjust_logits(logits, [p.adjust for p in params])
     if any(p.banned for p in params):
         logits = logits.clone()
         for i, p in enumerate(params):
             if p.banned:
                 logits[i, p.banned] = float("-inf")
+    guided = [i for i, p in enumerate(params) if p.guide is not None]
+    if guided:
+        logits = constrain(logits, guided, [g for p in params if (g := p.guide) is not None])
     tokens = torch.argmax(logits, dim=-1)
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:

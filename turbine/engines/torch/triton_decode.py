@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit  # type: ignore[untyped-decorator]  # Triton reads these annotations itself
+# The block-table stride is a step's widest table, which grows with context: Triton would compile a
+# variant per divisibility class of it on the request path.
+@triton.jit(do_not_specialize=["stride_ts"])  # type: ignore[untyped-decorator]
 def _paged_decode_kernel(
     q_ptr,
     k_ptr,

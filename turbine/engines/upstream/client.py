@@ -93,6 +93,21 @@ class UpstreamClient:
             length if isinstance(length, int) and length > 0 else None,
         )
 
+    async def answers(self, timeout_s: float) -> bool:
+        """Whether the server's HTTP side answers at all within `timeout_s` (any status): a
+        process check that asks nothing of the model, so a server busy computing (or one that
+        queues model calls behind the running completion, as llama-cpp-python does) still
+        passes, and only a frozen or unreachable one fails."""
+        try:
+            async with self._session.get(
+                f"{self.base_url}/health",
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ):
+                return True
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
     async def accepts_token_ids(self, model: str, token_ids: list[int], timeout_s: float) -> bool:
         """Whether `/v1/completions` takes a list of token ids as its prompt (one token generated)."""
         body = {"model": model, "prompt": token_ids, "max_tokens": 1, "temperature": 0.0}
@@ -190,6 +205,15 @@ class UpstreamClient:
                         yield data
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._fail(exc) from None
+
+    def silence(self, now: float) -> float:
+        """Seconds since a streamed completion in flight last heard from the server (always 0
+        over https://, whose streams aiohttp keeps)."""
+        return 0.0 if self._pool is None else self._pool.silence(now)
+
+    def abort_streams(self) -> int:
+        """Cut every streamed completion in flight: each raises `UpstreamUnavailable`."""
+        return 0 if self._pool is None else self._pool.abort_busy()
 
     def close(self) -> None:
         if self._pool is not None:

@@ -34,7 +34,7 @@ from turbine.engines.upstream.client import UpstreamClient
 from turbine.engines.upstream.history import SentHistory
 from turbine.engines.upstream.kv_codec import EngineEvent
 from turbine.engines.upstream.metrics import EngineLoad, parse_load
-from turbine.engines.upstream.params import Mode, Retokenizer, completion_body, parse_chunk
+from turbine.engines.upstream.params import UPSTREAM_KNOBS, Mode, Retokenizer, completion_body, parse_chunk
 from turbine.engines.upstream.rekey import Rekeyer
 from turbine.errors import UpstreamUnavailable
 from turbine.protocol.kv_events import KvDump, KvEvent, KvEventBatch, LoadMetrics
@@ -57,6 +57,11 @@ class UpstreamSettings:
     # Whether the engine's KV events are followed; if not, the sent-prompt history stands in.
     kv_events: bool = False
     history_ttl_s: float = 120.0
+    # The sampling knobs the server honours (SAMPLING_KNOBS names), listed in the card's capabilities.
+    sampling_knobs: tuple[str, ...] = UPSTREAM_KNOBS
+    # --request-stall-timeout-s: requests in flight and no byte from the server for this long,
+    # and it does not answer a probe either: it hangs, and its streams are cut (0: never).
+    stall_timeout_s: float = 0.0
 
 
 class UpstreamEngine:
@@ -87,6 +92,10 @@ class UpstreamEngine:
         self._wake = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
         self._ever_healthy = False
+        # A poll must not outlast the stall timeout, or a frozen server's unanswered /metrics
+        # would hold back the stall check behind it.
+        stall = settings.stall_timeout_s
+        self._probe_timeout_s = min(PROBE_TIMEOUT_S, stall) if stall > 0 else PROBE_TIMEOUT_S
         # Called when the server answers again after being down (the sidecar restarts the KV
         # event subscriber of this rank).
         self.on_recovered: Callable[[], None] | None = None
@@ -94,7 +103,9 @@ class UpstreamEngine:
     # ------------------------------------------------------------------------------ lifecycle
 
     def capacity(self) -> EngineCapacity:
-        return EngineCapacity(kv_block_size=self.settings.block_size)
+        return EngineCapacity(
+            kv_block_size=self.settings.block_size, capabilities=self.settings.sampling_knobs
+        )
 
     def set_events(self, events: EventSink, worker_id: int) -> None:
         self._events = events
@@ -118,7 +129,7 @@ class UpstreamEngine:
         # python's server interrupts the running completion when any request that uses the model
         # arrives, /v1/models included (and with --interrupt_requests false it queues it behind).
         if not (self.healthy and self.in_flight):
-            model = await self.client.model(PROBE_TIMEOUT_S)
+            model = await self.client.model(self._probe_timeout_s)
             self.model_id = model.id
         if self.mode is None and self.model_id is not None:
             probe = self._tokenizer.encode("Hello", add_special_tokens=False).ids or [0]
@@ -126,7 +137,7 @@ class UpstreamEngine:
             self.mode = Mode.TOKEN if takes_ids else Mode.TEXT
             log.info("upstream %s: %s mode", self.client.base_url, self.mode.value)
         if self._has_metrics:
-            text = await self.client.metrics(PROBE_TIMEOUT_S)
+            text = await self.client.metrics(self._probe_timeout_s)
             if text is None:
                 self._has_metrics = False  # llama.cpp servers: in-flight count only
             else:
@@ -159,7 +170,7 @@ class UpstreamEngine:
     async def _poll(self) -> None:
         delay = BACKOFF_MIN_S
         while True:
-            ok = await self._check_once()
+            ok = await self._check_stall() and await self._check_once()
             wait = self.settings.poll_interval_s if ok else delay
             delay = BACKOFF_MIN_S if ok else min(delay * 2, BACKOFF_MAX_S)
             if not self.settings.kv_events:
@@ -168,6 +179,29 @@ class UpstreamEngine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
+
+    async def _check_stall(self) -> bool:
+        """False when the server hangs with our requests in flight: nothing came back on any of
+        them for the stall timeout, and its HTTP side does not answer either (a frozen or cut-off
+        server; one busy with a long prefill or a queue still answers). Its streams are then
+        cut, so each raises `UpstreamUnavailable` and the frontend moves it to another worker."""
+        timeout = self.settings.stall_timeout_s
+        if timeout <= 0 or not self.in_flight:
+            return True
+        silent_s = self.client.silence(asyncio.get_running_loop().time())
+        if silent_s < timeout:
+            return True
+        if await self.client.answers(self._probe_timeout_s):
+            return True
+        self.healthy = False
+        cut = self.client.abort_streams()
+        log.warning(
+            "upstream %s silent for %.1f s with %d request(s) in flight, and not answering: cut them",
+            self.client.base_url,
+            silent_s,
+            cut,
+        )
+        return False
 
     def _publish_load(self) -> None:
         load = self.engine_load if self._has_metrics else None

@@ -11,6 +11,9 @@ mid-body (the client went away) is closed, which is how servers learn to abort t
 request whose reused connection turns out closed before any answer (the server's keep-alive
 timeout raced us) is sent once more on a new connection. The slow, rare calls (model info,
 /metrics, the probe) stay on aiohttp.
+
+The pool knows the requests in flight: `silence()` says how long none of them heard a byte from
+the server, and `abort_busy()` cuts them all (a hung server, found by the engine's stall check).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.keep_alive = True
         self.received = False  # any byte of an answer to the current request
+        self.fresh = True  # a byte (or a new request) since the pool's last `silence()` look
         self._buf = bytearray()
         self._state = "idle"  # idle | head | chunk-size | chunk-data | chunk-end | trailer | length | close
         self._left = 0
@@ -97,12 +101,12 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[Response]:
         assert self.transport is not None and self._state == "idle"
         self._head = asyncio.get_running_loop().create_future()
-        self._state, self.received = "head", False
+        self._state, self.received, self.fresh = "head", False, True
         self.transport.write(data)
         return self._head
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
+        self.received = self.fresh = True
         self._buf += data
         try:
             self._parse()
@@ -222,6 +226,8 @@ class Http1Pool:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()  # sent a request, not yet released
+        self._heard_at = 0.0
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -239,22 +245,53 @@ class Http1Pool:
             conn = self._idle.pop()
             if not conn.reusable:
                 continue
+            self._busy.add(conn)
             try:
                 return await conn.send(head + body), conn
             except HttpError:
+                self._busy.discard(conn)
                 if conn.received:
                     raise  # the server answered something: not a stale connection
                 conn.abort()  # closed by the server while idle: try the next, or a new one
+            except BaseException:
+                self._busy.discard(conn)
+                conn.abort()
+                raise
         conn = await self._connect()
-        return await conn.send(head + body), conn
+        self._busy.add(conn)
+        try:
+            return await conn.send(head + body), conn
+        except BaseException:
+            self._busy.discard(conn)
+            conn.abort()
+            raise
 
     def release(self, conn: _Connection, response: Response) -> None:
         """Pool the connection if its response was read to the end, else close it (which tells
         the server to stop working on the request)."""
+        self._busy.discard(conn)
         if response.complete and conn.reusable:
             self._idle.append(conn)
         else:
             conn.abort()
+
+    def silence(self, now: float) -> float:
+        """Seconds since a request in flight last heard from the server (0 when none is)."""
+        heard = not self._busy
+        for conn in self._busy:
+            if conn.fresh:
+                heard, conn.fresh = True, False
+        if heard:
+            self._heard_at = now
+        return now - self._heard_at
+
+    def abort_busy(self) -> int:
+        """Cut every request in flight (their responses fail); how many there were."""
+        busy = list(self._busy)
+        self._busy.clear()
+        for conn in busy:
+            conn.abort()
+        return len(busy)
 
     def close(self) -> None:
         for conn in self._idle:

@@ -23,6 +23,13 @@ Sampling and stop options, and which servers honour them (others ignore unknown 
 - stop_token_ids: `stop_token_ids` in token mode (vLLM, SGLang); in text mode `stop` with each id's
   text (llama.cpp).
 
+- presence_penalty, frequency_penalty, logit_bias ({"id": bias}): the OpenAI fields; vLLM, SGLang,
+  llama.cpp (whose server takes OpenAI's logit_bias object too).
+- repetition_penalty: `repetition_penalty` (vLLM, SGLang) and `repeat_penalty` with
+  `repeat_last_n: -1` (llama.cpp: over the whole context, as vLLM's covers prompt and output).
+- bad_words, allowed_token_ids: vLLM's fields; vLLM only (the default `--upstream-sampling-knobs`
+  leaves them out, so frontends refuse them unless the flag says the server takes them).
+
 Stop *strings* are never sent: the frontend applies them to the text, for every worker alike.
 """
 
@@ -69,6 +76,7 @@ def completion_body(
         body["return_tokens_as_token_ids"] = True
     if stop.min_tokens:
         body["min_tokens"] = stop.min_tokens
+    body.update(_knobs(request))
     if mode is Mode.TOKEN:
         body["prompt"] = request.token_ids
         body["return_token_ids"] = True  # vLLM
@@ -80,10 +88,38 @@ def completion_body(
     else:
         body["prompt"] = tokenizer.decode(request.token_ids, skip_special_tokens=False)
         if stop.ignore_eos and request.eos_token_ids:
-            body["logit_bias"] = {str(t): -100 for t in request.eos_token_ids}
+            body["logit_bias"] = {
+                **body.get("logit_bias", {}),
+                **{str(t): -100 for t in request.eos_token_ids},
+            }
         if stop.stop_token_ids:
             body["stop"] = [tokenizer.decode([t], skip_special_tokens=False) for t in stop.stop_token_ids]
     return body
+
+
+# The knobs every supported server honours (the default of --upstream-sampling-knobs).
+UPSTREAM_KNOBS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+
+
+def _knobs(request: PreprocessedRequest) -> dict[str, Any]:
+    """Penalties, logit bias, bad words and allowed token ids in each server's own names."""
+    s = request.sampling
+    out: dict[str, Any] = {}
+    if s.presence_penalty:
+        out["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty:
+        out["frequency_penalty"] = s.frequency_penalty
+    if s.repetition_penalty != 1.0:
+        out["repetition_penalty"] = s.repetition_penalty
+        out["repeat_penalty"] = s.repetition_penalty
+        out["repeat_last_n"] = -1
+    if s.logit_bias:
+        out["logit_bias"] = {str(t): b for t, b in s.logit_bias}
+    if s.bad_words:
+        out["bad_words"] = list(s.bad_words)
+    if s.allowed_token_ids:
+        out["allowed_token_ids"] = list(s.allowed_token_ids)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import tokenizers
 from turbine.engines.upstream.client import UpstreamClient, UpstreamModel
 from turbine.engines.upstream.engine import UpstreamEngine, UpstreamSettings
 from turbine.engines.upstream.kv_codec import EngineEventBatch
+from turbine.engines.upstream.params import UPSTREAM_KNOBS
 from turbine.engines.upstream.subscriber import KvEventSubscriber
 from turbine.errors import ConfigError, UpstreamUnavailable
 
@@ -43,6 +44,9 @@ class SidecarSettings:
     poll_interval_s: float = 1.0
     api_key: str | None = None
     topic: str = ""
+    # The sampling knobs the upstream honours (SAMPLING_KNOBS names), listed in the card.
+    sampling_knobs: tuple[str, ...] = UPSTREAM_KNOBS
+    stall_timeout_s: float = 0.0  # UpstreamSettings.stall_timeout_s
 
 
 _TCP_PORT = re.compile(r"^(tcp://.*:)(\d+)$")
@@ -103,6 +107,8 @@ class Sidecar:
                 mode=s.mode,
                 poll_interval_s=s.poll_interval_s,
                 kv_events=spec.kv_events_endpoint is not None,
+                sampling_knobs=s.sampling_knobs,
+                stall_timeout_s=s.stall_timeout_s,
             ),
         )
         self._engines[key] = engine

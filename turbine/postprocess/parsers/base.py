@@ -112,7 +112,18 @@ class MarkedCalls:
     the end of the output is parsed as well, since models often stop right after the last brace.
     """
 
-    __slots__ = ("_body", "_buf", "_end", "_firsts", "_inside", "_opener", "_parse", "_scan", "_starts")
+    __slots__ = (
+        "_after_call",
+        "_body",
+        "_buf",
+        "_end",
+        "_firsts",
+        "_inside",
+        "_opener",
+        "_parse",
+        "_scan",
+        "_starts",
+    )
 
     def __init__(self, starts: Sequence[str], end: str | None, parse: BodyParser) -> None:
         self._starts = tuple(starts)
@@ -127,15 +138,25 @@ class MarkedCalls:
         # Where in the body the end marker may start: earlier text was searched already, so a long
         # call streamed token by token costs linear time, not quadratic.
         self._scan = 0
+        # Right after a call: whitespace is held, and dropped if another call or the end follows
+        # (the newline between two calls is layout, not content).
+        self._after_call = False
 
     def feed(self, text: str) -> ToolParse:
-        if not self._inside and not self._buf and self._firsts.search(text) is None:
+        if not self._inside and not self._buf and not self._after_call and self._firsts.search(text) is None:
             return ToolParse(text)  # the common case: plain text, nothing held
         content: list[str] = []
         calls: list[ToolCall] = []
         buf = self._buf + text
         while True:
             if not self._inside:
+                if self._after_call:
+                    rest = buf.lstrip()
+                    if not rest or held_suffix(rest, self._starts) == len(rest):
+                        break  # only whitespace (and maybe the start of a marker) so far
+                    self._after_call = False
+                    if find_first(rest, self._starts)[0] == 0:
+                        buf = rest
                 at, marker = find_first(buf, self._starts)
                 if at < 0:
                     keep = held_suffix(buf, self._starts)
@@ -160,6 +181,7 @@ class MarkedCalls:
                 content.append(self._opener + region + self._end)
             else:
                 calls += parsed
+                self._after_call = True
             self._inside = False
         self._buf = buf
         return ToolParse("".join(content), tuple(calls))
@@ -167,7 +189,7 @@ class MarkedCalls:
     def finish(self) -> ToolParse:
         if not self._inside:
             rest, self._buf = self._buf, ""
-            return ToolParse(rest)
+            return ToolParse("" if self._after_call and rest.isspace() else rest)
         self._inside = False
         parsed = self._parse(self._body)
         if parsed is None:

@@ -1,14 +1,14 @@
 """One choice's output parsing: reasoning first, then tool calls on the text that is not reasoning.
 
-Calls get their OpenAI identity here: an `index` counting from 0 within the choice and a `call_…`
-id. A stream that produced a call and stopped normally finishes with "tool_calls", as OpenAI's do.
+Calls get their OpenAI identity here: an `index` counting from 0 within the choice and an id in
+the style the model's template accepts back (`call_…`; 9 alphanumerics for Mistral). A stream that
+produced a call and stopped normally finishes with "tool_calls", as OpenAI's do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import uuid
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -16,7 +16,7 @@ import tokenizers
 
 from turbine.errors import ConfigError
 from turbine.postprocess.parsers.base import ReasoningParser, ToolCallParser, ToolParse
-from turbine.postprocess.parsers.registry import REASONING_FORMATS, TOOL_CALL_FORMATS, Tools
+from turbine.postprocess.parsers.registry import REASONING_FORMATS, TOOL_CALL_FORMATS, Tools, openai_call_id
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,18 +57,20 @@ class ParserSettings:
         return out
 
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
 class OutputParser:
     """Feed each text delta of one choice in order, then `finish` once at the end of the stream."""
 
-    __slots__ = ("_calls", "_reasoning", "_tools")
+    __slots__ = ("_call_id", "_calls", "_reasoning", "_tools")
 
-    def __init__(self, reasoning: ReasoningParser | None, tools: ToolCallParser | None) -> None:
+    def __init__(
+        self,
+        reasoning: ReasoningParser | None,
+        tools: ToolCallParser | None,
+        call_id: Callable[[], str] = openai_call_id,
+    ) -> None:
         self._reasoning = reasoning
         self._tools = tools
+        self._call_id = call_id
         self._calls = 0
 
     @property
@@ -82,7 +84,7 @@ class OutputParser:
         for parse in parses:
             content.append(parse.content)
             for call in parse.calls:
-                calls.append(ToolCallDelta(self._calls, new_call_id(), call.name, call.arguments))
+                calls.append(ToolCallDelta(self._calls, self._call_id(), call.name, call.arguments))
                 self._calls += 1
         return ParsedText("".join(content), reasoning, tuple(calls))
 
@@ -113,11 +115,13 @@ def make_output_parser(settings: ParserSettings, tools: Tools | None) -> OutputP
     if settings.reasoning_parser is not None:
         reasoning = REASONING_FORMATS[settings.reasoning_parser].make()
     tool_parser = None
+    call_id = openai_call_id
     if tools is not None and settings.tool_call_parser is not None:
-        tool_parser = TOOL_CALL_FORMATS[settings.tool_call_parser].make(tools)
+        tool_format = TOOL_CALL_FORMATS[settings.tool_call_parser]
+        tool_parser, call_id = tool_format.make(tools), tool_format.call_id
     if reasoning is None and tool_parser is None:
         return None
-    return OutputParser(reasoning, tool_parser)
+    return OutputParser(reasoning, tool_parser, call_id)
 
 
 def special_token_filter(

@@ -1,7 +1,7 @@
 """Sans-IO framing of the request plane: length prefix + msgpack, no sockets here.
 
 One connection per (frontend, worker) pair multiplexes many streams, each named by a stream id the
-client picks. Client → worker: Request, Cancel. Worker → client: Data*, then End or Error.
+client picks. Client → worker: Request, Cancel. Worker → client: Data*, then End or Error. Both ways: Ping.
 Payloads are already-encoded msgpack (`msgspec.Raw`), so relaying a frame never re-encodes it.
 """
 
@@ -45,7 +45,16 @@ class Cancel(msgspec.Struct, frozen=True, tag=4, array_like=True):
     stream_id: int
 
 
-Frame = Request | Data | End | Error | Cancel
+class Ping(msgspec.Struct, frozen=True, tag=5, array_like=True):
+    """A heartbeat, sent both ways on a connection at a fixed interval (and by the worker as soon
+    as a connection opens): a peer silent for longer than the stall timeout is frozen or cut off.
+    Stream 0 is no stream (clients number theirs from 1), so a receiver that dispatches frames by
+    stream id drops it without looking at its type."""
+
+    stream_id: int = 0
+
+
+Frame = Request | Data | End | Error | Cancel | Ping
 
 ERROR_DRAINING = "draining"
 ERROR_ENGINE = "engine"

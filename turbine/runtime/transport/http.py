@@ -5,6 +5,11 @@ of the same length-prefixed frames as the TCP plane (`framing.py`): Data*, then 
 client that stops reading closes its connection, which cancels the handler on the worker (aiohttp's
 handler cancellation), so no Cancel frame is needed. Connections are pooled by aiohttp's client.
 For deployments where only HTTP passes between machines; TCP is faster (no per-request HTTP headers).
+
+Liveness: the worker writes a Ping frame into every response every 0.25 s, so a client with
+`stall_timeout_s` treats a response silent that long (its read timeout) as `WorkerStalled`. The
+other direction has no equivalent on this plane: once a request's body is sent, a live frontend
+is silent too, so a worker cannot tell a frozen one (use the TCP plane for that).
 """
 
 from __future__ import annotations
@@ -17,12 +22,22 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from turbine.errors import WorkerUnreachable
+from turbine.errors import WorkerStalled, WorkerUnreachable
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import Handler, as_generator, error_from_frame, error_to_frame
+from turbine.runtime.transport.heartbeat import HEARTBEAT_INTERVAL_S
 
 # Any small id: each HTTP response carries exactly one stream.
 _SID = 1
+_PING = framing.encode_frame(framing.Ping())
+
+
+async def _beat(resp: web.StreamResponse) -> None:
+    """Ping the client while the response streams (each write is one whole chunk, so these never
+    split a frame of the handler's)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+        await resp.write(_PING)
 
 
 class HttpRequestServer:
@@ -58,6 +73,7 @@ class HttpRequestServer:
         self._active += 1
         self._idle.clear()
         buf = bytearray()
+        beat = asyncio.get_running_loop().create_task(_beat(resp))
         try:
             try:
                 outputs = as_generator(self._handler(request.match_info["endpoint"], payload))
@@ -70,9 +86,11 @@ class HttpRequestServer:
             except Exception as exc:  # the worker's failure, reported in-band like on TCP
                 code, message = error_to_frame(exc)
                 framing.encode_frames_into(buf, framing.Error(_SID, code, message))
+            beat.cancel()
             await resp.write(bytes(buf))
             await resp.write_eof()
         finally:
+            beat.cancel()
             self._active -= 1
             if not self._active:
                 self._idle.set()
@@ -97,8 +115,11 @@ class HttpRequestServer:
 
 
 class HttpRequestClient:
-    def __init__(self, connect_timeout_s: float = 5.0) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s)
+    def __init__(self, connect_timeout_s: float = 5.0, stall_timeout_s: float = 0.0) -> None:
+        """`stall_timeout_s` (0: never): a response silent that long fails with `WorkerStalled`."""
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout_s, sock_read=stall_timeout_s or None
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -120,6 +141,8 @@ class HttpRequestClient:
                         if type(frame) is framing.Data:
                             batch.append(bytes(frame.payload))
                             continue
+                        if type(frame) is framing.Ping:
+                            continue
                         if batch:
                             yield batch
                             batch = []
@@ -129,6 +152,8 @@ class HttpRequestClient:
                             raise error_from_frame(frame.code, frame.message, address)
                     if batch:
                         yield batch
+        except aiohttp.ServerTimeoutError as exc:
+            raise WorkerStalled(f"worker {address} went silent: {exc!r}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise WorkerUnreachable(f"worker {address}: {exc!r}") from exc
         raise WorkerUnreachable(f"worker {address} ended the stream without End")

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 
-from turbine.errors import WorkerDraining
+from turbine.errors import WorkerDraining, WorkerUnreachable
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import (
     Handler,
@@ -137,6 +137,22 @@ class LocalFirstClient:
         forget = getattr(self._inner, "forget", None)
         if forget is not None:
             forget(address)
+
+    def abandon(self, address: str, error: WorkerUnreachable) -> int:
+        """Passed on to clients that can fail a worker's open streams (TCP, NATS)."""
+        abandon = getattr(self._inner, "abandon", None)
+        return 0 if abandon is None else int(abandon(address, error))
+
+    async def probe(self, address: str, timeout_s: float) -> bool:
+        """Passed on for remote workers (TCP); this process's own workers always answer. A plane
+        that cannot probe answers after `timeout_s` (a skip as long as one stall timeout)."""
+        if self._plane.find(address) is not None:
+            return True
+        probe = getattr(self._inner, "probe", None)
+        if probe is None:
+            await asyncio.sleep(timeout_s)
+            return True
+        return bool(await probe(address, timeout_s))
 
     async def close(self) -> None:
         await self._inner.close()

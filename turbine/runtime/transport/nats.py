@@ -43,7 +43,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from turbine.errors import InvalidRequest, WorkerUnreachable
+from turbine.errors import InvalidRequest, WorkerStalled, WorkerUnreachable
 from turbine.runtime.inbox import Inbox
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import (
@@ -294,6 +294,7 @@ class NatsRequestServer(StreamTasks):
 _LOST = object()
 _NO_RESPONDERS = object()
 _STALE = object()
+_LEFT = object()
 _StreamItem = framing.Frame | object
 
 
@@ -429,7 +430,10 @@ class NatsRequestClient:
                     raise WorkerUnreachable(f"worker {address} has no subscriber on NATS")
                 if last is _STALE:
                     finished = False  # maybe only slow: tell it to stop anyway
-                    raise WorkerUnreachable(f"worker {address} went silent")
+                    raise WorkerStalled(f"worker {address} went silent")
+                if last is _LEFT:
+                    finished = False
+                    raise WorkerUnreachable(f"worker {address} left discovery")
                 raise WorkerUnreachable(f"lost the NATS connection while streaming from {address}")
         finally:
             self._streams.pop(sid, None)
@@ -441,6 +445,17 @@ class NatsRequestClient:
         streams have ended: a draining worker unregisters first and then finishes them)."""
         if not any(stream.address == address for stream in self._streams.values()):
             self._heard.pop(address, None)
+
+    def abandon(self, address: str, error: WorkerUnreachable) -> int:
+        """A worker left discovery without draining: fail its open streams now (they raise
+        "left discovery"; `error` names the kind for planes that keep it)."""
+        count = 0
+        for stream in self._streams.values():
+            if stream.address == address:
+                stream.inbox.put_nowait(_LEFT)
+                count += 1
+        self.forget(address)
+        return count
 
     async def close(self) -> None:
         if self._watchdog is not None:

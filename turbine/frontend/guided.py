@@ -1,0 +1,125 @@
+"""A request's output constraint, settled in the frontend before any worker sees it.
+
+Structured outputs (`turbine/preprocess/guided.py` reads every spelling) and enforced tool choice
+(`required`, a named function, `parallel_tool_calls: false`; `postprocess/parsers/tool_grammar.py`
+writes the grammar in the model's tool-call format) both become one `GuidedDecoding` in the
+request's sampling options. Then:
+- the model's card must list the "guided_decoding" capability, else 400 naming the field: an engine
+  that cannot constrain its output must not answer free text to a client that asked for JSON;
+- the grammar library must compile it, else 400 with the library's reason (checked here once, so a
+  bad schema never reaches a worker's batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from turbine.errors import InvalidRequest
+from turbine.frontend.pipeline import ModelPipeline
+from turbine.postprocess.parsers.tool_grammar import FORCEABLE, tool_call_grammar
+from turbine.preprocess.guided import structured_output
+from turbine.preprocess.preprocessor import Prepared
+from turbine.protocol.model_card import CAP_GUIDED_DECODING
+from turbine.protocol.openai import ChatCompletionRequest, CompletionRequest
+from turbine.protocol.request import GuidedDecoding
+
+
+def _named(tool_choice: str | dict[str, Any] | None) -> str | None:
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _tool_constraint(pipeline: ModelPipeline, req: ChatCompletionRequest) -> GuidedDecoding | None:
+    """The grammar `tool_choice` / `parallel_tool_calls` ask for, or None (`none`, no tools, `auto`
+    with parallel calls). `tool_choice` itself was validated by the preprocessor."""
+    parallel = req.parallel_tool_calls is not False
+    auto = req.tool_choice in (None, "auto")
+    if not req.tools or req.tool_choice == "none" or (auto and parallel):
+        return None
+    _require_capability(pipeline, "parallel_tool_calls" if auto else "tool_choice")
+    parser = pipeline.parsers.tool_call_parser
+    only = _named(req.tool_choice)
+    grammar = tool_call_grammar(parser, req.tools, only=only, parallel=parallel, optional=auto)
+    if grammar is None:
+        what = "a named function" if only is not None else repr(req.tool_choice or "auto")
+        if auto:
+            what += " with parallel_tool_calls false"
+        raise InvalidRequest(
+            f"tool_choice {what} cannot be enforced for model '{pipeline.name}': its tool-call format "
+            f"({parser or 'none'}) has no grammar (enforceable: {', '.join(FORCEABLE)})",
+            param="parallel_tool_calls" if auto else "tool_choice",
+            code="unsupported_value",
+        )
+    return GuidedDecoding("grammar", grammar, "parallel_tool_calls" if auto else "tool_choice")
+
+
+def _require_capability(pipeline: ModelPipeline, param: str) -> None:
+    if CAP_GUIDED_DECODING not in pipeline.card.capabilities:
+        raise InvalidRequest(
+            f"{param} is not supported by model '{pipeline.name}': its engine cannot constrain its output",
+            param=param,
+            code="unsupported_value",
+        )
+
+
+def responses_format(text_format: object) -> dict[str, Any] | None:
+    """The Responses API's `text.format` (flat: `{"type": "json_schema", "name", "schema",
+    "strict"}`) as chat's `response_format`."""
+    if not isinstance(text_format, dict):
+        return None
+    if text_format.get("type") != "json_schema":
+        return text_format
+    inner = {k: v for k, v in text_format.items() if k != "type"}
+    return {"type": "json_schema", "json_schema": inner}
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_error(guided: GuidedDecoding) -> str | None:
+    """The library's reason `guided` does not compile, or None; remembered, since clients send the
+    same schema again and again."""
+    try:
+        from turbine.engines.grammar import check
+    except ImportError:  # a frontend without the grammar library: the worker checks it instead
+        return None
+    return check(guided)
+
+
+def constrain(
+    pipeline: ModelPipeline,
+    req: ChatCompletionRequest | CompletionRequest,
+    prepared: Prepared,
+    *,
+    format_param: str = "response_format",
+) -> Prepared:
+    """`prepared` with the request's output constraint, or an `InvalidRequest` naming the field
+    (`format_param`: what the client called `response_format`)."""
+    guided = structured_output(req, format_param)
+    if isinstance(req, ChatCompletionRequest):
+        tools = _tool_constraint(pipeline, req)
+        if tools is not None and guided is not None:
+            raise InvalidRequest(
+                f"{tools.param} {getattr(req, tools.param)!r} cannot be combined with "
+                f"{guided.param.split('.')[0]}: both constrain the whole output",
+                param=tools.param,
+            )
+        guided = guided or tools
+    if guided is None:
+        return prepared
+    _require_capability(pipeline, guided.param)
+    error = _compile_error(guided)
+    if error is not None:
+        raise InvalidRequest(f"{guided.param}: {error}", param=guided.param, code="invalid_value")
+    request = prepared.request
+    sampling = msgspec.structs.replace(request.sampling, guided=guided)
+    named = (
+        guided.param == "tool_choice" and isinstance(req, ChatCompletionRequest) and _named(req.tool_choice)
+    )
+    return prepared._replace(
+        request=msgspec.structs.replace(request, sampling=sampling), named_call=bool(named)
+    )
