@@ -378,7 +378,12 @@ def model_dir_for(args: argparse.Namespace, root: Path) -> Path:
 
     out = root / str(args.preset)
     out.mkdir(parents=True)
-    config = llama_config(args.preset, torch_dtype="bfloat16", eos_token_id=2)
+    # The tokenizer's vocabulary, not the preset's: ids past the tokenizer's last decode to no text,
+    # and a random model samples them as often as any other (they would stream as empty events).
+    import tokenizers
+
+    vocab = tokenizers.Tokenizer.from_file(str(args.tokenizer / "tokenizer.json")).get_vocab_size()
+    config = llama_config(args.preset, torch_dtype="bfloat16", eos_token_id=2, vocab_size=vocab)
     (out / "config.json").write_text(json.dumps(config))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
     for name in ("tokenizer.json", "tokenizer_config.json"):
