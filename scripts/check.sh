@@ -7,4 +7,5 @@ PY=${PYTHON:-.venv/bin/python}
 echo "== ruff format --check"; "$PY" -m ruff format --check turbine tests benchmarks scripts examples
 echo "== ruff check";          "$PY" -m ruff check turbine tests benchmarks scripts examples
 echo "== mypy --strict";       "$PY" -m mypy --strict
-echo "== pytest";              "$PY" -m pytest -q -p no:cacheprovider "$@"
+# -rs: every skip with its reason; the slowest tests, to keep the suite fast.
+echo "== pytest";              "$PY" -m pytest -q -p no:cacheprovider -rs --durations=25 "$@"

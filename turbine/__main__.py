@@ -8,9 +8,11 @@ from collections.abc import Sequence
 USAGE = """usage: turbine <command> [options]
 
 commands:
-  up          a frontend plus mocker workers serving the bundled model on :8000
+  up          a frontend plus a worker serving SmolLM2-135M-Instruct on :8000 (torch engine;
+              --engine mocker for simulated workers)
   frontend    the OpenAI HTTP frontend (watches discovery for workers)
-  worker      a worker serving an engine (mocker or echo)
+  worker      a worker serving an engine (torch, mocker, echo, scripted, or an upstream
+              OpenAI-compatible server with --engine openai)
 
 `turbine <command> --help` lists a command's options; each has a TURBINE_* environment variable.
 """

@@ -53,6 +53,13 @@ REASONING_PARSERS = ("basic", "qwen3", "deepseek_r1", "gpt_oss")
 REASONING_FIELD_NAMES = ("reasoning_content", "reasoning")
 # --upstream-mode: how the openai engine sends prompts (turbine/engines/upstream/params.py).
 UPSTREAM_MODES = ("auto", "token", "text")
+# Kept equal to turbine.engines.upstream.guided.GUIDED_DIALECTS.
+UPSTREAM_GUIDED_DIALECTS = ("none", "vllm", "sglang", "llama.cpp")
+_GUIDED_HELP = (
+    "the structured-output fields the upstream servers read: vllm (structured_outputs), sglang "
+    "(json_schema/regex/ebnf), llama.cpp (json_schema/grammar; no regex) or none; frontends refuse "
+    "the constraints the dialect cannot express with a 400."
+)
 # Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
 MODEL_TYPES = ("chat", "completions", "embedding")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -311,6 +318,9 @@ class FrontendConfig(RuntimeConfig):
         "A file of upstream servers to front, one MODEL=URL per line ('#' starts a comment); "
         "added to --upstream.",
     )
+    upstream_guided_decoding: str = opt(
+        "none", "--upstream: " + _GUIDED_HELP, choices=UPSTREAM_GUIDED_DIALECTS
+    )
 
     @property
     def upstreams(self) -> tuple[str, ...]:
@@ -385,7 +395,12 @@ class FrontendConfig(RuntimeConfig):
         if self.interactive_max_tokens is not None and self.interactive_max_tokens < 1:
             raise ConfigError("--interactive-max-tokens must be at least 1")
         if self.model_path is not None and not Path(self.model_path).is_dir():
-            raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
+            # --upstream takes the GGUF file the llama.cpp server runs (its tokenizer is read from it).
+            gguf = self.model_path.lower().endswith(".gguf") and bool(self.upstreams)
+            if not gguf:
+                raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
+            if not Path(self.model_path).is_file():
+                raise ConfigError(f"--model-path {self.model_path!r} does not exist")
         if self.max_request_body_bytes < 1024:
             raise ConfigError("--max-request-body-bytes must be at least 1024")
         if self.migration_limit < 0:
@@ -582,6 +597,9 @@ class WorkerConfig(RuntimeConfig):
         "allowed_token_ids; vLLM takes all, SGLang and llama.cpp the default four); frontends "
         "refuse the others with a 400.",
     )
+    upstream_guided_decoding: str = opt(
+        "none", "--engine openai: " + _GUIDED_HELP, choices=UPSTREAM_GUIDED_DIALECTS
+    )
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -598,7 +616,7 @@ class WorkerConfig(RuntimeConfig):
     def validate(self) -> None:
         if self.model_path is not None:
             path = Path(self.model_path)
-            if self.is_gguf and self.engine == "torch":
+            if self.is_gguf and self.engine in ("torch", "openai"):
                 if not path.is_file():
                     raise ConfigError(f"--model-path {self.model_path!r} does not exist")
             elif not path.is_dir():

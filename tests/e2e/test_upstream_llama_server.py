@@ -5,6 +5,10 @@ and the `openai` client.
 llama-server takes token ids as the prompt, so the sidecar probes it into token mode: the server
 sees exactly the tokens Turbine hashed for routing. Its completions stream carries no token ids,
 so the generated text is re-tokenized (as in text mode); its usage chunk reports cached tokens.
+
+With `--upstream-guided-decoding llama.cpp` structured outputs reach the server as its own
+`json_schema` / `grammar` fields; what it cannot express (a regex, enforced tool choice, vLLM-only
+sampling knobs) is a 400 naming the field. `--model-path` takes the GGUF file the server runs.
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema_rs
 import openai
 import pytest
 import tokenizers
 from openai.types.chat import ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from tests.e2e.conftest import Proc, Stack, free_port, http, wait_instances, wait_until
 from turbine.bench import llama_server
 from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
+from turbine.models import gguf_served_name
 
 pytestmark = pytest.mark.e2e
 
@@ -130,3 +137,107 @@ def test_a_client_that_goes_away_stops_the_servers_work(stack: Stack, model_dir:
     stream.close()
     # Turbine closes its upstream connection, and llama-server cancels the request.
     wait_until(lambda: busy_slots(server) == 0, 10)
+
+
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["city", "population_millions"],
+    "additionalProperties": False,
+}
+ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about the capital of France."}]
+
+
+def refused(oai: openai.OpenAI, param: str, **kwargs: object) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kwargs)  # type: ignore[call-overload]
+    body = err.value.body
+    assert isinstance(body, dict) and body.get("param") == param, body
+
+
+def test_structured_outputs_reach_the_server_in_its_own_fields(
+    stack: Stack, server: str, tmp_path: Path
+) -> None:
+    stack.env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # where the GGUF's tokenizer is written
+    _, url = stack.frontend(
+        "--model-path",
+        str(GGUF),  # the file itself: the tokenizer and template are read from its metadata
+        "--upstream",
+        f"{MODEL}={server}",
+        "--upstream-guided-decoding",
+        "llama.cpp",
+    )
+    wait_instances(url, 1, model=MODEL)
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    response_format: ResponseFormatJSONSchema = {
+        "type": "json_schema",
+        "json_schema": {"name": "city", "schema": CITY, "strict": True},
+    }
+    done = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=48,
+        temperature=0,
+        response_format=response_format,
+    )
+    assert done.choices[0].finish_reason == "stop", done
+    jsonschema_rs.validate(CITY, json.loads(done.choices[0].message.content or ""))
+    chunks = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=48,
+        temperature=0,
+        response_format=response_format,
+        stream=True,
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == done.choices[0].message.content
+    # A choice becomes a GBNF grammar of the alternatives.
+    picked = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe so"]}},
+    )
+    assert picked.choices[0].message.content in ("yes", "no", "maybe so")
+    # What llama.cpp cannot do is refused, naming the field, before the server sees it.
+    refused(oai, "structured_outputs.regex", extra_body={"structured_outputs": {"regex": "[a-z]+"}})
+    refused(oai, "guided_regex", extra_body={"guided_regex": "[a-z]+"})
+    refused(oai, "bad_words", extra_body={"bad_words": ["Paris"]})
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    refused(oai, "tool_choice", tools=tools, tool_choice="required")
+
+
+def test_a_worker_fronts_the_server_from_its_gguf_file(stack: Stack, server: str, tmp_path: Path) -> None:
+    stack.worker(
+        "--engine",
+        "openai",
+        "--upstream",
+        server,
+        "--model-path",
+        str(GGUF),
+        "--gguf-cache-dir",
+        str(tmp_path / "cache"),
+    )
+    _, url = stack.frontend()
+    name = gguf_served_name(GGUF)
+    wait_instances(url, 1, model=name)
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt = "The capital of France is"
+    done = oai.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+    ids = write_tokenizer_dir(GGUF, tmp_path / "tok") / "tokenizer.json"
+    tokenizer = tokenizers.Tokenizer.from_file(str(ids))
+    assert done.usage is not None and done.usage.prompt_tokens == len(tokenizer.encode(prompt).ids)
+    assert done.choices[0].text and done.usage.completion_tokens == 6
+    # Without --upstream-guided-decoding the card lists no constraint: a 400, not free text.
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(
+            model=name, prompt=prompt, max_tokens=4, extra_body={"structured_outputs": {"json_object": True}}
+        )
+    assert (
+        isinstance(err.value.body, dict) and err.value.body.get("param") == "structured_outputs.json_object"
+    )

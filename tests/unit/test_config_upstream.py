@@ -101,3 +101,41 @@ def test_upstream_sampling_knobs_are_declared_by_flag_or_env() -> None:
     assert none.upstream_knobs == ()
     with pytest.raises(ConfigError, match="best_of"):
         parse_config(WorkerConfig, [*BASE, "--upstream-sampling-knobs", "best_of"], {}, prog="t")
+
+
+def test_upstream_guided_decoding_names_the_servers_dialect() -> None:
+    from turbine.config import UPSTREAM_GUIDED_DIALECTS
+    from turbine.engines.upstream.guided import GUIDED_DIALECTS
+
+    assert UPSTREAM_GUIDED_DIALECTS == GUIDED_DIALECTS
+    assert parse_config(WorkerConfig, list(BASE), {}, prog="t").upstream_guided_decoding == "none"
+    env = {"TURBINE_UPSTREAM_GUIDED_DECODING": "llama.cpp"}
+    assert parse_config(WorkerConfig, list(BASE), env, prog="t").upstream_guided_decoding == "llama.cpp"
+    front = ["--upstream", "m=http://a:1", "--model-path", ".", "--upstream-guided-decoding", "vllm"]
+    assert parse_config(FrontendConfig, front, {}, prog="t").upstream_guided_decoding == "vllm"
+    with pytest.raises(ConfigError, match="not one of"):
+        parse_config(WorkerConfig, [*BASE, "--upstream-guided-decoding", "tgi"], {}, prog="t")
+
+
+def test_a_gguf_file_is_a_model_path_for_upstreams(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    cfg = parse_config(WorkerConfig, [*BASE, "--model-path", str(gguf)], {}, prog="t")
+    assert cfg.is_gguf
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(WorkerConfig, [*BASE, "--model-path", str(tmp_path / "gone.gguf")], {}, prog="t")
+    with pytest.raises(ConfigError, match="not a directory"):  # the mocker needs a directory
+        parse_config(WorkerConfig, ["--engine", "mocker", "--model-path", str(gguf)], {}, prog="t")
+    front = parse_config(
+        FrontendConfig, ["--upstream", "m=http://a:1", "--model-path", str(gguf)], {}, prog="t"
+    )
+    assert front.model_path == str(gguf)
+    with pytest.raises(ConfigError, match="not a directory"):  # a GGUF is for --upstream only
+        parse_config(FrontendConfig, ["--model-path", str(gguf)], {}, prog="t")
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(
+            FrontendConfig,
+            ["--upstream", "m=http://a:1", "--model-path", str(tmp_path / "x.gguf")],
+            {},
+            prog="t",
+        )

@@ -22,7 +22,7 @@ from turbine.frontend.pipeline import ModelPipeline
 from turbine.postprocess.parsers.tool_grammar import FORCEABLE, tool_call_grammar
 from turbine.preprocess.guided import structured_output
 from turbine.preprocess.preprocessor import Prepared
-from turbine.protocol.model_card import CAP_GUIDED_DECODING
+from turbine.protocol.model_card import CAP_GUIDED_DECODING, guided_capability
 from turbine.protocol.openai import ChatCompletionRequest, CompletionRequest
 from turbine.protocol.request import GuidedDecoding
 
@@ -59,10 +59,14 @@ def _tool_constraint(pipeline: ModelPipeline, req: ChatCompletionRequest) -> Gui
     return GuidedDecoding("grammar", grammar, "parallel_tool_calls" if auto else "tool_choice")
 
 
-def _require_capability(pipeline: ModelPipeline, param: str) -> None:
-    if CAP_GUIDED_DECODING not in pipeline.card.capabilities:
+def _require_capability(pipeline: ModelPipeline, param: str, kind: str | None = None) -> None:
+    """`kind`: a structured output's kind, which an engine may support alone (an upstream server
+    declares the kinds it takes); None (tool choice): the engine's own grammars are needed."""
+    caps = pipeline.card.capabilities
+    if CAP_GUIDED_DECODING not in caps and (kind is None or guided_capability(kind) not in caps):
         raise InvalidRequest(
-            f"{param} is not supported by model '{pipeline.name}': its engine cannot constrain its output",
+            f"{param} is not supported by model '{pipeline.name}': its engine cannot constrain its output"
+            + ("" if kind is None else f" to a {kind} constraint"),
             param=param,
             code="unsupported_value",
         )
@@ -111,7 +115,8 @@ def constrain(
         guided = guided or tools
     if guided is None:
         return prepared
-    _require_capability(pipeline, guided.param)
+    structured = guided.param not in ("tool_choice", "parallel_tool_calls")
+    _require_capability(pipeline, guided.param, guided.kind if structured else None)
     error = _compile_error(guided)
     if error is not None:
         raise InvalidRequest(f"{guided.param}: {error}", param=guided.param, code="invalid_value")

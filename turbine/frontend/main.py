@@ -44,7 +44,7 @@ from turbine.runtime.discovery.base import Store
 from turbine.runtime.factory import make_event_plane, make_request_client, make_store, nats_tls
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
 from turbine.runtime.transport.local import LocalPlane
-from turbine.worker.upstream import frontend_upstreams
+from turbine.worker.upstream import frontend_upstreams, with_gguf_tokenizer
 
 log = logging.getLogger("turbine.frontend")
 
@@ -58,6 +58,7 @@ async def run_frontend(
 ) -> None:
     """Serve until `stop` is set or SIGTERM/SIGINT arrives, then drain and return."""
     stop = stop or asyncio.Event()
+    cfg = await with_gguf_tokenizer(cfg)  # --upstream with --model-path FILE.gguf
     # First, so a bad certificate or key fails as one ConfigError line before anything starts.
     ssl_context = None
     if cfg.tls_cert_path is not None and cfg.tls_key_path is not None:

@@ -14,6 +14,13 @@ EMBED_ENDPOINT = "embed"
 CAP_GUIDED_DECODING = "guided_decoding"
 
 
+def guided_capability(kind: str) -> str:
+    """The capability of an engine that constrains its output to structured outputs of one
+    `GUIDED_KINDS` kind only (an upstream server): "guided_decoding:json_schema", …; enforced tool
+    choice needs the whole CAP_GUIDED_DECODING."""
+    return f"{CAP_GUIDED_DECODING}:{kind}"
+
+
 class ModelFile(msgspec.Struct, frozen=True):
     """One file of the model directory that frontends need, published by the worker.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import signal
@@ -19,8 +20,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from turbine.config import FrontendConfig, RuntimeConfig, WorkerConfig
+from turbine.engines.upstream.gguf_files import tokenizer_dir
 from turbine.engines.upstream.sidecar import Sidecar, SidecarSettings, UpstreamSpec, wait_for_model
 from turbine.errors import ConfigError
+from turbine.models import gguf_served_name
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.model_card import ModelFile
 from turbine.runtime.discovery.base import Store
@@ -121,7 +124,12 @@ async def run_upstream_workers(
             loop.add_signal_handler(sig, stop.set)
     model_name = cfg.model_name
     reported_length: int | None = None
-    if cfg.model_path is not None:
+    if cfg.is_gguf:
+        assert cfg.model_path is not None
+        gguf, cache = Path(cfg.model_path), cfg.gguf_cache_dir
+        model_dir = await asyncio.to_thread(tokenizer_dir, gguf, Path(cache) if cache else None)
+        model_name = model_name or gguf_served_name(gguf)
+    elif cfg.model_path is not None:
         model_dir = Path(cfg.model_path)
     else:
         found = await wait_for_model(cfg.upstream[0], cfg.upstream_api_key, stop)
@@ -166,6 +174,7 @@ async def run_upstream_workers(
             api_key=cfg.upstream_api_key,
             topic=cfg.kv_events_topic,
             sampling_knobs=cfg.upstream_knobs,
+            guided_decoding=cfg.upstream_guided_decoding,
             stall_timeout_s=cfg.request_stall_timeout_s,
         )
         specs = _specs(cfg.upstream, cfg.kv_events_endpoint, cfg.kv_replay_endpoint)
@@ -187,6 +196,16 @@ async def run_upstream_workers(
     finally:
         if own_store:
             await store.close()
+
+
+async def with_gguf_tokenizer(cfg: FrontendConfig) -> FrontendConfig:
+    """`cfg` with a `--model-path FILE.gguf` (given with --upstream) replaced by the tokenizer
+    directory read from the file, which the frontend's preprocessing loads like any model dir."""
+    path = cfg.model_path
+    if path is None or not cfg.upstreams or await asyncio.to_thread(Path(path).is_dir):
+        return cfg
+    model_dir = await asyncio.to_thread(tokenizer_dir, Path(path))
+    return dataclasses.replace(cfg, model_path=str(model_dir))
 
 
 @contextlib.asynccontextmanager
@@ -225,6 +244,7 @@ async def frontend_upstreams(
                     settings=SidecarSettings(
                         block_size=block_size,
                         context_length=files.context_length,
+                        guided_decoding=cfg.upstream_guided_decoding,
                         stall_timeout_s=cfg.request_stall_timeout_s,
                     ),
                     identity=identity,

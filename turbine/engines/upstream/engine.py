@@ -31,6 +31,7 @@ import tokenizers
 
 from turbine.engines.base import EngineCapacity, EventSink, NullEventSink
 from turbine.engines.upstream.client import UpstreamClient
+from turbine.engines.upstream.guided import guided_capabilities
 from turbine.engines.upstream.history import SentHistory
 from turbine.engines.upstream.kv_codec import EngineEvent
 from turbine.engines.upstream.metrics import EngineLoad, parse_load
@@ -59,6 +60,8 @@ class UpstreamSettings:
     history_ttl_s: float = 120.0
     # The sampling knobs the server honours (SAMPLING_KNOBS names), listed in the card's capabilities.
     sampling_knobs: tuple[str, ...] = UPSTREAM_KNOBS
+    # --upstream-guided-decoding: the server's structured-output dialect (guided.GUIDED_DIALECTS).
+    guided_decoding: str = "none"
     # --request-stall-timeout-s: requests in flight and no byte from the server for this long,
     # and it does not answer a probe either: it hangs, and its streams are cut (0: never).
     stall_timeout_s: float = 0.0
@@ -103,9 +106,9 @@ class UpstreamEngine:
     # ------------------------------------------------------------------------------ lifecycle
 
     def capacity(self) -> EngineCapacity:
-        return EngineCapacity(
-            kv_block_size=self.settings.block_size, capabilities=self.settings.sampling_knobs
-        )
+        s = self.settings
+        capabilities = (*s.sampling_knobs, *guided_capabilities(s.guided_decoding))
+        return EngineCapacity(kv_block_size=s.block_size, capabilities=capabilities)
 
     def set_events(self, events: EventSink, worker_id: int) -> None:
         self._events = events
@@ -241,7 +244,13 @@ class UpstreamEngine:
         mode, model = self.mode, self.model_id
         if not self.healthy or mode is None or model is None:
             raise UpstreamUnavailable(f"upstream {self.client.base_url} is not answering")
-        body = completion_body(request, mode=mode, model=model, tokenizer=self._tokenizer)
+        body = completion_body(
+            request,
+            mode=mode,
+            model=model,
+            tokenizer=self._tokenizer,
+            guided_dialect=self.settings.guided_decoding,
+        )
         retok = Retokenizer(self._tokenizer)
         finish: FinishReason | None = None
         cached: int | None = None

@@ -30,6 +30,9 @@ Sampling and stop options, and which servers honour them (others ignore unknown 
 - bad_words, allowed_token_ids: vLLM's fields; vLLM only (the default `--upstream-sampling-knobs`
   leaves them out, so frontends refuse them unless the flag says the server takes them).
 
+- guided (structured outputs): in the fields of the server's `--upstream-guided-decoding` dialect
+  (`guided.py`).
+
 Stop *strings* are never sent: the frontend applies them to the text, for every worker alike.
 """
 
@@ -42,6 +45,7 @@ from typing import Any
 
 import tokenizers
 
+from turbine.engines.upstream.guided import guided_fields
 from turbine.protocol.request import PreprocessedRequest
 from turbine.protocol.response import FinishReason
 
@@ -56,7 +60,12 @@ _TOKEN_ID_PREFIX = "token_id:"
 
 
 def completion_body(
-    request: PreprocessedRequest, *, mode: Mode, model: str, tokenizer: tokenizers.Tokenizer
+    request: PreprocessedRequest,
+    *,
+    mode: Mode,
+    model: str,
+    tokenizer: tokenizers.Tokenizer,
+    guided_dialect: str = "none",
 ) -> dict[str, Any]:
     s, stop = request.sampling, request.stop
     body: dict[str, Any] = {
@@ -77,6 +86,8 @@ def completion_body(
     if stop.min_tokens:
         body["min_tokens"] = stop.min_tokens
     body.update(_knobs(request))
+    if s.guided is not None:
+        body.update(guided_fields(s.guided, guided_dialect))
     if mode is Mode.TOKEN:
         body["prompt"] = request.token_ids
         body["return_token_ids"] = True  # vLLM

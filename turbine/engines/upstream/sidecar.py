@@ -46,6 +46,7 @@ class SidecarSettings:
     topic: str = ""
     # The sampling knobs the upstream honours (SAMPLING_KNOBS names), listed in the card.
     sampling_knobs: tuple[str, ...] = UPSTREAM_KNOBS
+    guided_decoding: str = "none"  # UpstreamSettings.guided_decoding
     stall_timeout_s: float = 0.0  # UpstreamSettings.stall_timeout_s
 
 
@@ -108,6 +109,7 @@ class Sidecar:
                 poll_interval_s=s.poll_interval_s,
                 kv_events=spec.kv_events_endpoint is not None,
                 sampling_knobs=s.sampling_knobs,
+                guided_decoding=s.guided_decoding,
                 stall_timeout_s=s.stall_timeout_s,
             ),
         )

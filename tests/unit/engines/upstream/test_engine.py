@@ -65,14 +65,20 @@ async def serving(server: VllmLike, endpoint: str | None = None) -> AsyncIterato
 
 @contextlib.asynccontextmanager
 async def engine_for(
-    url: str, *, mode: str = "auto", poll_s: float = 0.05
+    url: str, *, mode: str = "auto", poll_s: float = 0.05, guided_decoding: str = "none"
 ) -> AsyncIterator[tuple[UpstreamEngine, Sink]]:
     sink = Sink()
     async with aiohttp.ClientSession() as session:
         engine = UpstreamEngine(
             UpstreamClient(url, session),
             TOKENIZER,
-            UpstreamSettings(block_size=16, context_length=1024, mode=mode, poll_interval_s=poll_s),
+            UpstreamSettings(
+                block_size=16,
+                context_length=1024,
+                mode=mode,
+                poll_interval_s=poll_s,
+                guided_decoding=guided_decoding,
+            ),
             worker_id=7,
             events=sink,
         )

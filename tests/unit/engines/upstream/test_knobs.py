@@ -8,8 +8,9 @@ import pytest
 
 from tests.unit.engines.upstream.test_engine import PROMPT, collect, engine_for, request, serving
 from tests.unit.engines.upstream.vllm_like import VllmLike
+from turbine.engines.upstream.guided import guided_capabilities
 from turbine.engines.upstream.params import UPSTREAM_KNOBS
-from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
+from turbine.protocol.request import GuidedDecoding, PreprocessedRequest, SamplingOptions, StopConditions
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +54,11 @@ async def test_text_mode_merges_the_bias_with_the_eos_ban() -> None:
         )
         await collect(engine, req)
         assert server.bodies[-1]["logit_bias"] == {"7": 2.5, "2": -100}
+
+
+async def test_a_constraint_reaches_a_vllm_server_and_its_kinds_are_on_the_card() -> None:
+    server = VllmLike()
+    async with serving(server) as url, engine_for(url, guided_decoding="vllm") as (engine, _):
+        await collect(engine, request(3, guided=GuidedDecoding("regex", "[0-9]+", "guided_regex")))
+        assert server.bodies[-1]["structured_outputs"] == {"regex": "[0-9]+"}
+        assert engine.capacity().capabilities == (*UPSTREAM_KNOBS, *guided_capabilities("vllm"))
