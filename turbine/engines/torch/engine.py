@@ -270,6 +270,7 @@ class TorchEngine(EngineCore):
                 watch=loaded.watch,
             )
         self._scratch_block = num_blocks
+        self._max_batched_tokens = cfg.max_num_batched_tokens
         self._executor = TorchExecutor(
             model,
             kv,
@@ -291,7 +292,10 @@ class TorchEngine(EngineCore):
             await asyncio.to_thread(self._guides.load)
         started = time.perf_counter()
         with self.loaded.watch.warming_up():
-            sizes = await self._executor.warm_up(self._scratch_block)
+            # On CUDA a full-budget step too: the caching allocator then holds a full step's
+            # activations, so a prompt longer than any before does not wait for cudaMalloc.
+            full = self._max_batched_tokens if self.loaded.device.type == "cuda" else 0
+            sizes = await self._executor.warm_up(self._scratch_block, full)
         graphs = f"; CUDA graphs of decode batches {', '.join(map(str, sizes))}" if sizes else ""
         log.info(
             "warm-up done in %.1f s: %d kernel compiles and graph captures%s",

@@ -136,11 +136,13 @@ class TorchExecutor:
         if self.guides is not None:
             self.guides.release(seq.seq_id)
 
-    async def warm_up(self, scratch_block: int) -> list[int]:
+    async def warm_up(self, scratch_block: int, full_step_tokens: int = 0) -> list[int]:
         """Compile and capture, before serving, whatever the request path would otherwise meet
-        first; returns the decode batch sizes captured as CUDA graphs."""
+        first; returns the decode batch sizes captured as CUDA graphs. `full_step_tokens` > 0: also
+        run a step of that many prefill tokens (the budget), so the allocator holds a full step's
+        activations before the first request needs them."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._locked_warm_up, scratch_block)
+        return await loop.run_in_executor(self._thread, self._locked_warm_up, scratch_block, full_step_tokens)
 
     # ---- on the event loop ---------------------------------------------------------------------
 
@@ -222,34 +224,27 @@ class TorchExecutor:
         hidden = model.forward(input_ids, positions, self.kv_cache, meta)
         return self._sample(hidden, step)
 
-    def _locked_warm_up(self, scratch_block: int) -> list[int]:
+    def _locked_warm_up(self, scratch_block: int, full_step_tokens: int) -> list[int]:
         if self._step_lock is None:
-            return self._warm_up(scratch_block)
+            return self._warm_up(scratch_block, full_step_tokens)
         with self._step_lock:
-            return self._warm_up(scratch_block)
+            return self._warm_up(scratch_block, full_step_tokens)
 
     @torch.inference_mode()
-    def _warm_up(self, scratch: int) -> list[int]:
-        """A mixed step (a prefill from scratch, one after a cached prefix, a decode) and the decode
-        kernel at every split count, all on the scratch block no sequence owns; then every CUDA graph."""
+    def _warm_up(self, scratch: int, full_step_tokens: int) -> list[int]:
+        """A mixed step (a prefill from scratch, one after a cached prefix, a decode), a full-budget
+        prefill step if asked, and the decode kernel at every split count, all on the scratch block
+        no sequence owns; then every CUDA graph."""
         model, bs = self.model, self.blocks.block_size
         table = [scratch] * 4
-        chunks = [(table, 0, bs + 3), (table, bs, 5), (table, 2 * bs, 1)]
-        input_ids = [0] * sum(n for _, _, n in chunks)
-        positions = [p for _, start, n in chunks for p in range(start, start + n)]
-        meta = build_meta(
-            chunks,
-            bs,
-            model.device,
-            sliding_window=model.arch.sliding_window,
-            decode_kernel=self.decode_kernel,
-            gather_decodes=model.device.type == "cpu" and not self.decode_kernel,
-            dtype=model.dtype,
-            prefill_kernel=self.prefill_kernel,
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=model.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=model.device)
-        model.logits(model.forward(ids, pos, self.kv_cache, meta)[-2:])
+        self._warm_step([(table, 0, bs + 3), (table, bs, 5), (table, 2 * bs, 1)])
+        if full_step_tokens > 0:
+            # Sequences no longer than the model's context, `full_step_tokens` in all.
+            longest = max(1, min(full_step_tokens, model.arch.max_position_embeddings - 1))
+            lengths = [longest] * (full_step_tokens // longest)
+            if full_step_tokens % longest:
+                lengths.append(full_step_tokens % longest)
+            self._warm_step([([scratch] * -(-n // bs), 0, n) for n in lengths])
         if model.device.type != "cuda":
             return []
         if self.decode_kernel:
@@ -266,6 +261,24 @@ class TorchExecutor:
         sizes = self.graphs.capture_all() if self.graphs is not None else []
         torch.cuda.synchronize(model.device)
         return sizes
+
+    def _warm_step(self, chunks: list[tuple[list[int], int, int]]) -> None:
+        """One forward of `chunks` (block table, computed before, new tokens) and its last logits."""
+        model = self.model
+        positions = [p for _, start, n in chunks for p in range(start, start + n)]
+        meta = build_meta(
+            chunks,
+            self.blocks.block_size,
+            model.device,
+            sliding_window=model.arch.sliding_window,
+            decode_kernel=self.decode_kernel,
+            gather_decodes=model.device.type == "cpu" and not self.decode_kernel,
+            dtype=model.dtype,
+            prefill_kernel=self.prefill_kernel,
+        )
+        ids = torch.zeros(len(positions), dtype=torch.long, device=model.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=model.device)
+        model.logits(model.forward(ids, pos, self.kv_cache, meta)[-2:])
 
     def _graph_decode(self, graphs: DecodeGraphs, step: _Step, tables: list[list[int]]) -> dict[int, Sampled]:
         bs = self.blocks.block_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,3 +49,43 @@ def test_the_triton_hook_is_chained_and_restored() -> None:
         assert knobs.runtime.jit_post_compile_hook is previous
     finally:
         knobs.runtime.jit_post_compile_hook = before
+
+
+def test_a_full_budget_warm_up_step_writes_only_the_scratch_block(tiny_llama_dir: Path) -> None:
+    """A prompt served, then a full-budget warm-up (longer than the tiny model's context, so split
+    into several sequences): every block but the scratch one holds exactly what it held, and the
+    prompt served again from the prefix cache gives the same greedy tokens."""
+    import asyncio
+
+    import torch
+
+    from turbine.engines.base import NullEventSink
+    from turbine.engines.torch.engine import TorchEngine, TorchEngineConfig, load_model
+
+    from .helpers import collect, request, tokens_of
+
+    cfg = TorchEngineConfig(model_dir=tiny_llama_dir, device="cpu", dtype="float32", progress=False)
+    loaded = load_model(cfg)
+    prompt = list(range(20, 150))
+
+    async def serve() -> tuple[list[int], list[int], int, bool]:
+        engine = TorchEngine(cfg, loaded, worker_id=1, events=NullEventSink())
+        await engine.start()
+        try:
+            executor: Any = engine.executor()
+            first = await collect(engine, request(prompt, 12, temperature=0.0))
+            blocks = engine.blocks.num_blocks
+            before = [(k[:blocks].clone(), v[:blocks].clone()) for k, v in executor.kv_cache]
+            await executor.warm_up(blocks, 2500)
+            untouched = all(
+                torch.equal(k[:blocks], k0) and torch.equal(v[:blocks], v0)
+                for (k, v), (k0, v0) in zip(executor.kv_cache, before, strict=True)
+            )
+            again = await collect(engine, request(prompt, 12, temperature=0.0))
+            return tokens_of(first), tokens_of(again), again[-1].cached_tokens or 0, untouched
+        finally:
+            await engine.stop()
+
+    first, again, cached, untouched = asyncio.run(serve())
+    assert untouched
+    assert cached > 0 and again == first
