@@ -75,7 +75,9 @@ def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
     if cfg.request_plane == "tcp":
         return TcpRequestClient(ssl_context=tcp_client_tls(cfg), stall_timeout_s=cfg.request_stall_timeout_s)
     if cfg.request_plane == "nats":
-        return NatsRequestClient(cfg.nats_server, tls=nats_tls(cfg))
+        return NatsRequestClient(
+            cfg.nats_server, stall_timeout_s=cfg.request_stall_timeout_s, tls=nats_tls(cfg)
+        )
     if cfg.request_plane == "http":
         return HttpRequestClient(stall_timeout_s=cfg.request_stall_timeout_s)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
@@ -88,9 +90,11 @@ def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestP
             host, ssl_context=tcp_server_tls(cfg), stall_timeout_s=cfg.request_stall_timeout_s
         )
     if cfg.request_plane == "nats":
-        return NatsRequestServer(cfg.nats_server, tls=nats_tls(cfg))
+        return NatsRequestServer(
+            cfg.nats_server, stall_timeout_s=cfg.request_stall_timeout_s, tls=nats_tls(cfg)
+        )
     if cfg.request_plane == "http":
-        return HttpRequestServer(host)
+        return HttpRequestServer(host, stall_timeout_s=cfg.request_stall_timeout_s)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
 
 

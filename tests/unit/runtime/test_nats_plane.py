@@ -3,12 +3,15 @@
 import asyncio
 import time
 
+import msgspec
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from tests.nats_server import NatsServer
 from tests.unit.runtime.plane_helpers import Echo, collect, enc
 from turbine.errors import EngineError, InvalidRequest, WorkerDraining, WorkerUnreachable
-from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
+from turbine.runtime.transport import framing
+from turbine.runtime.transport.nats import INBOX_PREFIX, NatsRequestClient, NatsRequestServer
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +98,7 @@ async def test_silent_worker_fails_open_streams(nats_server: NatsServer) -> None
     echo = Echo()
     server = NatsRequestServer(nats_server.url, heartbeat_s=0.1)
     address = await server.start(echo.handler)
-    client = NatsRequestClient(nats_server.url, first_frame_timeout_s=0.5, stale_after_s=0.5)
+    client = NatsRequestClient(nats_server.url, stall_timeout_s=0.5)
     try:
         tasks = [asyncio.create_task(collect(client, address, "slow", enc(100000))) for _ in range(5)]
         await asyncio.sleep(0.1)
@@ -147,5 +150,40 @@ async def test_streams_work_again_after_a_nats_restart(nats_server: NatsServer) 
                     raise
                 await asyncio.sleep(0.1)
     finally:
+        await client.close()
+        await server.stop()
+
+
+async def _wait(condition: object, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met")
+
+
+async def test_a_silent_clients_streams_are_cancelled_after_the_stall_timeout(
+    nats_server: NatsServer,
+) -> None:
+    """A client that sent keep-alives and then goes silent (frozen) has its streams cancelled; a
+    live client's stream that outlasts the timeout is held by its keep-alives."""
+    echo = Echo()
+    server = NatsRequestServer(nats_server.url, stall_timeout_s=1.0)
+    address = await server.start(echo.handler)
+    client = NatsRequestClient(nats_server.url, stall_timeout_s=1.0)
+    frozen = NatsClient()
+    await frozen.connect(nats_server.url)
+    try:
+        inbox = INBOX_PREFIX + "frozen"
+        request = framing.Request(1, "slow", msgspec.Raw(enc(10**7)))
+        await frozen.publish(address, framing.encode_frame(request), reply=f"{inbox}.1")
+        await frozen.publish(address, b"", reply=f"{inbox}.0")  # one keep-alive, then silence
+        await frozen.flush()
+        live = asyncio.create_task(collect(client, address, "slow", enc(1500)))
+        await _wait(lambda: echo.cancelled == [enc(10**7)])
+        assert len(await live) == 1500
+        assert echo.cancelled == [enc(10**7)]
+    finally:
+        await frozen.close()
         await client.close()
         await server.stop()

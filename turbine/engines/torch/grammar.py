@@ -128,20 +128,23 @@ def _fill(row: GuideRow, out: torch.Tensor) -> None:
     grammar allows next, with the request's EOS ids standing for the library's end token."""
     state = row.state
     matcher = state.matcher
+    # The few words touched below go through a NumPy view of the row: indexing a tensor element by
+    # element costs more per row than the library's own mask computation.
+    words = out.numpy()
     if row.new_tokens and not matcher.consume_tokens(row.new_tokens):
         log.warning("a guided sequence left its grammar: %s", matcher.get_error())
     if matcher.is_error():  # end it: EOS only
-        out.zero_()
+        words[:] = 0
         can_end = True
     else:
         matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
-        can_end = bool((int(out[state.end // 32]) >> (state.end % 32)) & 1)
+        can_end = bool((int(words[state.end // 32]) >> (state.end % 32)) & 1)
     ends = state.eos_ids or [state.end]
     for t in {state.end, *ends}:
-        out[t // 32] &= ~_bit(t % 32)
+        words[t // 32] &= ~_bit(t % 32)
     if can_end:
         for t in ends:
-            out[t // 32] |= _bit(t % 32)
+            words[t // 32] |= _bit(t % 32)
 
 
 def _special_token(tokenizer_json: Path) -> int | None:

@@ -14,11 +14,18 @@ Subjects:
 Detecting a dead worker (NATS itself never says that a peer went away):
 - No responders: a Request whose subject has no subscriber gets the server's 503 status on its
   reply subject `{inbox}.{stream_id}` at once → `WorkerUnreachable`.
-- Keep-alive: every `heartbeat_s` a worker sends an empty message (zero frames) to each inbox it has
-  open streams for, and one right after accepting a request. A client's watchdog fails a stream
-  with `WorkerUnreachable` when its worker has not been heard from (frames or keep-alive) for
-  `first_frame_timeout_s` after the request, or for `stale_after_s` once it was heard: a killed
-  worker mid-stream is noticed within `stale_after_s`.
+- Keep-alive: every `heartbeat_s` (0.25 s) a worker sends an empty message (zero frames) to each
+  inbox it has open streams for, and one right after accepting a request. A client's watchdog fails
+  a stream with `WorkerStalled` when its worker has not been heard from (frames or keep-alive) for
+  `stall_timeout_s` (`--request-stall-timeout-s`) since the request or since it was last heard.
+
+Detecting a frozen frontend, the other way: every 0.25 s a client sends an empty message to each
+worker it has open streams with (reply subject `{inbox}.0`). A worker that has had such a
+keep-alive from an inbox and then hears nothing from it for its `stall_timeout_s` cancels that
+inbox's streams (the engine frees their KV blocks). The NATS server's own view of a client's
+liveness does not serve here: it notices a frozen client only after its ping interval times its
+allowed outstanding pings (minutes by default), and tells other clients only through system
+account advisories, which a worker's credentials need not reach.
 - The client's or the server's connection to NATS dropping fails (client) or cancels (server)
   every open stream, since core NATS may lose messages while reconnecting; nats-py reconnects on
   its own and re-subscribes, and new streams work again once it has.
@@ -54,6 +61,7 @@ from turbine.runtime.transport.base import (
     error_to_frame,
     take_batch,
 )
+from turbine.runtime.transport.heartbeat import HEARTBEAT_INTERVAL_S
 from turbine.runtime.transport.nats_flush import flush_in_order
 
 log = logging.getLogger(__name__)
@@ -178,10 +186,13 @@ class NatsRequestServer(StreamTasks):
     def __init__(
         self,
         server_url: str = "nats://127.0.0.1:4222",
-        heartbeat_s: float = 0.5,
+        heartbeat_s: float = HEARTBEAT_INTERVAL_S,
         *,
+        stall_timeout_s: float = 0.0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`stall_timeout_s` (0: never): the streams of a client that sent keep-alives and then is
+        silent that long are cancelled."""
         super().__init__()
         self._url = server_url
         self._tls = tls
@@ -191,6 +202,10 @@ class NatsRequestServer(StreamTasks):
         self._outbox: _Outbox | None = None
         self._subject = REQUEST_SUBJECT_PREFIX + secrets.token_hex(8)
         self._streams: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._stall_timeout_s = stall_timeout_s
+        # Per client inbox: when it was last heard from, and whether it sends keep-alives.
+        self._heard: dict[str, float] = {}
+        self._beating: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self, handler: Handler) -> str:
@@ -213,14 +228,41 @@ class NatsRequestServer(StreamTasks):
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_s)
+            inboxes = {inbox for inbox, _ in self._streams}
             if self._outbox is not None:
-                for inbox in {inbox for inbox, _ in self._streams}:
+                for inbox in inboxes:
                     self._outbox.send(inbox, self._subject, None)
+            self._stop_silent(inboxes)
+
+    def _stop_silent(self, inboxes: set[str]) -> None:
+        """Cancel the streams of clients that went silent (frozen, cut off); forget idle ones."""
+        now = asyncio.get_running_loop().time()
+        timeout = self._stall_timeout_s
+        for inbox in list(self._heard):
+            if inbox not in inboxes:
+                del self._heard[inbox]
+                self._beating.discard(inbox)
+                continue
+            silent_s = now - self._heard[inbox]
+            if timeout <= 0 or inbox not in self._beating or silent_s < timeout:
+                continue
+            tasks = [task for (owner, _), task in self._streams.items() if owner == inbox]
+            log.warning(
+                "frontend connection silent for %.1f s: stopping its %d request(s)", silent_s, len(tasks)
+            )
+            for task in tasks:
+                task.cancel()
+            del self._heard[inbox]
+            self._beating.discard(inbox)
 
     async def _on_msg(self, msg: Msg) -> None:
         inbox, _, _ = msg.reply.rpartition(".")
         if not inbox.startswith(INBOX_PREFIX):
             log.warning("dropping a request-plane message without a valid reply subject")
+            return
+        self._heard[inbox] = asyncio.get_running_loop().time()
+        if not msg.data:
+            self._beating.add(inbox)  # a client's keep-alive
             return
         try:
             frames = framing.FrameDecoder().feed(msg.data)
@@ -312,16 +354,14 @@ class NatsRequestClient:
         self,
         server_url: str = "nats://127.0.0.1:4222",
         *,
-        first_frame_timeout_s: float = 2.0,
-        stale_after_s: float = 3.0,
+        stall_timeout_s: float = 0.0,
         connect_timeout_s: float = _FIRST_CONNECT_TIMEOUT_S,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._url = server_url
         self._tls = tls
         self._connect_timeout_s = connect_timeout_s
-        self._first_frame_timeout_s = first_frame_timeout_s
-        self._stale_after_s = stale_after_s
+        self._stall_timeout_s = stall_timeout_s
         self._inbox = INBOX_PREFIX + secrets.token_hex(8)
         self._nc: NatsClient | None = None
         self._outbox: _Outbox | None = None
@@ -384,19 +424,23 @@ class NatsRequestClient:
                     stream.inbox.put_nowait(_NO_RESPONDERS)
 
     async def _watch(self) -> None:
-        """Fail streams whose worker went silent (no frame, no keep-alive)."""
+        """Send keep-alives to the workers this client has streams with, and fail streams whose
+        worker went silent (no frame, no keep-alive) for the stall timeout."""
         loop = asyncio.get_running_loop()
-        interval = min(self._first_frame_timeout_s, self._stale_after_s) / 4
+        timeout = self._stall_timeout_s
+        interval = min(HEARTBEAT_INTERVAL_S, timeout / 4) if timeout > 0 else HEARTBEAT_INTERVAL_S
+        keep_alive = f"{self._inbox}.0"  # stream ids start at 1
         while True:
             await asyncio.sleep(interval)
+            if self._outbox is not None:
+                for address in {stream.address for stream in self._streams.values()}:
+                    self._outbox.send(address, keep_alive, None)
+            if timeout <= 0:
+                continue
             now = loop.time()
             for stream in self._streams.values():
-                heard = self._heard.get(stream.address, float("-inf"))
-                if heard >= stream.started:
-                    silent = now - heard > self._stale_after_s
-                else:
-                    silent = now - stream.started > self._first_frame_timeout_s
-                if silent:
+                heard = max(self._heard.get(stream.address, float("-inf")), stream.started)
+                if now - heard > timeout:
                     stream.inbox.put_nowait(_STALE)
 
     async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]:

@@ -1,0 +1,96 @@
+"""A frontend frozen with SIGSTOP on the HTTP and NATS request planes: the worker stops the
+requests it was serving for it after `--request-stall-timeout-s`, frees their KV blocks, and serves
+another frontend meanwhile (the TCP plane's case is in test_stalled_workers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import signal
+import threading
+import time
+
+import msgspec
+import pytest
+
+from tests.e2e.conftest import Stack, wait_instances, wait_until
+from tests.e2e.test_stalled_workers import LONG_TTL, SLACK_S, STALL, STALL_S, WORKER, _client, _stream
+from tests.nats_server import NatsServer
+from turbine.protocol.instance import Instance, instances_prefix
+from turbine.protocol.kv_events import KV_EVENTS_ENDPOINT, LoadMetrics, WorkerEvent
+from turbine.runtime.discovery.file import FileStore
+from turbine.runtime.transport.base import RequestPlaneClient
+from turbine.runtime.transport.http import HttpRequestClient
+from turbine.runtime.transport.nats import NatsRequestClient
+
+pytestmark = pytest.mark.e2e
+
+
+async def _address(stack: Stack) -> str:
+    store = FileStore(stack.store)
+    try:
+        (kv,) = await store.get_prefix(instances_prefix("test"))
+        return msgspec.msgpack.decode(kv.value, type=Instance).address
+    finally:
+        await store.close()
+
+
+def _follow_load(
+    plane: str, nats_url: str, address: str, seen: list[LoadMetrics], stop: threading.Event
+) -> None:
+    """The worker's own load metrics, as its kv_events stream reports them, over `plane`."""
+
+    async def main() -> None:
+        client: RequestPlaneClient = HttpRequestClient() if plane == "http" else NatsRequestClient(nats_url)
+        decode = msgspec.msgpack.Decoder(WorkerEvent).decode
+
+        async def read() -> None:
+            async for frames in client.stream(address, KV_EVENTS_ENDPOINT, msgspec.msgpack.encode(None)):
+                seen.extend(e.load for e in map(decode, frames) if e.load is not None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        await asyncio.to_thread(stop.wait)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await client.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("plane", ["http", "nats"])
+def test_a_frozen_frontends_requests_are_stopped_and_their_blocks_freed(
+    stack: Stack, nats_server: NatsServer, plane: str
+) -> None:
+    args = ("--request-plane", plane, "--nats-server", nats_server.url, *STALL)
+    front, url = stack.frontend(*args)
+    _, other_url = stack.frontend(*args)
+    worker = stack.worker(*WORKER, *args, ttl=LONG_TTL)
+    wait_instances(url, 1)
+    wait_instances(other_url, 1)
+    address = asyncio.run(_address(stack))
+    seen: list[LoadMetrics] = []
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_load, args=(plane, nats_server.url, address, seen, stop))
+    follower.start()
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        oai = _client(url, timeout=30)
+        for i in range(4):
+            pool.submit(_stream, oai, i, 5000)  # outcome ignored: its frontend is frozen mid-way
+        wait_until(lambda: bool(seen) and seen[-1].num_running == 4, 10)
+        busy = seen[-1].kv_blocks_used
+        front.signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        # Meanwhile the worker serves another frontend.
+        assert _stream(_client(other_url), 9, 8).finish == "length"
+        wait_until(lambda: seen[-1].num_running + seen[-1].num_waiting == 0, STALL_S + SLACK_S + 5)
+        assert time.monotonic() - stopped_at < STALL_S + SLACK_S + 5
+        assert busy > 0 and seen[-1].kv_blocks_used == 0, (busy, seen[-1])
+        assert "frontend connection silent" in worker.log()
+        # The other frontend is still served after the stop.
+        assert _stream(_client(other_url), 10, 8).finish == "length"
+    finally:
+        front.signal(signal.SIGCONT)
+        stop.set()
+        follower.join(10)
+        pool.shutdown(wait=True, cancel_futures=True)
