@@ -438,26 +438,22 @@ def describe(args: argparse.Namespace) -> str:
     return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, SmolLM2-135M-Instruct GGUF"
 
 
+def worker_argv(args: argparse.Namespace, model_dir: Path, max_seqs: int) -> list[str]:
+    """`turbine worker` flags for the torch engine on `model_dir` (random weights on CUDA)."""
+    worker = ["--engine", "torch", "--model-path", str(model_dir), "--model-name", MODEL]
+    worker += ["--device", args.device, "--max-num-seqs", str(max_seqs)]
+    if args.device == "cuda":
+        worker += ["--load-format", "dummy", "--gpu-memory-utilization", "0.85"]
+    return [*worker, "--log-level", "info", *args.worker_args.split()]
+
+
 def serve(
     args: argparse.Namespace, model_dir: Path, rates: EngineRates, concurrencies: list[int]
 ) -> tuple[list[Row], dict[str, Any]]:
     from turbine.preprocess.chat_template import ChatTemplate
     from turbine.preprocess.tokenizer import load_model_files
 
-    worker = [
-        "--engine",
-        "torch",
-        "--model-path",
-        str(model_dir),
-        "--model-name",
-        MODEL,
-        "--device",
-        args.device,
-    ]
-    worker += ["--max-num-seqs", str(max(concurrencies))]
-    if args.device == "cuda":
-        worker += ["--load-format", "dummy", "--gpu-memory-utilization", "0.85"]
-    worker += ["--log-level", "info", *args.worker_args.split()]
+    worker = worker_argv(args, model_dir, max(concurrencies))
     files = load_model_files(model_dir)
     assert files.chat_template is not None, "the chat workload needs the model's chat template"
     template = ChatTemplate(files.chat_template, files.bos_token, files.eos_token)

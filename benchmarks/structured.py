@@ -43,7 +43,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve import describe, model_dir_for, stream_one
+from serve import describe, model_dir_for, stream_one, worker_argv
 
 from turbine.bench.stack import LocalStack, proc_cpu_seconds
 
@@ -503,20 +503,7 @@ def main() -> int:
 def serve(
     args: argparse.Namespace, model_dir: Path, concurrencies: list[int], counts: list[int]
 ) -> tuple[list[Run], dict[str, Any]]:
-    worker = [
-        "--engine",
-        "torch",
-        "--model-path",
-        str(model_dir),
-        "--model-name",
-        MODEL,
-        "--device",
-        args.device,
-    ]
-    worker += ["--max-num-seqs", str(max(concurrencies))]
-    if args.device == "cuda":
-        worker += ["--load-format", "dummy", "--gpu-memory-utilization", "0.85"]
-    worker += ["--log-level", "info", *args.worker_args.split()]
+    worker = worker_argv(args, model_dir, max(concurrencies))
     runs: list[Run] = []
     out = args.output_tokens
     with LocalStack(["--router-mode", "round-robin"], worker) as stack:

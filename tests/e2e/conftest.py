@@ -3,6 +3,7 @@ subprocesses started with the same commands users type, stopped (and killed if n
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -12,10 +13,11 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,41 @@ class Stack:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+TINY = "tiny-llama"
+
+
+def tiny_torch_worker(stack: Stack, model_dir: Path, *extra: str, ttl: float = 10.0) -> Proc:
+    """A torch worker serving the tiny random Llama (`tiny_llama_dir`) on the CPU as `TINY`.
+
+    float32: greedy texts compared across batches, workers and migrations must not hinge on bf16
+    rounding."""
+    return stack.worker(
+        "--engine", "torch", "--model-path", str(model_dir), "--model-name", TINY, "--device", "cpu",
+        "--dtype", "float32", "--block-size", "16", "--kv-cache-memory-bytes", str(64 << 20),
+        *extra, ttl=ttl,
+    )  # fmt: skip
+
+
+class StreamProgress:
+    """Thread-safe count of the deltas each of several concurrent streams has received."""
+
+    def __init__(self) -> None:
+        self.received = collections.Counter[int]()
+        self._lock = threading.Lock()
+
+    def counter(self, stream: int) -> Callable[[], None]:
+        def seen() -> None:
+            with self._lock:
+                self.received[stream] += 1
+
+        return seen
+
+    def all_past(self, streams: int, deltas: int) -> bool:
+        """Every one of `streams` streams has received at least `deltas` deltas."""
+        with self._lock:
+            return len(self.received) == streams and min(self.received.values()) >= deltas
 
 
 def wait_until(predicate: Any, timeout: float, proc: Proc | None = None, interval: float = 0.05) -> None:

@@ -7,12 +7,10 @@ Engines that cannot constrain their output (the mocker) refuse the same requests
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import json
 import re
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +22,16 @@ import pydantic
 import pytest
 from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
-from tests.e2e.conftest import Stack, http, live_instances, wait_instances, wait_until
+from tests.e2e.conftest import (
+    TINY,
+    Stack,
+    StreamProgress,
+    http,
+    live_instances,
+    tiny_torch_worker,
+    wait_instances,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -433,26 +440,15 @@ def test_a_guided_stream_migrated_mid_way_resumes_its_grammar(stack: Stack, tiny
     over the tokens already sent, so each client gets one valid document equal to an uninterrupted
     run (not a second document started inside the first)."""
     _, url = stack.frontend("--migration-limit", "3")
-    tiny = ("--engine", "torch", "--model-path", str(tiny_llama_dir), "--model-name", "tiny-llama",
-            "--device", "cpu", "--dtype", "float32", "--block-size", "16",
-            "--kv-cache-memory-bytes", str(64 << 20))  # fmt: skip
-    victim = stack.worker(*tiny, ttl=2.0)
-    stack.worker(*tiny, ttl=2.0)
-    wait_instances(url, 2, timeout=60, model="tiny-llama")
+    victim = tiny_torch_worker(stack, tiny_llama_dir, ttl=2.0)
+    tiny_torch_worker(stack, tiny_llama_dir, ttl=2.0)
+    wait_instances(url, 2, timeout=60, model=TINY)
     oai = _oai(url)
-    received = collections.Counter[int]()
-    lock = threading.Lock()
-
-    def count(i: int) -> Callable[[], None]:
-        def seen() -> None:
-            with lock:
-                received[i] += 1
-
-        return seen
+    progress = StreamProgress()
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(_digits, oai, i, count(i)) for i in range(6)]
-        wait_until(lambda: len(received) == 6 and min(received.values()) >= 5, 60)
+        futures = [pool.submit(_digits, oai, i, progress.counter(i)) for i in range(6)]
+        wait_until(lambda: progress.all_past(6, 5), 60)
         victim.signal(signal.SIGKILL)
         results = [f.result() for f in futures]
     _, _, metrics = http("GET", url + "/metrics")

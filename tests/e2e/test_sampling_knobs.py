@@ -13,13 +13,12 @@ import openai
 import pytest
 import tokenizers
 
-from tests.e2e.conftest import Stack, wait_instances
+from tests.e2e.conftest import TINY, Stack, tiny_torch_worker, wait_instances
 from turbine.protocol.openai import UNBUILT_CHAT, UNBUILT_COMPLETION, ChatCompletionRequest, CompletionRequest
 from turbine.protocol.request import SAMPLING_KNOBS
 
 pytestmark = pytest.mark.e2e
 
-TINY = "tiny-llama"
 ECHO = "echo-model"
 PROMPT = "Story: once upon a time"
 
@@ -36,22 +35,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> It
 
 def _start(stack: Stack, tiny_llama_dir: Path) -> str:
     _, url = stack.frontend()
-    stack.worker(
-        "--engine",
-        "torch",
-        "--model-path",
-        str(tiny_llama_dir),
-        "--model-name",
-        TINY,
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        "--block-size",
-        "16",
-        "--kv-cache-memory-bytes",
-        str(64 << 20),
-    )
+    tiny_torch_worker(stack, tiny_llama_dir)
     stack.worker("--engine", "echo", "--model-name", ECHO)
     wait_instances(url, 1, timeout=60, model=TINY)
     wait_instances(url, 1, timeout=20, model=ECHO)

@@ -14,10 +14,19 @@ import msgspec
 import pytest
 
 from tests.e2e.conftest import Stack, wait_instances, wait_until
-from tests.e2e.test_stalled_workers import LONG_TTL, SLACK_S, STALL, STALL_S, WORKER, _client, _stream
+from tests.e2e.test_stalled_workers import (
+    LONG_TTL,
+    SLACK_S,
+    STALL,
+    STALL_S,
+    WORKER,
+    _client,
+    _stream,
+    follow_load,
+)
 from tests.nats_server import NatsServer
 from turbine.protocol.instance import Instance, instances_prefix
-from turbine.protocol.kv_events import KV_EVENTS_ENDPOINT, LoadMetrics, WorkerEvent
+from turbine.protocol.kv_events import LoadMetrics
 from turbine.runtime.discovery.file import FileStore
 from turbine.runtime.transport.base import RequestPlaneClient
 from turbine.runtime.transport.http import HttpRequestClient
@@ -35,28 +44,6 @@ async def _address(stack: Stack) -> str:
         await store.close()
 
 
-def _follow_load(
-    plane: str, nats_url: str, address: str, seen: list[LoadMetrics], stop: threading.Event
-) -> None:
-    """The worker's own load metrics, as its kv_events stream reports them, over `plane`."""
-
-    async def main() -> None:
-        client: RequestPlaneClient = HttpRequestClient() if plane == "http" else NatsRequestClient(nats_url)
-        decode = msgspec.msgpack.Decoder(WorkerEvent).decode
-
-        async def read() -> None:
-            async for frames in client.stream(address, KV_EVENTS_ENDPOINT, msgspec.msgpack.encode(None)):
-                seen.extend(e.load for e in map(decode, frames) if e.load is not None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        await asyncio.to_thread(stop.wait)
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
-        await client.close()
-
-    asyncio.run(main())
-
-
 @pytest.mark.parametrize("plane", ["http", "nats"])
 def test_a_frozen_frontends_requests_are_stopped_and_their_blocks_freed(
     stack: Stack, nats_server: NatsServer, plane: str
@@ -70,7 +57,11 @@ def test_a_frozen_frontends_requests_are_stopped_and_their_blocks_freed(
     address = asyncio.run(_address(stack))
     seen: list[LoadMetrics] = []
     stop = threading.Event()
-    follower = threading.Thread(target=_follow_load, args=(plane, nats_server.url, address, seen, stop))
+
+    def client_of() -> RequestPlaneClient:
+        return HttpRequestClient() if plane == "http" else NatsRequestClient(nats_server.url)
+
+    follower = threading.Thread(target=follow_load, args=(address, seen, stop, client_of))
     follower.start()
     pool = concurrent.futures.ThreadPoolExecutor(4)
     try:

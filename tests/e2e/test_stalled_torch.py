@@ -4,18 +4,15 @@ uninterrupted run."""
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Stack, wait_instances, wait_until
+from tests.e2e.conftest import TINY, Stack, StreamProgress, tiny_torch_worker, wait_instances, wait_until
 from tests.e2e.test_stalled_workers import _metric
-from tests.e2e.test_torch_engine import TINY, _client, _story, _tiny_worker
+from tests.e2e.test_torch_engine import _client, _story
 
 pytestmark = pytest.mark.e2e
 
@@ -24,26 +21,18 @@ STALL = ("--request-stall-timeout-s", "1.5")
 
 def test_a_frozen_torch_workers_greedy_streams_move_unchanged(stack: Stack, tiny_llama_dir: Path) -> None:
     _, url = stack.frontend("--migration-limit", "3", *STALL)
-    _tiny_worker(stack, tiny_llama_dir, *STALL, ttl=120.0)
+    tiny_torch_worker(stack, tiny_llama_dir, *STALL, ttl=120.0)
     victim = stack.procs[-1]
-    _tiny_worker(stack, tiny_llama_dir, *STALL, ttl=120.0)
+    tiny_torch_worker(stack, tiny_llama_dir, *STALL, ttl=120.0)
     wait_instances(url, 2, timeout=60, model=TINY)
     oai = _client(url)
-    received = collections.Counter[int]()
-    lock = threading.Lock()
-
-    def count(i: int) -> Callable[[], None]:
-        def seen() -> None:
-            with lock:
-                received[i] += 1
-
-        return seen
+    progress = StreamProgress()
 
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(_story, oai, i, count(i)) for i in range(8)]
+            futures = [pool.submit(_story, oai, i, progress.counter(i)) for i in range(8)]
             # Frozen once every stream has its first tokens (not on a timer: see the kill test).
-            wait_until(lambda: len(received) == 8 and min(received.values()) >= 5, 60)
+            wait_until(lambda: progress.all_past(8, 5), 60)
             victim.signal(signal.SIGSTOP)
             results = [f.result() for f in futures]
         assert all(finish == "length" for _, finish in results)

@@ -9,7 +9,7 @@ import concurrent.futures
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 import openai
@@ -20,6 +20,7 @@ from tests.e2e.tcp_proxy import FreezableProxy
 from turbine.protocol.instance import Instance, instances_prefix
 from turbine.protocol.kv_events import KV_EVENTS_ENDPOINT, LoadMetrics, WorkerEvent
 from turbine.runtime.discovery.file import FileStore
+from turbine.runtime.transport.base import RequestPlaneClient
 from turbine.runtime.transport.tcp import TcpRequestClient
 
 pytestmark = pytest.mark.e2e
@@ -212,11 +213,17 @@ def test_a_request_queued_longer_than_the_stall_timeout_is_not_cut(stack: Stack)
     assert _metric(url, "turbine_request_stalls_total") == 0
 
 
-def _follow_load(address: str, seen: list[LoadMetrics], stop: threading.Event) -> None:
-    """The worker's own load metrics, as its kv_events stream reports them."""
+def follow_load(
+    address: str,
+    seen: list[LoadMetrics],
+    stop: threading.Event,
+    client_of: Callable[[], RequestPlaneClient] = TcpRequestClient,
+) -> None:
+    """The worker's own load metrics, as its kv_events stream reports them (until `stop`), over the
+    request plane `client_of` makes a client of."""
 
     async def main() -> None:
-        client = TcpRequestClient()
+        client = client_of()
         decode = msgspec.msgpack.Decoder(WorkerEvent).decode
 
         async def read() -> None:
@@ -243,7 +250,7 @@ def test_a_frozen_frontends_requests_are_stopped_and_their_blocks_freed(
     ((_, instance, _),) = asyncio.run(_instance_keys(stack.store))
     seen: list[LoadMetrics] = []
     stop = threading.Event()
-    follower = threading.Thread(target=_follow_load, args=(instance.address, seen, stop))
+    follower = threading.Thread(target=follow_load, args=(instance.address, seen, stop))
     follower.start()
     frozen.append(front)
     try:

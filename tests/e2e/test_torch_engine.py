@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,38 +17,24 @@ import pytest
 from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
 from tests.conftest import TINY_LLAMA_CONTEXT
-from tests.e2e.conftest import Stack, http, live_instances, wait_instances, wait_until
+from tests.e2e.conftest import (
+    TINY,
+    Stack,
+    StreamProgress,
+    http,
+    live_instances,
+    tiny_torch_worker,
+    wait_instances,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
-TINY = "tiny-llama"
 
 
 def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _tiny_worker(stack: Stack, model_dir: Path, *extra: str, ttl: float = 10.0) -> None:
-    stack.worker(
-        "--engine",
-        "torch",
-        "--model-path",
-        str(model_dir),
-        "--model-name",
-        TINY,
-        "--device",
-        "cpu",
-        # float32: greedy texts compared across batches and migrations must not hinge on bf16 rounding.
-        "--dtype",
-        "float32",
-        "--block-size",
-        "16",
-        "--kv-cache-memory-bytes",
-        str(64 << 20),
-        *extra,
-        ttl=ttl,
-    )
 
 
 @pytest.mark.timeout(300)
@@ -199,8 +183,8 @@ def test_kv_events_from_torch_workers_route_each_group_to_its_holder(
     stack: Stack, tiny_llama_dir: Path
 ) -> None:
     _, url = stack.frontend("--router-mode", "kv", "--kv-cache-block-size", "16")
-    _tiny_worker(stack, tiny_llama_dir)
-    _tiny_worker(stack, tiny_llama_dir)
+    tiny_torch_worker(stack, tiny_llama_dir)
+    tiny_torch_worker(stack, tiny_llama_dir)
     wait_instances(url, 2, timeout=60, model=TINY)
     oai = _client(url)
     holders: set[str] = set()
@@ -249,26 +233,18 @@ def _story(oai: openai.OpenAI, i: int, on_chunk: Callable[[], None] | None = Non
 
 def test_greedy_streams_migrate_between_torch_workers_unchanged(stack: Stack, tiny_llama_dir: Path) -> None:
     _, url = stack.frontend("--migration-limit", "3")
-    _tiny_worker(stack, tiny_llama_dir, ttl=2.0)
+    tiny_torch_worker(stack, tiny_llama_dir, ttl=2.0)
     victim = stack.procs[-1]
-    _tiny_worker(stack, tiny_llama_dir, ttl=2.0)
+    tiny_torch_worker(stack, tiny_llama_dir, ttl=2.0)
     wait_instances(url, 2, timeout=60, model=TINY)
     oai = _client(url)
     # Kill the victim once every stream has its first tokens, not on a timer: on a fast machine a
     # timer can fire after the stories are done, and nothing migrates.
-    received = collections.Counter[int]()
-    lock = threading.Lock()
-
-    def count(i: int) -> Callable[[], None]:
-        def seen() -> None:
-            with lock:
-                received[i] += 1
-
-        return seen
+    progress = StreamProgress()
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(_story, oai, i, count(i)) for i in range(8)]
-        wait_until(lambda: len(received) == 8 and min(received.values()) >= 5, 60)
+        futures = [pool.submit(_story, oai, i, progress.counter(i)) for i in range(8)]
+        wait_until(lambda: progress.all_past(8, 5), 60)
         victim.signal(signal.SIGKILL)
         results = [f.result() for f in futures]
     assert all(finish == "length" for _, finish in results)
@@ -283,7 +259,7 @@ def test_greedy_streams_migrate_between_torch_workers_unchanged(stack: Stack, ti
 
 def test_a_prompt_longer_than_the_context_is_a_400(stack: Stack, tiny_llama_dir: Path) -> None:
     _, url = stack.frontend()
-    _tiny_worker(stack, tiny_llama_dir)
+    tiny_torch_worker(stack, tiny_llama_dir)
     wait_instances(url, 1, timeout=60, model=TINY)
     body = {"model": TINY, "prompt": "word " * (TINY_LLAMA_CONTEXT + 100), "max_tokens": 5}
     status, _, raw = http(

@@ -8,24 +8,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.conftest import Proc, Stack, live_instances, wait_until
+from tests.e2e.conftest import TINY, Proc, Stack, live_instances, tiny_torch_worker, wait_until
 
 pytestmark = pytest.mark.e2e
-
-TINY = "tiny-llama"
-
-
-def _tiny_worker(stack: Stack, model_dir: Path) -> Proc:
-    return stack.worker(
-        "--engine", "torch", "--model-path", str(model_dir), "--model-name", TINY, "--device", "cpu",
-        "--dtype", "float32", "--block-size", "16", "--kv-cache-memory-bytes", str(64 << 20),
-        "--log-level", "info",
-    )  # fmt: skip
 
 
 def _ready(stack: Stack, tiny_llama_dir: Path) -> tuple[Proc, openai.OpenAI]:
     _, url = stack.frontend()
-    worker = _tiny_worker(stack, tiny_llama_dir)
+    worker = tiny_torch_worker(stack, tiny_llama_dir, "--log-level", "info")
     wait_until(lambda: live_instances(url, TINY) == 1, 60, worker)
     return worker, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 

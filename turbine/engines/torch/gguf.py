@@ -18,7 +18,6 @@ tokenizer is rebuilt by `transformers`' GGUF tokenizer converter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from turbine.engines import derived_dir
 from turbine.engines.torch import q4
 from turbine.errors import ConfigError
 from turbine.models import gguf_served_name
@@ -37,7 +37,6 @@ from turbine.models import gguf_served_name
 log = logging.getLogger(__name__)
 
 _FORMAT = 3  # bump when the converted layout changes, so old cache entries are not reused
-_COMPLETE = ".turbine-complete"
 
 # GGUF tensor name (after "blk.N.") → transformers name (after "model.layers.N.").
 _LAYER_NAMES = {
@@ -81,27 +80,16 @@ def convert_gguf(path: Path, cache_dir: Path | None = None, *, progress: bool = 
     """The model directory for `path`, converting it on first use; `ConfigError` for unusable files."""
     path = path.resolve()
     try:
-        st = path.stat()
+        key = derived_dir.version_key(path, _FORMAT)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
-    key = hashlib.sha256(f"{_FORMAT}:{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     root = cache_dir or default_cache_dir()
     out = root / f"{served_name(path)}-{key}"
-    if (out / _COMPLETE).is_file():
+    if derived_dir.is_complete(out):
         log.info("using the converted %s from %s", path.name, out)
-        prune_stale(root, out, path)
-        return out
-    log.info("converting %s to %s (once; later starts reuse it)", path.name, out)
-    tmp = root / f".{out.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _convert(path, tmp, progress)
-        (tmp / _COMPLETE).write_text(str(path) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)  # atomic: a concurrent start sees either nothing or a complete directory
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        log.info("converting %s to %s (once; later starts reuse it)", path.name, out)
+        derived_dir.build_once(out, path, lambda tmp: _convert(path, tmp, progress))
     prune_stale(root, out, path)
     return out
 
@@ -112,7 +100,7 @@ def prune_stale(root: Path, current: Path, path: Path) -> list[Path]:
     Conversions of other files are kept, whatever their names. Returns what was removed."""
     removed = []
     for entry in root.glob(f"{served_name(path)}-*"):
-        marker = entry / _COMPLETE
+        marker = entry / derived_dir.COMPLETE
         if entry == current or not marker.is_file():
             continue
         try:

@@ -11,21 +11,19 @@ writes the weights too). The metadata is read with the `gguf` package.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from turbine.engines import derived_dir
 from turbine.errors import ConfigError
 
 _CONTROL = 3  # llama.cpp token type of special (control) tokens
 _FORMAT = "1"  # bump when the written files change, so cached directories are rewritten
-_COMPLETE = ".complete"
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -80,23 +78,11 @@ def tokenizer_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
     `ConfigError` for a file that is missing, not a GGUF, or of a vocabulary not handled."""
     path = gguf.resolve()
     try:
-        st = path.stat()
+        key = derived_dir.version_key(path, _FORMAT)
     except OSError as exc:
         raise ConfigError(f"--model-path {str(gguf)!r}: {exc.strerror}") from None
-    key = hashlib.sha256(f"{_FORMAT}:{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = cache_dir or default_cache_dir()
-    out = root / f"{path.name.removesuffix('.gguf')}-{key}"
-    if (out / _COMPLETE).is_file():
-        return out
-    tmp = root / f".{out.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out = (cache_dir or default_cache_dir()) / f"{path.name.removesuffix('.gguf')}-{key}"
     try:
-        write_tokenizer_dir(path, tmp)
-        (tmp / _COMPLETE).write_text(str(path) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)  # atomic: a concurrent start sees either nothing or a complete directory
+        return derived_dir.build_once(out, path, lambda tmp: write_tokenizer_dir(path, tmp))
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"--model-path {str(gguf)!r}: {exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
