@@ -119,7 +119,8 @@ async def test_a_worker_stops_the_requests_of_a_frontend_gone_silent() -> None:
     writer.write(framing.encode_frame(framing.Request(1, "slow", msgspec.Raw(enc(10**9)))))
     try:
         await _until(lambda: bool(echo.cancelled))
-        assert server.active_streams == 0
+        # The handler sees its cancellation before the server's task for it ends.
+        await _until(lambda: server.active_streams == 0)
     finally:
         writer.close()
         await server.stop()
