@@ -24,6 +24,7 @@ from turbine.engines.core.engine import EngineCore, Executor
 from turbine.engines.core.scheduler import SchedulerConfig
 from turbine.engines.torch import cpu_kernels, q4
 from turbine.engines.torch.arch import ModelArch, read_arch
+from turbine.engines.torch.buckets import buckets
 from turbine.engines.torch.compile_watch import CompileWatch
 from turbine.engines.torch.cuda_graphs import DecodeGraphs
 from turbine.engines.torch.grammar import Guides
@@ -271,6 +272,8 @@ class TorchEngine(EngineCore):
             )
         self._scratch_block = num_blocks
         self._max_batched_tokens = cfg.max_num_batched_tokens
+        prefill_kernel = _prefill_kernel_available(loaded.device, cfg.block_size, loaded.arch.head_dim)
+        self._max_num_seqs = cfg.max_num_seqs
         self._executor = TorchExecutor(
             model,
             kv,
@@ -280,7 +283,10 @@ class TorchEngine(EngineCore):
             graphs=graphs,
             step_lock=loaded.gpu_lock if loaded.device.type == "cuda" else None,
             guides=self._guides,
-            prefill_kernel=_prefill_kernel_available(loaded.device, cfg.block_size, loaded.arch.head_dim),
+            prefill_kernel=prefill_kernel,
+            # On CUDA a step's row count picks library kernels (cuBLAS) and allocator blocks the first
+            # time it is seen: pad to the few sizes the warm-up has run.
+            pad_steps=prefill_kernel,
         )
 
     def executor(self) -> Executor:
@@ -295,8 +301,10 @@ class TorchEngine(EngineCore):
             # On CUDA a full-budget step too: the caching allocator then holds a full step's
             # activations, so a prompt longer than any before does not wait for cudaMalloc.
             full = self._max_batched_tokens if self.loaded.device.type == "cuda" else 0
-            sizes = await self._executor.warm_up(self._scratch_block, full)
+            sizes = await self._executor.warm_up(self._scratch_block, full, self._max_num_seqs)
         graphs = f"; CUDA graphs of decode batches {', '.join(map(str, sizes))}" if sizes else ""
+        if self._executor.pad_steps and full:
+            graphs += f"; prefill steps padded to {len(buckets(full))} sizes up to {buckets(full)[-1]} tokens"
         log.info(
             "warm-up done in %.1f s: %d kernel compiles and graph captures%s",
             time.perf_counter() - started,

@@ -31,6 +31,7 @@ import torch
 from turbine.engines.core.block_manager import BlockManager
 from turbine.engines.core.scheduler import Sampled, Seq, StepPlan
 from turbine.engines.torch.attention import build_meta
+from turbine.engines.torch.buckets import bucket, buckets
 from turbine.engines.torch.cuda_graphs import DecodeGraphs, Launched
 from turbine.engines.torch.grammar import Guides
 from turbine.engines.torch.logits_processors import TokenCounts, row_adjust
@@ -100,10 +101,15 @@ class TorchExecutor:
         step_lock: threading.Lock | None = None,
         guides: Guides | None = None,
         prefill_kernel: bool = False,
+        pad_steps: bool = False,
     ) -> None:
-        """`prefill_kernel`: prefill chunks through the paged Triton kernel (CUDA), not gather + SDPA."""
+        """`prefill_kernel`: prefill chunks through the paged Triton kernel (CUDA), not gather + SDPA.
+        `pad_steps`: pad every prefill or mixed step to a size of `buckets.py` (with a filler chunk on
+        the scratch block) and its sampled rows likewise, once `warm_up` has run every such size."""
         self.model = model
         self.prefill_kernel = prefill_kernel
+        self.pad_steps = pad_steps
+        self._scratch: int | None = None
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.defaults = defaults
@@ -136,13 +142,16 @@ class TorchExecutor:
         if self.guides is not None:
             self.guides.release(seq.seq_id)
 
-    async def warm_up(self, scratch_block: int, full_step_tokens: int = 0) -> list[int]:
+    async def warm_up(self, scratch_block: int, full_step_tokens: int = 0, max_seqs: int = 1) -> list[int]:
         """Compile and capture, before serving, whatever the request path would otherwise meet
         first; returns the decode batch sizes captured as CUDA graphs. `full_step_tokens` > 0: also
         run a step of that many prefill tokens (the budget), so the allocator holds a full step's
-        activations before the first request needs them."""
+        activations before the first request needs them; with `pad_steps`, a step of every padded
+        size up to it, and the logits of every padded count of sampled rows up to `max_seqs`."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._locked_warm_up, scratch_block, full_step_tokens)
+        return await loop.run_in_executor(
+            self._thread, self._locked_warm_up, scratch_block, full_step_tokens, max_seqs
+        )
 
     # ---- on the event loop ---------------------------------------------------------------------
 
@@ -209,8 +218,15 @@ class TorchExecutor:
             if graphs.fits(len(tables), max(len(t) for t in tables)):
                 return self._graph_decode(graphs, step, tables)
         self._ahead = None
+        chunks, input_ids, positions = step.chunks, step.input_ids, step.positions
+        if self.pad_steps and self._scratch is not None:
+            filler = bucket(len(input_ids)) - len(input_ids)
+            if filler:
+                chunks = chunks + self._filler(filler)
+                input_ids = input_ids + [0] * filler
+                positions = positions + [p for _, start, n in chunks[len(step.chunks) :] for p in range(n)]
         meta = build_meta(
-            step.chunks,
+            chunks,
             self.blocks.block_size,
             device,
             sliding_window=model.arch.sliding_window,
@@ -219,32 +235,46 @@ class TorchExecutor:
             dtype=model.dtype,
             prefill_kernel=self.prefill_kernel,
         )
-        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)
-        positions = torch.tensor(step.positions, dtype=torch.long, device=device)
-        hidden = model.forward(input_ids, positions, self.kv_cache, meta)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=device)
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        hidden = model.forward(ids, pos, self.kv_cache, meta)
         return self._sample(hidden, step)
 
-    def _locked_warm_up(self, scratch_block: int, full_step_tokens: int) -> list[int]:
+    def _filler(self, tokens: int) -> list[tuple[list[int], int, int]]:
+        """Prefill chunks of `tokens` tokens in all on the scratch block no sequence owns, none
+        longer than the model's context: they pad a step, and their rows are never read."""
+        assert self._scratch is not None
+        bs = self.blocks.block_size
+        longest = max(1, min(tokens, self.model.arch.max_position_embeddings - 1))
+        lengths = [longest] * (tokens // longest)
+        if tokens % longest:
+            lengths.append(tokens % longest)
+        return [([self._scratch] * -(-n // bs), 0, n) for n in lengths]
+
+    def _locked_warm_up(self, scratch_block: int, full_step_tokens: int, max_seqs: int) -> list[int]:
         if self._step_lock is None:
-            return self._warm_up(scratch_block, full_step_tokens)
+            return self._warm_up(scratch_block, full_step_tokens, max_seqs)
         with self._step_lock:
-            return self._warm_up(scratch_block, full_step_tokens)
+            return self._warm_up(scratch_block, full_step_tokens, max_seqs)
 
     @torch.inference_mode()
-    def _warm_up(self, scratch: int, full_step_tokens: int) -> list[int]:
+    def _warm_up(self, scratch: int, full_step_tokens: int, max_seqs: int) -> list[int]:
         """A mixed step (a prefill from scratch, one after a cached prefix, a decode), a full-budget
-        prefill step if asked, and the decode kernel at every split count, all on the scratch block
-        no sequence owns; then every CUDA graph."""
+        prefill step if asked (with `pad_steps`: one of every padded size, and the logits of every
+        padded row count), and the decode kernel at every split count, all on the scratch block no
+        sequence owns; then every CUDA graph."""
         model, bs = self.model, self.blocks.block_size
+        self._scratch = scratch
         table = [scratch] * 4
         self._warm_step([(table, 0, bs + 3), (table, bs, 5), (table, 2 * bs, 1)])
-        if full_step_tokens > 0:
-            # Sequences no longer than the model's context, `full_step_tokens` in all.
-            longest = max(1, min(full_step_tokens, model.arch.max_position_embeddings - 1))
-            lengths = [longest] * (full_step_tokens // longest)
-            if full_step_tokens % longest:
-                lengths.append(full_step_tokens % longest)
-            self._warm_step([([scratch] * -(-n // bs), 0, n) for n in lengths])
+        sizes = buckets(full_step_tokens) if self.pad_steps and full_step_tokens > 0 else [full_step_tokens]
+        for size in sizes:
+            if size > 0:
+                self._warm_step(self._filler(size))
+        if self.pad_steps:
+            width, dtype = model.arch.hidden_size, model.dtype
+            for rows in buckets(max_seqs, floor=8):
+                model.logits(torch.zeros((rows, width), dtype=dtype, device=model.device))
         if model.device.type != "cuda":
             return []
         if self.decode_kernel:
@@ -309,8 +339,12 @@ class TorchExecutor:
     def _sample(self, hidden: torch.Tensor, step: _Step) -> dict[int, Sampled]:
         if not step.sample_rows:
             return {}
-        if len(step.sample_rows) < hidden.shape[0]:
-            rows = torch.tensor(step.sample_rows, dtype=torch.long, device=hidden.device)
+        wanted = step.sample_rows
+        if self.pad_steps and len(wanted) > 1:  # one row takes the GEMV kernel, whatever its shape
+            wanted = wanted + [wanted[-1]] * (bucket(len(wanted), floor=8) - len(wanted))
+        if len(wanted) != hidden.shape[0] or wanted != list(range(len(wanted))):
+            rows = torch.tensor(wanted, dtype=torch.long, device=hidden.device)
             hidden = hidden.index_select(0, rows)
-        sampled = sample(self.model.logits(hidden), step.params)
+        logits = self.model.logits(hidden)[: len(step.sample_rows)]
+        sampled = sample(logits, step.params)
         return dict(zip(step.sample_ids, sampled, strict=True))
