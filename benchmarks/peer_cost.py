@@ -8,7 +8,7 @@ cost per request, through the real code paths:
   `scale.py --processes`), each an `EngineWorker` serving its `kv_events` stream on a TCP request
   plane, and a KV router replica that routes chat-sized requests (~260 prompt tokens, 16 output
   tokens, unique prompts) onto them and publishes its routing lifecycle by replica sync over the
-  local channel (`local_channel.py`);
+  local channel (`runtime/events/local_channel.py`);
 - this process is the *observer*: a KV router following the 4 workers' events over the request
   plane (`RequestPlaneFollowers`) and its sibling's replica sync (`ReplicaSync` on a `LocalPlane`),
   wired as `ModelPipeline` wires them. It routes nothing itself.
@@ -79,9 +79,9 @@ def _peer(conn: Connection, directory: str, workers: int, concurrency: int) -> N
 
 async def _peer_main(conn: Connection, directory: str, workers: int, concurrency: int) -> None:
     from turbine.engines.mocker.engine import MockerConfig, MockerEngine
-    from turbine.frontend.local_channel import local_plane
-    from turbine.frontend.replica_sync import ReplicaSync
+    from turbine.router.replica_sync import ReplicaSync
     from turbine.runtime.discovery.memory import MemoryStore
+    from turbine.runtime.events.local_channel import local_plane
     from turbine.runtime.events.memory import MemoryEventPlane
     from turbine.runtime.events.sink import EventPlaneSink
     from turbine.runtime.transport.tcp import TcpRequestServer
@@ -218,11 +218,11 @@ class Stages:
 
 
 async def _observe(args: argparse.Namespace) -> dict[str, Any]:
-    from turbine.frontend.kv_events import RequestPlaneFollowers
-    from turbine.frontend.local_channel import local_plane, prepare_channel
-    from turbine.frontend.replica_sync import ReplicaSync
-    from turbine.frontend.routing import Routing, RoutingSettings
     from turbine.protocol.instance import Instance
+    from turbine.router.front import Routing, RoutingSettings
+    from turbine.router.kv_events import RequestPlaneFollowers
+    from turbine.router.replica_sync import ReplicaSync
+    from turbine.runtime.events.local_channel import local_plane, prepare_channel
     from turbine.runtime.transport.tcp import TcpRequestClient
 
     directory = tempfile.mkdtemp(prefix="turbine-peer-")

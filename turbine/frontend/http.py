@@ -50,7 +50,6 @@ from turbine.frontend.openai_format import (
 )
 from turbine.frontend.openapi import serve_openapi
 from turbine.frontend.pipeline import Generation, ModelPipeline
-from turbine.frontend.routing import NO_HINTS, RouteHints, route_hints
 from turbine.postprocess.postprocessor import TextDelta
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.openai import (
@@ -60,6 +59,7 @@ from turbine.protocol.openai import (
     decode_embedding_request,
     decode_responses_request,
 )
+from turbine.router.front import NO_HINTS, RouteHints, route_hints
 
 log = logging.getLogger(__name__)
 

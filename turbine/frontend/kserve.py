@@ -37,9 +37,9 @@ from turbine.frontend.metrics import FrontendMetrics, RequestMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import new_id
 from turbine.frontend.pipeline import Generation
-from turbine.frontend.routing import route_hints
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.openai import CompletionRequest
+from turbine.router.front import route_hints
 
 log = logging.getLogger(__name__)
 

@@ -30,17 +30,17 @@ from turbine.frontend.health import HealthSettings
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
-from turbine.frontend.local_channel import METRICS_SUBDIR, local_plane
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.python_engine import load_factory
-from turbine.frontend.routing import RoutingSettings
-from turbine.frontend.supervisor import add_pid_header, run_supervisor, stop_with_supervisor
+from turbine.frontend.supervisor import METRICS_SUBDIR, add_pid_header, run_supervisor, stop_with_supervisor
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.postprocess.parsers.output import ParserSettings
 from turbine.router.factory import make_router
+from turbine.router.front import RoutingSettings
 from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
+from turbine.runtime.events.local_channel import local_plane
 from turbine.runtime.factory import make_event_plane, make_request_client, make_store, nats_tls
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
 from turbine.runtime.transport.local import LocalPlane

@@ -22,13 +22,13 @@ from turbine.frontend.health import HealthCounts, HealthSettings
 from turbine.frontend.metrics import RoutingStats
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.frontend.python_engine import EngineFactory
-from turbine.frontend.routing import RoutingSettings
 from turbine.postprocess.parsers.output import ParserSettings
 from turbine.preprocess.preprocessor import Preprocessor
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.router.base import Router
+from turbine.router.front import RoutingSettings
 from turbine.router.load import LoadTracker
 from turbine.runtime.discovery.base import Store, WatchKind
 from turbine.runtime.events.base import EventPlane

@@ -13,10 +13,7 @@ import msgspec
 from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerStalled, WorkerUnreachable
 from turbine.frontend.canary import Canary
 from turbine.frontend.health import HealthSettings, Quarantine
-from turbine.frontend.kv_events import make_followers
 from turbine.frontend.python_engine import PythonEngine
-from turbine.frontend.replica_sync import ReplicaSync
-from turbine.frontend.routing import NO_HINTS, RouteHints, Routing, RoutingSettings
 from turbine.postprocess.detokenizer import ByteLevelTable
 from turbine.postprocess.logprobs import TokenStrings
 from turbine.postprocess.parsers.output import (
@@ -33,7 +30,10 @@ from turbine.protocol.model_card import EMBED_ENDPOINT, ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.response import EngineOutput, FinishReason
 from turbine.router.base import Decision, Router
+from turbine.router.front import NO_HINTS, RouteHints, Routing, RoutingSettings
+from turbine.router.kv_events import make_followers
 from turbine.router.kv_router import KvRouter, LoadRouter
+from turbine.router.replica_sync import ReplicaSync
 from turbine.runtime.events.base import EventPlane
 from turbine.runtime.transport.base import RequestPlaneClient
 

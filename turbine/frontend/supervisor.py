@@ -1,7 +1,7 @@
 """`--num-processes N`: one supervisor and N frontend processes on the same ports.
 
 The supervisor serves nothing itself. It makes a private temp directory, with the local channel's
-socket folder in it (local_channel.py), and starts N children, `python -m turbine.frontend`, with the
+socket folder in it (events/local_channel.py), and starts N children, `python -m turbine.frontend`, with the
 same config passed as TURBINE_* variables (the environment keeps secrets off `ps`) plus
 `--num-processes 1 --frontend-process-dir DIR`. Each child is a full frontend: it follows discovery
 and the workers' KV events itself, binds the HTTP (and gRPC) port with SO_REUSEPORT, so the kernel
@@ -39,11 +39,13 @@ from prometheus_client import multiprocess
 
 from turbine.config import FrontendConfig, config_to_env
 from turbine.errors import ConfigError
-from turbine.frontend.local_channel import METRICS_SUBDIR, forget_process, prepare_channel
+from turbine.runtime.events.local_channel import forget_process, prepare_channel
 
 log = logging.getLogger("turbine.frontend.supervisor")
 
 PID_HEADER = "x-turbine-frontend-pid"
+METRICS_SUBDIR = "metrics"
+"""The prometheus_client multiprocess directory, beside the local channel's in the private one."""
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a child that lived this long resets the backoff

@@ -3,8 +3,12 @@
 Per candidate worker w (lower cost is better):
 
     prefill_blocks[w] = (isl_tokens − overlap_blocks[w]·block_size + active_prefill_tokens[w]) / block_size
-    decode_blocks[w]  = active_decode_blocks[w] + request_blocks        (this request included)
-    cost[w]           = overlap_score_weight · prefill_blocks[w] + decode_blocks[w]
+    decode_blocks[w]  = active_decode_blocks[w]           (the caller counts this request's blocks in)
+    cost[w]           = overlap_score_weight · prefill_blocks[w] + decode_blocks[w] + extra_cost[w]
+
+The KV router's extra cost (`placement_costs`) is two terms of ours, each in prefill blocks: cache
+pressure (cached blocks the placement would evict) and duplication (blocks of a prefix cached
+elsewhere that the placement would copy).
 
 Temperature 0 picks the cheapest worker, ties broken by the smaller cached tree (spreading new
 prefixes onto the emptier cache) and then at random. Temperature T > 0 min-max normalises the costs
@@ -28,6 +32,11 @@ from turbine.router.prefix_match import OverlapScores
 
 _REL_TIE = 1e-9
 """Costs within this relative distance count as equal: they come from float divisions."""
+
+DUPLICATE_WEIGHT = 2.0
+"""Each block of a prefix cached elsewhere that a placement would copy costs this many prefill
+blocks on top of computing it: 2 kept every prefix group on one worker through a burst in the
+routing benchmark, where 0 or 1 lost cache hits."""
 
 
 @dataclass(frozen=True)
@@ -104,20 +113,62 @@ def is_busy(config: KvRouterConfig, load: WorkerLoad, total_kv_blocks: int | Non
 
 
 def worker_cost(
-    config: KvRouterConfig,
-    worker: int,
-    isl_tokens: int,
-    request_blocks: int,
-    overlap_blocks: int,
-    load: WorkerLoad,
+    config: KvRouterConfig, worker: int, isl_tokens: int, overlap_blocks: int, load: WorkerLoad
 ) -> WorkerCost:
     bs = config.block_size
     # Clamped: a caller may hash more blocks than the prompt it reports (e.g. prompt + generated
     # tokens after a migration); cached tokens beyond the prompt cannot make prefill negative.
     uncached = max(0, isl_tokens - overlap_blocks * bs)
     prefill = (uncached + load.active_prefill_tokens) / bs
-    decode = load.active_decode_blocks + request_blocks
+    decode = load.active_decode_blocks
     return WorkerCost(worker, overlap_blocks, prefill, decode, config.overlap_score_weight * prefill + decode)
+
+
+def eviction_cost(
+    config: KvRouterConfig, new_blocks: int, blocks_in_use: int, cached_blocks: int, total_blocks: int | None
+) -> float:
+    """Cache pressure: a placement that allocates `new_blocks` (`blocks_in_use` active blocks with
+    them) on a worker caching `cached_blocks` of `total_blocks` pushes the excess out of its cache.
+    Those are other prefixes' future misses, so each costs like a prefill block. Without this term,
+    spilling a prefix onto a second worker looks cheap and the duplicate evicts some third prefix.
+    0 where the capacity is unknown or nothing is evicted."""
+    if total_blocks is None:
+        return 0.0
+    evicted = min(new_blocks, cached_blocks + blocks_in_use - total_blocks)
+    return config.overlap_score_weight * evicted if evicted > 0 else 0.0
+
+
+def duplication_cost(config: KvRouterConfig, overlap_blocks: int, best_overlap: int) -> float:
+    """Blocks of this prefix that another worker already caches (`best_overlap` of them) and this
+    one (caching `overlap_blocks`) would compute again. Beyond this request's prefill (the prefill
+    term), the second copy takes cache space that later pushes other prefixes out, and the prefix's
+    later requests split between two caches. Without this term a worker briefly busy with other
+    prefixes (a burst's first requests) loses its prefix to an idle worker."""
+    copies = best_overlap - overlap_blocks
+    return DUPLICATE_WEIGHT * config.overlap_score_weight * copies if copies > 0 else 0.0
+
+
+def placement_costs(
+    config: KvRouterConfig,
+    candidates: Sequence[int],
+    overlap: OverlapScores,
+    loads: Mapping[int, WorkerLoad],
+    new_blocks: Mapping[int, int],
+    total_kv_blocks: Mapping[int, int],
+) -> dict[int, float]:
+    """Cache pressure plus duplication per candidate, for `select_worker`'s `extra_cost`; workers
+    for which both are 0 are left out. `loads` are the loads with this request placed (its blocks
+    counted in `active_decode_blocks`), `new_blocks` the blocks it would allocate on each worker."""
+    scores, sizes = overlap.scores, overlap.tree_sizes
+    best = max(scores.values(), default=0)
+    extra: dict[int, float] = {}
+    for w in candidates:
+        in_use = loads.get(w, IDLE).active_decode_blocks
+        pressure = eviction_cost(config, new_blocks[w], in_use, sizes.get(w, 0), total_kv_blocks.get(w))
+        cost = pressure + duplication_cost(config, scores.get(w, 0), best)
+        if cost > 0:
+            extra[w] = cost
+    return extra
 
 
 def softmax_probabilities(costs: Sequence[float], temperature: float) -> list[float]:
@@ -139,16 +190,16 @@ def select_worker(
     candidates: Sequence[int],
     *,
     isl_tokens: int,
-    request_blocks: int,
     overlap: OverlapScores,
     loads: Mapping[int, WorkerLoad],
     rng: random.Random,
     total_kv_blocks: Mapping[int, int] | None = None,
     extra_cost: Mapping[int, float] | None = None,
 ) -> Selection:
-    """Choose among `candidates` for a request of `isl_tokens` prompt tokens occupying `request_blocks`.
+    """Choose among `candidates` for a request of `isl_tokens` prompt tokens.
 
-    `loads` holds active load per worker (absent: idle), `total_kv_blocks` each worker's capacity
+    `loads` holds active load per worker (absent: idle; the request's own decode blocks are the
+    caller's to count in), `total_kv_blocks` each worker's capacity
     (absent: unknown, so never busy on decode blocks). `extra_cost` adds a per-worker term in the
     same unit (blocks) to the classic cost, e.g. the cached blocks a placement would evict.
     """
@@ -163,7 +214,7 @@ def select_worker(
         if is_busy(config, load, totals.get(worker)):
             busy.append(worker)
             continue
-        cost = worker_cost(config, worker, isl_tokens, request_blocks, scores.get(worker, 0), load)
+        cost = worker_cost(config, worker, isl_tokens, scores.get(worker, 0), load)
         if extra_cost and worker in extra_cost:
             cost = cost._replace(cost=cost.cost + extra_cost[worker])
         costs.append(cost)

@@ -1,9 +1,10 @@
 """The KV-aware router (`--router-mode kv`) and the load-only routers (least-loaded, power-of-two).
 
 KvRouter: hash the request's prompt into chained blocks, ask the index how long a prefix each worker
-already caches, and pick by Dynamo's cost (uncached prefill + active decode load; see cost.py) plus
-two terms of ours: cache pressure (blocks a placement evicts) and duplication (blocks of a prefix
-cached elsewhere that a placement copies). The index follows the workers' KV events (RadixIndex)
+already caches, and pick by Dynamo's cost (uncached prefill + active decode load) plus two terms of
+ours: cache pressure (blocks a placement evicts) and duplication (blocks of a prefix cached
+elsewhere that a placement copies); every cost term is in cost.py. `select` goes overlap → loads
+with the request placed → cost → choice. The index follows the workers' KV events (RadixIndex)
 or, with `--no-kv-events`, remembers where the router itself sent each prefix (ApproxIndex, TTL +
 LRU). Load is counted from the router's own
 decisions (load.py) so a burst sees the load it creates. Busy workers are skipped; when every
@@ -34,8 +35,16 @@ from turbine.protocol.router_events import (
 from turbine.router.active_blocks import ActiveBlocks
 from turbine.router.approx_index import ApproxIndex
 from turbine.router.base import Decision
-from turbine.router.cost import AllBusy, KvRouterConfig, least_loaded, power_of_two, select_worker
-from turbine.router.load import IDLE, LoadTracker, request_blocks
+from turbine.router.cost import (
+    AllBusy,
+    KvRouterConfig,
+    Selected,
+    least_loaded,
+    placement_costs,
+    power_of_two,
+    select_worker,
+)
+from turbine.router.load import IDLE, LoadTracker, WorkerLoad, request_blocks
 from turbine.router.peers import PeerRequests, peer_key
 from turbine.router.radix_index import OverlapScores, RadixIndex
 
@@ -44,10 +53,6 @@ log = logging.getLogger(__name__)
 # With more candidates than this, only a shortlist of them is scored (see `KvRouter._shortlist`).
 SHORTLIST_ABOVE = 16
 IDLE_SHORTLIST = 4
-# Each block of a prefix cached elsewhere that a placement would copy costs this many prefill
-# blocks on top of computing it (see `KvRouter.select`); 2 kept every group on one worker through
-# a burst in the routing benchmark (hit ratio 100% of the oracle over 5 traces, 96-98% with 0-1).
-DUPLICATE_WEIGHT = 2.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,20 @@ class LoadRouter(_LoadCounting):
         return Decision(worker)
 
 
+def _log_choice(request_id: str, chosen: Selected, extra: Mapping[int, float]) -> None:
+    log.debug(
+        "request %s -> %x (overlap %d): %s",
+        request_id,
+        chosen.worker,
+        chosen.overlap_blocks,
+        ", ".join(
+            f"{c.worker:x}: ov {c.overlap_blocks} pf {c.prefill_blocks:.1f} dc {c.decode_blocks}"
+            f" +{extra.get(c.worker, 0):.0f} = {c.cost:.1f}"
+            for c in chosen.costs
+        ),
+    )
+
+
 class KvRouter(_LoadCounting):
     def __init__(self, settings: KvRouterSettings, rng: random.Random | None = None) -> None:
         super().__init__()
@@ -243,124 +262,116 @@ class KvRouter(_LoadCounting):
     def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:
         config = self._config
         assert config is not None, "instances are known before any request is routed"
-        tokens = request.token_ids
-        hashes = block_hashes(tokens, config.block_size).sequence
-        in_flight: dict[int, int] = {}
-        if self.settings.use_kv_events:
-            overlap = self.index.find_matches(hashes)
-            pending_index = self.pending
-            # What the index reports is the cache as of the last event. Requests routed since will
-            # evict from it before this one is scheduled: where the routing history (an LRU model of
-            # each worker's cache over everything routed there) has pushed part of this prefix out,
-            # trust the index only up to that point. Otherwise a request is sent for a prefix that
-            # is gone by the time it runs, and recomputes it at the back of a queue.
-            trimmed = {}
-            for worker, blocks in overlap.scores.items():
-                kept = pending_index.evicted_before(worker, hashes, blocks)
-                if kept:
-                    trimmed[worker] = kept
-            overlap = OverlapScores(trimmed, overlap.tree_sizes)
-            # The router's own routing history (TTL + LRU per worker capacity, as in approximate
-            # mode) raises the event-based overlap: requests routed moments ago have produced no
-            # KV events yet, and a prefix whose blocks a worker just evicted is best re-cached
-            # where it lived, not copied onto a second worker where it evicts some third prefix.
-            pending = self.pending.find_matches(hashes).scores
-            # With peers (replica sync): blocks that requests in flight on a worker are computing
-            # right now, this replica's and its peers', will be cached there by the time this
-            # request runs. This is how a peer's just-routed prefix counts here without every
-            # replica recording every peer's placement in its own history. A lone replica's own
-            # placements are all in its routing history already.
-            if self._has_peers:
-                pending = self.active.extend_prefixes(hashes, pending, overlap.scores)
-            if pending:
-                scores = dict(overlap.scores)
-                for worker, blocks in pending.items():
-                    cached = scores.get(worker, 0)
-                    if blocks > cached:
-                        scores[worker] = blocks
-                        # Blocks not (or no longer) in the index: if an earlier request is still
-                        # prefilling them, this one waits for that work rather than repeating it,
-                        # so that part of the worker's active prefill is not extra queue.
-                        in_flight[worker] = (blocks - cached) * config.block_size
-                overlap = OverlapScores(scores, overlap.tree_sizes)
-        else:
-            overlap = self.approx.find_matches(hashes)
+        hashes = block_hashes(request.token_ids, config.block_size).sequence
+        overlap, in_flight = self._overlap(hashes)
         if len(candidates) > SHORTLIST_ABOVE:
             candidates = self._shortlist(candidates, overlap)
-        isl = len(tokens)
-        # Decode load counts the KV blocks each request makes its worker allocate: the blocks it
-        # had to compute (not the cached prefix it reuses, which the worker holds either way) and
-        # its partial tail, each distinct block once. This request's own blocks are included, per
-        # worker: few where its prefix is cached, all of them elsewhere.
+        isl = len(request.token_ids)
         tail = request_blocks(isl, 0, config.block_size) - len(hashes)
-        active = self.active
-        loads = self.load.loads
-        scores = overlap.scores
-        effective = {}
-        pressure: dict[int, float] = {}
-        capacity = self._capacity
-        sizes = overlap.tree_sizes
-        best = max(scores.values(), default=0)
-        for w in candidates:
-            new = active.new_blocks(w, hashes[scores.get(w, 0) :]) + tail
-            in_use = active.count(w) + new
-            load = loads.get(w, IDLE)
-            shared = min(in_flight.get(w, 0), load.active_prefill_tokens)
-            effective[w] = load._replace(
-                active_decode_blocks=in_use, active_prefill_tokens=load.active_prefill_tokens - shared
-            )
-            # Cache pressure: the blocks this request would push out of a full cache are other
-            # prefixes' future misses, so they cost like prefill blocks. Without it, spilling a
-            # prefix onto a second worker looks cheap and the duplicate evicts some third prefix.
-            total = capacity.get(w)
-            if total is not None:
-                evicted = min(new, sizes.get(w, 0) + in_use - total)
-                if evicted > 0:
-                    pressure[w] = config.overlap_score_weight * evicted
-            # Duplication: blocks of this prefix that another worker already caches and this one
-            # would compute again. Beyond this request's prefill (the prefill term), the second
-            # copy takes cache space that later pushes other prefixes out, and the prefix's later
-            # requests split between two caches. Without this term a worker briefly busy with
-            # other prefixes (a burst's first requests) loses its prefix to an idle worker.
-            copies = best - scores.get(w, 0)
-            if copies > 0:
-                pressure[w] = pressure.get(w, 0) + DUPLICATE_WEIGHT * config.overlap_score_weight * copies
+        loads, new_blocks = self._placed_loads(candidates, hashes, tail, overlap, in_flight)
+        extra = placement_costs(config, candidates, overlap, loads, new_blocks, self._capacity)
         chosen = select_worker(
             config,
             candidates,
             isl_tokens=isl,
-            request_blocks=0,
             overlap=overlap,
-            loads=effective,
+            loads=loads,
             rng=self._rng,
-            total_kv_blocks=capacity,
-            extra_cost=pressure,
+            total_kv_blocks=self._capacity,
+            extra_cost=extra,
         )
         if isinstance(chosen, AllBusy):
             raise ServiceUnavailable(
                 f"all {len(chosen.busy)} worker(s) of model '{request.model}' are busy; retry later"
             )
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "request %s -> %x (overlap %d): %s",
-                request.request_id,
-                chosen.worker,
-                chosen.overlap_blocks,
-                ", ".join(
-                    f"{c.worker:x}: ov {c.overlap_blocks} pf {c.prefill_blocks:.1f} dc {c.decode_blocks}"
-                    f" +{pressure.get(c.worker, 0):.0f} = {c.cost:.1f}"
-                    for c in chosen.costs
-                ),
-            )
+            _log_choice(request.request_id, chosen, extra)
         uncached = max(0, isl - chosen.overlap_blocks * config.block_size)
-        self.load.add_request(request.request_id, chosen.worker, uncached, 0)
-        active.add(request.request_id, chosen.worker, hashes[chosen.overlap_blocks :], tail)
+        self._place(request.request_id, chosen, hashes, tail, uncached)
+        return Decision(chosen.worker, chosen.overlap_blocks)
+
+    def _overlap(self, hashes: list[int]) -> tuple[OverlapScores, dict[int, int]]:
+        """Leading blocks of `hashes` each worker caches (or soon will), and per worker the prompt
+        tokens of that prefix an earlier request there is still prefilling (KV events only)."""
+        if not self.settings.use_kv_events:
+            return self.approx.find_matches(hashes), {}
+        block_size = self.block_size
+        assert block_size is not None
+        overlap = self.index.find_matches(hashes)
+        pending_index = self.pending
+        # What the index reports is the cache as of the last event. Requests routed since will
+        # evict from it before this one is scheduled: where the routing history (an LRU model of
+        # each worker's cache over everything routed there) has pushed part of this prefix out,
+        # trust the index only up to that point. Otherwise a request is sent for a prefix that
+        # is gone by the time it runs, and recomputes it at the back of a queue.
+        trimmed = {}
+        for worker, blocks in overlap.scores.items():
+            kept = pending_index.evicted_before(worker, hashes, blocks)
+            if kept:
+                trimmed[worker] = kept
+        overlap = OverlapScores(trimmed, overlap.tree_sizes)
+        # The router's own routing history (TTL + LRU per worker capacity, as in approximate
+        # mode) raises the event-based overlap: requests routed moments ago have produced no
+        # KV events yet, and a prefix whose blocks a worker just evicted is best re-cached
+        # where it lived, not copied onto a second worker where it evicts some third prefix.
+        pending = self.pending.find_matches(hashes).scores
+        # With peers (replica sync): blocks that requests in flight on a worker are computing
+        # right now, this replica's and its peers', will be cached there by the time this
+        # request runs. This is how a peer's just-routed prefix counts here without every
+        # replica recording every peer's placement in its own history. A lone replica's own
+        # placements are all in its routing history already.
+        if self._has_peers:
+            pending = self.active.extend_prefixes(hashes, pending, overlap.scores)
+        in_flight: dict[int, int] = {}
+        if not pending:
+            return overlap, in_flight
+        scores = dict(overlap.scores)
+        for worker, blocks in pending.items():
+            cached = scores.get(worker, 0)
+            if blocks > cached:
+                scores[worker] = blocks
+                # Blocks not (or no longer) in the index: if an earlier request is still
+                # prefilling them, this one waits for that work rather than repeating it,
+                # so that part of the worker's active prefill is not extra queue.
+                in_flight[worker] = (blocks - cached) * block_size
+        return OverlapScores(scores, overlap.tree_sizes), in_flight
+
+    def _placed_loads(
+        self,
+        candidates: Sequence[int],
+        hashes: list[int],
+        tail: int,
+        overlap: OverlapScores,
+        in_flight: Mapping[int, int],
+    ) -> tuple[dict[int, WorkerLoad], dict[int, int]]:
+        """Each candidate's load with this request placed on it, and the KV blocks it would
+        allocate there. Decode load counts the KV blocks each request makes its worker allocate:
+        the blocks it had to compute (not the cached prefix it reuses, which the worker holds
+        either way) and its partial `tail`, each distinct block once. Prefill tokens that an
+        earlier request is computing already (`in_flight`) are not counted twice."""
+        active, loads, scores = self.active, self.load.loads, overlap.scores
+        placed: dict[int, WorkerLoad] = {}
+        new_blocks: dict[int, int] = {}
+        for w in candidates:
+            new = active.new_blocks(w, hashes[scores.get(w, 0) :]) + tail
+            load = loads.get(w, IDLE)
+            shared = min(in_flight.get(w, 0), load.active_prefill_tokens)
+            placed[w] = load._replace(
+                active_decode_blocks=active.count(w) + new,
+                active_prefill_tokens=load.active_prefill_tokens - shared,
+            )
+            new_blocks[w] = new
+        return placed, new_blocks
+
+    def _place(self, request_id: str, chosen: Selected, hashes: list[int], tail: int, uncached: int) -> None:
+        """Count the request on its worker (load, active blocks, routing history) and report it."""
+        self.load.add_request(request_id, chosen.worker, uncached, 0)
+        self.active.add(request_id, chosen.worker, hashes[chosen.overlap_blocks :], tail)
         self._record_history(chosen.worker, hashes)
         if self._listener is not None:
             self._report_routed(
-                Routed(request.request_id, chosen.worker, uncached, 0, hashes, chosen.overlap_blocks, tail)
+                Routed(request_id, chosen.worker, uncached, 0, hashes, chosen.overlap_blocks, tail)
             )
-        return Decision(chosen.worker, chosen.overlap_blocks)
 
     def predicted_prefill(self, request: PreprocessedRequest) -> int:
         """Prompt tokens the request would compute on the worker caching most of it (the router

@@ -45,7 +45,7 @@ class RandomRouter(_Stateless):
 
 class DirectRouter(_Stateless):
     """`--router-mode direct`: the client names the worker (header `x-worker-instance-id`); the
-    frontend narrows the candidates to that one instance (turbine/frontend/routing.py), so this
+    routing front narrows the candidates to that one instance (router/front.py), so this
     only confirms the choice."""
 
     def select(self, request: PreprocessedRequest, candidates: Sequence[int]) -> Decision:

@@ -5,12 +5,16 @@ import random
 import pytest
 
 from turbine.router.cost import (
+    DUPLICATE_WEIGHT,
     AllBusy,
     KvRouterConfig,
     Selected,
     WorkerCost,
+    duplication_cost,
+    eviction_cost,
     is_busy,
     least_loaded,
+    placement_costs,
     power_of_two,
     select_worker,
     softmax_probabilities,
@@ -32,14 +36,14 @@ def decode_only(blocks: int) -> WorkerLoad:
 
 
 def test_worked_example_picks_the_second_worker() -> None:
-    # A 10-block prompt; (prefill, decode) blocks per worker: (8, 10), (5, 5), (2, 9).
+    # A 10-block prompt; (prefill, decode) blocks per worker: (8, 10), (5, 5), (2, 9). The decode
+    # load includes the request's own block: the caller counts it in.
     result = select_worker(
         KvRouterConfig(block_size=BS),
         [0, 1, 2],
         isl_tokens=10 * BS,
-        request_blocks=1,
         overlap=overlap({0: 2, 1: 5, 2: 8}),
-        loads={0: decode_only(9), 1: decode_only(4), 2: decode_only(8)},
+        loads={0: decode_only(10), 1: decode_only(5), 2: decode_only(9)},
         rng=random.Random(0),
     )
     assert result == Selected(
@@ -59,9 +63,8 @@ def test_active_prefill_tokens_add_to_the_prefill_term() -> None:
         KvRouterConfig(block_size=BS),
         [0, 1],
         isl_tokens=4 * BS,
-        request_blocks=4,
         overlap=overlap({0: 4}),
-        loads={0: WorkerLoad(1, 10 * BS, 0)},
+        loads={0: WorkerLoad(1, 10 * BS, 4), 1: decode_only(4)},
         rng=random.Random(0),
     )
     assert isinstance(result, Selected)
@@ -76,9 +79,8 @@ def test_overlap_weight_trades_cache_hits_against_decode_load(weight: float, cho
         KvRouterConfig(block_size=BS, overlap_score_weight=weight),
         [0, 1],
         isl_tokens=8 * BS,
-        request_blocks=8,
         overlap=overlap({0: 8}),
-        loads={0: decode_only(12)},
+        loads={0: decode_only(20), 1: decode_only(8)},
         rng=random.Random(0),
     )
     assert isinstance(result, Selected)
@@ -90,9 +92,8 @@ def test_prefill_never_goes_negative_when_more_blocks_match_than_the_prompt_has(
         KvRouterConfig(block_size=BS),
         [0],
         isl_tokens=BS,
-        request_blocks=1,
         overlap=overlap({0: 3}),
-        loads={},
+        loads={0: decode_only(1)},
         rng=random.Random(0),
     )
     assert isinstance(result, Selected)
@@ -107,7 +108,6 @@ def test_ties_go_to_the_smaller_tree_then_at_random() -> None:
             config,
             [0, 1, 2],
             isl_tokens=2 * BS,
-            request_blocks=2,
             overlap=overlap({}, sizes),
             loads={2: decode_only(5)},  # worker 2 costs more, never picked
             rng=random.Random(seed),
@@ -135,14 +135,12 @@ def test_softmax_probabilities_follow_normalised_costs() -> None:
 
 def test_positive_temperature_samples_by_softmax_of_cost() -> None:
     config = KvRouterConfig(block_size=BS, temperature=0.5)
-    loads = {0: decode_only(0), 1: decode_only(5), 2: decode_only(10)}
+    loads = {0: decode_only(1), 1: decode_only(6), 2: decode_only(11)}
     rng = random.Random(1234)
     trials = 20_000
     counts: collections.Counter[int] = collections.Counter()
     for _ in range(trials):
-        result = select_worker(
-            config, [0, 1, 2], isl_tokens=BS, request_blocks=1, overlap=overlap({}), loads=loads, rng=rng
-        )
+        result = select_worker(config, [0, 1, 2], isl_tokens=BS, overlap=overlap({}), loads=loads, rng=rng)
         assert isinstance(result, Selected)
         counts[result.worker] += 1
     expected = softmax_probabilities([2.0, 7.0, 12.0], 0.5)
@@ -159,7 +157,6 @@ def test_busy_workers_are_skipped_even_when_cheapest() -> None:
         config,
         [0, 1, 2, 3],
         isl_tokens=4 * BS,
-        request_blocks=4,
         overlap=overlap({0: 4, 1: 4}),
         loads={0: decode_only(51), 1: WorkerLoad(1, 1001, 0), 2: decode_only(50), 3: decode_only(60)},
         total_kv_blocks={0: 100, 1: 100, 2: 100},  # worker 3's capacity is unknown: never busy on decode
@@ -177,7 +174,6 @@ def test_all_busy_is_reported() -> None:
         config,
         [5, 6],
         isl_tokens=BS,
-        request_blocks=1,
         overlap=overlap({}),
         loads={5: WorkerLoad(1, 1, 0), 6: WorkerLoad(1, 3, 0)},
         rng=random.Random(0),
@@ -213,7 +209,6 @@ def test_selection_needs_candidates() -> None:
             KvRouterConfig(block_size=BS),
             [],
             isl_tokens=1,
-            request_blocks=1,
             overlap=overlap({}),
             loads={},
             rng=random.Random(0),
@@ -248,12 +243,43 @@ def test_extra_cost_is_added_per_worker() -> None:
         KvRouterConfig(block_size=4),
         [1, 2],
         isl_tokens=8,
-        request_blocks=2,
         overlap=OverlapScores({}, {}),
-        loads={},
+        loads={1: decode_only(2), 2: decode_only(2)},
         rng=random.Random(0),
         extra_cost={1: 100.0},
     )
     assert not isinstance(chosen, AllBusy)
     assert chosen.worker == 2
     assert {c.worker: c.cost for c in chosen.costs}[1] == pytest.approx(104.0)
+
+
+def test_eviction_cost_counts_the_cached_blocks_a_placement_pushes_out() -> None:
+    config = KvRouterConfig(block_size=BS, overlap_score_weight=1.5)
+    # 90 cached + 20 in use (10 of them new) on 100 blocks: 10 cached blocks go, at the prefill weight.
+    assert eviction_cost(config, 10, 20, 90, 100) == 15.0
+    # Never more than the blocks the placement allocates itself.
+    assert eviction_cost(config, 4, 20, 90, 100) == 6.0
+    assert eviction_cost(config, 10, 20, 80, 100) == 0.0  # it all fits
+    assert eviction_cost(config, 10, 20, 90, None) == 0.0  # capacity unknown
+
+
+def test_duplication_cost_counts_the_blocks_another_worker_caches_already() -> None:
+    config = KvRouterConfig(block_size=BS, overlap_score_weight=0.5)
+    assert duplication_cost(config, 2, 6) == DUPLICATE_WEIGHT * 0.5 * 4
+    assert duplication_cost(config, 6, 6) == 0.0
+    assert duplication_cost(KvRouterConfig(block_size=BS, overlap_score_weight=0.0), 0, 6) == 0.0
+
+
+def test_placement_costs_add_both_terms_and_leave_out_free_placements() -> None:
+    config = KvRouterConfig(block_size=BS)
+    costs = placement_costs(
+        config,
+        [0, 1, 2, 3],
+        overlap({0: 5, 1: 2}, {0: 50, 1: 98, 2: 10, 3: 0}),
+        loads={0: decode_only(3), 1: decode_only(6), 2: decode_only(8), 3: decode_only(8)},
+        new_blocks={0: 3, 1: 6, 2: 8, 3: 8},
+        total_kv_blocks={0: 100, 1: 100, 2: 100},
+    )
+    # 0 caches the whole prefix and has room; 1 evicts 4 and copies 3 blocks; 2 has room and
+    # copies 5; 3's capacity is unknown, so it only copies 5.
+    assert costs == {1: 4.0 + DUPLICATE_WEIGHT * 3, 2: DUPLICATE_WEIGHT * 5, 3: DUPLICATE_WEIGHT * 5}

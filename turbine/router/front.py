@@ -1,4 +1,5 @@
-"""One model's routing policy around its Router: readiness, direct mode, session affinity, queue.
+"""The routing front: one model's routing policy around its Router, as the frontend's pipeline
+calls it: readiness, direct mode, session affinity, queue.
 
 Order of a routing decision (`Routing.route`):
 1. `--router-min-initial-workers N`: until N workers of the model have been live at once, requests

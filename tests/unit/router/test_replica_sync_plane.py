@@ -9,13 +9,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from turbine.frontend.local_channel import RECEIVE_EVERY_S, local_plane, prepare_channel
-from turbine.frontend.replica_sync import FLUSH_S, MAX_BATCH_BYTES, ReplicaSync
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.router_events import Finished, Routed, RouterSyncBatch
 from turbine.router.kv_router import KvRouter, KvRouterSettings, LoadRouter
 from turbine.router.peers import peer_key
+from turbine.router.replica_sync import FLUSH_S, MAX_BATCH_BYTES, ReplicaSync
+from turbine.runtime.events.local_channel import RECEIVE_EVERY_S, local_plane, prepare_channel
 from turbine.runtime.events.memory import MemoryEventPlane
 
 pytestmark = pytest.mark.unit

@@ -44,7 +44,6 @@ from turbine.runtime.events.fanout import Subscription
 
 log = logging.getLogger(__name__)
 
-METRICS_SUBDIR = "metrics"
 SYNC_SUBDIR = "sync"
 RECEIVE_EVERY_S = 0.005
 MAX_PENDING = 65536

@@ -12,7 +12,6 @@ import pytest
 
 from tests.nats_server import NatsServer
 from turbine.errors import WorkerUnreachable
-from turbine.frontend.kv_events import PlaneFollowers, RequestPlaneFollowers, make_followers
 from turbine.protocol.instance import Instance
 from turbine.protocol.kv_events import (
     KV_DUMP_ENDPOINT,
@@ -23,6 +22,7 @@ from turbine.protocol.kv_events import (
     StoredBlock,
 )
 from turbine.protocol.model_card import ModelDeploymentCard
+from turbine.router.kv_events import PlaneFollowers, RequestPlaneFollowers, make_followers
 from turbine.router.kv_router import KvRouter, KvRouterSettings
 from turbine.runtime.events.base import EventPlane
 from turbine.runtime.events.memory import MemoryEventPlane

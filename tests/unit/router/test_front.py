@@ -8,11 +8,11 @@ import random
 import pytest
 
 from turbine.errors import NotFound, ServiceUnavailable
-from turbine.frontend.routing import RouteHints, Routing, RoutingSettings
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.router_events import RouterEvent, RouterSyncBatch, SessionBound
 from turbine.router.affinity import AffinitySettings
+from turbine.router.front import RouteHints, Routing, RoutingSettings
 from turbine.router.kv_router import LoadRouter
 from turbine.router.queue import QueueSettings
 from turbine.router.simple import DirectRouter, RoundRobinRouter

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from turbine.frontend.local_channel import LocalPlane, forget_process, local_plane, prepare_channel
+from turbine.runtime.events.local_channel import LocalPlane, forget_process, local_plane, prepare_channel
 
 pytestmark = pytest.mark.unit
 

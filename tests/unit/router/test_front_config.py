@@ -6,7 +6,7 @@ import pytest
 
 from turbine.config import FrontendConfig, parse_config
 from turbine.errors import ConfigError, InvalidRequest
-from turbine.frontend.routing import RouteHints, RoutingSettings, route_hints
+from turbine.router.front import RouteHints, RoutingSettings, route_hints
 
 pytestmark = pytest.mark.unit
 
