@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 SHORTLIST_ABOVE = 16
 IDLE_SHORTLIST = 4
 # Each block of a prefix cached elsewhere that a placement would copy costs this many prefill
-# blocks on top of computing it (see `KvRouter.select`); 2 kept every group on one worker through
-# a burst in the routing benchmark (hit ratio 100% of the oracle over 5 traces, 96-98% with 0-1).
+# blocks on top of computing it (see `KvRouter.select`): weighing a copy above computing afresh keeps
+# a burst of one prefix group on the worker that holds it, where lower weights split the group
+# (`benchmarks/results/README.md`).
 DUPLICATE_WEIGHT = 2.0
 
 
@@ -392,7 +393,7 @@ class KvRouter(_LoadCounting):
         # runs (`ActiveBlocks.extend_prefixes`: two replicas send a new prefix's burst to one
         # worker). With KV events on, the routing history (`pending`) stays this replica's own:
         # every replica follows the workers' real events, and recording every peer's placement
-        # as well cost each replica ~20-40 us per peer request (an LRU update per block). Without
+        # as well would cost each replica an LRU update per block of every peer request. Without
         # events, peers' placements are the only cache model there is, so they are recorded.
         self._has_peers = True
         self.load.add_request(key, event.worker, event.prefill_tokens, 0)
