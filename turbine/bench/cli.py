@@ -54,5 +54,13 @@ def main(argv: Sequence[str]) -> int:
     if bench is None:
         print(f"turbine bench: unknown benchmark {name!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    run: _Main = importlib.import_module(bench.module).main
+    try:
+        run: _Main = importlib.import_module(bench.module).main
+    except ModuleNotFoundError as exc:
+        print(
+            f"turbine bench {name}: {exc.name} is not installed (pip install 'turbine[bench]'; "
+            "the torch engine's benchmarks also need 'turbine[torch]')",
+            file=sys.stderr,
+        )
+        return 2
     return run(rest)
