@@ -188,7 +188,7 @@ def _measure(
         [*worker, "--num-workers", "1", "--block-size", "16", *args.worker_args.split()],
         expect_instances=args.workers,
         # One process per mocker: a single process hosting them all is one Python thread, and it
-        # capped the whole run at ~2,000-2,600 req/s whatever the frontend's process count.
+        # capped the whole run whatever the frontend's process count (scale_processes.md, runs A-B).
         worker_processes=args.workers,
         frontend_prefix=taskset(args.frontend_cpus),
         worker_prefix=taskset(args.worker_cpus),
