@@ -26,7 +26,6 @@ import asyncio
 import functools
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from engine import EngineRunner, request, text_prompts
-
+from turbine.bench.engine import EngineRunner, request, text_prompts
 from turbine.engines.torch import cpu_kernels
 from turbine.engines.torch.engine import TorchEngineConfig, load_model
 from turbine.engines.torch.gguf import convert_gguf

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,10 +27,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from engine import EngineRunner, request, text_prompts
-
+from turbine.bench.engine import EngineRunner, request, text_prompts
 from turbine.engines.torch.attention import build_meta
 from turbine.engines.torch.engine import TorchEngineConfig, load_model
 from turbine.engines.torch.gguf import convert_gguf

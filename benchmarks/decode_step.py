@@ -17,17 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from engine import EngineRunner, prompts, request
-
+from turbine.bench.engine import EngineRunner, prompts, request
 from turbine.engines.torch.arch import read_arch
 from turbine.engines.torch.attention import build_meta
 from turbine.engines.torch.engine import LoadedModel, TorchEngineConfig, sampling_defaults

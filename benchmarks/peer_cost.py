@@ -5,7 +5,7 @@ each request costs each of the N-1 processes that did not route it some CPU. Thi
 cost per request, through the real code paths:
 
 - a *peer* process (spawned) hosts 4 mocker workers (speedup 1e6, block size 16, as in
-  `scale.py --processes`), each an `EngineWorker` serving its `kv_events` stream on a TCP request
+  `turbine bench scale --processes`), each an `EngineWorker` serving its `kv_events` stream on a TCP request
   plane, and a KV router replica that routes chat-sized requests (~260 prompt tokens, 16 output
   tokens, unique prompts) onto them and publishes its routing lifecycle by replica sync over the
   local channel (`runtime/events/local_channel.py`);
@@ -145,7 +145,7 @@ async def _route_and_run(
         while left > 0:
             left -= 1
             rid = f"req-{secrets.token_hex(6)}"
-            # Unique prompts, so nothing is served from a cache, as in scale.py.
+            # Unique prompts, so nothing is served from a cache, as in `turbine bench scale`.
             tokens = [rng.randrange(1000, 30000) for _ in range(PROMPT_TOKENS)]
             request = PreprocessedRequest(
                 rid,

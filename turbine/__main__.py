@@ -1,4 +1,4 @@
-"""`turbine {up,frontend,worker}`: the command-line entry point."""
+"""`turbine {up,frontend,worker,bench}`: the command-line entry point."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ commands:
   frontend    the OpenAI HTTP frontend (watches discovery for workers)
   worker      a worker serving an engine (torch, mocker, echo, scripted, or an upstream
               OpenAI-compatible server with --engine openai)
+  bench       the benchmarks (`turbine bench` lists them): markdown + PNG reports
 
 `turbine <command> --help` lists a command's options; each has a TURBINE_* environment variable.
 """
@@ -36,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from turbine.worker.main import main as worker_main
 
         return worker_main(rest)
+    if command == "bench":
+        from turbine.bench.cli import main as bench_main
+
+        return bench_main(rest)
     print(f"turbine: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -191,5 +191,5 @@ def test_dump_config_writes_resolved_json(tmp_path: Path) -> None:
 def test_help_lists_commands() -> None:
     result = _run("--help")
     assert result.returncode == 0
-    for command in ("up", "frontend", "worker"):
+    for command in ("up", "frontend", "worker", "bench"):
         assert command in result.stdout

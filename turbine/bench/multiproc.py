@@ -1,4 +1,4 @@
-"""`benchmarks/scale.py --processes 1,2,...`: the multi-process frontend (`--num-processes N`) under
+"""`turbine bench scale --processes 1,2,...`: the multi-process frontend (`--num-processes N`) under
 chat load from several load-generator processes, against mocker workers at speedup 1e6.
 
 One Python load generator tops out at a few thousand requests/s, less than 8 frontend processes
@@ -21,6 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from tqdm import tqdm
 
 from turbine.bench.loadgen import percentile, run_closed_loop
 from turbine.bench.stack import LocalStack, child_pids
@@ -186,7 +188,7 @@ def _measure(
         [*worker, "--num-workers", "1", "--block-size", "16", *args.worker_args.split()],
         expect_instances=args.workers,
         # One process per mocker: a single process hosting them all is one Python thread, and it
-        # capped the whole run at ~2,000-2,600 req/s whatever the frontend's process count.
+        # capped the whole run whatever the frontend's process count (scale_processes.md, runs A-B).
         worker_processes=args.workers,
         frontend_prefix=taskset(args.frontend_cpus),
         worker_prefix=taskset(args.worker_cpus),
@@ -297,10 +299,19 @@ def _report(rows: list[dict[str, float]], speedups: list[str], args: argparse.Na
 def run_processes(args: argparse.Namespace) -> None:
     counts = [int(c) for c in args.processes.split(",")]
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        args.loadgen_procs, mp_context=context, initializer=_pin, initargs=(args.loadgen_cpus,)
-    ) as pool:
-        rounds = [[_measure(args, pool, count) for count in counts] for _ in range(args.rounds)]
+    with (
+        concurrent.futures.ProcessPoolExecutor(
+            args.loadgen_procs, mp_context=context, initializer=_pin, initargs=(args.loadgen_cpus,)
+        ) as pool,
+        tqdm(total=args.rounds * len(counts), desc="process counts", unit="run") as bar,
+    ):
+
+        def measured(count: int) -> dict[str, float]:
+            row = _measure(args, pool, count)
+            bar.update()
+            return row
+
+        rounds = [[measured(count) for count in counts] for _ in range(args.rounds)]
     rows, speedups = _median_rows(rounds)
     text = _report(rows, speedups, args)
     out = Path(args.out)

@@ -230,9 +230,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> i
 
     if cfg.process_count > 1:
         return run_supervisor(cfg, prog)
-    # What is loaded by now (modules, classes, functions: ~60k objects) lives as long as the process:
-    # frozen, the collector's full passes skip it. Each pass walked it all (~20-35 ms measured), a
-    # pause that every request in flight waited through, most of the chat p99 at concurrency 16.
+    # What is loaded by now (modules, classes, functions) lives as long as the process: frozen, the
+    # collector's full passes skip it. Otherwise each pass walks all of it, a pause that every request
+    # in flight waits through, long enough to set the chat p99 under concurrent load.
     gc.collect()
     gc.freeze()
     try:

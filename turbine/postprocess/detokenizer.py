@@ -6,18 +6,17 @@ small window of preceding tokens with each step so that decoders whose output de
 (SentencePiece's leading-space rule, for one) produce the same text as decoding the whole sequence.
 
 Implementation: `tokenizers.decoders.DecodeStream`, which runs that window algorithm (vLLM's
-prefix/read offsets) in Rust. Measured with the bundled tokenizer on 256 tokens added one at a time:
-this class ~0.58 us per token (DecodeStream alone ~0.47) vs ~0.99 us per token for the same window in
-Python (two `decode` calls per token), so the Rust one is kept. Passing DecodeStream a one-element list
-instead of an int costs ~0.35 us more per token, hence the special case in `add`.
+prefix/read offsets) in Rust: cheaper per token than the same window in Python (two `decode` calls
+per token). DecodeStream takes a single id faster as an int than as a one-element list, hence the
+special case in `add`.
 
 Byte-level BPE tokenizers (GPT-2's alphabet: Llama 3, Qwen, SmolLM, Mistral Nemo ...) take a faster
 path. Their decoder is context-free: each token is a fixed byte string, and decoding a sequence is
 decoding the concatenated bytes as UTF-8 with U+FFFD for invalid bytes. So a `ByteLevelTable`, one
 per tokenizer and shared by every request, maps each id to its text once, and a stream emits that
 text as it is, holding bytes back in an incremental UTF-8 decoder only while a character is split
-across tokens. In the server, DecodeStream cost ~2-3 us per token (8-9% of a streaming chat
-request's frontend CPU); a table hit is a dictionary lookup. The table checks itself against
+across tokens. In the server DecodeStream was a visible share of a streaming chat request's
+frontend CPU; a table hit is a dictionary lookup. The table checks itself against
 `tokenizers`' own decode on probe sequences when built, and is not used if they disagree.
 """
 
@@ -190,7 +189,7 @@ class IncrementalDetokenizer:
             return ""
         if self._fast is not None:
             return self._fast.add(token_ids)
-        # A single id (the common case) goes in as an int: the binding's list path is ~75% slower.
+        # A single id (the common case) goes in as an int: the binding's list path is slower.
         step = token_ids[0] if len(token_ids) == 1 else token_ids
         assert self._stream is not None
         text = self._stream.step(self._tokenizer, step)

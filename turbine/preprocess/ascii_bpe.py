@@ -1,8 +1,8 @@
 """A faster, exact path for byte-level BPE on ASCII text: pre-tokenize with Python's `re`, then look each
 word's ids up in a cache, asking `tokenizers` only for words it has not seen.
 
-Why: `tokenizers` spends ~95% of an encode in its pre-tokenizer regex (oniguruma with Unicode classes,
-~0.4 µs per character of English here), and a Python frontend pays that on every chat prompt. On ASCII
+Why: `tokenizers` spends most of an encode in its pre-tokenizer regex (oniguruma with Unicode
+classes), and a Python frontend pays that on every chat prompt. On ASCII
 text the Unicode classes (`\\p{L}`, `\\p{N}`, `\\s`) reduce to small ASCII sets, which `re` matches
 several times faster; the BPE of a word does not depend on its neighbours, so a word seen before costs a
 dictionary lookup.

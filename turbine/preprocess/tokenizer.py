@@ -247,7 +247,7 @@ def release_free_memory() -> None:
 
     `tokenizers` needs ~140 bytes per character of input at its peak (ids, offsets and token strings
     of every token) and frees them afterwards, but glibc keeps freed pages in its per-thread arenas:
-    without this, one 5 MB prompt leaves the process ~700 MB larger for good (measured).
+    without this, one very long prompt leaves the process larger for good by many times its size.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -260,12 +260,11 @@ class Tokenizer:
     added-token strings in the text (e.g. `<|im_start|>`) are matched to their ids by `tokenizers`.
     """
 
-    # Below this many characters encoding runs inline on the event loop. Measured with the bundled
-    # tokenizer: a thread round trip costs ~55 us, encoding ~150 us per 1,000 chars, so short prompts
-    # gain nothing from the hop and the longest inline one stalls the loop for only ~0.3 ms.
+    # Below this many characters encoding runs inline on the event loop: for a short prompt the hop to
+    # a thread costs more than the encoding, and the longest inline one stalls the loop only briefly.
     INLINE_MAX_CHARS = 2000
     # ASCII text on the fast path (`ascii_bpe.py`) stays inline up to this many times as long: it costs
-    # ~4x less per character, and it holds the GIL, so a thread would not run it alongside the loop
+    # about that much less per character, and it holds the GIL, so a thread would not run it beside the loop
     # anyway; only the hop would be paid.
     INLINE_ASCII_FACTOR = 4
 

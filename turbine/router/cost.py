@@ -35,8 +35,9 @@ _REL_TIE = 1e-9
 
 DUPLICATE_WEIGHT = 2.0
 """Each block of a prefix cached elsewhere that a placement would copy costs this many prefill
-blocks on top of computing it: 2 kept every prefix group on one worker through a burst in the
-routing benchmark, where 0 or 1 lost cache hits."""
+blocks on top of computing it: weighing a copy above computing afresh keeps a burst of one prefix
+group on the worker that holds it, where lower weights split the group
+(`benchmarks/results/README.md`)."""
 
 
 @dataclass(frozen=True)

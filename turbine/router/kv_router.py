@@ -403,7 +403,7 @@ class KvRouter(_LoadCounting):
         # runs (`ActiveBlocks.extend_prefixes`: two replicas send a new prefix's burst to one
         # worker). With KV events on, the routing history (`pending`) stays this replica's own:
         # every replica follows the workers' real events, and recording every peer's placement
-        # as well cost each replica ~20-40 us per peer request (an LRU update per block). Without
+        # as well would cost each replica an LRU update per block of every peer request. Without
         # events, peers' placements are the only cache model there is, so they are recorded.
         self._has_peers = True
         self.load.add_request(key, event.worker, event.prefill_tokens, 0)

@@ -88,7 +88,7 @@ class RadixIndex:
         self._more_children: dict[int, list[int]] = {}
         """The inverse of `_parents`: a block's first present child, and any others. Most blocks have
         one child, and an int costs neither an allocation nor garbage-collector scans as a list per
-        block would (measured ~25% of the store rate)."""
+        block would, on the path of every stored event."""
         self._unlinked: set[int] = set()
         """Present blocks whose parent is unknown (they came in dumps), until a stored event or a
         request names it."""

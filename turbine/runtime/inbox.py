@@ -3,9 +3,8 @@
 Token streams hand one item per decode step from a producer (the engine's step loop, a socket's
 `data_received`) to the task that owns the stream. `asyncio.Queue` pays for what these hand-offs
 never use (bounded size, many waiters, loop checks per call); with one consumer that takes
-everything queued at once, a list and one future per wait do the same job. Measured on the mocker
-engine alone (64 streams, 64 tokens each), swapping the engine's queues for this was about half of a
-~15% cut in CPU per token.
+everything queued at once, a list and one future per wait do the same job for less CPU per token
+(`benchmarks/results/README.md`).
 """
 
 from __future__ import annotations

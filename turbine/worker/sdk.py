@@ -44,11 +44,10 @@ _decode_embed = msgspec.msgpack.Decoder(list[list[int]]).decode
 EVENTS_BATCH_S = 0.002
 """The least time between two sends of a `kv_events` stream while events keep coming (their
 delay at most; the frontend's routing history and active blocks cover requests routed since).
-Every process of every frontend follows every worker, so each send costs each of them a wake-up.
-10 ms cut a follower's CPU per request it did not route from 93-138 to 69-93 µs
-(`benchmarks/peer_cost.py`) and 8 processes' CPU per request by 3-5% (`scale_processes.md`, run I),
-but routing saw new prefixes' blocks that much later: fast requests in a row then tied on stale
-cache sizes and piled onto one worker (`test_kv_routing.py`). `--kv-events-interval-ms` trades."""
+Every process of every frontend follows every worker, so each send costs each of them a wake-up:
+a longer interval saves the followers CPU (`benchmarks/results/scale_processes.md`), but routing
+sees new prefixes' blocks that much later, and fast requests in a row then tie on stale cache
+sizes and pile onto one worker. `--kv-events-interval-ms` trades one for the other."""
 
 
 @dataclass(frozen=True)

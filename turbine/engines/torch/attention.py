@@ -328,7 +328,7 @@ def _grouped_sdpa(
 
     The query heads sharing a KV head become that head's query rows ([n, kv_heads, group, dim]), so
     SDPA reads each KV head once for its whole group, where `enable_gqa` with one query row per head
-    expands K and V per query head: 1.1-2.5x faster per call on CPU (`benchmarks/cpu_attention.py`).
+    expands K and V per query head: faster per call on CPU (`benchmarks/results/cpu_attention.md`).
     Same math; rows are computed independently, so only float rounding can differ."""
     n, heads, dim = q.shape
     kv_heads = k.shape[1]

@@ -1,12 +1,11 @@
 """Turbine's own CPU kernels (`csrc/`), compiled on first use and cached.
 
 torch ships no CPU kernel for what bounds a small model's decode step on CPU, so the project writes
-its own (SmolLM2 at concurrency 8: a batch-8 step 20.6 ms against 34.3 on torch's ops; `generate`
-ratio 2.0-2.4x before, 4.2-4.7x after: `benchmarks/results/engine_cpu.md`):
+its own (what they gain: `benchmarks/results/engine_cpu.md`):
 
 - `csrc/cpu_q4.cpp`: a GGUF's 4-bit weights multiplied on the CPU's matrix unit (AMX), exactly.
   torch's int4 kernel is bound by dequantizing to floating point as rows grow; this one costs the
-  same at 4 or 16 rows (SmolLM2's 120 layer matmuls: ~10 ms, against ~9 and ~29 ms). At 1-3 rows
+  same at 4 or 16 rows (`benchmarks/results/cpu_kernels.md`). At 1-3 rows
   torch's kernel is as fast or faster, so `AmxQ4Weight` keeps both and picks by the rows.
 - `csrc/cpu_ops.cpp`: the element-wise work of a layer fused (RMSNorm with the residual add, RoPE
   with the K/V cache write, SiLU·up), as `triton_ops` does on CUDA.
@@ -48,7 +47,7 @@ CFLAGS = (
 )  # fmt: skip
 SMALL_ROWS = 3
 """Inputs of at most this many rows go through torch's int4 kernel: there it is as fast or faster
-(120 matmuls at 1 row: 4.5-4.9 ms against 6.2-7.1; at 3 rows level)."""
+(`benchmarks/results/cpu_kernels.md`)."""
 
 
 class KernelsUnavailable(RuntimeError):

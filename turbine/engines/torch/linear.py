@@ -1,9 +1,9 @@
 """Linear layers, with the weight pre-packed for the CPU's GEMM library where that pays off.
 
 On a CPU with native bfloat16, oneDNN's matmul on a weight reordered once, at load, into its own
-blocked layout runs about 1.5-1.8x faster than `F.linear` on the plain `[out, in]` tensor for a
-decode step's few rows. On this project's CPU machine, 8×576 by 576×3072 took 183 µs packed against
-264 µs plain, and the results are bit-identical. A decode step of a small model is mostly these
+blocked layout runs faster than `F.linear` on the plain `[out, in]` tensor for a decode step's few
+rows (`benchmarks/results/README.md`), and the results are bit-identical. A decode step of a small
+model is mostly these
 matmuls, so the gain reaches the tokens/s almost whole.
 
 float32 keeps `F.linear`. MKL's packed float32 GEMM is tied to one batch size and falls back to the

@@ -2,9 +2,8 @@
 
 A CPU decode step of a few rows is bound by the weight bytes it reads. SmolLM2-135M's layers are
 212 MB in bfloat16 but 66 MB as the file's 4-bit blocks, and torch's CPU int4 kernel reads the
-blocks as they are. Measured in the real forward on this project's 2-core CPU machine
-(`benchmarks/cpu_q4.py`, context 164): 21.5 ms against 45.9 ms at one row, 25.9 against 40.4 ms at
-four, 39.8 against 45.7 ms at eight. Beyond that the kernel is compute-bound and loses, and a prefill
+blocks as they are, so a decode step of one to eight rows is faster on them in the real forward
+(`benchmarks/results/engine_cpu.md`). Beyond that the kernel is compute-bound and loses, and a prefill
 would be many times slower. So the engine keeps both: the dequantized weights (the model as converted)
 for large steps, and these blocks for steps of at most `--q4-max-rows` rows. Where Turbine's CPU
 kernels run (`cpu_kernels.py`: AMX), steps of 4 or more of those rows use its exact AMX kernel on the
@@ -104,8 +103,8 @@ def concat(parts: list[Blocks]) -> Blocks:
 
 def applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a model on `device` computing in `dtype` gains from the blocks: on CPU in bfloat16.
-    In float32 the kernel is several times slower than the plain matmul (SmolLM2 at one request:
-    4.5 against 25 tok/s), so float32 keeps the dequantized weights."""
+    In float32 the kernel is several times slower than the plain matmul, so float32 keeps the
+    dequantized weights."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16

@@ -4,8 +4,8 @@ One program per (sequence, KV head, split): it loads the queries of every attent
 the KV head (GQA), walks its share of the sequence's block table one KV block at a time straight from
 the paged cache (no gather into contiguous memory), and keeps an online softmax (running max, running
 sum). Small batches split each context over several programs (split-K, "flash decoding"): a batch
-of one sequence with 8 KV heads would otherwise run 8 programs on a GPU of 132 SMs, and the kernel
-took 14 µs of a 1B model's 68 µs per layer on an H200. A second kernel merges the splits' partial
+of one sequence with 8 KV heads would otherwise run 8 programs on a GPU of 132 SMs, leaving most of
+it idle for a large share of a small model's layer. A second kernel merges the splits' partial
 softmaxes. The number of splits depends only on the batch shape, never on context lengths, and
 everything read is a tensor argument, so a decode step that uses it can be captured in a CUDA graph.
 The kernels are our own; the technique is the one paged-attention engines use.

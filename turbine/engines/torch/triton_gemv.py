@@ -30,10 +30,10 @@ class GemvConfig:
 
 
 def choose(rows: int, k: int) -> GemvConfig:
-    """Block sizes for a `[rows, k]` product, from `benchmarks/gemv.py` on an H200 with the weights
-    cold in L2, as a decode step reads them: two rows per program (one for a vocabulary-sized
-    lm_head), rows read 2,048 columns at a time, was best or within 0.2 µs of best on every shape
-    of a 1B and an 8B Llama."""
+    """Block sizes for a `[rows, k]` product, tuned with `benchmarks/gemv.py` with the weights cold
+    in L2, as a decode step reads them: two rows per program (one for a vocabulary-sized lm_head),
+    rows read 2,048 columns at a time, was best or as good as best on every shape of a 1B and an
+    8B Llama."""
     block_k = next(b for b in (2048, 1024, 512, 256, 128, 64) if k % b == 0)
     return GemvConfig(block_n=1 if rows >= 65536 else 2, block_k=block_k, num_warps=4, num_stages=1)
 

@@ -11,8 +11,8 @@ NATS between machines.
 
 Why not a ZMQ forwarder (XSUB/XPUB in the supervisor, as before): each message then crossed the
 sender's ZMQ I/O thread, the forwarder's two threads and every receiver's I/O thread, about ten
-context switches per message; with every child hearing every other, that cost a 4-process frontend
-on 2 cores about 1 ms of CPU per request. Here a message is one `send` per sibling, and only the
+context switches per message, and with every child hearing every other that cost grows with the
+square of the processes. Here a message is one `send` per sibling, and only the
 receiving event loop ever wakes for it, at most once per `receive_every_s` while messages keep
 coming: it then reads everything that arrived meanwhile, and waits on its sockets again only once
 the channel is quiet.

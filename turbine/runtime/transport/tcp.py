@@ -311,7 +311,7 @@ class _ClientConnection(asyncio.Protocol):
         self._writer.transport = self._transport
         # The first Ping goes at the first beat, not now: with a Ping sent at once, the first
         # request over a TLS connection (written together with it) now and then got no answer
-        # (tests/e2e/test_request_plane_tls.py, 3 runs in 4); the cause is not pinned down.
+        # (the TLS request-plane tests caught it); the cause is not pinned down.
         self._heartbeat = Heartbeat(lambda: self._writer.send(_PING), self._silent, self._stall_timeout_s)
 
     def data_received(self, data: bytes) -> None:

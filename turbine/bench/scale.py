@@ -1,11 +1,11 @@
 """How the frontend's cost grows with the number of worker instances and of models.
 
-For 1, 64 and 512 registered mocker instances (one worker process, `--num-workers N`, speedup 1e6)
-and for round-robin and kv routing: the frontend's resident memory and CPU per request under the same
-non-streaming load (c=16, ~150-token prompts, 16 output tokens). Then 10 models at once (10 worker
-processes), requests spread over all of them. Markdown + PNG.
+For 1, 64 and 512 registered mocker instances (`--instances`; one worker process, `--num-workers N`,
+speedup 1e6) and for round-robin and kv routing: the frontend's resident memory and CPU per request
+under the same non-streaming load (c=16, ~150-token prompts, 16 output tokens). Then 10 models at
+once (`--models`, one worker process each), requests spread over all of them. Markdown + PNG.
 
-    .venv/bin/python benchmarks/scale.py [--requests 1000]
+    turbine bench scale [--requests 1000]
 
 With `--processes 1,2,4,8` it measures the multi-process frontend instead (`--num-processes N`):
 chat completions with varied prompts (unique per request), non-streaming and streaming, from
@@ -15,8 +15,8 @@ fresh connections (spread over the processes by the kernel). `--frontend-cpus`, 
 and `--loadgen-cpus` pin each part to its own cores (`taskset` lists, e.g. 0-7), so that N=auto
 and the load generator do not compete with the workers. Writes scale_processes.md + .png.
 
-    .venv/bin/python benchmarks/scale.py --processes 1,2 --requests 2000
-    .venv/bin/python benchmarks/scale.py --processes 1,2,4,8 --frontend-cpus 0-7 \
+    turbine bench scale --processes 1,2 --requests 2000
+    turbine bench scale --processes 1,2,4,8 --frontend-cpus 0-7 \
         --loadgen-cpus 8-13 --worker-cpus 14-15 --loadgen-procs 6 --concurrency 192
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ async def main_async(args: argparse.Namespace) -> None:
     rows: list[tuple[str, dict[str, float]]] = []
     worker = ["--engine", "mocker", "--speedup-ratio", "1000000", "--num-gpu-blocks-override", "512"]
     for mode in ("round-robin", "kv"):
-        for n in (1, 64, 512):
+        for n in args.instances:
             stack = LocalStack(
                 ["--router-mode", mode], [*worker, "--num-workers", str(n)], expect_instances=n
             )
@@ -99,20 +100,20 @@ async def main_async(args: argparse.Namespace) -> None:
             finally:
                 stack.close()
     for mode in ("round-robin", "kv"):
-        models = [f"model-{i}" for i in range(10)]
+        models = [f"model-{i}" for i in range(args.models)]
         stack = LocalStack(
             ["--router-mode", mode],
             worker,
-            expect_instances=10,
-            worker_processes=10,
+            expect_instances=len(models),
+            worker_processes=len(models),
             worker_extra=[["--model-name", m] for m in models],
         )
         try:
             stack.wait_ready(timeout=300)
             rows.append(
                 (
-                    f"{mode}, 10 models x 1 instance",
-                    await measure(stack, models, args.requests, rng, f"{mode} 10 models"),
+                    f"{mode}, {len(models)} models x 1 instance",
+                    await measure(stack, models, args.requests, rng, f"{mode} {len(models)} models"),
                 )
             )
         finally:
@@ -136,7 +137,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for mode in ("round-robin", "kv"):
-        xs = [1, 64, 512]
+        xs = list(args.instances)
         sel = [r for name, r in rows if name.startswith(mode + ",") and "models" not in name]
         ax1.plot(xs, [r["cpu_ms_req"] for r in sel], marker="o", label=mode)
         ax2.plot(xs, [r["rss_mib"] for r in sel], marker="o", label=mode)
@@ -151,11 +152,21 @@ async def main_async(args: argparse.Namespace) -> None:
     print(text)
 
 
-def main() -> None:
+def instance_counts(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="turbine bench scale",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument(
+        "--instances", type=instance_counts, default=[1, 64, 512], help="comma-separated instance counts"
+    )
+    parser.add_argument("--models", type=int, default=10, help="models served at once, one worker each")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--processes", help="comma-separated frontend process counts (e.g. 1,2,4,8)")
     parser.add_argument("--concurrency", type=int, default=64, help="--processes: requests in flight")
@@ -187,17 +198,14 @@ def main() -> None:
         help="--processes: N separate one-process frontends on their own ports instead of one "
         "--num-processes N frontend (what the host gives N Python frontends that share nothing)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.processes:
         from turbine.bench.multiproc import run_processes
 
         run_processes(args)
-        return
+        return 0
     import uvloop
 
     uvloop.run(main_async(args))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -17,8 +17,8 @@ the constrained tokens made is the mean per-token mask cost. Applying a batch's 
 logits (`apply_bitmask`, on the runner thread) is timed here in-process at each batch size.
 One constrained request with room to finish checks the output against the schema (`jsonschema`).
 
-    .venv/bin/python benchmarks/structured.py --device cpu --out benchmarks/results
-    python3 benchmarks/structured.py --device cuda --preset llama-1b --tokenizer DIR --out $OUT
+    turbine bench structured --device cpu --out benchmarks/results
+    turbine bench structured --device cuda --preset llama-1b --tokenizer DIR --out $OUT
 
 On CUDA the weights are random (`--load-format dummy`, the preset's shape) and the tokenizer comes
 from `--tokenizer` (a directory with SmolLM2's tokenizer.json and tokenizer_config.json). On CPU the
@@ -36,15 +36,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serve import describe, model_dir_for, stream_one, worker_argv
-
+from turbine.bench.serve import closed_loop, describe, model_dir_for, stream_one, worker_argv
 from turbine.bench.stack import LocalStack, proc_cpu_seconds
 
 MODEL = "bench"
@@ -204,27 +204,11 @@ class Run:
     """The outputs (constrained runs only)."""
 
 
-async def closed_loop(url: str, todo: list[dict[str, Any]], concurrency: int) -> tuple[float, list[Any]]:
-    queue = list(reversed(todo))
-    done: list[Any] = []
-    timeout = aiohttp.ClientTimeout(total=900)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-
-        async def client() -> None:
-            while queue:
-                done.append(await stream_one(session, url, queue.pop()))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        return time.perf_counter() - t0, done
-
-
-def one_run(stack: LocalStack, constrained: bool, c: int, rnd: int, n: int, out: int) -> Run:
+def one_run(stack: LocalStack, constrained: bool, c: int, rnd: int, n: int, out: int, bar: tqdm) -> Run:
     pid = stack.workers[0].pid
     before = proc_cpu_seconds(pid)
-    wall, streams = asyncio.run(
-        closed_loop(stack.url + "/v1/chat/completions", bodies(n, out, 1000 * c + rnd, constrained), c)
-    )
+    todo = bodies(n, out, 1000 * c + rnd, constrained)
+    wall, streams = asyncio.run(closed_loop(stack.url + "/v1/chat/completions", todo, c, bar.update))
     worker_cpu = proc_cpu_seconds(pid) - before
     ok = [s for s in streams if s.ok]
     gaps = sorted(g for s in ok for g in s.gaps_s)
@@ -433,9 +417,11 @@ def plot(rows: list[Summary], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="turbine bench structured",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--preset", default="llama-1b")
@@ -459,7 +445,7 @@ def main() -> int:
     )
     parser.add_argument("--worker-args", default="", help="extra worker flags, space-separated")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     counts = (
         [int(n) for n in args.requests.split(",")]
@@ -487,8 +473,8 @@ def main() -> int:
         f"completions, greedy); {args.output_tokens} new tokens per request; requests per run "
         + ", ".join(f"{n} at c={c}" for c, n in zip(concurrencies, counts, strict=True))
         + f"; {args.rounds} rounds, the two modes interleaved (order alternating per round). "
-        f"Whole run {extra['total_wall_s']:.0f} s. Command: `python3 benchmarks/structured.py "
-        f"{' '.join(sys.argv[1:])}`."
+        f"Whole run {extra['total_wall_s']:.0f} s. Command: `turbine bench structured "
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}`."
     )
     stem = f"structured_{args.device}" if args.device == "cpu" else f"structured_cuda_{args.preset}"
     write_report(args.out, stem, header, rows, extra)
@@ -513,14 +499,11 @@ def serve(
                 asyncio.run(
                     closed_loop(stack.url + "/v1/chat/completions", bodies(c, 8, 7 + c, constrained), c)
                 )
-        for rnd in range(args.rounds):
-            for c, n in zip(concurrencies, counts, strict=True):
-                order = (False, True) if (rnd + c) % 2 == 0 else (True, False)
-                for constrained in order:
-                    runs.append(one_run(stack, constrained, c, rnd, n, out))
+        with tqdm(total=2 * args.rounds * sum(counts), desc="structured", unit="req") as bar:
+            for rnd in range(args.rounds):
+                for c, n in zip(concurrencies, counts, strict=True):
+                    order = (False, True) if (rnd + c) % 2 == 0 else (True, False)
+                    for constrained in order:
+                        runs.append(one_run(stack, constrained, c, rnd, n, out, bar))
         extra = check_schema(stack.url, 99)
     return runs, extra
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

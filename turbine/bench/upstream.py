@@ -15,7 +15,7 @@ OpenAI server (`--server llama-cpp-python`).
    on a prompt the server has cached: the p50 latency difference is what Turbine adds (HTTP,
    tokenize, route, the sidecar's HTTP and SSE parsing, re-tokenize, detokenize).
 
-    .venv/bin/python benchmarks/upstream.py [--groups 4 --per-group 3 --overhead-requests 800]
+    turbine bench upstream [--groups 4 --per-group 3 --overhead-requests 800]
         [--server llama-server|llama-cpp-python]
 """
 
@@ -31,11 +31,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tqdm import tqdm
 
 from turbine.bench import llama_server
 from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
@@ -132,7 +134,9 @@ class RoutingRow:
         return sum(r.cached_tokens for r in self.run.results) / prompt if prompt else float("nan")
 
 
-async def routing(servers: LlamaServers, model_dir: Path, args: argparse.Namespace) -> list[RoutingRow]:
+async def routing(
+    servers: LlamaServers, model_dir: Path, args: argparse.Namespace, bar: tqdm
+) -> list[RoutingRow]:
     rows = []
     for n, mode in enumerate(("kv", "round-robin")):
         rng = random.Random(args.seed + n)
@@ -143,7 +147,13 @@ async def routing(servers: LlamaServers, model_dir: Path, args: argparse.Namespa
         with LocalStack(frontend, [], expect_instances=len(servers.urls), worker_processes=0) as stack:
             sent = [{k: v for k, v in b.items() if k != "_group"} for b in bodies]
             # Concurrency 1 keeps request order = workload order, so affinity reads cleanly.
-            run = await run_closed_loop(stack.url + "/v1/completions", sent, concurrency=1, stream=True)
+            run = await run_closed_loop(
+                stack.url + "/v1/completions",
+                sent,
+                concurrency=1,
+                stream=True,
+                on_done=lambda _r: bar.update(),
+            )
         # run_closed_loop appends in completion order; at concurrency 1 that is the sent order.
         rows.append(RoutingRow(mode, run, affinity(bodies, run)))
     return rows
@@ -175,7 +185,7 @@ class Overhead:
     turbine_stream: float
 
 
-async def overhead(servers: LlamaServers, model_dir: Path, args: argparse.Namespace) -> Overhead:
+async def overhead(servers: LlamaServers, model_dir: Path, args: argparse.Namespace, bar: tqdm) -> Overhead:
     """p50 latency (ms) direct (plain, then streamed: what the sidecar asks the server for) and
     through Turbine (plain and streamed requests), alternating in blocks of 10. Turbine runs as a
     user would front one server: `turbine frontend --model-path DIR --upstream smol=URL` (the
@@ -201,6 +211,7 @@ async def overhead(servers: LlamaServers, model_dir: Path, args: argparse.Namesp
                 url, b = paths[block % len(paths)]
                 for _ in range(10):
                     times[block % len(paths)].append(await timed(session, url, b))
+                bar.update(10)
     p50 = [percentile(x, 0.5) * 1000 for x in times]
     return Overhead(*p50)
 
@@ -219,7 +230,7 @@ def report(rows: list[RoutingRow], o: Overhead, args: argparse.Namespace) -> str
         f"Routing: 2 servers, {args.groups} groups x {args.per_group} "
         f"prompts (~{args.prefix_words}-word shared prefix, "
         "8 output tokens, streaming, concurrency 1). Command: "
-        f"`.venv/bin/python benchmarks/upstream.py --server {args.server} "
+        f"`turbine bench upstream --server {args.server} "
         f"--overhead-requests {args.overhead_requests}`.",
         "",
         f"With {args.groups * args.per_group} requests per router, p99 is the slowest single request; "
@@ -284,13 +295,17 @@ def plot(rows: list[RoutingRow], out: Path) -> None:
 async def measure(
     servers: LlamaServers, model_dir: Path, args: argparse.Namespace
 ) -> tuple[list[RoutingRow], Overhead]:
-    rows = await routing(servers, model_dir, args)
-    return rows, await overhead(servers, model_dir, args)
+    total = 2 * args.groups * args.per_group + args.overhead_requests // 10 * 10
+    with tqdm(total=total, desc="upstream", unit="req") as bar:
+        rows = await routing(servers, model_dir, args, bar)
+        return rows, await overhead(servers, model_dir, args, bar)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="turbine bench upstream",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--per-group", type=int, default=3)
@@ -299,7 +314,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server", choices=("llama-server", "llama-cpp-python"), default=default_server())
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -320,7 +335,4 @@ def main() -> None:
     (out / "upstream.md").write_text(text)
     plot(rows, out)
     print(text)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

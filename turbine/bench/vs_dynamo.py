@@ -13,8 +13,8 @@ Set up Dynamo once (a separate venv; its `aisimulate` dependency is not needed):
     .bench/dynamo/bin/pip install aiohttp msgspec prometheus-client pyzmq "redis>=6.2,<9" tqdm transformers \\
         zstandard "pydantic>=2.10.6,<=2.13.5" uvloop "kubernetes>=32.0.1,<33" certifi typing-extensions
 
-    .venv/bin/python benchmarks/vs_dynamo.py [--pairs 3] [--requests 1000]   # completions → vs_dynamo.md
-    .venv/bin/python benchmarks/vs_dynamo.py --chat     # chat, varied prompts → vs_dynamo_chat.md
+    turbine bench vs-dynamo [--pairs 3] [--requests 1000]   # completions → vs_dynamo.md
+    turbine bench vs-dynamo --chat     # chat, varied prompts → vs_dynamo_chat.md
 
 A venv elsewhere: `--dynamo PATH/bin/python` or TURBINE_BENCH_DYNAMO_PYTHON. The machine is shared by
 whatever else runs on it; the alternation keeps the two stacks' conditions alike, not quiet.
@@ -26,7 +26,8 @@ import argparse
 import os
 import random
 import statistics
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -329,9 +330,11 @@ async def long_prompts(args: argparse.Namespace) -> str:
     return text
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="turbine bench vs-dynamo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--dynamo",
@@ -348,7 +351,14 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the workloads whose name contains this")
     parser.add_argument("--long-requests", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.dynamo):
+        print(
+            f"turbine bench vs-dynamo: no Dynamo python at {args.dynamo!r}: set up its venv as this "
+            "benchmark's --help says, then pass --dynamo or set TURBINE_BENCH_DYNAMO_PYTHON",
+            file=sys.stderr,
+        )
+        return 2
     Path(args.out).mkdir(parents=True, exist_ok=True)
     import uvloop
 
@@ -356,7 +366,4 @@ def main() -> None:
         print(uvloop.run(long_prompts(args)))
     else:
         uvloop.run(main_async(args, CHAT if args.chat else COMPLETIONS))
-
-
-if __name__ == "__main__":
-    main()
+    return 0
