@@ -113,7 +113,7 @@ class Generation:
         )
         self.decision: Decision | None = None
         self.migrations = 0
-        deltas = pipeline._run(self, request, hints)
+        deltas = pipeline.dispatch(self, request, hints)
         self._deltas = (
             deltas if parser is None and special is None else _parsed(deltas, parser, special, named_call)
         )
@@ -327,9 +327,13 @@ class ModelPipeline:
         else:
             self.health.unreachable(instance.instance_id)
 
-    async def _run(
+    async def dispatch(
         self, gen: Generation, request: PreprocessedRequest, hints: RouteHints
     ) -> AsyncGenerator[TextDelta, None]:
+        """`request`'s text deltas from a worker the router picks: before any output, a worker that
+        cannot take it is skipped for another; after, the stream migrates (`--migration-limit`).
+        `gen` is the generation they are for: its postprocessor makes the deltas, and the routing
+        decision and migrations are recorded on it (`Generation` starts this, one per choice)."""
         if self._engine is not None:
             async for delta in _python_engine_deltas(self._engine, gen, request):
                 yield delta
