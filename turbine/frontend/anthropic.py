@@ -11,13 +11,12 @@ the error tree; after a stream has started, as an `error` event.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Iterable
 
 import orjson
 from aiohttp import web
 
-from turbine.errors import InvalidRequest, PayloadTooLarge, TurbineError
+from turbine.errors import TurbineError
 from turbine.frontend.anthropic_format import (
     StreamFormatter,
     ToolUse,
@@ -28,18 +27,16 @@ from turbine.frontend.anthropic_format import (
     tool_use,
 )
 from turbine.frontend.anthropic_translate import to_chat
-from turbine.frontend.edge_requests import require_type
+from turbine.frontend.choices import collect
+from turbine.frontend.edge_requests import decode_body
 from turbine.frontend.guided import constrain
-from turbine.frontend.http import MODEL_KEY, OpenAIService, _decode
+from turbine.frontend.http import OpenAIService
 from turbine.frontend.models import ModelRegistry
-from turbine.frontend.pipeline import Generation, ModelPipeline
+from turbine.frontend.pipeline import Generation
+from turbine.frontend.sse import send_events
 from turbine.postprocess.parsers.output import ToolCallDelta
 from turbine.postprocess.postprocessor import TextDelta
 from turbine.protocol.anthropic import decode_count_tokens_request, decode_messages_request
-
-log = logging.getLogger(__name__)
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _tool_uses(calls: Iterable[ToolCallDelta]) -> list[ToolUse]:
@@ -54,25 +51,6 @@ def error_response(exc: TurbineError) -> web.Response:
     )
 
 
-def _anthropic_errors(handler: _Handler) -> _Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except TurbineError as exc:
-            return error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status == 413:
-                return error_response(PayloadTooLarge(f"request body too large: {exc.text}"))
-            if exc.status < 500:
-                return error_response(InvalidRequest(exc.reason))
-            raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(TurbineError("internal error; see the frontend's log"))
-
-    return wrapped
-
-
 class AnthropicService:
     """The Messages API routes, over the OpenAI service's registry, drain accounting and metrics."""
 
@@ -81,26 +59,21 @@ class AnthropicService:
         self._service = service
 
     def add_routes(self, app: web.Application) -> None:
+        # The app's error middleware writes every error under this prefix in Anthropic's shape.
         self._service.error_writers["/v1/messages"] = error_response
-        app.router.add_post("/v1/messages", _anthropic_errors(self._messages))
-        app.router.add_post("/v1/messages/count_tokens", _anthropic_errors(self._count_tokens))
-
-    def _pipeline(self, request: web.Request, model: str) -> ModelPipeline:
-        request[MODEL_KEY] = model
-        pipeline = self._registry.get(model)
-        require_type(pipeline, "chat")
-        return pipeline
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
 
     async def _count_tokens(self, request: web.Request) -> web.Response:
-        req = _decode(decode_count_tokens_request, await request.read())
-        pipeline = self._pipeline(request, req.model)
+        req = decode_body(decode_count_tokens_request, await request.read())
+        pipeline = self._service.pipeline_for(request, req.model, "chat")
         translated = to_chat(req)
         ids = await pipeline.preprocessor.chat_token_ids(translated.chat, translated.assistant_prefix)
         return web.Response(body=orjson.dumps({"input_tokens": len(ids)}), content_type="application/json")
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
-        req = _decode(decode_messages_request, await request.read())
-        pipeline = self._pipeline(request, req.model)
+        req = decode_body(decode_messages_request, await request.read())
+        pipeline = self._service.pipeline_for(request, req.model, "chat")
         translated = to_chat(req)
         message_id = new_message_id()
         prepared = await pipeline.preprocessor.chat(
@@ -113,62 +86,42 @@ class AnthropicService:
             first = await gen.first()
             served.first_token([gen])
             if req.stream:
-                return await self._stream(request, gen, first, message_id, pipeline.name)
-            text, thinking, calls = [first.text], [first.reasoning], list(first.tool_calls)
-            finish = first.finish_reason
-            if finish is None:
-                async for delta in gen:
-                    text.append(delta.text)
-                    thinking.append(delta.reasoning)
-                    calls += delta.tool_calls
-                    finish = delta.finish_reason
-            assert finish is not None
-            tools = _tool_uses(calls)
+                fmt = StreamFormatter(message_id=message_id, model=pipeline.name)
+                return await send_events(request, _events(fmt, gen, first), fmt.error, message_id)
+            choice = await collect(gen, first)
+            tools = _tool_uses(choice.tool_calls)
             matched = gen.post.matched_stop
             body = message_object(
                 message_id=message_id,
                 model=pipeline.name,
-                text="".join(text),
-                thinking="".join(thinking),
+                text=choice.text,
+                thinking=choice.reasoning,
                 tool_uses=tools,
-                stop=stop_reason(finish.value, matched, tools),
+                stop=stop_reason(choice.finish, matched, tools),
                 stop_sequence=matched,
                 input_tokens=gen.prompt_tokens,
                 output_tokens=gen.completion_tokens,
             )
             return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    async def _stream(
-        self, request: web.Request, gen: Generation, first: TextDelta, message_id: str, model: str
-    ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        fmt = StreamFormatter(message_id=message_id, model=model)
-        called = False
 
-        def events(delta: TextDelta) -> bytes:
-            # Within one delta the parsers keep the model's order: reasoning, then text, then calls.
-            nonlocal called
-            tools = _tool_uses(delta.tool_calls)
-            called = called or bool(tools)
-            return fmt.thinking(delta.reasoning) + fmt.text(delta.text) + b"".join(fmt.tool(t) for t in tools)
+async def _events(fmt: StreamFormatter, gen: Generation, first: TextDelta) -> AsyncGenerator[bytes, None]:
+    called = False
 
-        await resp.write(fmt.start(gen.prompt_tokens) + events(first))
-        try:
-            finish = first.finish_reason
-            if finish is None:
-                async for delta in gen:
-                    finish = delta.finish_reason
-                    out = events(delta)
-                    if out:
-                        await resp.write(out)
-            assert finish is not None
-            matched = gen.post.matched_stop
-            stop = "tool_use" if called else stop_reason(finish.value, matched)
-            await resp.write(fmt.finish(stop, matched, gen.completion_tokens))
-        except TurbineError as exc:
-            # Headers are gone: report the failure in-band, as Anthropic's API does.
-            log.warning("stream %s failed: %s", message_id, exc.message)
-            await resp.write(fmt.error(exc))
-        await resp.write_eof()
-        return resp
+    def events(delta: TextDelta) -> bytes:
+        # Within one delta the parsers keep the model's order: reasoning, then text, then calls.
+        nonlocal called
+        tools = _tool_uses(delta.tool_calls)
+        called = called or bool(tools)
+        return fmt.thinking(delta.reasoning) + fmt.text(delta.text) + b"".join(fmt.tool(t) for t in tools)
+
+    yield fmt.start(gen.prompt_tokens) + events(first)
+    finish = first.finish_reason
+    if finish is None:
+        async for delta in gen:
+            finish = delta.finish_reason
+            yield events(delta)
+    assert finish is not None
+    matched = gen.post.matched_stop
+    stop = "tool_use" if called else stop_reason(finish.value, matched)
+    yield fmt.finish(stop, matched, gen.completion_tokens)

@@ -1,15 +1,51 @@
-"""Translate edge requests that are not plain chat/completions: Responses API input → chat messages,
-embeddings input → token ids, and the model-type check every route makes."""
+"""Edge requests before they are served: request bodies decoded (every API's routes, each error a
+400 that says what is wrong), the model-type check every route makes, and the translation of
+requests that are not plain chat/completions: Responses API input → chat messages, embeddings input
+→ token ids."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
 
 from turbine.errors import InvalidRequest
 from turbine.frontend.pipeline import ModelPipeline
 from turbine.protocol.openai import ChatMessage, ResponsesRequest
 from turbine.protocol.request import PreprocessedRequest, knobs_used
+
+T = TypeVar("T")
+
+
+def decode_body(decoder: Callable[[bytes], T], body: bytes) -> T:
+    """A request body through its msgspec decoder; a body that is empty, not JSON, not UTF-8 or of
+    the wrong shape is an InvalidRequest (naming the field where msgspec does)."""
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return decoder(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        param = message.rsplit("`$.", 1)[1].rstrip("`") if "`$." in message else None
+        raise InvalidRequest(f"invalid request: {message}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # msgspec raises this (not a DecodeError) for strings whose bytes are not UTF-8, with the
+        # offset inside that string; the client needs the offset in the body.
+        raise InvalidRequest(
+            f"request body is not valid UTF-8 JSON: {exc.reason} at byte {_utf8_error_offset(body, exc)}"
+        ) from None
+
+
+def _utf8_error_offset(body: bytes, exc: UnicodeDecodeError) -> int:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        return whole.start
+    return exc.start
 
 
 def require_type(pipeline: ModelPipeline, kind: str) -> None:

@@ -13,10 +13,9 @@ import functools
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple
 
-import msgspec
 import orjson
 from aiohttp import web
 
@@ -30,6 +29,7 @@ from turbine.errors import (
 )
 from turbine.frontend.choices import collect, merge, usage_of
 from turbine.frontend.edge_requests import (
+    decode_body,
     embedding_inputs,
     require_sampling_knobs,
     require_type,
@@ -40,16 +40,17 @@ from turbine.frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from turbine.frontend.metrics import FrontendMetrics, RequestMetrics
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.openai_format import (
+    Choice,
     ChunkFormatter,
     ResponsesStreamFormatter,
     chat_completion,
     embedding_list,
     new_id,
-    response_object,
     text_completion,
 )
 from turbine.frontend.openapi import serve_openapi
 from turbine.frontend.pipeline import Generation, ModelPipeline
+from turbine.frontend.sse import send_events
 from turbine.postprocess.postprocessor import TextDelta
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.openai import (
@@ -64,9 +65,8 @@ from turbine.router.front import NO_HINTS, RouteHints, route_hints
 log = logging.getLogger(__name__)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Set by `pipeline_for` (which routes of other APIs on this app use too): requests counted per model.
 _MODEL_KEY = web.RequestKey("turbine.model", str)
-# Routes of other APIs on this app set it too, so their requests are counted per model.
-MODEL_KEY = _MODEL_KEY
 
 
 def error_response(exc: TurbineError) -> web.Response:
@@ -80,6 +80,37 @@ def error_response(exc: TurbineError) -> web.Response:
 
 
 ErrorWriter = Callable[[TurbineError], web.Response]
+
+
+class Started(NamedTuple):
+    """A request whose choices have each produced their first delta, ready to be answered."""
+
+    gens: list[Generation]
+    firsts: list[TextDelta]
+    prepared: Prepared
+    model: str
+    created: int
+    headers: dict[str, str]  # which worker serves it (the first choice's)
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.request.request_id
+
+    def usage(self) -> dict[str, Any]:
+        return usage_of(self.gens, self.prepared.n)
+
+    async def choices(self) -> list[Choice]:
+        """Every choice, whole. (One choice, the usual case, is collected in this task: gather would
+        start a task.)"""
+        if len(self.gens) == 1:
+            return [await collect(self.gens[0], self.firsts[0])]
+        return list(
+            await asyncio.gather(*(collect(g, f) for g, f in zip(self.gens, self.firsts, strict=True)))
+        )
+
+
+# Answers a started request in one API's shape: a JSON body, or its events.
+Answer = Callable[[web.Request, Started], Awaitable[web.StreamResponse]]
 
 
 async def _handle_errors(
@@ -102,33 +133,6 @@ async def _handle_errors(
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return write(TurbineError("internal error; see the frontend's log"))
-
-
-def _decode(decoder: Callable[[bytes], Any], body: bytes) -> Any:
-    if not body:
-        raise InvalidRequest("request body is empty; expected a JSON object")
-    try:
-        return decoder(body)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        param = message.rsplit("`$.", 1)[1].rstrip("`") if "`$." in message else None
-        raise InvalidRequest(f"invalid request: {message}", param=param) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:
-        # msgspec raises this (not a DecodeError) for strings whose bytes are not UTF-8, with the
-        # offset inside that string; the client needs the offset in the body.
-        raise InvalidRequest(
-            f"request body is not valid UTF-8 JSON: {exc.reason} at byte {_utf8_error_offset(body, exc)}"
-        ) from None
-
-
-def _utf8_error_offset(body: bytes, exc: UnicodeDecodeError) -> int:
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as whole:
-        return whole.start
-    return exc.start
 
 
 class OpenAIService:
@@ -218,32 +222,34 @@ class OpenAIService:
 
     # --------------------------------------------------------------------------------- routes
 
+    def pipeline_for(self, request: web.Request, model: str, kind: str) -> ModelPipeline:
+        """The pipeline of a request's model (counted per model in the metrics), which must serve
+        `kind` requests."""
+        request[_MODEL_KEY] = model
+        pipeline = self._registry.get(model)
+        require_type(pipeline, kind)
+        return pipeline
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        req = _decode(decode_chat_request, await request.read())
-        request[_MODEL_KEY] = req.model
-        pipeline = self._registry.get(req.model)
-        require_type(pipeline, "chat")
+        req = decode_body(decode_chat_request, await request.read())
+        pipeline = self.pipeline_for(request, req.model, "chat")
         hints = route_hints(request.headers, req.user)
         prepared = constrain(pipeline, req, await pipeline.preprocessor.chat(req, new_id("chatcmpl")))
         require_sampling_knobs(pipeline, prepared.request)
-        return await self._serve(request, pipeline, prepared, chat=True, hints=hints)
+        return await self._serve(request, pipeline, prepared, self._answer_chat, hints)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        req = _decode(decode_completion_request, await request.read())
-        request[_MODEL_KEY] = req.model
-        pipeline = self._registry.get(req.model)
-        require_type(pipeline, "completions")
+        req = decode_body(decode_completion_request, await request.read())
+        pipeline = self.pipeline_for(request, req.model, "completions")
         hints = route_hints(request.headers, req.user)
         prepared = constrain(pipeline, req, await pipeline.preprocessor.completion(req, new_id("cmpl")))
         require_sampling_knobs(pipeline, prepared.request)
-        return await self._serve(request, pipeline, prepared, chat=False, hints=hints)
+        return await self._serve(request, pipeline, prepared, self._answer_completion, hints)
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API (non-stateful), served as a chat completion with one choice."""
-        req = _decode(decode_responses_request, await request.read())
-        request[_MODEL_KEY] = req.model
-        pipeline = self._registry.get(req.model)
-        require_type(pipeline, "chat")
+        req = decode_body(decode_responses_request, await request.read())
+        pipeline = self.pipeline_for(request, req.model, "chat")
         text_format = req.text.get("format") if isinstance(req.text, dict) else None
         if req.max_output_tokens is not None and req.max_output_tokens < 1:
             raise InvalidRequest("max_output_tokens must be at least 1", param="max_output_tokens")
@@ -260,13 +266,11 @@ class OpenAIService:
         hints = route_hints(request.headers, req.user)
         prepared = await pipeline.preprocessor.chat(chat, new_id("resp"))
         prepared = constrain(pipeline, chat, prepared, format_param="text.format")
-        return await self._serve(request, pipeline, prepared, chat=True, responses=True, hints=hints)
+        return await self._serve(request, pipeline, prepared, self._answer_response, hints)
 
     async def _embeddings(self, request: web.Request) -> web.Response:
-        req = _decode(decode_embedding_request, await request.read())
-        request[_MODEL_KEY] = req.model
-        pipeline = self._registry.get(req.model)
-        require_type(pipeline, "embedding")
+        req = decode_body(decode_embedding_request, await request.read())
+        pipeline = self.pipeline_for(request, req.model, "embedding")
         if req.encoding_format not in ("float", "base64"):
             raise InvalidRequest("encoding_format must be 'float' or 'base64'", param="encoding_format")
         batch = await embedding_inputs(pipeline, req.input)
@@ -324,9 +328,7 @@ class OpenAIService:
         request: web.Request,
         pipeline: ModelPipeline,
         prepared: Prepared,
-        *,
-        chat: bool,
-        responses: bool = False,
+        answer: Answer,
         hints: RouteHints = NO_HINTS,
     ) -> web.StreamResponse:
         self.inflight += 1
@@ -348,42 +350,7 @@ class OpenAIService:
             if decision is not None:
                 headers["x-turbine-worker"] = f"{decision.instance_id:x}"
                 headers["x-turbine-overlap-blocks"] = str(decision.overlap_blocks)
-            created = int(time.time())
-            if prepared.stream and responses:
-                return await self._stream_response(
-                    request, gens[0], firsts[0], prepared, model, created, headers
-                )
-            if prepared.stream:
-                return await self._stream(request, gens, firsts, prepared, model, created, chat, headers)
-            if len(gens) == 1:
-                choices = [await collect(gens[0], firsts[0])]
-            else:
-                choices = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts, strict=True)))
-            if responses:
-                text, finish = choices[0].text, choices[0].finish
-                obj = response_object(
-                    response_id=prepared.request.request_id,
-                    message_id=new_id("msg"),
-                    model=model,
-                    created=created,
-                    text=text,
-                    finish=finish,
-                    usage=usage_of(gens, prepared.n),
-                )
-                return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=headers)
-            build = (
-                functools.partial(chat_completion, reasoning_field=self._reasoning_field)
-                if chat
-                else text_completion
-            )
-            body = build(
-                request_id=prepared.request.request_id,
-                model=model,
-                created=created,
-                choices=list(choices),
-                usage=usage_of(gens, prepared.n),
-            )
-            return web.Response(body=body, content_type="application/json", headers=headers)
+            return await answer(request, Started(gens, firsts, prepared, model, int(time.time()), headers))
         finally:
             self.inflight -= 1
             if not self.inflight:
@@ -392,86 +359,102 @@ class OpenAIService:
                 await gen.aclose()
             served.finish(gens)
 
-    async def _stream(
-        self,
-        request: web.Request,
-        gens: list[Generation],
-        firsts: list[TextDelta],
-        prepared: Prepared,
-        model: str,
-        created: int,
-        chat: bool,
-        headers: dict[str, str],
-    ) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+    async def _answer_chat(self, request: web.Request, started: Started) -> web.StreamResponse:
+        """/v1/chat/completions: a `chat.completion`, or its `chat.completion.chunk` events."""
+        if started.prepared.stream:
+            return await self._stream(request, started, self._chunks(started, chat=True))
+        return await _completion(
+            started, functools.partial(chat_completion, reasoning_field=self._reasoning_field)
         )
-        await resp.prepare(request)
-        fmt = ChunkFormatter(
+
+    async def _answer_completion(self, request: web.Request, started: Started) -> web.StreamResponse:
+        """/v1/completions: a `text_completion`, or its chunks."""
+        if started.prepared.stream:
+            return await self._stream(request, started, self._chunks(started, chat=False))
+        return await _completion(started, text_completion)
+
+    async def _answer_response(self, request: web.Request, started: Started) -> web.StreamResponse:
+        """/v1/responses: a `response` object, or its typed events (one choice)."""
+        fmt = ResponsesStreamFormatter(
+            response_id=started.request_id,
+            message_id=new_id("msg"),
+            model=started.model,
+            created=started.created,
+        )
+        if started.prepared.stream:
+            events = _response_events(fmt, started.gens[0], started.firsts[0])
+            return await send_events(
+                request, events, lambda exc: fmt.error(exc.to_openai()), started.request_id, started.headers
+            )
+        [choice] = await started.choices()
+        body = orjson.dumps(fmt.response(choice.text, choice.finish, started.usage()))
+        return web.Response(body=body, content_type="application/json", headers=started.headers)
+
+    def _chunks(self, started: Started, *, chat: bool) -> ChunkFormatter:
+        return ChunkFormatter(
             chat=chat,
-            request_id=prepared.request.request_id,
-            model=model,
-            created=created,
-            include_usage=prepared.include_usage,
+            request_id=started.request_id,
+            model=started.model,
+            created=started.created,
+            include_usage=started.prepared.include_usage,
             reasoning_field=self._reasoning_field,
         )
-        out = bytearray()
-        for index, first in enumerate(firsts):
-            if chat:
-                out += fmt.role(index)
-            out += fmt.delta(first, index)
-        await resp.write(bytes(out))
-        try:
-            if len(gens) == 1:
-                if firsts[0].finish_reason is None:
-                    async for delta in gens[0]:
-                        await resp.write(fmt.delta(delta))
-            else:
-                async for index, delta in merge(gens, firsts):
-                    await resp.write(fmt.delta(delta, index))
-            tail = fmt.usage(usage_of(gens, prepared.n)) if prepared.include_usage else b""
-            await resp.write(tail + ChunkFormatter.DONE)
-        except TurbineError as exc:
-            # Headers are gone: report the failure in-band, as OpenAI does, and end the stream.
-            log.warning("stream %s failed: %s", prepared.request.request_id, exc.message)
-            await resp.write(ChunkFormatter.error(exc.to_openai()) + ChunkFormatter.DONE)
-        await resp.write_eof()
-        return resp
 
-    async def _stream_response(
-        self,
-        request: web.Request,
-        gen: Generation,
-        first: TextDelta,
-        prepared: Prepared,
-        model: str,
-        created: int,
-        headers: dict[str, str],
+    async def _stream(
+        self, request: web.Request, started: Started, fmt: ChunkFormatter
     ) -> web.StreamResponse:
-        """A Responses API stream: typed SSE events (`event:` lines), numbered by sequence_number."""
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        """Chat or text completion chunks as server-sent events, then `data: [DONE]`; a failure
+        after the headers ends the stream with an error chunk, as OpenAI's does."""
+        return await send_events(
+            request,
+            _chunk_events(fmt, started),
+            lambda exc: ChunkFormatter.error(exc.to_openai()) + ChunkFormatter.DONE,
+            started.request_id,
+            started.headers,
         )
-        await resp.prepare(request)
-        fmt = ResponsesStreamFormatter(
-            response_id=prepared.request.request_id, message_id=new_id("msg"), model=model, created=created
-        )
-        parts = [first.text]
-        finish = first.finish_reason
-        await resp.write(fmt.start() + fmt.delta(first.text))
-        try:
-            if finish is None:
-                async for delta in gen:
-                    parts.append(delta.text)
-                    finish = delta.finish_reason
-                    await resp.write(fmt.delta(delta.text))
-            assert finish is not None
-            await resp.write(fmt.finish("".join(parts), finish.value, usage_of([gen])))
-        except TurbineError as exc:
-            log.warning("stream %s failed: %s", prepared.request.request_id, exc.message)
-            await resp.write(fmt.error(exc.to_openai()))
-        await resp.write_eof()
-        return resp
+
+
+async def _completion(started: Started, build: Callable[..., bytes]) -> web.Response:
+    """A whole chat or text completion, its body made by `build`."""
+    body = build(
+        request_id=started.request_id,
+        model=started.model,
+        created=started.created,
+        choices=await started.choices(),
+        usage=started.usage(),
+    )
+    return web.Response(body=body, content_type="application/json", headers=started.headers)
+
+
+async def _chunk_events(fmt: ChunkFormatter, started: Started) -> AsyncGenerator[bytes, None]:
+    gens, firsts = started.gens, started.firsts
+    # Each choice's opening (chat's role delta) and first delta go out in one write.
+    yield b"".join(fmt.role(index) + fmt.delta(first, index) for index, first in enumerate(firsts))
+    if len(gens) == 1:
+        if firsts[0].finish_reason is None:
+            async for delta in gens[0]:
+                yield fmt.delta(delta)
+    else:
+        async for index, delta in merge(gens, firsts):
+            yield fmt.delta(delta, index)
+    tail = fmt.usage(started.usage()) if started.prepared.include_usage else b""
+    yield tail + ChunkFormatter.DONE
+
+
+async def _response_events(
+    fmt: ResponsesStreamFormatter, gen: Generation, first: TextDelta
+) -> AsyncGenerator[bytes, None]:
+    """A Responses API stream: typed events (`event:` lines), numbered by sequence_number."""
+    parts = [first.text]
+    finish = first.finish_reason
+    yield fmt.start() + fmt.delta(first.text)
+    if finish is None:
+        async for delta in gen:
+            parts.append(delta.text)
+            finish = delta.finish_reason
+            yield fmt.delta(delta.text)
+    assert finish is not None
+    yield fmt.finish("".join(parts), finish.value, usage_of([gen]))
 
 
 def _model_object(pipeline: ModelPipeline) -> dict[str, Any]:

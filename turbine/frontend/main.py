@@ -26,18 +26,16 @@ from aiohttp import web
 from turbine.config import FrontendConfig, config_from_cli
 from turbine.errors import ConfigError
 from turbine.frontend.anthropic import AnthropicService
-from turbine.frontend.health import HealthSettings
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.interactive import serve_interactive
 from turbine.frontend.kserve import KServeServer
 from turbine.frontend.models import ModelRegistry
+from turbine.frontend.pipeline import PipelineSettings
 from turbine.frontend.python_engine import load_factory
 from turbine.frontend.supervisor import METRICS_SUBDIR, add_pid_header, run_supervisor, stop_with_supervisor
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
-from turbine.postprocess.parsers.output import ParserSettings
 from turbine.router.factory import make_router
-from turbine.router.front import RoutingSettings
 from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.events.local_channel import local_plane
@@ -88,27 +86,18 @@ async def run_frontend(
     if group_dir:
         stop_with_supervisor(stop)
     registry = ModelRegistry(
+        # Each frontend process is one router replica; a random id never collides in practice.
+        PipelineSettings.from_config(
+            cfg, replica_id=secrets.randbits(63) if cfg.router_replica_sync or group_dir else None
+        ),
         store=store,
-        namespace=cfg.namespace,
         client=client,
         router_factory=lambda: make_router(cfg),
         executor=executor,
-        only_model=cfg.model_name,
-        model_path_override=cfg.model_path,
-        migration_limit=cfg.migration_limit,
-        health=HealthSettings(
-            cfg.request_stall_timeout_s, cfg.health_check_interval_s, cfg.health_check_timeout_s
-        ),
-        tokenizer_cache_entries=cfg.tokenizer_cache_entries,
         engine_factory=load_factory(cfg.exp_python_factory) if cfg.exp_python_factory else None,
         model_files=model_files,
         events=events,
-        # Each frontend process is one router replica; a random id never collides in practice.
-        replica_id=secrets.randbits(63) if cfg.router_replica_sync or group_dir else None,
         sync_events=sync_events,
-        routing=RoutingSettings.from_config(cfg),
-        parser_overrides=ParserSettings(cfg.tool_call_parser, cfg.reasoning_parser),
-        exclude_tools_when_tool_choice_none=cfg.exclude_tools_when_tool_choice_none,
     )
     if cfg.interactive:
         try:

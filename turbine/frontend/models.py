@@ -18,9 +18,9 @@ from typing import Any
 import msgspec
 
 from turbine.errors import ConfigError, ModelNotFound, TurbineError, WorkerUnreachable
-from turbine.frontend.health import HealthCounts, HealthSettings
+from turbine.frontend.health import HealthCounts
 from turbine.frontend.metrics import RoutingStats
-from turbine.frontend.pipeline import ModelPipeline
+from turbine.frontend.pipeline import ModelPipeline, PipelineSettings
 from turbine.frontend.python_engine import EngineFactory
 from turbine.postprocess.parsers.output import ParserSettings
 from turbine.preprocess.preprocessor import Preprocessor
@@ -28,7 +28,6 @@ from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.router.base import Router
-from turbine.router.front import RoutingSettings
 from turbine.router.load import LoadTracker
 from turbine.runtime.discovery.base import Store, WatchKind
 from turbine.runtime.events.base import EventPlane
@@ -48,46 +47,32 @@ _decode_card = msgspec.msgpack.Decoder(ModelDeploymentCard).decode
 class ModelRegistry:
     def __init__(
         self,
+        settings: PipelineSettings,
         *,
         store: Store,
-        namespace: str,
         client: RequestPlaneClient,
         router_factory: Callable[[], Router],
         executor: concurrent.futures.Executor,
-        only_model: str | None = None,
-        model_path_override: str | None = None,
-        migration_limit: int = 0,
-        tokenizer_cache_entries: int = 0,
         engine_factory: EngineFactory | None = None,
         model_files: ModelFileResolver | None = None,
         events: EventPlane | None = None,
-        replica_id: int | None = None,
-        routing: RoutingSettings | None = None,
-        parser_overrides: ParserSettings | None = None,
-        exclude_tools_when_tool_choice_none: bool = False,
         sync_events: EventPlane | None = None,
-        health: HealthSettings | None = None,
     ) -> None:
+        """`settings`: the frontend's, for the registry and every pipeline; `model_files` fetches a
+        card's files when its model_path is not on this machine (None: never fetch); `events`: the
+        shared event plane KV routers follow (None: the request plane); `sync_events`: where replica
+        sync runs instead of `events` (--num-processes: the local channel)."""
+        self._settings = settings
         self._store = store
-        self._health = health or HealthSettings()
-        # --tool-call-parser / --reasoning-parser on the frontend: win over every card's.
-        self._parser_overrides = parser_overrides or ParserSettings()
-        self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
-        self._namespace = namespace
+        self._namespace = settings.namespace
         self._client = client
         self._router_factory = router_factory
         self._executor = executor
-        self._only_model = only_model
-        self._model_path_override = model_path_override
-        self._migration_limit = migration_limit
-        self._tokenizer_cache_entries = tokenizer_cache_entries
+        self._only_model = settings.only_model
+        self._model_path_override = settings.model_path_override
         self._engine_factory = engine_factory
-        self._events = events  # the shared event plane KV routers follow (None: the request plane)
-        self._replica_id = replica_id  # set with --router-replica-sync: routers share load on `events`
-        # Where replica sync runs instead of `events` (--num-processes: the local channel).
+        self._events = events
         self._sync_events = sync_events
-        self._routing = routing or RoutingSettings()
-        # Fetches a card's files when its model_path is not on this machine (None: never fetch).
         self._model_files = model_files
         self._instances: dict[int, Instance] = {}
         self._cards: dict[int, ModelDeploymentCard] = {}
@@ -128,7 +113,7 @@ class ModelRegistry:
 
     @property
     def min_initial_workers(self) -> int:
-        return self._routing.min_initial_workers
+        return self._settings.routing.min_initial_workers
 
     def router_queues(self) -> dict[str, RoutingStats]:
         """model -> its router queue's length and waits, and its session bindings (where on)."""
@@ -285,7 +270,7 @@ class ModelRegistry:
     def _parsers_for(self, card: ModelDeploymentCard) -> ParserSettings:
         """The frontend's parser overrides, else the card's; a card naming a parser this frontend
         does not know (a newer worker) is served without that parser rather than refused."""
-        overrides = self._parser_overrides
+        overrides = self._settings.parser_overrides
         tool = overrides.tool_call_parser or card.tool_call_parser
         reasoning = overrides.reasoning_parser or card.reasoning_parser
         try:
@@ -308,8 +293,8 @@ class ModelRegistry:
                 files,
                 self._executor,
                 card.context_length,
-                self._tokenizer_cache_entries,
-                exclude_tools_when_tool_choice_none=self._exclude_tools_when_none,
+                self._settings.tokenizer_cache_entries,
+                exclude_tools_when_tool_choice_none=self._settings.exclude_tools_when_tool_choice_none,
             )
         except TurbineError as exc:
             attempts = self._failed.get(card.name, 0) + 1
@@ -331,19 +316,15 @@ class ModelRegistry:
             return  # every worker left while we were loading
         engine = self._engine_factory(card) if self._engine_factory is not None else None
         self._pipelines[card.name] = ModelPipeline(
-            card.name,
             card,
             preprocessor,
             self._router_factory(),
             self._client,
-            self._migration_limit,
-            engine,
-            events=self._events,
-            replica_id=self._replica_id,
-            sync_events=self._sync_events,
-            routing=self._routing,
+            self._settings,
             parsers=self._parsers_for(card),
-            health=self._health,
+            engine=engine,
+            events=self._events,
+            sync_events=self._sync_events,
         )
         log.info("model %s added (context %d, from %s)", card.name, preprocessor.context_length, path)
         self._refresh_model(card.name)

@@ -97,7 +97,10 @@ class ChunkFormatter:
         return self._head + orjson.dumps(choice) + self._tail
 
     def role(self, index: int = 0) -> bytes:
-        """Chat streams open with an empty assistant delta per choice, as OpenAI's do."""
+        """Chat streams open with an empty assistant delta per choice, as OpenAI's do (text
+        completion streams with nothing)."""
+        if not self._chat:
+            return b""
         return self._event(
             {
                 "index": index,
@@ -299,7 +302,8 @@ class ResponsesStreamFormatter:
         self._seq += 1
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
 
-    def _response(self, text: str | None, finish: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
+    def response(self, text: str | None, finish: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
+        """The `response` object so far (the whole answer of a request that does not stream)."""
         return response_object(
             response_id=self.response_id,
             message_id=self.message_id,
@@ -314,8 +318,8 @@ class ResponsesStreamFormatter:
         item = {**_output_message(self.message_id, "", "in_progress"), "content": []}
         part = {"type": "output_text", "text": "", "annotations": []}
         return (
-            self.event("response.created", response=self._response(None, None, None))
-            + self.event("response.in_progress", response=self._response(None, None, None))
+            self.event("response.created", response=self.response(None, None, None))
+            + self.event("response.in_progress", response=self.response(None, None, None))
             + self.event("response.output_item.added", output_index=0, item=item)
             + self.event(
                 "response.content_part.added",
@@ -350,7 +354,7 @@ class ResponsesStreamFormatter:
                 output_index=0,
                 item=_output_message(self.message_id, text, "completed"),
             )
-            + self.event(done, response=self._response(text, finish, usage))
+            + self.event(done, response=self.response(text, finish, usage))
         )
 
     def error(self, error: dict[str, Any]) -> bytes:

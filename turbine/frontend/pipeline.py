@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import msgspec
 
+from turbine.config import FrontendConfig
 from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerStalled, WorkerUnreachable
 from turbine.frontend.canary import Canary
 from turbine.frontend.health import HealthSettings, Quarantine
@@ -44,6 +46,45 @@ _decode_output = msgspec.msgpack.Decoder(EngineOutput).decode
 _decode_vectors = msgspec.msgpack.Decoder(list[list[float]]).decode
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineSettings:
+    """How the frontend serves every model: built once from its config where the registry is made,
+    read by the registry (which models, from where, how to preprocess) and by each model's pipeline
+    (routing, migration, health checks, replica sync)."""
+
+    namespace: str
+    only_model: str | None = None
+    """`--model-name`: serve this model only."""
+    model_path_override: str | None = None
+    """`--model-path`: load tokenizer and template from here rather than from the card's path."""
+    migration_limit: int = 0
+    tokenizer_cache_entries: int = 0
+    exclude_tools_when_tool_choice_none: bool = False
+    parser_overrides: ParserSettings = dataclasses.field(default_factory=ParserSettings)
+    """`--tool-call-parser` / `--reasoning-parser`: win over every card's."""
+    routing: RoutingSettings = dataclasses.field(default_factory=RoutingSettings)
+    health: HealthSettings = dataclasses.field(default_factory=HealthSettings)
+    replica_id: int | None = None
+    """This frontend's id among router replicas that share load (None: it shares none)."""
+
+    @classmethod
+    def from_config(cls, cfg: FrontendConfig, replica_id: int | None = None) -> PipelineSettings:
+        return cls(
+            namespace=cfg.namespace,
+            only_model=cfg.model_name,
+            model_path_override=cfg.model_path,
+            migration_limit=cfg.migration_limit,
+            tokenizer_cache_entries=cfg.tokenizer_cache_entries,
+            exclude_tools_when_tool_choice_none=cfg.exclude_tools_when_tool_choice_none,
+            parser_overrides=ParserSettings(cfg.tool_call_parser, cfg.reasoning_parser),
+            routing=RoutingSettings.from_config(cfg),
+            health=HealthSettings(
+                cfg.request_stall_timeout_s, cfg.health_check_interval_s, cfg.health_check_timeout_s
+            ),
+            replica_id=replica_id,
+        )
+
+
 class Generation:
     """The state of one request as it streams: which worker, token counts, and its text deltas."""
 
@@ -72,7 +113,7 @@ class Generation:
         )
         self.decision: Decision | None = None
         self.migrations = 0
-        deltas = pipeline._run(self, request, hints)
+        deltas = pipeline.dispatch(self, request, hints)
         self._deltas = (
             deltas if parser is None and special is None else _parsed(deltas, parser, special, named_call)
         )
@@ -109,21 +150,23 @@ class ModelPipeline:
 
     def __init__(
         self,
-        name: str,
         card: ModelDeploymentCard,
         preprocessor: Preprocessor,
         router: Router,
         client: RequestPlaneClient,
-        migration_limit: int = 0,
+        settings: PipelineSettings,
+        *,
+        parsers: ParserSettings | None = None,
         engine: PythonEngine | None = None,
         events: EventPlane | None = None,
-        replica_id: int | None = None,
-        routing: RoutingSettings | None = None,
-        parsers: ParserSettings | None = None,
         sync_events: EventPlane | None = None,
-        health: HealthSettings | None = None,
     ) -> None:
-        self.name = name
+        """`parsers`: those chat output goes through (the card's, or the frontend's overrides);
+        `engine`: an in-process engine that serves instead of the workers; `events`: the shared event
+        plane KV routers follow (None: the request plane); `sync_events`: where replica sync runs
+        instead of `events` (the local channel between the processes of a --num-processes
+        frontend)."""
+        self.name = card.name
         self._engine = engine
         # The parsers chat output goes through (the card's, or the frontend's overrides).
         self.parsers = parsers or ParserSettings()
@@ -138,20 +181,20 @@ class ModelPipeline:
         self.byte_table = ByteLevelTable.build(preprocessor.tokenizer.hf)
         self.router = router
         # Readiness, direct mode, session affinity and the router queue, around the router.
-        self.routing = Routing(name, router, routing or RoutingSettings())
+        self.routing = Routing(card.name, router, settings.routing)
         self._client = client
-        self._migration_limit = migration_limit
+        self._migration_limit = settings.migration_limit
         self._instances: dict[int, Instance] = {}
         self._ids: list[int] = []
         # Workers routing skips for now: refused (briefly), stalled (until they answer a probe) or
         # failing canaries (until one passes).
-        checks = health or HealthSettings()
-        self.health = Quarantine(name, getattr(client, "probe", None), checks.stall_timeout_s)
+        checks = settings.health
+        self.health = Quarantine(card.name, getattr(client, "probe", None), checks.stall_timeout_s)
         self._canary: Canary | None = None
         if checks.check_interval_s > 0:
             probe_ids = preprocessor.tokenizer.hf.encode("Hello", add_special_tokens=False).ids or [0]
             self._canary = Canary(
-                name,
+                card.name,
                 client,
                 lambda: self._instances,
                 self.health,
@@ -163,7 +206,7 @@ class ModelPipeline:
         # A KV router fed by events follows the workers' events (one stream per worker over the
         # request plane, or one subscription on the shared event plane); other routers need none.
         self._followers = (
-            make_followers(client, router, events, card.namespace, name)
+            make_followers(client, router, events, card.namespace, card.name)
             if isinstance(router, KvRouter) and router.wants_events
             else None
         )
@@ -173,13 +216,19 @@ class ModelPipeline:
         sync_plane = sync_events if sync_events is not None else events
         self._replica_sync: ReplicaSync | None = None
         counting = router if isinstance(router, KvRouter | LoadRouter) else None
+        replica_id = settings.replica_id
         if (
             replica_id is not None
             and sync_plane is not None
             and (counting is not None or self.routing.sessions is not None)
         ):
             self._replica_sync = ReplicaSync(
-                sync_plane, card.namespace, name, replica_id, counting, on_batch=self.routing.apply_peer_batch
+                sync_plane,
+                card.namespace,
+                card.name,
+                replica_id,
+                counting,
+                on_batch=self.routing.apply_peer_batch,
             )
             self.routing.announce_with(self._replica_sync.publish)
             self._replica_sync.start()
@@ -278,9 +327,13 @@ class ModelPipeline:
         else:
             self.health.unreachable(instance.instance_id)
 
-    async def _run(
+    async def dispatch(
         self, gen: Generation, request: PreprocessedRequest, hints: RouteHints
     ) -> AsyncGenerator[TextDelta, None]:
+        """`request`'s text deltas from a worker the router picks: before any output, a worker that
+        cannot take it is skipped for another; after, the stream migrates (`--migration-limit`).
+        `gen` is the generation they are for: its postprocessor makes the deltas, and the routing
+        decision and migrations are recorded on it (`Generation` starts this, one per choice)."""
         if self._engine is not None:
             async for delta in _python_engine_deltas(self._engine, gen, request):
                 yield delta

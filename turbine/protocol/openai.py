@@ -7,7 +7,7 @@ checks live in the preprocessor, which knows the model's limits.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -266,3 +266,100 @@ def decode_responses_request(body: bytes) -> ResponsesRequest:
 
 def decode_embedding_request(body: bytes) -> EmbeddingRequest:
     return _embedding_decoder.decode(body)
+
+
+# ---------------------------------------------------------------------------------------- answers
+# What the routes answer, for /openapi.json (the frontend writes the bodies with orjson; a unit test
+# decodes its bodies into these).
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatTopLogprob(msgspec.Struct, frozen=True):
+    token: str
+    logprob: float
+    # The token's UTF-8 bytes (None where it has no text of its own).
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob, frozen=True):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct, frozen=True):
+    content: list[ChatTokenLogprob] | None
+
+
+class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str
+    # None when the reply is only tool calls (or only reasoning).
+    content: str | None
+    tool_calls: list[dict[str, Any]] = []
+    # Named by --reasoning-field-name.
+    reasoning_content: str = ""
+
+
+class ChatChoice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class _Answer(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
+class ChatCompletion(_Answer, frozen=True, kw_only=True):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class CompletionLogprobs(msgspec.Struct, frozen=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    # Characters of the choice's text before each token.
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class Completion(_Answer, frozen=True, kw_only=True):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class Model(msgspec.Struct, frozen=True):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(msgspec.Struct, frozen=True):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class Error(msgspec.Struct, frozen=True):
+    error: ErrorDetail

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.models import ModelRegistry
+from turbine.frontend.pipeline import PipelineSettings
 from turbine.models import bundled_model_path
 from turbine.router.simple import RoundRobinRouter
 from turbine.runtime.discovery.memory import MemoryStore
@@ -28,8 +29,8 @@ class Harness:
         self.workers: list[EngineWorker] = []
         self.executor = concurrent.futures.ThreadPoolExecutor(1)
         self.registry = ModelRegistry(
+            PipelineSettings(namespace="ns"),
             store=self.store,
-            namespace="ns",
             client=InprocClient(self.hub),
             router_factory=RoundRobinRouter,
             executor=self.executor,

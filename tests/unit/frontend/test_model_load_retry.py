@@ -12,6 +12,7 @@ import pytest
 from turbine.engines.echo import EchoEngine
 from turbine.frontend import models
 from turbine.frontend.models import ModelRegistry
+from turbine.frontend.pipeline import PipelineSettings
 from turbine.models import bundled_model_path
 from turbine.router.simple import RoundRobinRouter
 from turbine.runtime.discovery.memory import MemoryStore
@@ -29,8 +30,8 @@ async def test_a_model_whose_files_appear_later_is_served(
     store, hub = MemoryStore(), InprocHub()
     executor = concurrent.futures.ThreadPoolExecutor(1)
     registry = ModelRegistry(
+        PipelineSettings(namespace="ns"),
         store=store,
-        namespace="ns",
         client=InprocClient(hub),
         router_factory=RoundRobinRouter,
         executor=executor,
