@@ -26,7 +26,11 @@ import jsonschema_rs
 import openai
 import pytest
 import tokenizers
-from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
+from openai.types.chat import (
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+)
 from openai.types.shared_params import ResponseFormatJSONSchema
 
 from tests.e2e.conftest import Proc, Stack, free_port, http, wait_instances, wait_until
@@ -299,6 +303,7 @@ def test_tool_choice_is_enforced_through_the_servers_json_schemas(
                 arguments += delta.function.arguments or ""
         finish = chunk.choices[0].finish_reason or finish
     [call] = choice.message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
     assert (names, arguments, indices, finish) == (["get_time"], call.function.arguments, {0}, "stop")
     # `required`, here for a question that needs no tool: a call all the same.
     hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello! How are you today?"}]

@@ -31,7 +31,9 @@ from turbine.protocol.request import PreprocessedRequest
 from turbine.protocol.response import FinishReason
 
 
-def prefilled(request: PreprocessedRequest, opening_ids: list[int], context_length: int) -> PreprocessedRequest:
+def prefilled(
+    request: PreprocessedRequest, opening_ids: list[int], context_length: int
+) -> PreprocessedRequest:
     """`request` with `opening_ids` after its prompt, its token budget cut to what still fits the
     context; `InvalidRequest` when not one token does."""
     token_ids = [*request.token_ids, *opening_ids]

@@ -114,7 +114,12 @@ def _pipeline(capabilities: tuple[str, ...], parser: str | None = "hermes") -> M
 
 async def _constrain(pipeline: ModelPipeline, **fields: Any) -> tuple[Prepared, Prepared]:
     req = msgspec.convert(
-        {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS, **fields},
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": TOOLS,
+            **fields,
+        },
         ChatCompletionRequest,
     )
     assert isinstance(req.messages[0], ChatMessage)
