@@ -7,8 +7,10 @@ sees exactly the tokens Turbine hashed for routing. Its completions stream carri
 so the generated text is re-tokenized (as in text mode); its usage chunk reports cached tokens.
 
 With `--upstream-guided-decoding llama.cpp` structured outputs reach the server as its own
-`json_schema` / `grammar` fields; what it cannot express (a regex, enforced tool choice, vLLM-only
-sampling knobs) is a 400 naming the field. `--model-path` takes the GGUF file the server runs.
+`json_schema` / `grammar` fields, and so does enforced tool choice (the call's JSON schema, the
+frontend writing the hermes markup around it); what it cannot express (a regex, text then at most
+one call, vLLM-only sampling knobs) is a 400 naming the field. `--model-path` takes the GGUF file
+the server runs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import jsonschema_rs
 import openai
 import pytest
 import tokenizers
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import (
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+)
 from openai.types.shared_params import ResponseFormatJSONSchema
 
 from tests.e2e.conftest import Proc, Stack, free_port, http, wait_instances, wait_until
@@ -208,8 +216,117 @@ def test_structured_outputs_reach_the_server_in_its_own_fields(
     refused(oai, "structured_outputs.regex", extra_body={"structured_outputs": {"regex": "[a-z]+"}})
     refused(oai, "guided_regex", extra_body={"guided_regex": "[a-z]+"})
     refused(oai, "bad_words", extra_body={"bad_words": ["Paris"]})
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    refused(oai, "tool_choice", tools=tools, tool_choice="required")
+
+
+def _tool(name: str, what: str, **enums: list[str]) -> ChatCompletionFunctionToolParam:
+    properties = {key: {"type": "string", "enum": values} for key, values in enums.items()}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": what,
+            "parameters": {
+                "type": "object",
+                "properties": properties,
+                "required": list(enums),
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+WEATHER = _tool("get_weather", "Current weather in a city", city=["Paris", "London", "Rome"])
+TIME = _tool("get_time", "Current time in a timezone", zone=["UTC", "CET", "PST"])
+TOOLS = [WEATHER, TIME]
+PARAMETERS = {t["function"]["name"]: dict(t["function"].get("parameters", {})) for t in TOOLS}
+
+
+def _calls(message: Any) -> list[str]:
+    """The names of the message's calls, each checked against its function's schema."""
+    calls = message.tool_calls or []
+    for call in calls:
+        jsonschema_rs.validate(PARAMETERS[call.function.name], json.loads(call.function.arguments))
+    return [c.function.name for c in calls]
+
+
+def test_tool_choice_is_enforced_through_the_servers_json_schemas(
+    stack: Stack, server: str, tmp_path: Path
+) -> None:
+    stack.env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    _, url = stack.frontend(
+        "--model-path",
+        str(GGUF),
+        "--upstream",
+        f"{MODEL}={server}",
+        "--upstream-guided-decoding",
+        "llama.cpp",
+        "--tool-call-parser",
+        "hermes",
+        "--enable-anthropic-api",
+    )
+    wait_instances(url, 1, model=MODEL)
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    weather: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # A named function: exactly one call of it (not the one the question is about), finishing with
+    # "stop" as OpenAI's does; streamed the same.
+    named = oai.chat.completions.create(
+        model=MODEL,
+        messages=weather,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=0,
+        max_tokens=60,
+    )
+    choice = named.choices[0]
+    assert choice.finish_reason == "stop" and _calls(choice.message) == ["get_time"], choice
+    assert not choice.message.content
+    stream = oai.chat.completions.create(
+        model=MODEL,
+        messages=weather,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    names: list[str] = []
+    arguments = ""
+    indices: set[int] = set()
+    finish: str | None = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            indices.add(delta.index)
+            if delta.function is not None:
+                names += [delta.function.name] if delta.function.name else []
+                arguments += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    [call] = choice.message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert (names, arguments, indices, finish) == (["get_time"], call.function.arguments, {0}, "stop")
+    # `required`, here for a question that needs no tool: a call all the same.
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello! How are you today?"}]
+    required = oai.chat.completions.create(
+        model=MODEL, messages=hello, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=60
+    )
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(_calls(choice.message)) == 1, choice
+    # Anthropic's `any`: a tool_use block.
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    answer = claude.messages.create(
+        model=MODEL,
+        max_tokens=60,
+        messages=[{"role": "user", "content": "Hi there!"}],
+        tools=[{"name": n, "input_schema": p} for n, p in PARAMETERS.items()],
+        tool_choice={"type": "any"},
+        extra_body={"temperature": 0},
+    )
+    uses = [b for b in answer.content if b.type == "tool_use"]
+    assert answer.stop_reason == "tool_use" and len(uses) == 1, answer
+    jsonschema_rs.validate(PARAMETERS[uses[0].name], uses[0].input)
+    # Text followed by at most one call is no JSON schema: refused, naming the field.
+    refused(oai, "parallel_tool_calls", tools=TOOLS, parallel_tool_calls=False)
 
 
 def test_a_worker_fronts_the_server_from_its_gguf_file(stack: Stack, server: str, tmp_path: Path) -> None:
@@ -241,3 +358,9 @@ def test_a_worker_fronts_the_server_from_its_gguf_file(stack: Stack, server: str
     assert (
         isinstance(err.value.body, dict) and err.value.body.get("param") == "structured_outputs.json_object"
     )
+    # Nor a forced tool call: it too needs a server that constrains.
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model=name, messages=ASK, max_tokens=4, tools=TOOLS, tool_choice="required"
+        )
+    assert isinstance(err.value.body, dict) and err.value.body.get("param") == "tool_choice"

@@ -5,7 +5,9 @@ Structured outputs (`turbine/preprocess/guided.py` reads every spelling) and enf
 writes the grammar in the model's tool-call format) both become one `GuidedDecoding` in the
 request's sampling options. Then:
 - the model's card must list the "guided_decoding" capability, else 400 naming the field: an engine
-  that cannot constrain its output must not answer free text to a client that asked for JSON;
+  that cannot constrain its output must not answer free text to a client that asked for JSON. An
+  engine that takes only some kinds (an upstream server, `guided_decoding:KIND`) serves structured
+  outputs of those kinds, and a forced tool call when it takes JSON schemas (`forced_calls.py`);
 - the grammar library must compile it, else 400 with the library's reason (checked here once, so a
   bad schema never reaches a worker's batch).
 """
@@ -13,13 +15,15 @@ request's sampling options. Then:
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import msgspec
 
 from turbine.errors import InvalidRequest
+from turbine.frontend.forced_calls import prefilled
 from turbine.frontend.pipeline import ModelPipeline
-from turbine.postprocess.parsers.tool_grammar import FORCEABLE, tool_call_grammar
+from turbine.postprocess.parsers.tool_grammar import FORCEABLE, ForcedCall, forced_call, tool_call_grammar
 from turbine.preprocess.guided import structured_output
 from turbine.preprocess.preprocessor import Prepared
 from turbine.protocol.model_card import CAP_GUIDED_DECODING, guided_capability
@@ -35,28 +39,52 @@ def _named(tool_choice: str | dict[str, Any] | None) -> str | None:
     return None
 
 
-def _tool_constraint(pipeline: ModelPipeline, req: ChatCompletionRequest) -> GuidedDecoding | None:
-    """The grammar `tool_choice` / `parallel_tool_calls` ask for, or None (`none`, no tools, `auto`
-    with parallel calls). `tool_choice` itself was validated by the preprocessor."""
+def _tool_constraint(
+    pipeline: ModelPipeline, req: ChatCompletionRequest
+) -> tuple[GuidedDecoding, ForcedCall | None] | None:
+    """The constraint `tool_choice` / `parallel_tool_calls` ask for, or None (`none`, no tools,
+    `auto` with parallel calls): a grammar for an engine with the whole "guided_decoding"
+    capability; for one that takes JSON schemas only, the forced call's schema with its markup (the
+    frontend writes that). `tool_choice` itself was validated by the preprocessor."""
     parallel = req.parallel_tool_calls is not False
     auto = req.tool_choice in (None, "auto")
     if not req.tools or req.tool_choice == "none" or (auto and parallel):
         return None
-    _require_capability(pipeline, "parallel_tool_calls" if auto else "tool_choice")
+    param = "parallel_tool_calls" if auto else "tool_choice"
     parser = pipeline.parsers.tool_call_parser
     only = _named(req.tool_choice)
+    caps = pipeline.card.capabilities
+    if CAP_GUIDED_DECODING not in caps and guided_capability("json_schema") in caps:
+        if auto:
+            raise InvalidRequest(
+                f"parallel_tool_calls false with tool_choice 'auto' is not supported by model "
+                f"'{pipeline.name}': its engine constrains its output to JSON schemas only, and text "
+                "followed by at most one tool call is not one",
+                param=param,
+                code="unsupported_value",
+            )
+        call = forced_call(parser, req.tools, only=only)
+        if call is None:
+            raise _unforceable(pipeline, req, param)
+        return GuidedDecoding("json_schema", json.dumps(call.schema), param), call
+    _require_capability(pipeline, param)
     grammar = tool_call_grammar(parser, req.tools, only=only, parallel=parallel, optional=auto)
     if grammar is None:
-        what = "a named function" if only is not None else repr(req.tool_choice or "auto")
-        if auto:
-            what += " with parallel_tool_calls false"
-        raise InvalidRequest(
-            f"tool_choice {what} cannot be enforced for model '{pipeline.name}': its tool-call format "
-            f"({parser or 'none'}) has no grammar (enforceable: {', '.join(FORCEABLE)})",
-            param="parallel_tool_calls" if auto else "tool_choice",
-            code="unsupported_value",
-        )
-    return GuidedDecoding("grammar", grammar, "parallel_tool_calls" if auto else "tool_choice")
+        raise _unforceable(pipeline, req, param)
+    return GuidedDecoding("grammar", grammar, param), None
+
+
+def _unforceable(pipeline: ModelPipeline, req: ChatCompletionRequest, param: str) -> InvalidRequest:
+    parser = pipeline.parsers.tool_call_parser
+    what = "a named function" if _named(req.tool_choice) is not None else repr(req.tool_choice or "auto")
+    if param == "parallel_tool_calls":
+        what += " with parallel_tool_calls false"
+    return InvalidRequest(
+        f"tool_choice {what} cannot be enforced for model '{pipeline.name}': its tool-call format "
+        f"({parser or 'none'}) has no grammar (enforceable: {', '.join(FORCEABLE)})",
+        param=param,
+        code="unsupported_value",
+    )
 
 
 def _require_capability(pipeline: ModelPipeline, param: str, kind: str | None = None) -> None:
@@ -104,27 +132,37 @@ def constrain(
     """`prepared` with the request's output constraint, or an `InvalidRequest` naming the field
     (`format_param`: what the client called `response_format`)."""
     guided = structured_output(req, format_param)
+    call: ForcedCall | None = None
     if isinstance(req, ChatCompletionRequest):
         tools = _tool_constraint(pipeline, req)
         if tools is not None and guided is not None:
+            param = tools[0].param
             raise InvalidRequest(
-                f"{tools.param} {getattr(req, tools.param)!r} cannot be combined with "
+                f"{param} {getattr(req, param)!r} cannot be combined with "
                 f"{guided.param.split('.')[0]}: both constrain the whole output",
-                param=tools.param,
+                param=param,
             )
-        guided = guided or tools
+        if tools is not None:
+            guided, call = tools
     if guided is None:
         return prepared
     structured = guided.param not in ("tool_choice", "parallel_tool_calls")
-    _require_capability(pipeline, guided.param, guided.kind if structured else None)
+    _require_capability(pipeline, guided.param, guided.kind if structured or call is not None else None)
     error = _compile_error(guided)
     if error is not None:
         raise InvalidRequest(f"{guided.param}: {error}", param=guided.param, code="invalid_value")
     request = prepared.request
     sampling = msgspec.structs.replace(request.sampling, guided=guided)
+    request = msgspec.structs.replace(request, sampling=sampling)
+    if call is not None:
+        preprocessor = pipeline.preprocessor
+        opening = preprocessor.tokenizer.encode(call.opening)
+        request = prefilled(request, opening, preprocessor.context_length)
     named = (
         guided.param == "tool_choice" and isinstance(req, ChatCompletionRequest) and _named(req.tool_choice)
     )
     return prepared._replace(
-        request=msgspec.structs.replace(request, sampling=sampling), named_call=bool(named)
+        request=request,
+        named_call=bool(named),
+        forced_markup=None if call is None else (call.opening, call.closing),
     )

@@ -14,6 +14,7 @@ import msgspec
 from turbine.config import FrontendConfig
 from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerStalled, WorkerUnreachable
 from turbine.frontend.canary import Canary
+from turbine.frontend.forced_calls import framed
 from turbine.frontend.health import HealthSettings, Quarantine
 from turbine.frontend.python_engine import PythonEngine
 from turbine.postprocess.detokenizer import ByteLevelTable
@@ -99,10 +100,13 @@ class Generation:
         parser: OutputParser | None = None,
         special: Callable[[str], str] | None = None,
         named_call: bool = False,
+        forced_markup: tuple[str, str] | None = None,
     ) -> None:
         """`parser`: the choice's reasoning/tool-call parser; `special`: set when the parsers' markers
         are special tokens, which then stay in the text and this removes the other special tokens;
-        `named_call`: the output is a forced call of a named function (finishes with "stop")."""
+        `named_call`: the output is a forced call of a named function (finishes with "stop");
+        `forced_markup`: a forced call's markup, which the parser sees around the engine's output
+        (`forced_calls.py`)."""
         self.prompt_tokens = len(request.token_ids)
         self.post = Postprocessor(
             pipeline.preprocessor.tokenizer.hf,
@@ -114,6 +118,8 @@ class Generation:
         self.decision: Decision | None = None
         self.migrations = 0
         deltas = pipeline.dispatch(self, request, hints)
+        if forced_markup is not None:
+            deltas = framed(deltas, *forced_markup)
         self._deltas = (
             deltas if parser is None and special is None else _parsed(deltas, parser, special, named_call)
         )
@@ -284,6 +290,7 @@ class ModelPipeline:
                 make_output_parser(self.parsers, prepared.tools),
                 special,
                 prepared.named_call,
+                prepared.forced_markup,
             )
             for request in prepared.choices()
         ]

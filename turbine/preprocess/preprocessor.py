@@ -41,6 +41,10 @@ class Prepared(NamedTuple):
     # The output is forced to be one call of a named function (tool_choice names it): as OpenAI's,
     # such a choice finishes with "stop", not "tool_calls".
     named_call: bool = False
+    # A forced call's markup the frontend writes around the engine's output, whose constraint is
+    # the call's JSON alone (an upstream that takes JSON schemas only; frontend/forced_calls.py):
+    # (opening, already at the end of the prompt; closing).
+    forced_markup: tuple[str, str] | None = None
     # Completions with a batch of prompts: the requests of the prompts after the first.
     batch: tuple[PreprocessedRequest, ...] = ()
 

@@ -17,7 +17,8 @@ CAP_GUIDED_DECODING = "guided_decoding"
 def guided_capability(kind: str) -> str:
     """The capability of an engine that constrains its output to structured outputs of one
     `GUIDED_KINDS` kind only (an upstream server): "guided_decoding:json_schema", …; enforced tool
-    choice needs the whole CAP_GUIDED_DECODING."""
+    choice needs the whole CAP_GUIDED_DECODING, or "json_schema" for a forced call without text
+    around it (`frontend/forced_calls.py`)."""
     return f"{CAP_GUIDED_DECODING}:{kind}"
 
 

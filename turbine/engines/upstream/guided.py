@@ -13,8 +13,11 @@ lists them (`guided_capability`), so the frontend refuses the others with a 400 
   becomes a GBNF rule of the quoted alternatives; no regular expressions.
 - `none`: the server constrains nothing.
 
-Enforced tool choice is a grammar in Turbine's Lark dialect over the model's tool-call markup; no
-upstream reads that, so it needs the full `guided_decoding` capability, which upstreams never list.
+Enforced tool choice reaches a server as a JSON schema: the frontend writes the tool-call markup
+itself and constrains only the call's JSON object (`turbine/frontend/forced_calls.py`), so every
+dialect with `json_schema` forces a call. Turbine's Lark grammars over the markup (a text reply
+with at most one call) are read by no server: those need the full `guided_decoding` capability,
+which upstreams never list.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def _gbnf_literal(text: str) -> str:
 def guided_fields(guided: GuidedDecoding, dialect: str) -> dict[str, Any]:
     """The body fields that ask a `dialect` server for `guided`; `InvalidRequest` naming the field
     where it cannot (the frontend refuses those first, from the card)."""
-    if guided.kind not in _KINDS[dialect] or guided.param in ("tool_choice", "parallel_tool_calls"):
+    tool_grammar = guided.kind == "grammar" and guided.param in ("tool_choice", "parallel_tool_calls")
+    if guided.kind not in _KINDS[dialect] or tool_grammar:
         raise InvalidRequest(
             f"{guided.param} is not supported by this model's upstream server ({dialect})",
             param=guided.param,

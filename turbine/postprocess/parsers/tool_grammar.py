@@ -10,12 +10,16 @@ format's parser (same package) reads back as calls.
 
 The grammar is written in llguidance's Lark dialect (JSON schemas embedded with `%json`). Formats
 without an entry here cannot be forced: the frontend refuses such requests with a 400.
+
+Engines that read no such grammar but take a JSON schema (upstream servers) get `forced_call`: the
+format's markup around one call as text, and the call's JSON as a schema; the frontend writes the
+markup itself (`turbine/frontend/forced_calls.py`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 from turbine.postprocess.parsers import hermes
 
@@ -30,6 +34,15 @@ FORCEABLE = tuple(_MARKUP)
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+class ForcedCall(NamedTuple):
+    """One call that must come, in a format's markup: `opening`, then a JSON object `schema`
+    describes (`name` one of the allowed functions, `arguments` per its parameters), then `closing`."""
+
+    opening: str
+    schema: dict[str, Any]
+    closing: str
+
+
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
     parameters = function.get("parameters")
     if not isinstance(parameters, dict):
@@ -40,6 +53,23 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def _calls_schema(tools: list[dict[str, Any]], only: str | None) -> dict[str, Any]:
+    """The schema of one call's JSON object: of `only`, or of any of `tools`."""
+    functions = [t["function"] for t in tools if only is None or t["function"]["name"] == only]
+    schemas = [_call_schema(f) for f in functions]
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+
+
+def forced_call(parser: str | None, tools: list[dict[str, Any]], *, only: str | None) -> ForcedCall | None:
+    """Exactly one call of `tools` (`only`: of that function) in the `parser` format, as markup and a
+    JSON schema; None: this format cannot be forced."""
+    markup = _MARKUP.get(parser or "")
+    if markup is None:
+        return None
+    before, after, _ = markup
+    return ForcedCall(before, _calls_schema(tools, only), after)
 
 
 def tool_call_grammar(
@@ -57,10 +87,7 @@ def tool_call_grammar(
     if markup is None:
         return None
     before, after, between = markup
-    functions = [t["function"] for t in tools if only is None or t["function"]["name"] == only]
-    schemas = [_call_schema(f) for f in functions]
-    schema: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    schema["x-guidance"] = _COMPACT
+    schema = {**_calls_schema(tools, only), "x-guidance": _COMPACT}
     calls = "call" if only is not None or not parallel else f"call ({json.dumps(between)} call)*"
     head = [f"start: {calls}", f"call: {json.dumps(before)} body {json.dumps(after)}"]
     if optional:

@@ -65,6 +65,13 @@ def test_tool_grammars_and_unlisted_kinds_are_refused(dialect: str) -> None:
     for kind in {"json_schema", "regex", "choice", "grammar"} - kinds:
         with pytest.raises(InvalidRequest):
             guided_fields(GuidedDecoding(kind, json.dumps(["a"])), dialect)
+    # A forced call's JSON schema goes as any schema does.
+    forced = GuidedDecoding("json_schema", SCHEMA, "tool_choice")
+    if "json_schema" in kinds:
+        assert guided_fields(forced, dialect) == guided_fields(GuidedDecoding("json_schema", SCHEMA), dialect)
+    else:
+        with pytest.raises(InvalidRequest):
+            guided_fields(forced, dialect)
 
 
 def test_capabilities_per_dialect() -> None:

@@ -13,7 +13,7 @@ import tokenizers
 from turbine.engines.grammar import check
 from turbine.models import bundled_model_path
 from turbine.postprocess.parsers.output import ParserSettings, make_output_parser
-from turbine.postprocess.parsers.tool_grammar import tool_call_grammar
+from turbine.postprocess.parsers.tool_grammar import forced_call, tool_call_grammar
 from turbine.protocol.request import GuidedDecoding
 
 TOOLS: list[dict[str, Any]] = [
@@ -102,6 +102,28 @@ def test_what_the_grammar_allows_parses_back_as_the_calls() -> None:
     assert (parsed.content + tail.content).strip() == ""
 
 
+def _schema_accepts(schema: dict[str, Any], text: str) -> bool:
+    return _accepts(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema)), text)
+
+
+def test_a_forced_call_is_the_markup_around_one_object_of_the_call_schema() -> None:
+    call = forced_call("hermes", TOOLS, only=None)
+    assert call is not None
+    # Markup, the object, markup: exactly the text of one call the grammar takes.
+    assert call.opening + json.dumps({"name": "ping", "arguments": {}}) + call.closing == PING
+    one = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    assert _schema_accepts(call.schema, one)
+    assert _schema_accepts(call.schema, json.dumps({"name": "ping", "arguments": {"any": 1}}))
+    assert not _schema_accepts(call.schema, json.dumps({"name": "get_time", "arguments": {}}))
+    assert not _schema_accepts(call.schema, json.dumps({"name": "get_weather", "arguments": {"town": "X"}}))
+    named = forced_call("hermes", TOOLS, only="get_weather")
+    assert named is not None and _schema_accepts(named.schema, one)
+    assert not _schema_accepts(named.schema, json.dumps({"name": "ping", "arguments": {}}))
+    # Plain JSON Schema, for any server's converter: no llguidance options in it.
+    assert "x-guidance" not in json.dumps(call.schema)
+
+
 @pytest.mark.parametrize("parser", [None, "mistral", "pythonic"])
 def test_formats_without_a_grammar_cannot_be_forced(parser: str | None) -> None:
     assert tool_call_grammar(parser, TOOLS, only=None, parallel=True) is None
+    assert forced_call(parser, TOOLS, only=None) is None
