@@ -134,8 +134,7 @@ def build_meta(
     gather = gather_decodes and sliding_window is None and sum(1 for c in chunks if c[2] == 1) > 1
     for table, num_computed, num_new in chunks:
         ctx = num_computed + num_new
-        for pos in range(num_computed, ctx):
-            slot_rows.append(table[pos // block_size] * block_size + pos % block_size)
+        _append_slots(slot_rows, table, num_computed, ctx, block_size)
         if (decode_kernel or gather) and num_new == 1 and sliding_window is None:
             dec_rows.append(row)
             dec_tables.append(table[: -(-ctx // block_size)])
@@ -163,6 +162,18 @@ def build_meta(
         )
     prefill = _prefill_batch(pre, device, sliding_window) if pre else None
     return AttnMeta(slot_mapping, seqs, decode, prefill=prefill)
+
+
+def _append_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
+    """The cache slots of positions `start`..`end` - 1, a block's run at a time (a step's prefill
+    tokens are thousands: one Python iteration per token is host time every step pays)."""
+    pos = start
+    while pos < end:
+        block, offset = divmod(pos, block_size)
+        run = min(block_size - offset, end - pos)
+        base = table[block] * block_size + offset
+        slots.extend(range(base, base + run))
+        pos += run
 
 
 def _prefill_batch(
