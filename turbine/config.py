@@ -18,53 +18,39 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from turbine.choices import (
+    AFFINITY_MODES,
+    CPU_KERNELS,
+    DEVICES,
+    DISCOVERY_BACKENDS,
+    DTYPES,
+    ENGINES,
+    EVENT_PLANES,
+    GUIDED_DIALECTS,
+    LOAD_COUNTING_MODES,
+    LOAD_FORMATS,
+    LOG_LEVELS,
+    MODEL_FILES_VIA,
+    QUEUE_POLICIES,
+    REASONING_FIELD_NAMES,
+    REASONING_PARSERS,
+    REQUEST_PLANES,
+    ROUTER_MODES,
+    TOOL_CALL_PARSERS,
+    UPSTREAM_MODES,
+)
 from turbine.errors import ConfigError
+from turbine.protocol.model_card import MODEL_TYPES
 from turbine.protocol.request import SAMPLING_KNOBS
 
 ENV_PREFIX = "TURBINE_"
 # The few fields that also take a short flag.
 SHORT_FLAGS = {"interactive": "-i"}
-ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "kv", "direct")
-# Kept equal to turbine.router.queue.QUEUE_POLICIES and turbine.router.affinity.AFFINITY_MODES.
-QUEUE_POLICIES = ("fcfs", "wspt")
-AFFINITY_MODES = ("hard", "soft")
-# Router modes that count each worker's active load (the router queue needs it).
-LOAD_COUNTING_MODES = ("least-loaded", "power-of-two", "kv")
-DISCOVERY_BACKENDS = ("file", "mem", "etcd")
-REQUEST_PLANES = ("tcp", "nats", "http")
-# request: frontends stream each worker's events over the request plane; nats: one broker for all;
-# zmq: workers publish straight to the one frontend, which binds --zmq-event-endpoint.
-EVENT_PLANES = ("request", "nats", "zmq")
-ENGINES = ("mocker", "echo", "torch", "scripted", "openai")
-DEVICES = ("cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Kept equal to turbine.postprocess.parsers.registry's tables (config imports no stage module).
-TOOL_CALL_PARSERS = (
-    "hermes",
-    "llama3_json",
-    "mistral",
-    "pythonic",
-    "deepseek_v3",
-    "deepseek_v3_1",
-    "qwen3_coder",
-    "harmony",
-)
-REASONING_PARSERS = ("basic", "qwen3", "deepseek_r1", "gpt_oss")
-REASONING_FIELD_NAMES = ("reasoning_content", "reasoning")
-# --upstream-mode: how the openai engine sends prompts (turbine/engines/upstream/params.py).
-UPSTREAM_MODES = ("auto", "token", "text")
-# Kept equal to turbine.engines.upstream.guided.GUIDED_DIALECTS.
-UPSTREAM_GUIDED_DIALECTS = ("none", "vllm", "sglang", "llama.cpp")
 _GUIDED_HELP = (
     "the structured-output fields the upstream servers read: vllm (structured_outputs), sglang "
     "(json_schema/regex/ebnf), llama.cpp (json_schema/grammar; no regex) or none; frontends refuse "
     "the constraints the dialect cannot express with a 400."
 )
-# Kept equal to turbine.protocol.model_card.MODEL_TYPES (config imports no protocol module).
-MODEL_TYPES = ("chat", "completions", "embedding")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-# Kept equal to turbine.runtime.model_files.MODEL_FILES_VIA.
-MODEL_FILES_VIA = ("auto", "store", "nats", "none")
 
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, secret: bool = False) -> Any:
@@ -318,9 +304,7 @@ class FrontendConfig(RuntimeConfig):
         "A file of upstream servers to front, one MODEL=URL per line ('#' starts a comment); "
         "added to --upstream.",
     )
-    upstream_guided_decoding: str = opt(
-        "none", "--upstream: " + _GUIDED_HELP, choices=UPSTREAM_GUIDED_DIALECTS
-    )
+    upstream_guided_decoding: str = opt("none", "--upstream: " + _GUIDED_HELP, choices=GUIDED_DIALECTS)
 
     @property
     def upstreams(self) -> tuple[str, ...]:
@@ -527,13 +511,13 @@ class WorkerConfig(RuntimeConfig):
         "Torch engine on CPU: the kernel of those 4-bit steps: turbine (Turbine's AMX kernel, "
         "compiled on first use with the C++ compiler), torch (torch's int4 kernel), auto (turbine where "
         "it builds and the CPU has AMX, else torch).",
-        choices=("auto", "turbine", "torch"),
+        choices=CPU_KERNELS,
     )
     load_format: str = opt(
         "auto",
         "Torch engine: auto (the checkpoint's weights) or dummy (random weights of the model's "
         "config.json shape drawn on the device, no weights read: for benchmarks; vLLM's flag).",
-        choices=("auto", "dummy"),
+        choices=LOAD_FORMATS,
     )
     override_generation_config: str | None = opt(
         None,
@@ -597,9 +581,7 @@ class WorkerConfig(RuntimeConfig):
         "allowed_token_ids; vLLM takes all, SGLang and llama.cpp the default four); frontends "
         "refuse the others with a 400.",
     )
-    upstream_guided_decoding: str = opt(
-        "none", "--engine openai: " + _GUIDED_HELP, choices=UPSTREAM_GUIDED_DIALECTS
-    )
+    upstream_guided_decoding: str = opt("none", "--engine openai: " + _GUIDED_HELP, choices=GUIDED_DIALECTS)
 
     @property
     def model_types(self) -> tuple[str, ...]:

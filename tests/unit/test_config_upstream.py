@@ -104,10 +104,6 @@ def test_upstream_sampling_knobs_are_declared_by_flag_or_env() -> None:
 
 
 def test_upstream_guided_decoding_names_the_servers_dialect() -> None:
-    from turbine.config import UPSTREAM_GUIDED_DIALECTS
-    from turbine.engines.upstream.guided import GUIDED_DIALECTS
-
-    assert UPSTREAM_GUIDED_DIALECTS == GUIDED_DIALECTS
     assert parse_config(WorkerConfig, list(BASE), {}, prog="t").upstream_guided_decoding == "none"
     env = {"TURBINE_UPSTREAM_GUIDED_DECODING": "llama.cpp"}
     assert parse_config(WorkerConfig, list(BASE), env, prog="t").upstream_guided_decoding == "llama.cpp"
