@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +44,8 @@ from turbine.errors import ConfigError
 from turbine.protocol.model_card import MODEL_TYPES
 from turbine.protocol.request import SAMPLING_KNOBS
 
+log = logging.getLogger("turbine.config")
+
 ENV_PREFIX = "TURBINE_"
 # The few fields that also take a short flag.
 SHORT_FLAGS = {"interactive": "-i"}
@@ -53,16 +56,41 @@ _GUIDED_HELP = (
 )
 
 
-def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, secret: bool = False) -> Any:
-    """A config field: its default, help text, allowed values, and whether to redact it in dumps."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    min: float | None = None,
+    above: float | None = None,
+    max: float | None = None,
+    off: float | None = None,
+    pattern: tuple[str, str] | None = None,
+    secret: bool = False,
+    cli: bool = True,
+    renamed_from: str | None = None,
+) -> Any:
+    """A config field: its default, help text, and its own rules, which `check_options` applies to
+    every value (None, the unset value of an optional field, passes them all):
+    `choices`: the allowed values; `min`/`max`: inclusive bounds; `above`: an exclusive lower bound;
+    `off`: a value that turns the option off and need not meet the bounds; `pattern`: (regular
+    expression the whole value matches, what it is in words). `secret`: redacted in dumps. `cli`:
+    False for a setting one process hands another, which is no flag (only its variable).
+    `renamed_from`: the field's old name, whose flag and variable still work with a warning."""
+    rules = {"choices": choices, "min": min, "above": above, "max": max, "off": off, "pattern": pattern}
+    flags = {"secret": secret, "cli": cli, "renamed_from": renamed_from}
+    return dataclasses.field(default=default, metadata={"help": help, **flags, **rules})
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Where a process finds the others: shared by frontends and workers."""
 
-    namespace: str = opt("turbine", "Discovery namespace; frontends see only workers of theirs.")
+    namespace: str = opt(
+        "turbine",
+        "Discovery namespace; frontends see only workers of theirs.",
+        pattern=(r"[^/]+", "a non-empty name without '/'"),
+    )
     discovery_backend: str = opt(
         "file",
         "Discovery store: file (processes on one machine), mem (one process), etcd.",
@@ -90,7 +118,9 @@ class RuntimeConfig:
         "With --event-plane zmq: the frontend binds it, workers connect to it (tcp://HOST:PORT or "
         "ipc://PATH; one frontend per endpoint).",
     )
-    lease_ttl_s: float = opt(10.0, "Discovery lease TTL: a process that dies vanishes after this long.")
+    lease_ttl_s: float = opt(
+        10.0, "Discovery lease TTL: a process that dies vanishes after this long.", above=0
+    )
     request_stall_timeout_s: float = opt(
         10.0,
         "Request plane liveness (0: off). Frontend: a worker connection silent this long (no "
@@ -102,6 +132,8 @@ class RuntimeConfig:
         "prefilling), so only a frozen or partitioned process goes silent. The default, the "
         "lease TTL's, outlasts GC and scheduling pauses by far and stays short next to clients' "
         "timeouts (Dynamo's DYN_HTTP_BACKEND_STREAM_TIMEOUT_SECS is off unless set). At least 1 s.",
+        min=1,
+        off=0,
     )
     # TLS between processes (turbine/runtime/transport/tls.py says who uses which file).
     tcp_tls_cert_path: str | None = opt(
@@ -141,12 +173,6 @@ class RuntimeConfig:
         ):
             if (getattr(self, cert) is None) != (getattr(self, key) is None):
                 raise ConfigError(f"{_flag(cert)} and {_flag(key)} must be given together")
-        if self.lease_ttl_s <= 0:
-            raise ConfigError("--lease-ttl-s must be positive")
-        if self.request_stall_timeout_s != 0 and not self.request_stall_timeout_s >= 1.0:
-            raise ConfigError("--request-stall-timeout-s must be 0 (off) or at least 1 second")
-        if not self.namespace or "/" in self.namespace:
-            raise ConfigError("--namespace must be non-empty and contain no '/'")
         if "nats" in (self.request_plane, self.event_plane) and "://" not in self.nats_server:
             raise ConfigError(f"--nats-server {self.nats_server!r} is not a URL (e.g. nats://127.0.0.1:4222)")
         if self.event_plane == "zmq" and not _valid_zmq_endpoint(self.zmq_event_endpoint):
@@ -158,13 +184,18 @@ class RuntimeConfig:
 @dataclasses.dataclass(frozen=True)
 class FrontendConfig(RuntimeConfig):
     http_host: str = opt("127.0.0.1", "Address the OpenAI HTTP server binds (0.0.0.0 to expose it).")
-    http_port: int = opt(8000, "Port of the OpenAI HTTP server.")
+    http_port: int = opt(8000, "Port of the OpenAI HTTP server.", min=1, max=65535)
     kserve_grpc_server: bool = opt(
         False, "Also serve the KServe v2 gRPC API (on --http-host, --grpc-port) beside HTTP."
     )
-    grpc_port: int = opt(8001, "Port of the KServe v2 gRPC server (with --kserve-grpc-server).")
+    grpc_port: int = opt(
+        8001, "Port of the KServe v2 gRPC server (with --kserve-grpc-server).", min=1, max=65535
+    )
     grpc_metrics_port: int | None = opt(
-        None, "Also serve Prometheus /metrics on this port (for gRPC deployments that scrape apart)."
+        None,
+        "Also serve Prometheus /metrics on this port (for gRPC deployments that scrape apart).",
+        min=1,
+        max=65535,
     )
     model_name: str | None = opt(None, "Serve only this model name (default: every discovered model).")
     model_path: str | None = opt(
@@ -177,10 +208,10 @@ class FrontendConfig(RuntimeConfig):
     )
     router_mode: str = opt("round-robin", "How to pick a worker.", choices=ROUTER_MODES)
     kv_overlap_score_weight: float = opt(
-        1.0, "KV router: weight of the prefill cost (uncached blocks) against the decode cost."
+        1.0, "KV router: weight of the prefill cost (uncached blocks) against the decode cost.", min=0
     )
     router_temperature: float = opt(
-        0.0, "KV router: 0 picks the cheapest worker; above 0 samples from a softmax over costs."
+        0.0, "KV router: 0 picks the cheapest worker; above 0 samples from a softmax over costs.", min=0
     )
     kv_events: bool = opt(
         True, "KV router: follow workers' KV events (--no-kv-events: approximate from routing history)."
@@ -191,22 +222,25 @@ class FrontendConfig(RuntimeConfig):
         "(needs --event-plane nats), so replicas do not pile the same burst onto one worker.",
     )
     router_ttl_secs: float = opt(
-        120.0, "KV router without events: how long a routed prefix counts as cached."
+        120.0, "KV router without events: how long a routed prefix counts as cached.", above=0
     )
     active_decode_blocks_threshold: float | None = opt(
-        None, "A worker whose active decode blocks exceed this fraction of its KV blocks is busy (skipped)."
+        None,
+        "A worker whose active decode blocks exceed this fraction of its KV blocks is busy (skipped).",
+        above=0,
     )
     active_prefill_tokens_threshold: int | None = opt(
-        None, "A worker with more active prefill tokens than this is busy (skipped)."
+        None, "A worker with more active prefill tokens than this is busy (skipped).", min=1
     )
     kv_cache_block_size: int | None = opt(
-        None, "Block size the KV router hashes with (default: the workers' advertised block size)."
+        None, "Block size the KV router hashes with (default: the workers' advertised block size).", min=1
     )
     router_queue_threshold: float | None = opt(
         None,
         "Router queue: a worker whose active prefill tokens exceed this fraction of its max batched "
         "tokens is busy; when every candidate is busy requests wait in the router's queue instead of "
         "getting 503 (needs --router-mode kv, least-loaded or power-of-two; default: no queue).",
+        above=0,
     )
     router_queue_policy: str = opt(
         "fcfs",
@@ -215,13 +249,14 @@ class FrontendConfig(RuntimeConfig):
         choices=QUEUE_POLICIES,
     )
     router_max_queued: int = opt(
-        1024, "Router queue: most waiting requests per model; beyond it 503 with Retry-After."
+        1024, "Router queue: most waiting requests per model; beyond it 503 with Retry-After.", min=0
     )
     router_session_affinity_ttl_secs: float | None = opt(
         None,
         "Session affinity: requests of one session (x-session-id header, else the request's user "
         "field) go to the worker the session is bound to; the binding expires this long after its "
         "last use (default: off).",
+        above=0,
     )
     router_session_affinity_mode: str = opt(
         "soft",
@@ -230,16 +265,26 @@ class FrontendConfig(RuntimeConfig):
         choices=AFFINITY_MODES,
     )
     router_min_initial_workers: int = opt(
-        0, "A model is not ready (503, /health 503) until this many of its workers have been live."
+        0,
+        "A model is not ready (503, /health 503) until this many of its workers have been live.",
+        min=0,
     )
     migration_max_seq_len: int | None = opt(
-        None, "Do not migrate a stream whose prompt + generated tokens exceed this; fail it instead."
+        None,
+        "Do not migrate a stream whose prompt + generated tokens exceed this; fail it instead.",
+        min=1,
     )
-    max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.")
+    max_request_body_bytes: int = opt(32 * 1024 * 1024, "Larger request bodies get 413.", min=1024)
     drain_timeout_s: float = opt(30.0, "On SIGTERM, how long in-flight requests may take to finish.")
-    metrics_prefix: str = opt("turbine", "Prefix of the Prometheus metric names served at /metrics.")
+    metrics_prefix: str = opt(
+        "turbine",
+        "Prefix of the Prometheus metric names served at /metrics.",
+        pattern=(r"[a-zA-Z_:][a-zA-Z0-9_:]*", "a valid Prometheus metric name"),
+    )
     migration_limit: int = opt(
-        0, "How many times a stream broken by a failing worker may continue on another one (0: never)."
+        0,
+        "How many times a stream broken by a failing worker may continue on another one (0: never).",
+        min=0,
     )
     health_check_interval_s: float = opt(
         0.0,
@@ -248,16 +293,21 @@ class FrontendConfig(RuntimeConfig):
         "until a canary passes. Off by default: heartbeats (--request-stall-timeout-s) already "
         "catch frozen processes at no cost, and a canary spends a forward pass per idle worker; "
         "turn it on to also catch an engine that hangs while its process still answers.",
+        min=0,
     )
     health_check_timeout_s: float = opt(
-        10.0, "How long a canary (--health-check-interval-s) may take before the worker is skipped."
+        10.0,
+        "How long a canary (--health-check-interval-s) may take before the worker is skipped.",
+        above=0,
     )
-    tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.")
+    tokenizer_threads: int = opt(2, "Threads tokenizing long prompts off the event loop.", min=1)
     exp_python_factory: str | None = opt(
         None, "module:function building a Python engine per discovered model (experimental)."
     )
     tokenizer_cache_entries: int = opt(
-        256, "Long prompt pieces (e.g. shared system prompts) kept tokenized; 0 turns the cache off."
+        256,
+        "Long prompt pieces (e.g. shared system prompts) kept tokenized; 0 turns the cache off.",
+        min=0,
     )
     # TLS: paths are not secrets (the key file's contents are), so they stay visible in dumps.
     tls_cert_path: str | None = opt(
@@ -291,7 +341,7 @@ class FrontendConfig(RuntimeConfig):
     )
     interactive: bool = opt(False, "Chat with a discovered model in the terminal instead of serving HTTP.")
     interactive_max_tokens: int | None = opt(
-        None, "Interactive mode: most tokens per answer (default: up to the context length)."
+        None, "Interactive mode: most tokens per answer (default: up to the context length).", min=1
     )
     interactive_system_prompt: str | None = opt(None, "Interactive mode: system prompt of the conversation.")
     upstream: tuple[str, ...] = opt(
@@ -324,11 +374,13 @@ class FrontendConfig(RuntimeConfig):
         "1",
         "Frontend processes serving the same ports (SO_REUSEPORT) under one supervisor, sharing "
         "their routing load over a local channel; auto: one per core available to the process.",
+        pattern=(r"auto|0*[1-9][0-9]*", "a positive integer or auto"),
     )
     frontend_process_dir: str | None = opt(
         None,
         "Set by the --num-processes supervisor for its children: the private directory of their "
-        "local channel and metrics (not for direct use).",
+        "local channel and metrics.",
+        cli=False,
     )
 
     @property
@@ -339,16 +391,11 @@ class FrontendConfig(RuntimeConfig):
         return int(self.num_processes)
 
     def _validate_processes(self) -> None:
-        if self.num_processes != "auto" and not (
-            self.num_processes.isdigit() and int(self.num_processes) >= 1
-        ):
-            raise ConfigError(f"--num-processes {self.num_processes!r} is not a positive integer or auto")
         if self.process_count == 1:
             return
         if self.frontend_process_dir is not None:
-            raise ConfigError(
-                "--frontend-process-dir is for the children of one supervisor (--num-processes 1)"
-            )
+            variable = _env_name("frontend_process_dir")
+            raise ConfigError(f"{variable} is for the children of one supervisor (--num-processes 1)")
         if self.interactive:
             raise ConfigError("--interactive runs in one process (--num-processes 1)")
         if self.upstream or self.upstream_file:
@@ -364,53 +411,21 @@ class FrontendConfig(RuntimeConfig):
 
     def validate(self) -> None:
         self._validate_processes()
-        _check_port("--http-port", self.http_port)
-        _check_port("--grpc-port", self.grpc_port)
-        if self.grpc_metrics_port is not None:
-            _check_port("--grpc-metrics-port", self.grpc_metrics_port)
-            if self.grpc_metrics_port in (self.http_port, self.grpc_port):
-                raise ConfigError("--grpc-metrics-port must differ from --http-port and --grpc-port")
+        if self.grpc_metrics_port in (self.http_port, self.grpc_port):
+            raise ConfigError("--grpc-metrics-port must differ from --http-port and --grpc-port")
         if self.kserve_grpc_server and self.grpc_port == self.http_port:
             raise ConfigError("--grpc-port must differ from --http-port")
         if (self.tls_cert_path is None) != (self.tls_key_path is None):
             raise ConfigError("--tls-cert-path and --tls-key-path must be given together")
         if self.tls_client_ca_cert_path is not None and self.tls_cert_path is None:
             raise ConfigError("--tls-client-ca-cert-path needs --tls-cert-path and --tls-key-path")
-        if self.interactive_max_tokens is not None and self.interactive_max_tokens < 1:
-            raise ConfigError("--interactive-max-tokens must be at least 1")
         if self.model_path is not None and not Path(self.model_path).is_dir():
             # --upstream takes the GGUF file the llama.cpp server runs (its tokenizer is read from it).
-            gguf = self.model_path.lower().endswith(".gguf") and bool(self.upstreams)
+            gguf = _is_gguf(self.model_path) and bool(self.upstreams)
             if not gguf:
                 raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
             if not Path(self.model_path).is_file():
                 raise ConfigError(f"--model-path {self.model_path!r} does not exist")
-        if self.max_request_body_bytes < 1024:
-            raise ConfigError("--max-request-body-bytes must be at least 1024")
-        if self.migration_limit < 0:
-            raise ConfigError("--migration-limit must not be negative")
-        if not self.health_check_interval_s >= 0:  # written so that NaN fails too
-            raise ConfigError("--health-check-interval-s must not be negative")
-        if not self.health_check_timeout_s > 0:
-            raise ConfigError("--health-check-timeout-s must be positive")
-        if self.tokenizer_cache_entries < 0:
-            raise ConfigError("--tokenizer-cache-entries must not be negative")
-        if self.tokenizer_threads < 1:
-            raise ConfigError("--tokenizer-threads must be at least 1")
-        if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", self.metrics_prefix):
-            raise ConfigError(
-                f"--metrics-prefix {self.metrics_prefix!r} is not a valid Prometheus metric name"
-            )
-        if self.router_temperature < 0 or self.kv_overlap_score_weight < 0:
-            raise ConfigError("--router-temperature and --kv-overlap-score-weight must not be negative")
-        if self.router_ttl_secs <= 0:
-            raise ConfigError("--router-ttl-secs must be positive")
-        if self.active_decode_blocks_threshold is not None and self.active_decode_blocks_threshold <= 0:
-            raise ConfigError("--active-decode-blocks-threshold must be positive")
-        if self.active_prefill_tokens_threshold is not None and self.active_prefill_tokens_threshold < 1:
-            raise ConfigError("--active-prefill-tokens-threshold must be at least 1")
-        if self.kv_cache_block_size is not None and self.kv_cache_block_size < 1:
-            raise ConfigError("--kv-cache-block-size must be at least 1")
         if self.router_replica_sync and self.event_plane != "nats":
             # zmq has one subscriber per endpoint, so frontends cannot hear each other on it.
             raise ConfigError("--router-replica-sync needs --event-plane nats (shared by every frontend)")
@@ -429,29 +444,17 @@ class FrontendConfig(RuntimeConfig):
                 "--router-replica-sync needs --router-mode kv, least-loaded or power-of-two, or "
                 "--router-session-affinity-ttl-secs"
             )
-        if self.router_queue_threshold is not None:
-            if self.router_queue_threshold <= 0:
-                raise ConfigError("--router-queue-threshold must be positive")
-            if self.router_mode not in LOAD_COUNTING_MODES:
-                raise ConfigError(
-                    "--router-queue-threshold needs --router-mode kv, least-loaded or power-of-two"
-                )
-        if self.router_max_queued < 0:
-            raise ConfigError("--router-max-queued must not be negative")
-        ttl = self.router_session_affinity_ttl_secs
-        if ttl is not None and ttl <= 0:
-            raise ConfigError("--router-session-affinity-ttl-secs must be positive")
-        if ttl is not None and self.router_mode == "direct":
+        if self.router_queue_threshold is not None and self.router_mode not in LOAD_COUNTING_MODES:
+            raise ConfigError("--router-queue-threshold needs --router-mode kv, least-loaded or power-of-two")
+        if self.router_session_affinity_ttl_secs is not None and self.router_mode == "direct":
             raise ConfigError("--router-session-affinity-ttl-secs does not apply to --router-mode direct")
-        if self.router_min_initial_workers < 0:
-            raise ConfigError("--router-min-initial-workers must not be negative")
-        if self.migration_max_seq_len is not None and self.migration_max_seq_len < 1:
-            raise ConfigError("--migration-max-seq-len must be at least 1")
         super().validate()
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkerConfig(RuntimeConfig):
+class EngineOptions:
+    """The worker options that `turbine up` takes too and hands to its workers."""
+
     engine: str = opt("mocker", "Engine to serve.", choices=ENGINES)
     model_path: str | None = opt(
         None,
@@ -459,6 +462,28 @@ class WorkerConfig(RuntimeConfig):
         "for --engine torch, a .gguf file; default: the bundled tiny tokenizer (mocker, echo).",
     )
     model_name: str | None = opt(None, "Served model name (default: the model directory's name).")
+    block_size: int = opt(64, "KV block size in tokens.", min=1)
+    num_gpu_blocks_override: int | None = opt(
+        None, "KV blocks per worker (default: mocker 16384; torch: sized from memory).", min=1
+    )
+    device: str | None = opt(None, "Torch engine device (default: cuda when available).", choices=DEVICES)
+    dtype: str = opt(
+        "auto",
+        "Torch engine compute dtype (auto: bfloat16 on CUDA, and on CPUs with native bf16; else float32).",
+        choices=DTYPES,
+    )
+    gguf_cache_dir: str | None = opt(
+        None, "Where converted .gguf models are cached (default: ~/.cache/turbine/gguf)."
+    )
+    speedup_ratio: float = opt(1.0, "Divide simulated step times by this.", above=0)
+
+    @property
+    def is_gguf(self) -> bool:
+        return _is_gguf(self.model_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig(EngineOptions, RuntimeConfig):
     model_files_via: str = opt(
         "auto",
         "Publish the tokenizer/template files for frontends on other machines: store (discovery "
@@ -472,39 +497,36 @@ class WorkerConfig(RuntimeConfig):
         "What the model serves, comma-separated: chat, completions, embedding (e.g. 'embedding').",
     )
     host: str = opt("127.0.0.1", "Address the worker's request plane binds.")
-    num_workers: int = opt(1, "Independent workers run in this process.")
+    num_workers: int = opt(1, "Independent workers run in this process.", min=1)
     context_length: int | None = opt(None, "Override the model's context length.")
     drain_timeout_s: float = opt(60.0, "On SIGTERM, how long in-flight requests may take to finish.")
     # Scheduling engines (mocker, torch; names follow vLLM and Dynamo's mocker).
-    block_size: int = opt(64, "KV block size in tokens.")
-    num_gpu_blocks_override: int | None = opt(
-        None, "KV blocks per worker (default: mocker 16384; torch: sized from memory)."
-    )
-    max_num_seqs: int = opt(256, "Most sequences in one batch.")
+    max_num_seqs: int = opt(256, "Most sequences in one batch.", min=1)
     kv_events_interval_ms: float = opt(
         2.0,
         "Least time between two sends of this worker's KV events to each following frontend process "
         "while events keep coming (each send carries all that arrived meanwhile); 0: every batch at "
         "once. Longer costs every follower fewer wake-ups; routing sees events up to this much later.",
+        min=0,
+        max=1000,
     )
     max_num_batched_tokens: int | None = opt(
-        None, "Token budget of one scheduler step (default 8192; torch on CPU 2048)."
+        None, "Token budget of one scheduler step (default 8192; torch on CPU 2048).", min=1
     )
     # Torch engine.
-    device: str | None = opt(None, "Torch engine device (default: cuda when available).", choices=DEVICES)
-    dtype: str = opt(
-        "auto",
-        "Torch engine compute dtype (auto: bfloat16 on CUDA, and on CPUs with native bf16; else float32).",
-        choices=DTYPES,
+    gpu_memory_utilization: float = opt(
+        0.9, "Torch engine on CUDA: fraction of GPU memory it may use.", above=0, max=1
     )
-    gpu_memory_utilization: float = opt(0.9, "Torch engine on CUDA: fraction of GPU memory it may use.")
     enforce_eager: bool = opt(False, "Torch engine on CUDA: no CUDA graphs for decode steps.")
-    kv_cache_memory_bytes: int | None = opt(None, "Torch engine on CPU: KV cache bytes per worker (1 GiB).")
+    kv_cache_memory_bytes: int | None = opt(
+        None, "Torch engine on CPU: KV cache bytes per worker (1 GiB).", min=1
+    )
     q4_max_rows: int | None = opt(
         None,
         "Torch engine on CPU in bfloat16: steps of at most this many tokens use a .gguf's Q4_0/Q4_1/Q4_K "
         "weights as stored (a 4-bit kernel, faster for few rows), larger steps the dequantized "
         "weights; 0: off. Default: 32 with Turbine's AMX kernel (--cpu-kernels), else 8.",
+        min=0,
     )
     cpu_kernels: str = opt(
         "auto",
@@ -524,12 +546,8 @@ class WorkerConfig(RuntimeConfig):
         "Torch engine: JSON object of default sampling knobs (temperature, top_p, top_k, min_p) over "
         "the model's generation_config.json, e.g. '{\"temperature\": 0.2}' (vLLM's flag).",
     )
-    gguf_cache_dir: str | None = opt(
-        None, "Where converted .gguf models are cached (default: ~/.cache/turbine/gguf)."
-    )
-    speedup_ratio: float = opt(1.0, "Divide simulated step times by this.")
     enable_prefix_caching: bool = opt(True, "Reuse cached prefix blocks.")
-    eos_probability: float = opt(0.0, "Mocker: chance per decode step of ending with EOS.")
+    eos_probability: float = opt(0.0, "Mocker: chance per decode step of ending with EOS.", min=0, max=1)
     # Echo.
     echo_delay_ms: float = opt(0.0, "Echo engine: delay between tokens.")
     # Scripted.
@@ -546,10 +564,11 @@ class WorkerConfig(RuntimeConfig):
         None, "How the model marks its reasoning (frontends split it off).", choices=REASONING_PARSERS
     )
     # OpenAI-compatible upstream servers (--engine openai): turbine/engines/upstream/.
-    upstream: tuple[str, ...] = opt(
+    upstream_url: tuple[str, ...] = opt(
         (),
         "--engine openai: base URL of an OpenAI-compatible server to front (vLLM, SGLang, llama.cpp); "
-        "repeat for several, each becomes an instance (env: comma-separated).",
+        "repeat for several, each becomes an instance (env: comma-separated). Formerly --upstream.",
+        renamed_from="upstream",
     )
     upstream_mode: str = opt(
         "auto",
@@ -557,17 +576,19 @@ class WorkerConfig(RuntimeConfig):
         choices=UPSTREAM_MODES,
     )
     upstream_dp_size: int = opt(
-        1, "--engine openai: data-parallel ranks behind each upstream URL (vLLM): one instance per rank."
+        1,
+        "--engine openai: data-parallel ranks behind each upstream URL (vLLM): one instance per rank.",
+        min=1,
     )
     upstream_poll_interval_s: float = opt(
-        1.0, "--engine openai: how often each upstream's health and /metrics are polled."
+        1.0, "--engine openai: how often each upstream's health and /metrics are polled.", above=0
     )
     upstream_api_key: str | None = opt(
         None, "--engine openai: bearer token sent to the upstreams.", secret=True
     )
     kv_events_endpoint: tuple[str, ...] = opt(
         (),
-        "--engine openai: the engine's ZMQ KV-event PUB endpoint, one per --upstream in order "
+        "--engine openai: the engine's ZMQ KV-event PUB endpoint, one per --upstream-url in order "
         "(DP rank r at port + r; 'none' to skip one). Upstreams without events are routed from history.",
     )
     kv_replay_endpoint: tuple[str, ...] = opt(
@@ -591,10 +612,6 @@ class WorkerConfig(RuntimeConfig):
     def upstream_knobs(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.upstream_sampling_knobs.split(",") if k.strip())
 
-    @property
-    def is_gguf(self) -> bool:
-        return self.model_path is not None and self.model_path.lower().endswith(".gguf")
-
     def validate(self) -> None:
         if self.model_path is not None:
             path = Path(self.model_path)
@@ -605,32 +622,13 @@ class WorkerConfig(RuntimeConfig):
                 raise ConfigError(f"--model-path {self.model_path!r} is not a directory")
         if self.engine == "torch" and self.model_path is None:
             raise ConfigError("--engine torch needs --model-path (a model directory or a .gguf file)")
-        for name in (
-            "num_workers",
-            "block_size",
-            "num_gpu_blocks_override",
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "kv_cache_memory_bytes",
-        ):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError("--gpu-memory-utilization must be within (0, 1]")
-        if self.q4_max_rows is not None and self.q4_max_rows < 0:
-            raise ConfigError("--q4-max-rows must be at least 0")
         self.generation_overrides()  # raises on a malformed value
-        if self.speedup_ratio <= 0:
-            raise ConfigError("--speedup-ratio must be positive")
-        if not 0.0 <= self.kv_events_interval_ms <= 1000.0:
-            raise ConfigError("--kv-events-interval-ms must be within [0, 1000]")
         if self.engine == "scripted" and (self.script_file is None or not Path(self.script_file).is_file()):
             raise ConfigError("--engine scripted needs --script-file naming an existing file")
-        if (self.engine == "openai") != bool(self.upstream):
-            raise ConfigError("--engine openai and --upstream URL go together")
-        if len(self.kv_events_endpoint) > len(self.upstream):
-            raise ConfigError("more --kv-events-endpoint than --upstream")
+        if (self.engine == "openai") != bool(self.upstream_url):
+            raise ConfigError("--engine openai and --upstream-url URL go together")
+        if len(self.kv_events_endpoint) > len(self.upstream_url):
+            raise ConfigError("more --kv-events-endpoint than --upstream-url")
         unknown = set(self.upstream_knobs) - set(SAMPLING_KNOBS)
         if unknown:
             raise ConfigError(
@@ -639,13 +637,9 @@ class WorkerConfig(RuntimeConfig):
             )
         if len(self.kv_replay_endpoint) > len(self.kv_events_endpoint):
             raise ConfigError("more --kv-replay-endpoint than --kv-events-endpoint")
-        for url in self.upstream:
+        for url in self.upstream_url:
             if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"--upstream {url!r} is not an http(s):// URL")
-        if self.upstream_dp_size < 1 or self.upstream_poll_interval_s <= 0:
-            raise ConfigError("--upstream-dp-size must be at least 1, --upstream-poll-interval-s positive")
-        if not 0.0 <= self.eos_probability <= 1.0:
-            raise ConfigError("--eos-probability must be within [0, 1]")
+                raise ConfigError(f"--upstream-url {url!r} is not an http(s):// URL")
         types = self.model_types
         if not types or any(t not in MODEL_TYPES for t in types):
             raise ConfigError(
@@ -670,23 +664,17 @@ class WorkerConfig(RuntimeConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class UpConfig(FrontendConfig):
+class UpConfig(EngineOptions, FrontendConfig):
+    """`turbine up`: the frontend's options and the engine's, which it hands to its workers."""
+
     engine: str = opt(
         "torch",
         "Engine of the workers: torch (a real model; default SmolLM2-135M-Instruct on the CPU), "
         "mocker (simulated, for load tests) or echo.",
         choices=ENGINES,
     )
-    workers: int | None = opt(None, "Workers to start beside the frontend (default: torch 1, mocker 2).")
-    speedup_ratio: float = opt(1.0, "Mocker speedup ratio.")
-    num_gpu_blocks_override: int | None = opt(
-        None, "KV blocks per worker (default: mocker 16384; torch: sized from memory)."
-    )
-    block_size: int = opt(64, "KV block size in tokens.")
-    device: str | None = opt(None, "Torch engine device (default: cuda when available).", choices=DEVICES)
-    dtype: str = opt("auto", "Torch engine compute dtype.", choices=DTYPES)
-    gguf_cache_dir: str | None = opt(
-        None, "Where converted .gguf models are cached (default: ~/.cache/turbine/gguf)."
+    workers: int | None = opt(
+        None, "Workers to start beside the frontend (default: torch 1, mocker 2).", min=1
     )
 
     @property
@@ -695,9 +683,16 @@ class UpConfig(FrontendConfig):
             return self.workers
         return 1 if self.engine == "torch" else 2
 
-    @property
-    def is_gguf(self) -> bool:
-        return self.model_path is not None and self.model_path.lower().endswith(".gguf")
+    def frontend_config(self) -> FrontendConfig:
+        cfg = FrontendConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FrontendConfig)})
+        # The torch workers publish the tokenizer and template; a .gguf is no directory for the frontend.
+        return dataclasses.replace(cfg, model_path=None) if self.engine == "torch" else cfg
+
+    def worker_config(self) -> WorkerConfig:
+        """The workers': UP_WORKER_FIELDS and --num-workers from here, the rest their defaults."""
+        return WorkerConfig(
+            **{name: getattr(self, name) for name in UP_WORKER_FIELDS}, num_workers=self.num_workers
+        )
 
     def validate(self) -> None:
         if self.is_gguf:
@@ -710,8 +705,18 @@ class UpConfig(FrontendConfig):
             dataclasses.replace(self, model_path=None).validate()
             return
         super().validate()
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError("--workers must be at least 1")
+
+
+# What `turbine up` decides for its workers: every runtime option but the dump, and the engine's.
+UP_WORKER_FIELDS = tuple(
+    field.name
+    for field in (*dataclasses.fields(RuntimeConfig), *dataclasses.fields(EngineOptions))
+    if field.name != "dump_config_to"
+)
+
+
+def _is_gguf(path: str | None) -> bool:
+    return path is not None and path.lower().endswith(".gguf")
 
 
 # tcp://HOST:PORT (a name, an IPv4 address, [IPv6], or * to bind every interface) or ipc://PATH.
@@ -723,9 +728,37 @@ def _valid_zmq_endpoint(endpoint: str) -> bool:
     return match is not None and (match[1] is None or 1 <= int(match[1]) <= 65535)
 
 
-def _check_port(flag: str, port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{flag} {port} is out of range (1-65535)")
+def check_options(cfg: RuntimeConfig) -> None:
+    """Each field's own rules, declared with `opt` (ConfigError naming the first it breaks)."""
+    for field in dataclasses.fields(cfg):
+        value, rules = getattr(cfg, field.name), field.metadata
+        if value is None or value == rules.get("off"):
+            continue
+        flag, pattern = _flag(field.name), rules.get("pattern")
+        if pattern is not None and not re.fullmatch(pattern[0], value):
+            raise ConfigError(f"{flag} {value!r} is not {pattern[1]}")
+        low, above, high = rules.get("min"), rules.get("above"), rules.get("max")
+        # `not` of the comparisons that hold, so that NaN fails them all.
+        if not (
+            (low is None or value >= low)
+            and (above is None or value > above)
+            and (high is None or value <= high)
+        ):
+            raise ConfigError(_bound_message(flag, value, low, above, high, rules.get("off")))
+
+
+def _bound_message(
+    flag: str, value: object, low: float | None, above: float | None, high: float | None, off: float | None
+) -> str:
+    if high is not None:
+        start = f"[{low:g}" if low is not None else f"({above:g}"
+        return f"{flag} {value} is out of range: must be within {start}, {high:g}]"
+    if off is not None:
+        return f"{flag} must be {off:g} (off) or at least {low:g}"
+    if above is not None:
+        return f"{flag} must be positive" if above == 0 else f"{flag} must be above {above:g}"
+    assert low is not None
+    return f"{flag} must not be negative" if low == 0 else f"{flag} must be at least {low:g}"
 
 
 # ------------------------------------------------------------------------------------- parsing
@@ -768,31 +801,44 @@ def _convert(kind: type, raw: str, source: str) -> Any:
 def build_parser(cls: type[C], prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for field in dataclasses.fields(cls):
-        kind = _field_type(field)
-        help_text = f"{field.metadata.get('help', '')} [env {_env_name(field.name)}]"
-        if kind is bool:
-            parser.add_argument(
-                _flag(field.name),
-                *([SHORT_FLAGS[field.name]] if field.name in SHORT_FLAGS else []),
-                dest=field.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_text,
-            )
-        elif kind is tuple:
-            parser.add_argument(
-                _flag(field.name), dest=field.name, action="append", default=None, help=help_text
-            )
-        else:
-            parser.add_argument(
-                _flag(field.name),
-                dest=field.name,
-                type=str,
-                default=None,
-                metavar=field.name.upper(),
-                help=help_text,
-            )
+        if not field.metadata.get("cli", True):
+            continue  # set by a parent process, through the environment only
+        _add_flag(parser, field, field.name, f"{field.metadata['help']} [env {_env_name(field.name)}]")
+        if field.metadata.get("renamed_from"):
+            _add_flag(parser, field, field.metadata["renamed_from"], argparse.SUPPRESS)
     return parser
+
+
+def _add_flag(parser: argparse.ArgumentParser, field: dataclasses.Field[Any], name: str, help: str) -> None:
+    kind = _field_type(field)
+    flags = [_flag(name), *([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])]
+    if kind is bool:
+        parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
+    elif kind is tuple:
+        parser.add_argument(*flags, dest=name, action="append", default=None, help=help)
+    else:
+        parser.add_argument(*flags, dest=name, type=str, default=None, metavar=name.upper(), help=help)
+
+
+def _given(field: dataclasses.Field[Any], args: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, Any]:
+    """(where, raw value) of a field: its flag, else its variable, else ("", None). A renamed
+    field's old spelling counts after the new one, with a warning; repeated flags of both add up."""
+    old = field.metadata.get("renamed_from")
+    names = (field.name, old) if old else (field.name,)
+    flags = [(_flag(name), args[name]) for name in names if args.get(name) is not None]
+    variables = [(_env_name(name), env[_env_name(name)]) for name in names if _env_name(name) in env]
+    found = [*flags, *variables]
+    used = flags if flags and _field_type(field) is tuple else found[:1]
+    deprecated = [source for source, _ in used if old and source in (_flag(old), _env_name(old))]
+    if deprecated:
+        log.warning(
+            "%s is deprecated: use %s (the old spelling stops working in a later release)",
+            deprecated[0],
+            _flag(field.name) if deprecated[0].startswith("--") else _env_name(field.name),
+        )
+    if len(used) > 1:  # the new and the old flag of a repeatable field
+        return used[0][0], [item for _, raw in used for item in raw]
+    return used[0] if used else ("", None)
 
 
 def parse_config(
@@ -803,30 +849,32 @@ def parse_config(
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         kind = _field_type(field)
-        raw = args.get(field.name)
-        env_key = _env_name(field.name)
-        if raw is not None:
-            source = _flag(field.name)
-            if kind is tuple:
-                values[field.name] = tuple(raw)
-            else:
-                values[field.name] = raw if kind is bool else _convert(kind, raw, source)
-        elif env_key in env:
-            source = env_key
-            values[field.name] = _convert(kind, env[env_key], env_key)
+        source, raw = _given(field, args, env)
+        if raw is None:
+            continue
+        if source.startswith("--"):
+            values[field.name] = (
+                tuple(raw) if kind is tuple else raw if kind is bool else _convert(kind, raw, source)
+            )
+        else:
+            values[field.name] = _convert(kind, raw, source)
         choices = field.metadata.get("choices")
-        if choices and field.name in values and values[field.name] not in choices:
+        if choices and values[field.name] not in choices:
             raise ConfigError(f"{source} {values[field.name]!r} is not one of: {', '.join(choices)}")
     cfg = cls(**values)
+    check_options(cfg)
     cfg.validate()
     return cfg
 
 
-def config_to_env(cfg: RuntimeConfig) -> dict[str, str | None]:
-    """Every field as its `TURBINE_*` variable, for a child process that must resolve the same
-    config (None: unset it, the field's default). Env rather than argv keeps secrets off `ps`."""
+def config_to_env(cfg: RuntimeConfig, names: Collection[str] | None = None) -> dict[str, str | None]:
+    """Every field (or those of `names`) as its `TURBINE_*` variable, for a child process that must
+    resolve the same config (None: unset it, the field's default). Env rather than argv keeps
+    secrets off `ps`."""
     out: dict[str, str | None] = {}
     for field in dataclasses.fields(cfg):
+        if names is not None and field.name not in names:
+            continue
         value = getattr(cfg, field.name)
         if isinstance(value, tuple):  # repeatable flags: comma-separated in the environment
             out[_env_name(field.name)] = ",".join(value) if value else None
