@@ -11,8 +11,8 @@ commands:
   up          a frontend plus a worker serving SmolLM2-135M-Instruct on :8000 (torch engine;
               --engine mocker for simulated workers)
   frontend    the OpenAI HTTP frontend (watches discovery for workers)
-  worker      a worker serving an engine (torch, mocker, echo, scripted, or an upstream
-              OpenAI-compatible server with --engine openai)
+  worker      a worker serving an engine (torch, mocker, echo, scripted, or upstream
+              OpenAI-compatible servers with --engine openai --upstream-url URL)
   bench       the benchmarks (`turbine bench` lists them): markdown + PNG reports
 
 `turbine <command> --help` lists a command's options; each has a TURBINE_* environment variable.

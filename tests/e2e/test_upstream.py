@@ -52,7 +52,7 @@ def upstreams(stack: Stack) -> Callable[..., list[Upstream]]:
 def sidecar(stack: Stack, ups: list[Upstream], *args: str, events: bool = True) -> Proc:
     argv = ["--engine", "openai", "--block-size", "16", "--upstream-poll-interval-s", "0.2", *args]
     for up in ups:
-        argv += ["--upstream", up.url]
+        argv += ["--upstream-url", up.url]
         if events:
             argv += ["--kv-events-endpoint", up.events, "--kv-replay-endpoint", up.replay]
     return stack.worker(*argv, ttl=2.0)

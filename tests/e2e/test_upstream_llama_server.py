@@ -333,7 +333,7 @@ def test_a_worker_fronts_the_server_from_its_gguf_file(stack: Stack, server: str
     stack.worker(
         "--engine",
         "openai",
-        "--upstream",
+        "--upstream-url",
         server,
         "--model-path",
         str(GGUF),

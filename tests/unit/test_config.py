@@ -1,9 +1,10 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from turbine.config import FrontendConfig, UpConfig, WorkerConfig, config_to_json, parse_config
+from turbine.config import EngineOptions, FrontendConfig, UpConfig, WorkerConfig, config_to_json, parse_config
 from turbine.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -47,7 +48,7 @@ def test_boolean_flags_both_ways() -> None:
         (FrontendConfig, ["--namespace", "a/b"], "namespace"),
         (WorkerConfig, ["--num-workers", "0"], "at least 1"),
         (WorkerConfig, ["--eos-probability", "2"], "within"),
-        (WorkerConfig, ["--q4-max-rows", "-1"], "q4-max-rows must be at least 0"),
+        (WorkerConfig, ["--q4-max-rows", "-1"], "q4-max-rows must not be negative"),
         (WorkerConfig, ["--cpu-kernels", "native"], "not one of"),
         (WorkerConfig, ["--model-type", "chat,images"], "model-type"),
         (UpConfig, ["--workers", "0"], "at least 1"),
@@ -98,3 +99,37 @@ def test_parser_and_scripted_engine_flags(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError):
             parse_config(cls, argv, {}, prog="t")
+
+
+def test_up_config_is_composed_of_the_frontends_and_the_engines(tmp_path: Path) -> None:
+    engine_fields = {f.name for f in dataclasses.fields(EngineOptions)}
+    assert set(UpConfig.__dataclass_fields__) == {
+        *FrontendConfig.__dataclass_fields__,
+        *engine_fields,
+        "workers",
+    }
+    argv = ["--engine", "mocker", "--block-size", "16", "--http-port", "9000", "--namespace", "n"]
+    up = parse_config(UpConfig, [*argv, "--dump-config-to", str(tmp_path / "c.json")], {}, prog="t")
+    worker = up.worker_config()
+    assert (worker.engine, worker.block_size, worker.namespace, worker.num_workers) == ("mocker", 16, "n", 2)
+    assert worker.dump_config_to is None  # the workers would overwrite up's dump
+    assert worker.drain_timeout_s == WorkerConfig().drain_timeout_s  # up's is the frontend's
+    front = up.frontend_config()
+    assert (front.http_port, front.namespace, front.dump_config_to) == (9000, "n", str(tmp_path / "c.json"))
+    with pytest.raises(ConfigError, match="--block-size must be at least 1"):  # the worker's bound
+        parse_config(UpConfig, ["--block-size", "0"], {}, prog="t")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--grpc-metrics-port", "0"], "--grpc-metrics-port 0 is out of range: must be within [1, 65535]"),
+        (["--router-ttl-secs", "nan"], "--router-ttl-secs must be positive"),
+        (["--max-request-body-bytes", "10"], "--max-request-body-bytes must be at least 1024"),
+        (["--metrics-prefix", "a-b"], "--metrics-prefix 'a-b' is not a valid Prometheus metric name"),
+    ],
+)
+def test_bounds_declared_on_the_option(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(FrontendConfig, argv, {}, prog="t")
+    assert info.value.message == message

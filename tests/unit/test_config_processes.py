@@ -32,7 +32,6 @@ def test_counts_and_auto() -> None:
         (["--num-processes", "2", "--event-plane", "zmq"], "needs --event-plane request or nats"),
         (["--num-processes", "2", "--discovery-backend", "mem"], "shared discovery store"),
         (["--num-processes", "2", "--interactive"], "--interactive runs in one process"),
-        (["--num-processes", "2", "--frontend-process-dir", "/tmp/x"], "for the children"),
     ],
 )
 def test_refused_combinations(argv: list[str], message: str) -> None:
@@ -40,6 +39,15 @@ def test_refused_combinations(argv: list[str], message: str) -> None:
         parse_config(FrontendConfig, argv, {}, prog="t")
     with pytest.raises(ConfigError, match=message):
         parse_config(UpConfig, ["--engine", "mocker", *argv], {}, prog="t")
+
+
+def test_the_process_dir_is_set_through_the_environment_only() -> None:
+    env = {"TURBINE_FRONTEND_PROCESS_DIR": "/tmp/x"}
+    assert parse_config(FrontendConfig, [], env, prog="t").frontend_process_dir == "/tmp/x"
+    with pytest.raises(ConfigError, match="TURBINE_FRONTEND_PROCESS_DIR is for the children"):
+        parse_config(FrontendConfig, ["--num-processes", "2"], env, prog="t")
+    with pytest.raises(SystemExit):  # no such flag
+        parse_config(FrontendConfig, ["--frontend-process-dir", "/tmp/x"], {}, prog="t")
 
 
 def test_config_round_trips_through_the_environment() -> None:

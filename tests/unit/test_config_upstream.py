@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,33 +16,68 @@ pytestmark = pytest.mark.unit
 def test_repeated_flags_and_comma_separated_env() -> None:
     cfg = parse_config(
         WorkerConfig,
-        ["--engine", "openai", "--upstream", "http://a:1", "--upstream", "http://b:2/v1"],
+        ["--engine", "openai", "--upstream-url", "http://a:1", "--upstream-url", "http://b:2/v1"],
         {"TURBINE_KV_EVENTS_ENDPOINT": "tcp://a:5557, none", "TURBINE_UPSTREAM_API_KEY": "k"},
         prog="t",
     )
-    assert cfg.upstream == ("http://a:1", "http://b:2/v1")
+    assert cfg.upstream_url == ("http://a:1", "http://b:2/v1")
     assert cfg.kv_events_endpoint == ("tcp://a:5557", "none")
     assert '"upstream_api_key": "<redacted>"' in config_to_json(cfg)
     env_only = parse_config(
-        WorkerConfig, ["--engine", "openai"], {"TURBINE_UPSTREAM": "http://x:1"}, prog="t"
+        WorkerConfig, ["--engine", "openai"], {"TURBINE_UPSTREAM_URL": "http://x:1"}, prog="t"
     )
-    assert env_only.upstream == ("http://x:1",)
-    assert parse_config(WorkerConfig, [], {}, prog="t").upstream == ()
+    assert env_only.upstream_url == ("http://x:1",)
+    assert parse_config(WorkerConfig, [], {}, prog="t").upstream_url == ()
 
 
-BASE = ("--engine", "openai", "--upstream", "http://a:1")
+def test_the_workers_old_upstream_spelling_works_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A worker's --upstream URL (now --upstream-url; the frontend's --upstream is MODEL=URL)."""
+    argv = ["--engine", "openai", "--upstream", "http://a:1", "--upstream", "http://b:2"]
+    with caplog.at_level(logging.WARNING, logger="turbine.config"):
+        cfg = parse_config(WorkerConfig, argv, {}, prog="t")
+    assert cfg.upstream_url == ("http://a:1", "http://b:2")
+    assert [r.getMessage() for r in caplog.records] == [
+        "--upstream is deprecated: use --upstream-url (the old spelling stops working in a later release)"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="turbine.config"):
+        mixed = parse_config(
+            WorkerConfig, [*argv[:2], "--upstream-url", "http://c:3", *argv[2:4]], {}, prog="t"
+        )
+        from_env = parse_config(
+            WorkerConfig, ["--engine", "openai"], {"TURBINE_UPSTREAM": "http://x:1"}, prog="t"
+        )
+    assert mixed.upstream_url == ("http://c:3", "http://a:1")
+    assert from_env.upstream_url == ("http://x:1",)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "--upstream is deprecated",
+        "TURBINE_UPSTREAM is deprecated",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="turbine.config"):  # the new spelling wins, silently
+        new = parse_config(
+            WorkerConfig,
+            [*argv[:2], "--upstream-url", "http://c:3"],
+            {"TURBINE_UPSTREAM": "http://x:1"},
+            prog="t",
+        )
+    assert new.upstream_url == ("http://c:3",)
+    assert caplog.records == []
+
+
+BASE = ("--engine", "openai", "--upstream-url", "http://a:1")
 
 
 @pytest.mark.parametrize(
     "argv",
     [
         ["--engine", "openai"],  # no upstream
-        ["--upstream", "http://a:1"],  # upstream without the engine
-        ["--engine", "openai", "--upstream", "a:1"],  # not a URL
-        ["--engine", "openai", "--upstream", "http://a:1", "--upstream-mode", "binary"],
-        ["--engine", "openai", "--upstream", "http://a:1", "--upstream-dp-size", "0"],
+        ["--upstream-url", "http://a:1"],  # upstream without the engine
+        ["--engine", "openai", "--upstream-url", "a:1"],  # not a URL
+        [*BASE, "--upstream-mode", "binary"],
+        [*BASE, "--upstream-dp-size", "0"],
         [*BASE, "--kv-events-endpoint", "tcp://a:1", "--kv-events-endpoint", "tcp://b:1"],
-        ["--engine", "openai", "--upstream", "http://a:1", "--kv-replay-endpoint", "tcp://a:2"],
+        [*BASE, "--kv-replay-endpoint", "tcp://a:2"],
     ],
 )
 def test_worker_rejects(argv: list[str]) -> None:
@@ -104,10 +140,6 @@ def test_upstream_sampling_knobs_are_declared_by_flag_or_env() -> None:
 
 
 def test_upstream_guided_decoding_names_the_servers_dialect() -> None:
-    from turbine.config import UPSTREAM_GUIDED_DIALECTS
-    from turbine.engines.upstream.guided import GUIDED_DIALECTS
-
-    assert UPSTREAM_GUIDED_DIALECTS == GUIDED_DIALECTS
     assert parse_config(WorkerConfig, list(BASE), {}, prog="t").upstream_guided_decoding == "none"
     env = {"TURBINE_UPSTREAM_GUIDED_DECODING": "llama.cpp"}
     assert parse_config(WorkerConfig, list(BASE), env, prog="t").upstream_guided_decoding == "llama.cpp"

@@ -3,7 +3,7 @@
 The supervisor serves nothing itself. It makes a private temp directory, with the local channel's
 socket folder in it (events/local_channel.py), and starts N children, `python -m turbine.frontend`, with the
 same config passed as TURBINE_* variables (the environment keeps secrets off `ps`) plus
-`--num-processes 1 --frontend-process-dir DIR`. Each child is a full frontend: it follows discovery
+`--num-processes 1` and TURBINE_FRONTEND_PROCESS_DIR=DIR. Each child is a full frontend: it follows discovery
 and the workers' KV events itself, binds the HTTP (and gRPC) port with SO_REUSEPORT, so the kernel
 spreads connections over the N listening sockets, and shares its routing load and session
 bindings with its siblings by replica sync over the local channel. Every child records its metrics

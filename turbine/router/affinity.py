@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-AFFINITY_MODES = ("hard", "soft")
+from turbine.choices import AFFINITY_MODES
+
 # Each bind sweeps at most this many expired bindings, so memory follows the live sessions.
 _SWEEP = 8
 

@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from turbine.choices import QUEUE_POLICIES
 from turbine.errors import ServiceUnavailable, TurbineError
 from turbine.protocol.request import PreprocessedRequest
 from turbine.router.base import Decision
 
-QUEUE_POLICIES = ("fcfs", "wspt")
 # Upper bounds (seconds) of the wait-time histogram exported at /metrics.
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from turbine.choices import MODEL_FILES_VIA
 from turbine.errors import ConfigError
 from turbine.protocol.model_card import ModelDeploymentCard, ModelFile
 from turbine.runtime.blobs import (
@@ -70,8 +71,6 @@ MODEL_FILE_NAMES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# Kept equal to turbine.config's choices of --model-files-via.
-MODEL_FILES_VIA = ("auto", "store", "nats", "none")
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 

@@ -1,4 +1,4 @@
-"""Composition of the upstream sidecar: `turbine worker --engine openai --upstream URL ...` and
+"""Composition of the upstream sidecar: `turbine worker --engine openai --upstream-url URL ...` and
 `turbine frontend --upstream MODEL=URL ...` (the same workers, inside the frontend process).
 
 Each upstream server (each DP rank of it) becomes one `EngineWorker`: its own request-plane
@@ -132,12 +132,12 @@ async def run_upstream_workers(
     elif cfg.model_path is not None:
         model_dir = Path(cfg.model_path)
     else:
-        found = await wait_for_model(cfg.upstream[0], cfg.upstream_api_key, stop)
+        found = await wait_for_model(cfg.upstream_url[0], cfg.upstream_api_key, stop)
         if found is None:
             return
         if found.root is None or not await asyncio.to_thread(Path(found.root).is_dir):
             raise ConfigError(
-                f"--upstream {cfg.upstream[0]} serves {found.id!r} from {found.root!r}, not a local "
+                f"--upstream-url {cfg.upstream_url[0]} serves {found.id!r} from {found.root!r}, not a local "
                 "directory: give --model-path (the model's tokenizer and template)"
             )
         model_dir = Path(found.root)
@@ -177,7 +177,7 @@ async def run_upstream_workers(
             guided_decoding=cfg.upstream_guided_decoding,
             stall_timeout_s=cfg.request_stall_timeout_s,
         )
-        specs = _specs(cfg.upstream, cfg.kv_events_endpoint, cfg.kv_replay_endpoint)
+        specs = _specs(cfg.upstream_url, cfg.kv_events_endpoint, cfg.kv_replay_endpoint)
         async with upstream_workers(
             cfg,
             store=store,

@@ -6,12 +6,10 @@ import math
 
 import pytest
 
-from turbine.config import MODEL_TYPES as CONFIG_MODEL_TYPES
 from turbine.config import WorkerConfig, parse_config
 from turbine.engines.base import Embedder
 from turbine.engines.echo import EchoEngine
 from turbine.engines.embedding import EMBEDDING_DIM, hash_embedding
-from turbine.protocol.model_card import MODEL_TYPES
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +26,6 @@ async def test_echo_embeds_deterministically() -> None:
 
 
 def test_model_type_flag() -> None:
-    assert CONFIG_MODEL_TYPES == MODEL_TYPES
     assert parse_config(WorkerConfig, [], {}, prog="t").model_types == ("chat", "completions")
     cfg = parse_config(WorkerConfig, ["--model-type", "embedding"], {}, prog="t")
     assert cfg.model_types == ("embedding",)

@@ -10,7 +10,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from turbine import config
 from turbine.config import FrontendConfig, WorkerConfig, parse_config
 from turbine.errors import ConfigError
 from turbine.models import bundled_model_path
@@ -20,7 +19,6 @@ from turbine.runtime.blobs import STORE_PREFIX, BlobError, StoreBlobStore, sha25
 from turbine.runtime.discovery.memory import MemoryStore
 from turbine.runtime.model_files import (
     MODEL_FILE_NAMES,
-    MODEL_FILES_VIA,
     ModelFileResolver,
     ModelFilesError,
     check_manifest,
@@ -252,7 +250,6 @@ async def test_worker_publishing_choices(tmp_path: Path, store: MemoryStore) -> 
 
 
 def test_flags_and_env_choose_how_files_travel(tmp_path: Path) -> None:
-    assert config.MODEL_FILES_VIA == MODEL_FILES_VIA
     assert parse_config(WorkerConfig, [], {}, prog="w").model_files_via == "auto"
     env = {"TURBINE_MODEL_FILES_VIA": "nats", "TURBINE_MODEL_CACHE_DIR": str(tmp_path)}
     assert parse_config(WorkerConfig, [], env, prog="w").model_files_via == "nats"

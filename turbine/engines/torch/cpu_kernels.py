@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
+from turbine.choices import CPU_KERNELS
 from turbine.engines.torch.q4 import Blocks, Q4Weight
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "turbine", "torch")
 SOURCES = tuple(
     Path(__file__).parent / "csrc" / f for f in ("cpu_q4.cpp", "cpu_ops.cpp", "cpu_attention.cpp")
 )
@@ -145,8 +145,8 @@ def load() -> None:
 def resolve(choice: str) -> bool:
     """Whether to use the kernels for `--cpu-kernels choice`: raises `KernelsUnavailable` for
     `turbine` where they cannot run; warns and says no for `auto`."""
-    if choice not in CHOICES:
-        raise ValueError(f"--cpu-kernels {choice!r}: one of {', '.join(CHOICES)}")
+    if choice not in CPU_KERNELS:
+        raise ValueError(f"--cpu-kernels {choice!r}: one of {', '.join(CPU_KERNELS)}")
     if choice == "torch":
         return False
     try:

@@ -60,7 +60,7 @@ class UpstreamSettings:
     history_ttl_s: float = 120.0
     # The sampling knobs the server honours (SAMPLING_KNOBS names), listed in the card's capabilities.
     sampling_knobs: tuple[str, ...] = UPSTREAM_KNOBS
-    # --upstream-guided-decoding: the server's structured-output dialect (guided.GUIDED_DIALECTS).
+    # --upstream-guided-decoding: the server's structured-output dialect (turbine.choices.GUIDED_DIALECTS).
     guided_decoding: str = "none"
     # --request-stall-timeout-s: requests in flight and no byte from the server for this long,
     # and it does not answer a probe either: it hangs, and its streams are cut (0: never).

@@ -29,8 +29,6 @@ from turbine.errors import InvalidRequest
 from turbine.protocol.model_card import guided_capability
 from turbine.protocol.request import GuidedDecoding
 
-GUIDED_DIALECTS = ("none", "vllm", "sglang", "llama.cpp")
-
 _KINDS: dict[str, tuple[str, ...]] = {
     "none": (),
     "vllm": ("json_schema", "regex", "choice", "grammar"),

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from turbine.engines.upstream.guided import GUIDED_DIALECTS, guided_capabilities, guided_fields
+from turbine.choices import GUIDED_DIALECTS
+from turbine.engines.upstream.guided import guided_capabilities, guided_fields
 from turbine.engines.upstream.params import Mode, completion_body
 from turbine.errors import ConfigError, InvalidRequest
 from turbine.models import bundled_model_path

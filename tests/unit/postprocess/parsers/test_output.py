@@ -7,7 +7,7 @@ import tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from turbine import config
+from turbine import choices
 from turbine.errors import ConfigError
 from turbine.postprocess.parsers.base import held_suffix
 from turbine.postprocess.parsers.output import ParserSettings, make_output_parser, special_token_filter
@@ -47,8 +47,8 @@ def test_settings_reject_unknown_names_and_config_lists_match_the_registry() -> 
         ParserSettings("nope", None)
     with pytest.raises(ConfigError):
         ParserSettings(None, "nope")
-    assert set(config.TOOL_CALL_PARSERS) == set(TOOL_CALL_FORMATS)
-    assert set(config.REASONING_PARSERS) == set(REASONING_FORMATS)
+    assert set(choices.TOOL_CALL_PARSERS) == set(TOOL_CALL_FORMATS)
+    assert set(choices.REASONING_PARSERS) == set(REASONING_FORMATS)
 
 
 def _tokenizer(specials: list[str]) -> tokenizers.Tokenizer:
