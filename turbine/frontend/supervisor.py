@@ -40,6 +40,7 @@ from prometheus_client import multiprocess
 from turbine.config import FrontendConfig, config_to_env
 from turbine.errors import ConfigError
 from turbine.frontend.local_channel import METRICS_SUBDIR, forget_process, prepare_channel
+from turbine.runtime.lifecycle import stop_on_signals
 
 log = logging.getLogger("turbine.frontend.supervisor")
 
@@ -130,10 +131,7 @@ async def supervise(
     """Run `cfg.process_count` children until `stop` is set or SIGTERM/SIGINT arrives; then stop
     them gracefully and return the exit status (0, or 2 when the children found a config error)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     _probe_ports(cfg)
     directory = Path(tempfile.mkdtemp(prefix="turbine-fe-"))
     try:
