@@ -18,14 +18,12 @@ import gc
 import logging
 import secrets
 import ssl
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
 from turbine.config import FrontendConfig, config_from_cli
-from turbine.errors import ConfigError
 from turbine.frontend.anthropic import AnthropicService
 from turbine.frontend.health import HealthSettings
 from turbine.frontend.http import OpenAIService
@@ -35,7 +33,7 @@ from turbine.frontend.local_channel import METRICS_SUBDIR, local_plane
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.python_engine import load_factory
 from turbine.frontend.routing import RoutingSettings
-from turbine.frontend.supervisor import add_pid_header, run_supervisor, stop_with_supervisor
+from turbine.frontend.supervisor import add_pid_header, exit_status, run_supervisor, stop_with_supervisor
 from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
 from turbine.logs import configure_logging
 from turbine.postprocess.parsers.output import ParserSettings
@@ -261,8 +259,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> i
     if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_json)
-    import uvloop
-
     if cfg.process_count > 1:
         return run_supervisor(cfg, prog)
     # What is loaded by now (modules, classes, functions: ~60k objects) lives as long as the process:
@@ -270,12 +266,4 @@ def main(argv: Sequence[str] | None = None, prog: str = "turbine frontend") -> i
     # pause that every request in flight waited through, most of the chat p99 at concurrency 16.
     gc.collect()
     gc.freeze()
-    try:
-        uvloop.run(run_frontend(cfg))
-    except ConfigError as exc:
-        print(f"{prog}: error: {exc.message}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        log.error("cannot serve: %s", exc)
-        return 1
-    return 0
+    return exit_status(run_frontend(cfg), prog)

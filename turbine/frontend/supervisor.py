@@ -31,9 +31,11 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
+import uvloop
 from aiohttp import web
 from prometheus_client import multiprocess
 
@@ -91,10 +93,14 @@ def stop_with_supervisor(stop: asyncio.Event) -> None:
 
 def run_supervisor(cfg: FrontendConfig, prog: str) -> int:
     """`turbine frontend --num-processes N` (N > 1): the exit status."""
-    import uvloop
+    return exit_status(supervise(cfg), prog)
 
+
+def exit_status(main: Coroutine[Any, Any, int | None], prog: str) -> int:
+    """Run a frontend process's `main` on uvloop; the exit status: what it returns (0 for None),
+    2 for a configuration error (printed like a usage error), 1 when it cannot serve."""
     try:
-        return uvloop.run(supervise(cfg))
+        return uvloop.run(main) or 0
     except ConfigError as exc:
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
         return 2
