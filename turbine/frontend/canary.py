@@ -26,6 +26,7 @@ from turbine.frontend.health import Quarantine
 from turbine.protocol.instance import Instance
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.response import EngineOutput
+from turbine.runtime.lifecycle import cancel_and_wait
 from turbine.runtime.transport.base import RequestPlaneClient
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,8 @@ class Canary:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"canary-{self._model}")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

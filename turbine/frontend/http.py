@@ -61,6 +61,7 @@ from turbine.protocol.openai import (
     decode_responses_request,
 )
 from turbine.router.front import NO_HINTS, RouteHints, route_hints
+from turbine.runtime.lifecycle import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +157,11 @@ class OpenAIService:
             registry.router_queues,
             registry.health,
         )
-        self.inflight = 0
+        self.requests = InFlight()
+        """Requests in flight: the drain waits for them."""
         # Path prefix → how errors under it are written, for other APIs on this app (Anthropic's
         # routes answer every error, a 404 or 405 from routing included, in their own shape).
         self.error_writers: dict[str, ErrorWriter] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     @contextlib.asynccontextmanager
     async def generation(
@@ -170,24 +170,15 @@ class OpenAIService:
         """One generation for a route of another API on this app (Anthropic's): counted in flight
         (the drain waits for it) and in the metrics, and closed on exit. Chat output goes through
         the model's reasoning and tool-call parsers, as on /v1/chat/completions."""
-        self.inflight += 1
-        self._idle.clear()
+        self.requests.enter()
         served = self.metrics.serving(pipeline.name)
         [gen] = pipeline.generate_choices(prepared)
         try:
             yield gen, served
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._idle.set()
+            self.requests.leave()
             await gen.aclose()
             served.finish([gen])
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no request is in flight (or the timeout passes); True if idle."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        return not self.inflight
 
     def app(self) -> web.Application:
         metrics = self.metrics
@@ -331,8 +322,7 @@ class OpenAIService:
         answer: Answer,
         hints: RouteHints = NO_HINTS,
     ) -> web.StreamResponse:
-        self.inflight += 1
-        self._idle.clear()
+        self.requests.enter()
         model = pipeline.name
         served = self.metrics.serving(model)
         gens = pipeline.generate_choices(prepared, hints)
@@ -352,9 +342,7 @@ class OpenAIService:
                 headers["x-turbine-overlap-blocks"] = str(decision.overlap_blocks)
             return await answer(request, Started(gens, firsts, prepared, model, int(time.time()), headers))
         finally:
-            self.inflight -= 1
-            if not self.inflight:
-                self._idle.set()
+            self.requests.leave()
             for gen in gens:
                 await gen.aclose()
             served.finish(gens)

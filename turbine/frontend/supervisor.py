@@ -31,15 +31,18 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
+import uvloop
 from aiohttp import web
 from prometheus_client import multiprocess
 
 from turbine.config import FrontendConfig, config_to_env
 from turbine.errors import ConfigError
 from turbine.runtime.events.local_channel import forget_process, prepare_channel
+from turbine.runtime.lifecycle import stop_on_signals
 
 log = logging.getLogger("turbine.frontend.supervisor")
 
@@ -92,10 +95,14 @@ def stop_with_supervisor(stop: asyncio.Event) -> None:
 
 def run_supervisor(cfg: FrontendConfig, prog: str) -> int:
     """`turbine frontend --num-processes N` (N > 1): the exit status."""
-    import uvloop
+    return exit_status(supervise(cfg), prog)
 
+
+def exit_status(main: Coroutine[Any, Any, int | None], prog: str) -> int:
+    """Run a frontend process's `main` on uvloop; the exit status: what it returns (0 for None),
+    2 for a configuration error (printed like a usage error), 1 when it cannot serve."""
     try:
-        return uvloop.run(supervise(cfg))
+        return uvloop.run(main) or 0
     except ConfigError as exc:
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
         return 2
@@ -132,10 +139,7 @@ async def supervise(
     """Run `cfg.process_count` children until `stop` is set or SIGTERM/SIGINT arrives; then stop
     them gracefully and return the exit status (0, or 2 when the children found a config error)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     _probe_ports(cfg)
     directory = Path(tempfile.mkdtemp(prefix="turbine-fe-"))
     try:

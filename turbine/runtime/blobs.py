@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import logging
 import ssl
-from typing import Protocol
+from typing import Protocol, Self
 
 import msgspec
 from nats.aio.client import Client as NatsClient
@@ -36,6 +36,7 @@ from nats.js.object_store import ObjectStore
 
 from turbine.errors import ConfigError
 from turbine.runtime.discovery.base import Store
+from turbine.runtime.lifecycle import Closing
 
 __all__ = [
     "NATS_BUCKET",
@@ -81,6 +82,10 @@ class BlobStore(Protocol):
 
     async def close(self) -> None: ...
 
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -102,7 +107,7 @@ _decode_head = msgspec.msgpack.Decoder(_Head).decode
 _encode = msgspec.msgpack.Encoder().encode
 
 
-class StoreBlobStore:
+class StoreBlobStore(Closing):
     """Blobs in the discovery `Store`, chunked (see the module docstring for the layout)."""
 
     scheme = STORE_SCHEME
@@ -155,7 +160,7 @@ class StoreBlobStore:
         """The Store belongs to the caller; nothing to close."""
 
 
-class NatsObjectBlobStore:
+class NatsObjectBlobStore(Closing):
     """Blobs in a NATS JetStream object store, one object per content (named by its SHA-256).
 
     Connects on first use (a frontend that never meets a `nats-os:` location never connects), and

@@ -42,6 +42,7 @@ from turbine.runtime.blobs import (
     sha256_hex,
 )
 from turbine.runtime.discovery.base import Store
+from turbine.runtime.lifecycle import Closing
 
 __all__ = [
     "MODEL_FILES_VIA",
@@ -207,7 +208,7 @@ async def publish_worker_model_files(
 # ---------------------------------------------------------------------------------- frontend side
 
 
-class ModelFileResolver:
+class ModelFileResolver(Closing):
     """Finds or fetches the model directory a frontend loads a card's model from (module docstring).
 
     `blob_stores` are the stores it can fetch from, by location scheme. Owns them: `close()` closes

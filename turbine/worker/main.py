@@ -11,7 +11,6 @@ import contextlib
 import gc
 import logging
 import secrets
-import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,11 +24,10 @@ from turbine.logs import configure_logging
 from turbine.models import bundled_model_path
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.runtime.discovery.base import Store
-from turbine.runtime.events.memory import MemoryEventPlane
-from turbine.runtime.events.sink import EventPlaneSink
 from turbine.runtime.factory import make_event_plane, make_request_server, make_store, nats_tls
+from turbine.runtime.lifecycle import stop_on_signals
 from turbine.runtime.model_files import publish_worker_model_files
-from turbine.worker.sdk import EngineWorker, WorkerIdentity
+from turbine.worker.sdk import EngineWorker, WorkerIdentity, serving, worker_events
 from turbine.worker.torch_model import TorchModel, load_torch_model
 from turbine.worker.upstream import run_upstream_workers
 
@@ -90,27 +88,19 @@ async def run_workers(
     store: Store | None = None,
     on_ready: Callable[[list[EngineWorker]], None] | None = None,
 ) -> None:
+    """Serve until `stop` is set or SIGTERM/SIGINT arrives, then drain every worker and return.
+    The store, the shared event plane and the workers are entered on one exit stack, which closes
+    them in reverse order (a given `store` is the caller's to close)."""
     if cfg.engine == "openai":  # a sidecar to OpenAI-compatible servers (turbine/worker/upstream.py)
         await run_upstream_workers(cfg, stop=stop, store=store, on_ready=on_ready)
         return
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    model_dir = Path(cfg.model_path) if cfg.model_path else bundled_model_path()
-    model_name = cfg.model_name or (model_dir.resolve().name if cfg.model_path else BUNDLED_MODEL_NAME)
-    torch_model = None
-    if cfg.engine == "torch":
-        # Loaded before anything registers: frontends see this worker only once it can serve.
-        torch_model = await asyncio.to_thread(load_torch_model, cfg)
-        model_dir = torch_model.model_dir
-        if cfg.is_gguf and not cfg.model_name:
-            model_name = torch_model.served_name
+    stop_on_signals(stop)
+    model_dir, model_name, torch_model = await _load_model(cfg)
     files = await asyncio.to_thread(load_model_files, model_dir)
-    own_store = store is None
-    store = store if store is not None else make_store(cfg)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        if store is None:
+            store = await stack.enter_async_context(make_store(cfg))
         # Before any card: a frontend that sees the card must find the files it lists.
         model_files = await publish_worker_model_files(
             cfg.model_files_via,
@@ -120,70 +110,58 @@ async def run_workers(
             nats_url=cfg.nats_server,
             nats_tls=nats_tls(cfg),
         )
-    except BaseException:
-        if own_store:
-            await store.close()
-        raise
-    identity = WorkerIdentity(
-        namespace=cfg.namespace,
-        component=cfg.component,
-        endpoint=cfg.endpoint,
-        model_name=model_name,
-        model_path=str(model_dir.resolve()),
-        context_length=cfg.context_length or files.context_length,
-        model_types=cfg.model_types,
-        transport=cfg.request_plane,
-        files=model_files,
-        tool_call_parser=cfg.tool_call_parser,
-        reasoning_parser=cfg.reasoning_parser,
-    )
-    # --event-plane nats or zmq: one connection for the process's workers, connected now so that a
-    # wrong URL fails start-up; closed after every worker has drained.
-    shared = make_event_plane(cfg)
-    if shared is not None:
-        try:
-            await shared.start()
-        except BaseException:
-            if own_store:
-                await store.close()
-            raise
-    workers = []
-    for _ in range(cfg.num_workers):
-        instance_id = secrets.randbits(63)
-        # Each worker publishes KV events and load metrics on its own in-process plane, served to
-        # frontends by its kv_events endpoint on the request plane, and on the shared one if any.
-        plane = MemoryEventPlane()
-        if shared is None:
-            sink = EventPlaneSink(plane, cfg.namespace, model_name, instance_id)
-        else:
-            sink = EventPlaneSink(shared, cfg.namespace, model_name, instance_id, mirror=plane)
-        workers.append(
-            EngineWorker(
-                engine=build_engine(cfg, files, instance_id, sink, torch_model),
-                store=store,
-                server=make_request_server(cfg, cfg.host),
-                identity=identity,
-                lease_ttl_s=cfg.lease_ttl_s,
-                instance_id=instance_id,
-                events=plane,
-                events_batch_s=cfg.kv_events_interval_ms / 1000,
-            )
+        identity = WorkerIdentity(
+            namespace=cfg.namespace,
+            component=cfg.component,
+            endpoint=cfg.endpoint,
+            model_name=model_name,
+            model_path=str(model_dir.resolve()),
+            context_length=cfg.context_length or files.context_length,
+            model_types=cfg.model_types,
+            transport=cfg.request_plane,
+            files=model_files,
+            tool_call_parser=cfg.tool_call_parser,
+            reasoning_parser=cfg.reasoning_parser,
         )
-    started: list[EngineWorker] = []
-    try:
-        for worker in workers:
-            await worker.start()
-            started.append(worker)
+        # --event-plane nats or zmq: one connection for the process's workers, connected now so that a
+        # wrong URL fails start-up; closed after every worker has drained.
+        shared = make_event_plane(cfg)
+        if shared is not None:
+            await stack.enter_async_context(shared)
+        workers = []
+        for _ in range(cfg.num_workers):
+            instance_id = secrets.randbits(63)
+            plane, sink = worker_events(shared, cfg.namespace, model_name, instance_id)
+            workers.append(
+                EngineWorker(
+                    engine=build_engine(cfg, files, instance_id, sink, torch_model),
+                    store=store,
+                    server=make_request_server(cfg, cfg.host),
+                    identity=identity,
+                    lease_ttl_s=cfg.lease_ttl_s,
+                    instance_id=instance_id,
+                    events=plane,
+                    events_batch_s=cfg.kv_events_interval_ms / 1000,
+                )
+            )
+        started = await stack.enter_async_context(serving(workers, cfg.drain_timeout_s))
         if on_ready is not None:
             on_ready(started)
         await stop.wait()
         log.info("shutting down %d worker(s)", len(started))
-    finally:
-        await asyncio.gather(*(w.shutdown(cfg.drain_timeout_s) for w in started), return_exceptions=True)
-        if shared is not None:
-            await shared.close()
-        if own_store:
-            await store.close()
+
+
+async def _load_model(cfg: WorkerConfig) -> tuple[Path, str, TorchModel | None]:
+    """The model's directory, its served name, and with --engine torch the loaded model."""
+    model_dir = Path(cfg.model_path) if cfg.model_path else bundled_model_path()
+    model_name = cfg.model_name or (model_dir.resolve().name if cfg.model_path else BUNDLED_MODEL_NAME)
+    if cfg.engine != "torch":
+        return model_dir, model_name, None
+    # Loaded before anything registers: frontends see this worker only once it can serve.
+    torch_model = await asyncio.to_thread(load_torch_model, cfg)
+    if cfg.is_gguf and not cfg.model_name:
+        model_name = torch_model.served_name
+    return torch_model.model_dir, model_name, torch_model
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "turbine worker") -> int:

@@ -9,11 +9,12 @@ streams), refuse new requests with a retriable "draining" error, let in-flight s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -31,7 +32,9 @@ from turbine.protocol.request import PreprocessedRequest
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.discovery.lease import LeaseKeeper
 from turbine.runtime.events.base import EventPlane, kv_events_subject, load_subject, model_subject_prefix
+from turbine.runtime.events.memory import MemoryEventPlane
 from turbine.runtime.events.pacing import paced
+from turbine.runtime.events.sink import EventPlaneSink
 from turbine.runtime.transport.base import Emit, Pushed, RequestPlaneServer
 
 log = logging.getLogger(__name__)
@@ -227,3 +230,31 @@ class EngineWorker:
         await self._server.stop()
         await self.engine.stop()
         log.info("worker %x stopped", self.instance_id)
+
+
+def worker_events(
+    shared: EventPlane | None, namespace: str, model: str, instance_id: int
+) -> tuple[MemoryEventPlane, EventPlaneSink]:
+    """A worker's own in-process event plane (frontends follow it through the worker's kv_events
+    endpoint) and the sink its engine publishes to: that plane, or `shared` (the process's NATS or
+    zmq plane, with --event-plane nats|zmq) mirrored into it."""
+    plane = MemoryEventPlane()
+    if shared is None:
+        return plane, EventPlaneSink(plane, namespace, model, instance_id)
+    return plane, EventPlaneSink(shared, namespace, model, instance_id, mirror=plane)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    workers: Iterable[EngineWorker], drain_timeout_s: float
+) -> AsyncIterator[list[EngineWorker]]:
+    """Start `workers` one after the other and hand back those started; on exit shut every started
+    one down (each drains for up to `drain_timeout_s`), all at once."""
+    started: list[EngineWorker] = []
+    try:
+        for worker in workers:
+            await worker.start()
+            started.append(worker)
+        yield started
+    finally:
+        await asyncio.gather(*(w.shutdown(drain_timeout_s) for w in started), return_exceptions=True)

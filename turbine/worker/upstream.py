@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -27,13 +26,12 @@ from turbine.models import gguf_served_name
 from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.model_card import ModelFile
 from turbine.runtime.discovery.base import Store
-from turbine.runtime.events.memory import MemoryEventPlane
-from turbine.runtime.events.sink import EventPlaneSink
 from turbine.runtime.factory import make_event_plane, make_request_server, make_store
+from turbine.runtime.lifecycle import stop_on_signals
 from turbine.runtime.model_files import publish_worker_model_files
 from turbine.runtime.transport.base import RequestPlaneServer
 from turbine.runtime.transport.local import LocalPlane
-from turbine.worker.sdk import EVENTS_BATCH_S, EngineWorker, WorkerIdentity
+from turbine.worker.sdk import EVENTS_BATCH_S, EngineWorker, WorkerIdentity, serving, worker_events
 
 log = logging.getLogger("turbine.worker")
 
@@ -56,22 +54,17 @@ async def upstream_workers(
     events_batch_s: float = EVENTS_BATCH_S,
 ) -> AsyncIterator[list[EngineWorker]]:
     """Serve one model's upstreams as registered workers until the context exits; with `local`
-    (inside a frontend), that process's own streams to them skip the request plane."""
-    sidecar = Sidecar(specs, settings, files.tokenizer)
-    await sidecar.start()
-    shared = make_event_plane(cfg)
-    started: list[EngineWorker] = []
-    try:
+    (inside a frontend), that process's own streams to them skip the request plane. On exit the
+    workers drain, then the sidecar and the shared event plane close."""
+    async with contextlib.AsyncExitStack() as stack:
+        shared = make_event_plane(cfg)
         if shared is not None:
-            await shared.start()
+            await stack.enter_async_context(shared)
+        sidecar = await stack.enter_async_context(Sidecar(specs, settings, files.tokenizer))
         workers = []
         for index in range(sidecar.size):
             instance_id = secrets.randbits(63)
-            plane = MemoryEventPlane()
-            if shared is None:
-                sink = EventPlaneSink(plane, cfg.namespace, identity.model_name, instance_id)
-            else:
-                sink = EventPlaneSink(shared, cfg.namespace, identity.model_name, instance_id, mirror=plane)
+            plane, sink = worker_events(shared, cfg.namespace, identity.model_name, instance_id)
             engine = sidecar.engine(index)
             engine.set_events(sink, instance_id)
             server: RequestPlaneServer = make_request_server(cfg, host)
@@ -90,15 +83,7 @@ async def upstream_workers(
                 )
             )
         sidecar.follow_kv_events()
-        for worker in workers:
-            await worker.start()
-            started.append(worker)
-        yield started
-    finally:
-        await asyncio.gather(*(w.shutdown(drain_timeout_s) for w in started), return_exceptions=True)
-        await sidecar.close()
-        if shared is not None:
-            await shared.close()
+        yield await stack.enter_async_context(serving(workers, drain_timeout_s))
 
 
 def _specs(urls: tuple[str, ...], events: tuple[str, ...], replays: tuple[str, ...]) -> list[UpstreamSpec]:
@@ -118,10 +103,7 @@ async def run_upstream_workers(
 ) -> None:
     """`turbine worker --engine openai`: serve until SIGTERM/SIGINT or `stop`, then drain."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     model_name = cfg.model_name
     reported_length: int | None = None
     if cfg.is_gguf:
@@ -144,9 +126,9 @@ async def run_upstream_workers(
         model_name = model_name or found.id
         reported_length = found.max_model_len
     files = await asyncio.to_thread(load_model_files, model_dir)
-    own_store = store is None
-    store = store if store is not None else make_store(cfg)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        if store is None:
+            store = await stack.enter_async_context(make_store(cfg))
         model_files: tuple[ModelFile, ...] = await publish_worker_model_files(
             cfg.model_files_via,
             model_dir=model_dir,
@@ -193,9 +175,6 @@ async def run_upstream_workers(
                 on_ready(workers)
             await stop.wait()
             log.info("shutting down %d upstream worker(s)", len(workers))
-    finally:
-        if own_store:
-            await store.close()
 
 
 async def with_gguf_tokenizer(cfg: FrontendConfig) -> FrontendConfig:

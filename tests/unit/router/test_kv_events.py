@@ -28,12 +28,13 @@ from turbine.runtime.events.base import EventPlane
 from turbine.runtime.events.memory import MemoryEventPlane
 from turbine.runtime.events.nats import NatsEventPlane
 from turbine.runtime.events.sink import EventPlaneSink
+from turbine.runtime.lifecycle import Closing
 
 NS, MODEL, BLOCK = "ns", "org/model-1.5", 4
 _encode = msgspec.msgpack.encode
 
 
-class FakeWorkers:
+class FakeWorkers(Closing):
     """The request plane as the followers use it: `kv_dump` answers each worker's current cache."""
 
     def __init__(self) -> None:

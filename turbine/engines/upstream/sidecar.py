@@ -24,6 +24,7 @@ from turbine.engines.upstream.kv_codec import EngineEventBatch
 from turbine.engines.upstream.params import UPSTREAM_KNOBS
 from turbine.engines.upstream.subscriber import KvEventSubscriber
 from turbine.errors import ConfigError, UpstreamUnavailable
+from turbine.runtime.lifecycle import Connecting
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def rank_endpoint(endpoint: str, rank: int) -> str:
     return f"{match[1]}{int(match[2]) + rank}"
 
 
-class Sidecar:
+class Sidecar(Connecting):
     def __init__(
         self, specs: list[UpstreamSpec], settings: SidecarSettings, tokenizer: tokenizers.Tokenizer
     ) -> None:

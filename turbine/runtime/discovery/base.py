@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, Self
 
 
 class KeyValue(NamedTuple):
@@ -55,3 +55,7 @@ class Store(Protocol):
     def watch_prefix(self, prefix: str) -> AsyncIterator[WatchEvent]: ...
 
     async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...

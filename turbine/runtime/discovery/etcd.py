@@ -31,6 +31,7 @@ import aiohttp
 import orjson
 
 from turbine.runtime.discovery.base import KeyValue, WatchEvent, WatchKind
+from turbine.runtime.lifecycle import Closing
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class _Known:
     mod_revision: int
 
 
-class EtcdStore:
+class EtcdStore(Closing):
     """A `Store` on the etcd cluster at `endpoints` (comma-separated URLs; the next one is tried
     when one is unreachable). `put` raises LookupError for a lease that is gone. Watches re-connect
     on their own, with a backoff from `retry_delay_s` doubling up to `max_retry_delay_s`."""

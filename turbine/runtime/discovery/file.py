@@ -41,6 +41,7 @@ from urllib.parse import quote, unquote
 import msgspec
 
 from turbine.runtime.discovery.base import KeyValue, WatchEvent, WatchKind
+from turbine.runtime.lifecycle import Closing
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _make_private_dirs(root: Path) -> None:
         (root / sub).mkdir(mode=0o700, exist_ok=True)
 
 
-class FileStore:
+class FileStore(Closing):
     """A `Store` in directory `root`, shared with every other FileStore on the same directory.
 
     `put` raises LookupError for a lease that is gone. Watches notice changes within about

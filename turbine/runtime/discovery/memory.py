@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from turbine.runtime.discovery.base import KeyValue, WatchEvent, WatchKind
+from turbine.runtime.lifecycle import Closing
 
 
 @dataclass
@@ -34,7 +35,7 @@ class _Watcher:
     queue: asyncio.Queue[WatchEvent | None] = field(default_factory=asyncio.Queue)
 
 
-class MemoryStore:
+class MemoryStore(Closing):
     """A `Store` held in this process's memory. `clock` is in seconds (monotonic by default)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:

@@ -6,9 +6,10 @@ from collections.abc import AsyncGenerator
 
 from turbine.runtime.events.base import OnLive
 from turbine.runtime.events.fanout import Subscription
+from turbine.runtime.lifecycle import Closing
 
 
-class MemoryEventPlane:
+class MemoryEventPlane(Closing):
     def __init__(self, max_pending: int = 65536) -> None:
         self._max_pending = max_pending
         self._subs: list[Subscription] = []

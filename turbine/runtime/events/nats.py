@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from turbine.runtime.events.base import OnLive
 from turbine.runtime.events.fanout import Subscription
+from turbine.runtime.lifecycle import Connecting, cancel_and_wait
 from turbine.runtime.transport.nats_flush import flush_in_order
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _FIRST_CONNECT_TIMEOUT_S = 5.0
 _PUBLISH_SLICE = 256
 
 
-class NatsEventPlane:
+class NatsEventPlane(Connecting):
     """An EventPlane over the NATS server at `server_url` (see the module docstring)."""
 
     def __init__(
@@ -217,11 +218,8 @@ class NatsEventPlane:
         if nc is not None and nc.is_connected:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), flush_timeout_s)
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await cancel_and_wait(self._flusher)
+        self._flusher = None
         self.dropped += len(self._outgoing)
         self._outgoing.clear()
         if nc is not None:

@@ -41,6 +41,7 @@ import zmq.asyncio
 
 from turbine.runtime.events.base import OnLive
 from turbine.runtime.events.fanout import Subscription
+from turbine.runtime.lifecycle import Connecting, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _discard_notices(pub: zmq.Socket[bytes]) -> None:
             pub.recv(zmq.NOBLOCK)
 
 
-class ZmqEventPlane:
+class ZmqEventPlane(Connecting):
     """An EventPlane over ZeroMQ at `endpoint` (see the module docstring): subscribing binds it,
     publishing connects to it."""
 
@@ -223,11 +224,8 @@ class ZmqEventPlane:
         self._closed = True
         for sub in self._subs:
             sub.wake.set()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        await cancel_and_wait(self._reader)
+        self._reader = None
         for sock in (self._pub, self._sub):
             if sock is not None:
                 sock.close(linger=0)

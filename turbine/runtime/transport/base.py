@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from turbine.errors import EngineError, InvalidRequest, TurbineError, WorkerDraining, WorkerUnreachable
 from turbine.runtime.inbox import Inbox
+from turbine.runtime.lifecycle import InFlight
 from turbine.runtime.transport import framing
 
 Emit = Callable[[bytes], None]
@@ -100,9 +101,15 @@ class RequestPlaneServer(Protocol):
 
 
 class RequestPlaneClient(Protocol):
+    """`async with client:` closes it on exit (see `runtime/lifecycle.py`)."""
+
     def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]: ...
 
     async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
 
 
 @runtime_checkable
@@ -147,34 +154,22 @@ def take_batch(items: list[Any]) -> tuple[list[bytes], Any]:
     return batch, None
 
 
-class StreamTasks:
-    """Bookkeeping shared by servers that run each stream as a task: draining, counting, waiting
-    and cancelling them. Subclasses add tasks with `track()` and check `draining` on new requests."""
+class StreamTasks(InFlight):
+    """`InFlight` for servers that run each stream as a task: `track()` counts a task until it
+    ends, and `cancel_all()` cancels what is left. Subclasses check `draining` on new requests."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._draining = False
 
     def track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.enter()
+        task.add_done_callback(self._untrack)
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    def drain(self) -> None:
-        self._draining = True
-
-    @property
-    def active_streams(self) -> int:
-        return len(self._tasks)
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stream is running (or the timeout passes); True if idle."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        return not self._tasks
+    def _untrack(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.leave()
 
     async def cancel_all(self) -> None:
         for task in list(self._tasks):

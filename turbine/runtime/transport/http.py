@@ -32,6 +32,7 @@ import msgspec
 from aiohttp import web
 
 from turbine.errors import InvalidRequest, WorkerStalled, WorkerUnreachable
+from turbine.runtime.lifecycle import Closing, InFlight
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import Handler, as_generator, error_from_frame, error_to_frame
 from turbine.runtime.transport.heartbeat import HEARTBEAT_INTERVAL_S
@@ -80,20 +81,17 @@ async def _request_body(payload: bytes, done: asyncio.Event) -> AsyncIterator[by
             yield _PING
 
 
-class HttpRequestServer:
+class HttpRequestServer(InFlight):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, stall_timeout_s: float = 0.0) -> None:
         """`stall_timeout_s` (0: never): a request whose body (the frontend's beats) is silent that
         long is stopped and its connection aborted."""
+        super().__init__()
         self._host = host
         self._port = port
         self._stall_timeout_s = stall_timeout_s
         self._handler: Handler | None = None
         self._runner: web.AppRunner | None = None
         self._watches: set[asyncio.Task[None]] = set()
-        self._draining = False
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     async def start(self, handler: Handler) -> str:
         self._handler = handler
@@ -132,7 +130,7 @@ class HttpRequestServer:
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-turbine-frames"})
         await resp.prepare(request)
-        if self._draining:
+        if self.draining:
             await resp.write(framing.encode_frame(framing.Error(_SID, framing.ERROR_DRAINING, "draining")))
             return resp
         assert self._handler is not None
@@ -145,8 +143,7 @@ class HttpRequestServer:
             code, message = error_to_frame(bad)
             await resp.write(framing.encode_frame(framing.Error(_SID, code, message)))
             return resp
-        self._active += 1
-        self._idle.clear()
+        self.enter()
         loop = asyncio.get_running_loop()
         serving = asyncio.current_task()
         assert serving is not None
@@ -170,27 +167,13 @@ class HttpRequestServer:
             await resp.write(bytes(buf))
         finally:
             beat.cancel()
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
+            self.leave()
         # The frontend ends its body once it has read the last frame. The response ends after
         # that, so that both bodies are complete and the connection goes back to the client's
         # pool (aiohttp's client closes a connection whose request body is still being sent).
         await watch
         await resp.write_eof()
         return resp
-
-    def drain(self) -> None:
-        self._draining = True
-
-    @property
-    def active_streams(self) -> int:
-        return self._active
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        return self._active == 0
 
     async def stop(self) -> None:
         # Requests still open here are stopped with their connections, also those whose handler
@@ -202,7 +185,7 @@ class HttpRequestServer:
             self._runner = None
 
 
-class HttpRequestClient:
+class HttpRequestClient(Closing):
     def __init__(self, connect_timeout_s: float = 5.0, stall_timeout_s: float = 0.0) -> None:
         """`stall_timeout_s` (0: never): a response silent that long (its headers included) fails
         with `WorkerStalled`."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncGenerator
 
 from turbine.errors import WorkerDraining, WorkerUnreachable
+from turbine.runtime.lifecycle import Closing, InFlight
 from turbine.runtime.transport.base import Handler, as_generator
 
 
@@ -22,15 +22,12 @@ class InprocHub:
         return f"inproc-{next(self._ids)}:0"
 
 
-class InprocServer:
+class InprocServer(InFlight):
     def __init__(self, hub: InprocHub) -> None:
+        super().__init__()
         self._hub = hub
         self._handler: Handler | None = None
         self._address = ""
-        self._draining = False
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     async def start(self, handler: Handler) -> str:
         self._handler = handler
@@ -38,38 +35,20 @@ class InprocServer:
         self._hub.servers[self._address] = self
         return self._address
 
-    def drain(self) -> None:
-        self._draining = True
-
-    @property
-    def active_streams(self) -> int:
-        return self._active
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        return self._active == 0
-
     async def stop(self) -> None:
         self._hub.servers.pop(self._address, None)
 
     async def serve(self, endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
-        if self._draining:
+        if self.draining:
             raise WorkerDraining(f"worker {self._address} is draining")
         assert self._handler is not None
-        self._active += 1
-        self._idle.clear()
-        try:
+        with self.hold():
             async with contextlib.aclosing(as_generator(self._handler(endpoint, payload))) as outputs:
                 async for out in outputs:
                     yield out
-        finally:
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
 
 
-class InprocClient:
+class InprocClient(Closing):
     def __init__(self, hub: InprocHub) -> None:
         self._hub = hub
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncGenerator
 
 from turbine.errors import WorkerDraining, WorkerUnreachable
+from turbine.runtime.lifecycle import Closing, InFlight
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import (
     Handler,
@@ -57,18 +58,16 @@ class LocalPlane:
         self._servers.pop(address, None)
 
 
-class LocalServer:
-    """A worker's server that other frontends reach through `inner`, and this process directly."""
+class LocalServer(InFlight):
+    """A worker's server that other frontends reach through `inner`, and this process directly.
+    Its own `InFlight` counts the local streams; draining and waiting cover `inner`'s too."""
 
     def __init__(self, inner: RequestPlaneServer, plane: LocalPlane) -> None:
+        super().__init__()
         self._inner = inner
         self._plane = plane
         self._handler: Handler | None = None
         self._address = ""
-        self._draining = False
-        self._local = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     async def start(self, handler: Handler) -> str:
         self._handler = handler
@@ -77,19 +76,18 @@ class LocalServer:
         return self._address
 
     def drain(self) -> None:
-        self._draining = True
+        super().drain()
         self._inner.drain()
 
     @property
     def active_streams(self) -> int:
-        return self._inner.active_streams + self._local
+        return self._inner.active_streams + super().active_streams
 
     async def wait_idle(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         remote_idle = await self._inner.wait_idle(timeout_s)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
-        return remote_idle and self._local == 0
+        local_idle = await super().wait_idle(max(0.0, deadline - time.monotonic()))
+        return remote_idle and local_idle
 
     async def stop(self) -> None:
         self._plane._remove(self._address)
@@ -97,29 +95,24 @@ class LocalServer:
 
     async def serve(self, endpoint: str, payload: bytes) -> AsyncGenerator[list[bytes], None]:
         """One stream run in the caller's task, each payload as its own batch."""
-        if self._draining:
+        if self.draining:
             raise WorkerDraining(f"worker {self._address} is draining: not accepting new requests")
         handler = self._handler
         assert handler is not None, "start() first"
-        self._local += 1
-        self._idle.clear()
-        try:
-            async with contextlib.aclosing(as_generator(handler(endpoint, payload))) as outputs:
-                async for out in outputs:
-                    yield [out]
-        except Exception as exc:
-            # As the worker would have sent it in an Error frame, and the client decoded it.
-            code, message = error_to_frame(exc)
-            if code == framing.ERROR_ENGINE:
-                log.exception("handler failed on a local stream to %s", self._address)
-            raise error_from_frame(code, message, self._address) from None
-        finally:
-            self._local -= 1
-            if not self._local:
-                self._idle.set()
+        with self.hold():
+            try:
+                async with contextlib.aclosing(as_generator(handler(endpoint, payload))) as outputs:
+                    async for out in outputs:
+                        yield [out]
+            except Exception as exc:
+                # As the worker would have sent it in an Error frame, and the client decoded it.
+                code, message = error_to_frame(exc)
+                if code == framing.ERROR_ENGINE:
+                    log.exception("handler failed on a local stream to %s", self._address)
+                raise error_from_frame(code, message, self._address) from None
 
 
-class LocalFirstClient:
+class LocalFirstClient(Closing):
     """The process's request-plane client, short-cut for the addresses of its own workers."""
 
     def __init__(self, inner: RequestPlaneClient, plane: LocalPlane) -> None:

@@ -52,6 +52,7 @@ from nats.aio.msg import Msg
 
 from turbine.errors import InvalidRequest, WorkerStalled, WorkerUnreachable
 from turbine.runtime.inbox import Inbox
+from turbine.runtime.lifecycle import Closing, cancel_and_wait
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import (
     Handler,
@@ -172,15 +173,30 @@ class _Outbox:
             if not self._ready and not self._wake.is_set():
                 break
             await asyncio.sleep(0)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
+
+
+class _Connected:
+    """The NATS connection and outbox of a server or client, and how they close."""
+
+    _nc: NatsClient | None = None
+    _outbox: _Outbox | None = None
+
+    async def _disconnect(self) -> None:
+        """Close the outbox (what it queued goes out first), then the connection."""
+        if self._outbox is not None:
+            await self._outbox.close()
+            self._outbox = None
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
 
 
 # ---------------------------------------------------------------------------------------- server
 
 
-class NatsRequestServer(StreamTasks):
+class NatsRequestServer(StreamTasks, _Connected):
     """Worker side: subscribes to its own subject on the NATS server at `server_url`."""
 
     def __init__(
@@ -198,8 +214,8 @@ class NatsRequestServer(StreamTasks):
         self._tls = tls
         self._heartbeat_s = heartbeat_s
         self._handler: Handler | None = None
-        self._nc: NatsClient | None = None
-        self._outbox: _Outbox | None = None
+        self._nc = None
+        self._outbox = None
         self._subject = REQUEST_SUBJECT_PREFIX + secrets.token_hex(8)
         self._streams: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stall_timeout_s = stall_timeout_s
@@ -317,18 +333,9 @@ class NatsRequestServer(StreamTasks):
 
     async def stop(self) -> None:
         await self.cancel_all()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
-        if self._outbox is not None:
-            await self._outbox.close()
-            self._outbox = None
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
-            self._nc = None
+        await cancel_and_wait(self._heartbeat)
+        self._heartbeat = None
+        await self._disconnect()
 
 
 # ---------------------------------------------------------------------------------------- client
@@ -347,7 +354,7 @@ class _Stream:
     inbox: Inbox[_StreamItem] = field(default_factory=Inbox)
 
 
-class NatsRequestClient:
+class NatsRequestClient(_Connected, Closing):
     """Frontend side: one NATS connection and one inbox for every stream to every worker."""
 
     def __init__(
@@ -363,8 +370,8 @@ class NatsRequestClient:
         self._connect_timeout_s = connect_timeout_s
         self._stall_timeout_s = stall_timeout_s
         self._inbox = INBOX_PREFIX + secrets.token_hex(8)
-        self._nc: NatsClient | None = None
-        self._outbox: _Outbox | None = None
+        self._nc = None
+        self._outbox = None
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._streams: dict[int, _Stream] = {}
@@ -502,15 +509,6 @@ class NatsRequestClient:
         return count
 
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
-        if self._outbox is not None:
-            await self._outbox.close()
-            self._outbox = None
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
-            self._nc = None
+        await cancel_and_wait(self._watchdog)
+        self._watchdog = None
+        await self._disconnect()

@@ -28,6 +28,7 @@ import msgspec
 
 from turbine.errors import WorkerStalled, WorkerUnreachable
 from turbine.runtime.inbox import Inbox
+from turbine.runtime.lifecycle import Closing
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.base import (
     Handler,
@@ -383,7 +384,7 @@ class _ClientConnection(asyncio.Protocol):
             self._transport.close()
 
 
-class TcpRequestClient:
+class TcpRequestClient(Closing):
     """Frontend side: a pool of one connection per worker address, opened on first use; TLS with
     `ssl_context` (the worker's certificate must name the host of its address)."""
 
