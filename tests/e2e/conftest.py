@@ -191,6 +191,24 @@ def wait_instances(url: str, count: int, timeout: float = 20.0, model: str = MOD
     wait_until(lambda: live_instances(url, model) == count, timeout)
 
 
+def metric_sum(url: str, name: str, model: str = MODEL) -> float:
+    """The sum of the samples called `name` for `model` on a frontend's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, _, body = http("GET", url + "/metrics", timeout=5)
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("model") == model
+    )
+
+
+def first_tokens(url: str, model: str = MODEL) -> int:
+    """Requests of `model` a frontend has had a first token for: a stream counted here is under way."""
+    return int(metric_sum(url, "turbine_time_to_first_token_seconds_count", model))
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     s = Stack(tmp_path)

@@ -40,8 +40,11 @@ MOCK = "mock-model"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, gguf_cache: Path) -> Iterator[str]:
-    """One frontend; SmolLM2 on the torch engine (hermes tool calls) and a mocker model beside it."""
+def served(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, gguf_cache: Path, smollm2_dir: Path
+) -> Iterator[str]:
+    """One frontend; SmolLM2 on the torch engine (hermes tool calls, its conversion in `gguf_cache`
+    already: `smollm2_dir`) and a mocker model beside it."""
     root = tmp_path_factory.mktemp("guided")
     stack = Stack(root)
     try:

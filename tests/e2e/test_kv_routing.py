@@ -169,11 +169,11 @@ def _burst_starts(interval_ms: str, stack: Stack) -> list[float]:
                 arrivals.extend(loop.time() for _ in frames)
 
         reader = loop.create_task(read())
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a head start for the reader (bursts it misses only shorten the sample)
         threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.5)  # the stretch of steady load whose event stream is measured
         stop.set()
         for t in threads:
             await asyncio.to_thread(t.join)

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import time
 
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, DistStack, Stack, http, live_instances, wait_instances, wait_until
+from tests.e2e.conftest import (
+    MODEL,
+    DistStack,
+    Stack,
+    http,
+    live_instances,
+    metric_sum,
+    wait_instances,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +54,8 @@ def _kill_one_under_load(stack: Stack, streams: int) -> None:
     oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         futures = [pool.submit(_stream, oai, i) for i in range(streams)]
-        time.sleep(0.25)  # every stream is under way, none finished
+        # Every stream is under way, none finished.
+        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == streams, 30)
         victim.signal(signal.SIGKILL)
         results = [f.result() for f in futures]
     assert all(finish == "length" and tokens == 60 for _, finish, tokens in results), results
@@ -77,7 +86,7 @@ def test_without_migration_a_killed_worker_fails_its_streams_in_band(stack: Stac
     oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(_stream, oai, 1)
-        time.sleep(0.25)
+        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 1, 30)
         victim.signal(signal.SIGKILL)
         with pytest.raises(openai.APIError, match="lost"):
             future.result()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +31,11 @@ def _children(supervisor: Proc) -> set[int]:
         return set()
 
 
-def _served_by(url: str, i: int) -> int:
+def _served_by(url: str, i: int, tokens: int = 3) -> int:
     """One completion on a fresh connection (the kernel picks a process per connection): the pid
     of the process that served it."""
     with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30) as oai:
-        raw = oai.completions.with_raw_response.create(model=MODEL, prompt=f"hello {i}", max_tokens=3)
+        raw = oai.completions.with_raw_response.create(model=MODEL, prompt=f"hello {i}", max_tokens=tokens)
     assert raw.parse().choices[0].text
     return int(raw.headers["x-turbine-frontend-pid"])
 
@@ -48,6 +48,50 @@ def _metric_sum(url: str, name: str) -> float:
         for s in family.samples
         if s.name == name and s.labels.get("model") == MODEL
     )
+
+
+ACTIVE = "turbine_router_active_requests"
+BINDINGS = "turbine_router_session_bindings"
+
+
+def _views(url: str, name: str) -> dict[int, float]:
+    """`name` as counted by each process that answered one of 8 fresh /metrics requests, by pid (a
+    router's metrics come from the answering process's own router)."""
+    views: dict[int, float] = {}
+    for _ in range(8):
+        _, headers, body = http("GET", url + "/metrics")
+        pid = int({k.lower(): v for k, v in headers.items()}["x-turbine-frontend-pid"])
+        views[pid] = sum(
+            s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if s.name == name and s.labels.get("model") == MODEL
+        )
+    return views
+
+
+def _wait_load_shared(url: str, children: set[int]) -> None:
+    """Until each process's routed requests are counted by its siblings. Replica sync subscribes
+    when the model appears and siblings connect to a new one by their next heartbeat; a request
+    routed before that is never counted by the sibling. So probe with streams (each served by the
+    process the kernel picks) until every process has been heard by all."""
+    heard: set[int] = set()
+
+    def probe() -> bool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            served = pool.submit(_served_by, url, -1 - len(heard), 60)
+            try:
+                wait_until(lambda: _views(url, ACTIVE) == dict.fromkeys(children, 1.0), 2)
+                counted = True
+            except AssertionError:
+                counted = False
+            pid = served.result()
+        if counted:
+            heard.add(pid)
+        return heard == children
+
+    wait_until(probe, 60)
+    wait_until(lambda: _views(url, ACTIVE) == dict.fromkeys(children, 0.0), 10)
 
 
 def _all_ready(url: str, instances: int) -> bool:
@@ -121,7 +165,7 @@ def test_processes_share_routing_load_and_keep_the_cache_hit_ratio(stack: Stack)
     wait_until(lambda: len(_children(supervisor)) == 2, 20, supervisor)
     wait_until(lambda: all(port in _listening_ports(pid) for pid in _children(supervisor)), 20, supervisor)
     wait_until(lambda: _all_ready(two, 2) and _all_ready(one, 2), 30, supervisor)
-    time.sleep(0.5)  # replica sync subscribes when the model appears
+    _wait_load_shared(two, _children(supervisor))
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         streams = [pool.submit(_long_stream, two, i) for i in range(6)]
@@ -154,7 +198,7 @@ def test_a_restarted_process_shares_routing_load_again(stack: Stack) -> None:
     wait_until(lambda: len(_children(supervisor) - {victim}) == 2, 20, supervisor)
     wait_until(lambda: all(port in _listening_ports(pid) for pid in _children(supervisor)), 20, supervisor)
     wait_until(lambda: _all_ready(url, 2), 30, supervisor)
-    time.sleep(1.5)  # the survivor connects to the replacement by its next heartbeat
+    _wait_load_shared(url, _children(supervisor))
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         streams = [pool.submit(_long_stream, url, i) for i in range(6)]
@@ -251,13 +295,38 @@ def test_session_bindings_hold_across_processes(stack: Stack) -> None:
     wait_until(lambda: len(_children(supervisor)) == 2, 20, supervisor)
     wait_until(lambda: all(port in _listening_ports(pid) for pid in _children(supervisor)), 20, supervisor)
     wait_until(lambda: _all_ready(url, 4), 30, supervisor)
-    time.sleep(0.5)  # replica sync subscribes when the model appears
+    children = _children(supervisor)
+    # Replica sync subscribes when the model appears, and a binding made before that never reaches
+    # the sibling: bind probe sessions until each process's binding has reached the other.
+    heard: set[int] = set()
+    probes = itertools.count()
+
+    def probe() -> bool:
+        before = _views(url, BINDINGS)
+        if set(before) != children:
+            return False
+        _, pid = _session_request(url, f"probe-{next(probes)}")
+        try:
+            wait_until(lambda: _views(url, BINDINGS) == {p: n + 1 for p, n in before.items()}, 2)
+            heard.add(pid)
+        except AssertionError:
+            pass
+        return heard == children
+
+    wait_until(probe, 60)
+    base: dict[int, float] = {}
+
+    def sampled() -> bool:
+        base.update(_views(url, BINDINGS))
+        return set(base) == children
+
+    wait_until(sampled, 10)
 
     sessions = [f"s{i}" for i in range(8)]
     bound = {s: _session_request(url, s)[0] for s in sessions}
     assert len(set(bound.values())) == 4  # round-robin spread the first requests
     # Both processes know every binding, whichever made it.
-    wait_until(lambda: _metric_sum(url, "turbine_router_session_bindings") == 8, 5)
+    wait_until(lambda: _views(url, BINDINGS) == {p: n + 8 for p, n in base.items()}, 5)
     pids = set()
     for _ in range(3):
         for s in sessions:

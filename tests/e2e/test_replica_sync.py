@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import openai
 import pytest
@@ -26,16 +25,39 @@ def _active_requests(url: str) -> int:
     return int(total)
 
 
-def _long_stream(url: str, i: int) -> str:
+def _long_stream(url: str, i: int, tokens: int = 150) -> str:
     oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     chunks = oai.completions.create(
         model=MODEL,
         prompt=f"A long tale number {i}",
-        max_tokens=150,
+        max_tokens=tokens,
         stream=True,
         extra_body={"ignore_eos": True},
     )
     return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def _wait_synced(watcher: str, sender: str) -> None:
+    """Until `watcher` counts a request that `sender` routes. Replicas subscribe to each other once
+    their model appears, and a request routed before that is never counted by the other: probe
+    with short streams until one is seen, then let the last one end."""
+    tries = 0
+
+    def seen() -> bool:
+        nonlocal tries
+        tries += 1
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            probe = pool.submit(_long_stream, sender, -tries, 40)
+            try:
+                wait_until(lambda: _active_requests(watcher) == 1, 2)
+                return True
+            except AssertionError:
+                return False
+            finally:
+                probe.result()
+
+    wait_until(seen, 30)
+    wait_until(lambda: _active_requests(watcher) == 0, 10)
 
 
 def test_frontends_count_each_others_load(dist_stack: DistStack) -> None:
@@ -48,7 +70,8 @@ def test_frontends_count_each_others_load(dist_stack: DistStack) -> None:
     )  # fmt: skip
     for url in (a, b, lone):
         wait_instances(url, 2)
-    time.sleep(0.5)  # replicas subscribe when their model appears
+    _wait_synced(a, b)
+    _wait_synced(b, a)
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         streams = [pool.submit(_long_stream, b, i) for i in range(6)]

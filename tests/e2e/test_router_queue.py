@@ -1,5 +1,5 @@
-"""The router queue: overload waits instead of 503, wspt serves short prompts first, bounds and
-client disconnects, and its /metrics."""
+"""The router queue: overload waits instead of 503 under either policy, bounds and client
+disconnects, and its /metrics. How the policies compare is benchmarks/router_queue.py's job."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import asyncio
 import concurrent.futures
 import json
 import random
-import statistics
-import time
 
 import openai
 import pytest
@@ -44,68 +42,46 @@ def _queue_metrics(url: str) -> dict[str, float]:
     return out
 
 
-async def _one(oai: openai.AsyncOpenAI, prompt: list[int]) -> tuple[int, float, str | None]:
-    """(prompt length, time to first token, finish reason) of one streamed completion."""
-    started = time.perf_counter()
-    ttft = -1.0
+async def _one(oai: openai.AsyncOpenAI, prompt: list[int]) -> str | None:
+    """The finish reason of one streamed completion."""
     finish = None
     stream = await oai.completions.create(
         model=MODEL, prompt=prompt, max_tokens=2, stream=True, extra_body={"ignore_eos": True}
     )
     async for chunk in stream:
-        if ttft < 0:
-            ttft = time.perf_counter() - started
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
-    return len(prompt), ttft, finish
+    return finish
 
 
-async def _burst(url: str, seed: int) -> tuple[list[float], list[float]]:
+async def _burst(url: str, seed: int) -> None:
     """16 long and 48 short prompts (unique, so nothing is cached), arriving interleaved (L S S S
-    L ...); returns the TTFTs of the short and the long ones. Every request must finish."""
+    L ...). Every request must finish."""
     rng = random.Random(seed)
     prompts = []
     for _ in range(16):
         prompts.append([rng.randrange(10, 4000) for _ in range(LONG)])
         prompts += [[rng.randrange(10, 4000) for _ in range(SHORT)] for _ in range(3)]
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as oai:
-        tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(_one(oai, prompt)))
-            await asyncio.sleep(0.002)  # arrival order = list order
-        results = await asyncio.gather(*tasks)
-    assert [finish for _, _, finish in results] == ["length"] * len(prompts), results
-    short = [t for n, t, _ in results if n == SHORT]
-    long = [t for n, t, _ in results if n == LONG]
-    return short, long
+        results = await asyncio.gather(*(_one(oai, prompt) for prompt in prompts))
+    assert results == ["length"] * len(prompts), results
 
 
-def _p99(values: list[float]) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[98]
-
-
-def test_overload_queues_and_wspt_cuts_the_short_requests_tail(stack: Stack) -> None:
-    queue = ("--router-mode", "least-loaded", "--router-queue-threshold", "0.5")
-    _, fcfs = stack.frontend(*queue, "--router-queue-policy", "fcfs")
-    _, wspt = stack.frontend(*queue, "--router-queue-policy", "wspt")
+@pytest.mark.parametrize("policy", ["fcfs", "wspt"])
+def test_overload_queues_instead_of_refusing(stack: Stack, policy: str) -> None:
+    """Both policies hold what the worker cannot take yet and serve all of it (how much sooner
+    wspt serves the short prompts is measured by benchmarks/router_queue.py)."""
+    _, url = stack.frontend(
+        "--router-mode", "least-loaded", "--router-queue-threshold", "0.5", "--router-queue-policy", policy
+    )  # fmt: skip
     stack.worker(*WORKER)
-    wait_instances(fcfs, 1)
-    wait_instances(wspt, 1)
-
-    results = {}
-    for name, url in (("fcfs", fcfs), ("wspt", wspt)):
-        short, long = asyncio.run(_burst(url, seed=len(name) + ord(name[0])))
-        results[name] = (_p99(short), statistics.mean(short), _p99(long))
-        metrics = _queue_metrics(url)
-        # Requests did wait in the queue (nothing got 503), and it drained.
-        assert metrics["turbine_router_queue_length"] == 0
-        assert metrics["turbine_router_queue_wait_seconds_count"] == 64
-        assert metrics["turbine_router_queue_wait_seconds_bucket{le=0.1}"] < 64
-    print("short p99 / short mean / long p99 TTFT (s):", json.dumps(results))
-    # Short requests no longer wait behind every earlier long one, only behind the long one in
-    # flight when they arrive (measured here: p99 ratio 0.29-0.45, mean ratio 0.31-0.35).
-    assert results["wspt"][0] < 0.6 * results["fcfs"][0], results
-    assert results["wspt"][1] < 0.5 * results["fcfs"][1], results
+    wait_instances(url, 1)
+    asyncio.run(_burst(url, seed=len(policy)))
+    metrics = _queue_metrics(url)
+    # Requests did wait in the queue (nothing got 503), and it drained.
+    assert metrics["turbine_router_queue_length"] == 0
+    assert metrics["turbine_router_queue_wait_seconds_count"] == 64
+    assert metrics["turbine_router_queue_wait_seconds_bucket{le=0.1}"] < 64
 
 
 def _slow_stream(url: str, prompt: list[int]) -> str | None:

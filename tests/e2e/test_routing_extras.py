@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import re
 import signal
-import time
 
 import openai
 import pytest
@@ -14,7 +13,7 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import MODEL, Proc, Stack, free_port, http, wait_until
+from tests.e2e.conftest import MODEL, Proc, Stack, first_tokens, free_port, http, metric_sum, wait_until
 from tests.e2e.test_kserve import text_input
 
 pytestmark = pytest.mark.e2e
@@ -147,10 +146,11 @@ def test_migration_max_seq_len_fails_long_streams_and_migrates_short_ones(stack:
     prompts = [long, long, short, short] * 2
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         futures = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             futures.append(pool.submit(_stream, url, prompt))
-            time.sleep(0.01)
-        time.sleep(0.25)  # every stream is under way, none finished
+            # Routed in this order: the next one goes out once the frontend has this one.
+            wait_until(lambda n=i + 1: metric_sum(url, "turbine_inflight_requests") == n, 10)
+        wait_until(lambda: first_tokens(url) == len(prompts), 30)  # every stream is under way
         victim.signal(signal.SIGKILL)
         results = [(len(p), *f.result()) for p, f in zip(prompts, futures, strict=True)]
     on_victim = [(n, body) for n, worker, body in results if worker == victim_id]

@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Stack, live_instances, wait_instances, wait_until
+from tests.e2e.conftest import MODEL, Stack, live_instances, metric_sum, wait_instances, wait_until
 from turbine.models import bundled_model_path
 
 pytestmark = pytest.mark.e2e
@@ -222,7 +222,7 @@ def test_sigterm_frontend_drains_and_exits_zero(stack: Stack) -> None:
                 model=MODEL, prompt="drain me", max_tokens=100, extra_body={"ignore_eos": True}
             )
         )
-        time.sleep(0.3)
+        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 1, 10)  # it is being served
         frontend.signal(signal.SIGTERM)
         result = pending.result(20)
     assert result.choices[0].finish_reason == "length"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import random
 import signal
-import time
 
 import openai
 import pytest
@@ -126,14 +125,31 @@ def test_bindings_are_shared_between_frontends(dist_stack: DistStack) -> None:
     dist_stack.worker(*MOCKER, "--num-workers", "4", "--event-plane", "nats")
     wait_instances(a, 4)
     wait_instances(b, 4)
-    time.sleep(0.5)  # replicas subscribe when their model appears
     oa, ob = _client(a), _client(b)
-    _worker(ob)  # b's round-robin is now one step ahead of a's
+    # Replicas subscribe to each other once their model appears, and a binding made before that
+    # never reaches the other: bind probe sessions on a until b has one.
+    probes = 0
+
+    def probed() -> bool:
+        nonlocal probes
+        probes += 1
+        _worker(oa, f"probe-{probes}")
+        try:
+            wait_until(lambda: _bindings(b) >= 1, 2)
+            return True
+        except AssertionError:
+            return False
+
+    wait_until(probed, 30)
+    base_a, base_b = _bindings(a), _bindings(b)
+    # Each probe moved a's round-robin along: put b's a step (mod 4) away from a's.
+    for _ in range(2 if probes % 4 == 1 else 1):
+        _worker(ob)
     sessions = [f"shared-{i}" for i in range(4)]
     bound = {s: _worker(oa, s) for s in sessions}
     assert len(set(bound.values())) == 4
     # Bindings travel on the event plane; b adopts them, then routes each session where a bound it.
-    wait_until(lambda: _bindings(b) == 4, 5)
+    wait_until(lambda: _bindings(b) == base_b + 4, 5)
     for _ in range(2):
         assert {s: _worker(ob, s) for s in sessions} == bound
-    assert _bindings(a) == 4
+    assert _bindings(a) == base_a + 4

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import time
 from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.conftest import Stack, wait_instances
+from tests.e2e.conftest import Stack, wait_instances, wait_until
 from tests.e2e.test_upstream import Upstream, client, upstreams
 from turbine.models import bundled_model_path
 
@@ -51,8 +50,7 @@ def test_a_frozen_upstreams_streams_complete_through_the_other(
     try:
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(stream, p) for p in prompts]
-            time.sleep(0.5)
-            assert victim.running() > 0
+            wait_until(lambda: victim.running() > 0, 30)
             victim.proc.signal(signal.SIGSTOP)
             results = [f.result() for f in futures]
         assert [tokens for _, tokens in results] == [60] * len(prompts)

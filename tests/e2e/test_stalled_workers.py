@@ -15,7 +15,7 @@ import msgspec
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Proc, Stack, http, wait_instances, wait_until
+from tests.e2e.conftest import MODEL, Proc, Stack, first_tokens, http, metric_sum, wait_instances, wait_until
 from tests.e2e.tcp_proxy import FreezableProxy
 from turbine.protocol.instance import Instance, instances_prefix
 from turbine.protocol.kv_events import KV_EVENTS_ENDPOINT, LoadMetrics, WorkerEvent
@@ -92,11 +92,11 @@ def frozen() -> Iterator[list[Proc]]:
 
 
 def _under_load(url: str, freeze: object) -> tuple[list[Timed], list[Timed]]:
-    """24 streams of 128 tokens; 0.5 s in, `freeze()`; right after, 20 short new requests."""
+    """24 streams of 128 tokens; once all are under way, `freeze()`; right after, 20 short new requests."""
     oai = _client(url)
     with concurrent.futures.ThreadPoolExecutor(44) as pool:
         streams = [pool.submit(_stream, oai, i) for i in range(24)]
-        time.sleep(0.5)
+        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 24, 30)
         freeze()  # type: ignore[operator]
         fresh = [pool.submit(_stream, oai, 100 + i, 8) for i in range(20)]
         return [f.result() for f in streams], [f.result() for f in fresh]
@@ -187,7 +187,7 @@ def test_a_worker_leaving_discovery_has_its_streams_moved_at_once(stack: Stack, 
     oai = _client(url)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_stream, oai, i, 256) for i in range(16)]
-        time.sleep(0.5)
+        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 16, 30)  # all under way
         victim.signal(signal.SIGSTOP)
         results = [f.result() for f in futures]
     assert all(r.finish == "length" and r.tokens == 256 for r in results), results
@@ -205,7 +205,7 @@ def test_a_request_queued_longer_than_the_stall_timeout_is_not_cut(stack: Stack)
     oai = _client(url)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(_stream, oai, 1, 400)
-        time.sleep(0.2)
+        wait_until(lambda: first_tokens(url) == 1, 30)  # it holds the one sequence slot
         queued = pool.submit(_stream, oai, 2, 8, "A long prompt " * 300)
         results = [first.result(), queued.result()]
     assert [r.finish for r in results] == ["length", "length"], results
@@ -313,7 +313,7 @@ def test_a_canary_failure_moves_the_streams_of_a_worker_that_produces_nothing(
     oai = _client(url)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_stream, oai, i) for i in range(16)]
-        time.sleep(0.5)
+        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 16, 30)  # all under way
         victim.signal(signal.SIGSTOP)
         results = [f.result() for f in futures]
     assert all(r.finish == "length" and r.tokens == 128 for r in results), results

@@ -69,6 +69,7 @@ def test_every_url_and_every_load_generator_gets_a_share() -> None:
     assert [urls_of_generator(i, 3, ["a", "b"]) for i in range(3)] == [["a"], ["b"], ["a"]]
 
 
+@pytest.mark.integration  # real frontend and worker processes
 def test_independent_frontends_each_serve_the_same_workers() -> None:
     """`extra_frontends`: separate frontend processes on their own ports, over one worker."""
     import json

@@ -59,7 +59,7 @@ async def test_a_worker_that_leaves_discovery_is_forgotten_and_no_longer_probed(
     q.retain([8])
     assert q.healthy(7, time.monotonic()) and not q.healthy(8, time.monotonic())
     calls = len(probe.calls)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # room for a probe that was not stopped: silence is what is tested
     assert len(probe.calls) <= calls + 1  # at most the one in flight when it was cancelled
     await q.close()
 
@@ -77,7 +77,7 @@ async def test_a_failed_canary_holds_until_one_passes_even_if_the_process_answer
     q = Quarantine("m", probe, 1.0)
     q.canary_failed(7, "no answer within 1 s")
     q.stalled(7, "127.0.0.1:1")  # its process answers the probe at once...
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # room for such an answer to (wrongly) end the quarantine
     assert not q.healthy(7, time.monotonic())  # ...but its engine failed a real request
     q.canary_passed(7)
     await _until_healthy(q, 7)

@@ -98,6 +98,7 @@ def _load_script() -> ModuleType:
     return module
 
 
+@pytest.mark.slow  # trains the tokenizer again
 def test_generator_reproduces_the_committed_files(tmp_path: Path) -> None:
     generator = _json("config.json")["turbine_generator"]
     if (generator["python"], generator["tokenizers"]) != (platform.python_version(), tokenizers.__version__):

@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from tests.waiting import wait_for
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.router_events import Finished, Routed, RouterSyncBatch
@@ -36,13 +37,6 @@ def _req(rid: str) -> PreprocessedRequest:
     return PreprocessedRequest(rid, "m", list(range(17)), SamplingOptions(), StopConditions(max_tokens=4))
 
 
-async def _until(predicate: object, within_s: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not predicate():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 async def test_two_replicas_share_load_and_forget_a_dead_one() -> None:
     plane = MemoryEventPlane()
     a, b = _router(0), _router(1)
@@ -51,21 +45,21 @@ async def test_two_replicas_share_load_and_forget_a_dead_one() -> None:
     sync_a.start()
     sync_b.start()
     # Both subscriptions are up once each has seen the other's first heartbeat.
-    await _until(
+    await wait_for(
         lambda: a.peers is not None and b.peers is not None and bool(a.peers.replicas and b.peers.replicas)
     )
 
     decision = a.select(_req("r1"), [1, 2])
-    await _until(lambda: b.load.worker_of(peer_key(0xA, "r1")) == decision.instance_id)
+    await wait_for(lambda: b.load.worker_of(peer_key(0xA, "r1")) == decision.instance_id)
     assert a.peers is not None and len(a.peers) == 0  # a does not count its own request twice
     a.on_finish("r1", decision)
-    await _until(lambda: len(b.load) == 0)
+    await wait_for(lambda: len(b.load) == 0)
 
     # a's process "dies" with a request in flight: b stops counting it after the expiry.
     a.select(_req("r2"), [1, 2])
-    await _until(lambda: len(b.load) == 1)
+    await wait_for(lambda: len(b.load) == 1)
     await sync_a.close()
-    await _until(lambda: len(b.load) == 0, within_s=3.0)
+    await wait_for(lambda: len(b.load) == 0, timeout=3.0)
     assert b.peers is not None and b.peers.replicas == []
     await sync_b.close()
     await plane.close()
@@ -73,18 +67,29 @@ async def test_two_replicas_share_load_and_forget_a_dead_one() -> None:
 
 async def test_other_models_are_not_mixed_in() -> None:
     plane = MemoryEventPlane()
-    a, b = _router(0), _router(1)
-    sync_a = ReplicaSync(plane, "ns", "m", 0xA, a, heartbeat_s=0.05)
-    sync_b = ReplicaSync(plane, "ns", "other", 0xB, b, heartbeat_s=0.05)
-    sync_a.start()
-    sync_b.start()
-    await asyncio.sleep(0.1)
-    a.select(_req("r1"), [1, 2])
-    await asyncio.sleep(0.1)
-    assert len(b.load) == 0
-    assert b.peers is not None and b.peers.replicas == []
-    await sync_a.close()
-    await sync_b.close()
+    a, a2, b, b2 = _router(0), _router(1), _router(2), _router(3)
+    syncs = [
+        ReplicaSync(plane, "ns", model, replica_id, router, heartbeat_s=0.05)
+        for model, replica_id, router in (
+            ("m", 0xA, a),
+            ("m", 0xA2, a2),
+            ("other", 0xB, b),
+            ("other", 0xB2, b2),
+        )
+    ]
+    for sync in syncs:
+        sync.start()
+    # Every subscription is up once each replica has heard the other one of its model.
+    await wait_for(lambda: all(r.peers is not None and r.peers.replicas for r in (a, a2, b, b2)))
+    decision = a.select(_req("r1"), [1, 2])
+    await wait_for(lambda: a2.load.worker_of(peer_key(0xA, "r1")) == decision.instance_id)  # it is out
+    b2.select(_req("r2"), [1, 2])
+    # b reads its messages in order: once it has b2's, it has read whatever came before.
+    await wait_for(lambda: len(b.load) == 1)
+    assert b.load.worker_of(peer_key(0xA, "r1")) is None
+    assert b.peers is not None and b.peers.replicas == [0xB2]
+    for sync in syncs:
+        await sync.close()
     await plane.close()
 
 
@@ -110,14 +115,14 @@ async def test_a_burst_is_one_message_per_interval_with_steps_merged() -> None:
     a = _router(0)
     sync = ReplicaSync(plane, "ns", "m", 0xA, a, heartbeat_s=60, flush_s=0.05)
     sync.start()
-    await asyncio.sleep(0.08)
+    await wait_for(lambda: plane.sent)
     plane.sent.clear()  # the first heartbeat
     decisions = {rid: a.select(_req(rid), [1, 2]) for rid in ("r1", "r2", "r3")}
     a.on_first_token("r1", decisions["r1"])  # merged into r1's Routed: no prefill left to count
     a.on_finish("r2", decisions["r2"])  # a KV request's Routed stays: peers record its blocks
-    await asyncio.sleep(0.02)
-    assert plane.sent == []  # nothing before the interval is out
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(0)  # what is sent at once (not after the interval) would be out now
+    assert plane.sent == []
+    await wait_for(lambda: plane.sent)
     (batch,) = plane.sent
     kinds = [(type(e).__name__, getattr(e, "request_id", None)) for e in batch.events]
     assert kinds == [("Routed", "r1"), ("Routed", "r2"), ("Routed", "r3"), ("Finished", "r2")]
@@ -127,7 +132,7 @@ async def test_a_burst_is_one_message_per_interval_with_steps_merged() -> None:
     # then makes it moot.
     a.on_first_token("r3", decisions["r3"])
     a.on_finish("r3", decisions["r3"])
-    await asyncio.sleep(0.08)
+    await wait_for(lambda: len(plane.sent) == 2)
     assert [type(e) for e in plane.sent[1].events] == [Finished]
     await sync.close()
 
@@ -140,13 +145,13 @@ async def test_a_load_only_request_routed_and_finished_within_an_interval_is_not
     )
     sync = ReplicaSync(plane, "ns", "m", 0xA, router, heartbeat_s=60, flush_s=0.05)
     sync.start()
-    await asyncio.sleep(0.08)
+    await wait_for(lambda: plane.sent)
     plane.sent.clear()  # the first heartbeat
     short = router.select(_req("short"), [1, 2])
     long = router.select(_req("long"), [1, 2])
     router.on_first_token("short", short)
     router.on_finish("short", short)
-    await asyncio.sleep(0.08)
+    await wait_for(lambda: plane.sent)
     (batch,) = plane.sent
     assert [(type(e), e.request_id) for e in batch.events if isinstance(e, Routed)] == [(Routed, "long")]
     assert len(batch.events) == 1
@@ -167,7 +172,7 @@ async def test_a_request_in_flight_in_one_process_is_seen_by_its_sibling_within_
     sync_a.start()
     sync_b.start()
     try:
-        await _until(
+        await wait_for(
             lambda: (
                 a.peers is not None and b.peers is not None and bool(a.peers.replicas and b.peers.replicas)
             )
@@ -176,12 +181,13 @@ async def test_a_request_in_flight_in_one_process_is_seen_by_its_sibling_within_
             rid = f"r{i}"
             start = time.monotonic()
             decision = a.select(_req(rid), [1, 2])
-            await _until(lambda r=rid, w=decision.instance_id: b.load.worker_of(peer_key(0xA, r)) == w, 1.0)
+            routed_to = decision.instance_id
+            await wait_for(lambda: b.load.worker_of(peer_key(0xA, rid)) == routed_to, 1.0)  # noqa: B023 - used at once
             seen_after = time.monotonic() - start
             # The flush interval plus the receive interval, and some slack for a busy machine.
             assert seen_after < FLUSH_S + RECEIVE_EVERY_S + 0.1, seen_after
             a.on_finish(rid, decision)
-            await _until(lambda: len(b.load) == 0, within_s=1.0)
+            await wait_for(lambda: len(b.load) == 0, timeout=1.0)
     finally:
         await sync_a.close()
         await sync_b.close()

@@ -34,6 +34,7 @@ class Echo:
         try:
             for i in range(msgspec.msgpack.decode(payload)):
                 yield enc(i)
+                # "slow": a handler that takes its time, so a stream is still open when a test acts.
                 await asyncio.sleep(0.001 if endpoint == "slow" else 0)
             self.finished.append(payload)
         except asyncio.CancelledError:

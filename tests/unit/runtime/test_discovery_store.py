@@ -138,7 +138,7 @@ async def test_keys_expire_after_ttl_without_keep_alive(store: Store) -> None:
     await store.put("e/1", b"x", lease)
     await store.put("e/2", b"y")
     assert await store.get("e/1") == b"x"
-    await asyncio.sleep(TTL + 0.1)
+    await asyncio.sleep(TTL + 0.1)  # past the TTL with no keep-alive: what is tested
     assert await store.get("e/1") is None
     assert await store.get_prefix("e/") == [KeyValue("e/2", b"y", None)]
     assert not await store.keep_alive(lease)
@@ -151,7 +151,7 @@ async def test_keep_alive_keeps_keys(store: Store) -> None:
     await store.put("k/1", b"x", lease)
     deadline = time.monotonic() + 2 * TTL
     while time.monotonic() < deadline:
-        await asyncio.sleep(TTL / 3)
+        await asyncio.sleep(TTL / 3)  # a keep-alive's interval
         assert await store.keep_alive(lease)
     assert await store.get("k/1") == b"x"
 

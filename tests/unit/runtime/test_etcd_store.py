@@ -60,7 +60,7 @@ async def test_keep_alive_outlives_the_ttl(store: EtcdStore) -> None:
     lease = await store.grant_lease(1)
     await store.put("k/1", b"x", lease)
     for _ in range(6):
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # six keep-alives span more than the TTL
         assert await store.keep_alive(lease)
     assert await store.get_prefix("k/") == [KeyValue("k/1", b"x", lease)]
 
@@ -148,7 +148,7 @@ async def test_lease_survives_a_restart(store: EtcdStore, etcd_server: EtcdServe
     try:
         await keeper.put("svc/a", b"1")
         etcd_server.restart()
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # past the TTL: the lease must outlive the restart
         assert await store.get_prefix("svc/") == [KeyValue("svc/a", b"1", keeper.lease_id)]
         assert keeper.regrants == 0
     finally:

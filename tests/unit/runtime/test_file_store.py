@@ -67,7 +67,7 @@ async def test_expired_leases_and_their_keys_are_collected(tmp_path: Path) -> No
     await crashed.put("w/2", b"y")
     (tmp_path / "tmp" / "left-by-a-killed-writer").write_bytes(b"")
     os.utime(tmp_path / "tmp" / "left-by-a-killed-writer", (0, 0))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # past the lease's TTL, with nobody sweeping: what is tested
     # Expired but not collected: already dead to readers.
     assert await crashed.get("w/1") is None
     assert len(os.listdir(tmp_path / "keys")) == 2
@@ -83,7 +83,7 @@ async def test_a_sweep_spares_a_key_re_put_under_a_live_lease(tmp_path: Path) ->
     store = FileStore(tmp_path)
     old = await store.grant_lease(0.05)
     await store.put("w/1", b"x", old)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # past the lease's TTL
     new = await store.grant_lease(10)  # sweeps `old` and w/1
     await store.put("w/1", b"x", new)
     await store.revoke(old)  # a late collector of `old` must not touch the re-put key

@@ -32,7 +32,7 @@ async def main() -> None:
     await store.put("turbine/instances/child", b"alive", lease)
     print("ready", flush=True)
     while await store.keep_alive(lease):
-        await asyncio.sleep({TTL / 3})
+        await asyncio.sleep({TTL / 3})  # the keep-alive interval
 
 asyncio.run(main())
 """

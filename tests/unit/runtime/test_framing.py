@@ -13,18 +13,18 @@ def _frames() -> list[framing.Frame]:
         framing.End(1),
         framing.Error(2, framing.ERROR_ENGINE, "boom"),
         framing.Cancel(3),
+        framing.Ping(),
     ]
 
 
 def test_round_trip_every_frame_kind() -> None:
     wire = b"".join(framing.encode_frame(f) for f in _frames())
     decoded = framing.FrameDecoder().feed(wire)
-    assert [type(f) for f in decoded] == [type(f) for f in _frames()]
+    # Whole frames, payload bytes included (msgspec.Raw compares by content).
+    assert decoded == _frames()
     assert isinstance(decoded[0], framing.Request)
-    assert decoded[0].endpoint == "generate"
     assert msgspec.msgpack.decode(decoded[0].payload) == {"a": 1}
     assert decoded[3] == framing.Error(2, "engine", "boom")
-    assert decoded[4] == framing.Cancel(3)
 
 
 def test_byte_at_a_time_yields_the_same_frames() -> None:
@@ -33,7 +33,7 @@ def test_byte_at_a_time_yields_the_same_frames() -> None:
     out: list[framing.Frame] = []
     for i in range(len(wire)):
         out += decoder.feed(wire[i : i + 1])
-    assert [type(f) for f in out] == [type(f) for f in _frames()]
+    assert out == _frames()
     assert decoder.buffered == 0
 
 

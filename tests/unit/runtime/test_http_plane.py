@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 from tests.unit.runtime.plane_helpers import Echo, collect, enc
+from tests.waiting import wait_for
 from turbine.errors import EngineError, InvalidRequest, WorkerDraining, WorkerStalled, WorkerUnreachable
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.http import HttpRequestClient, HttpRequestServer
@@ -60,7 +61,7 @@ async def test_unreachable_and_draining() -> None:
     client = HttpRequestClient()
     try:
         running = asyncio.create_task(collect(client, address, "slow", enc(50)))
-        await asyncio.sleep(0.02)
+        await wait_for(lambda: server.active_streams == 1)
         server.drain()
         with pytest.raises(WorkerDraining):
             await collect(client, address, "gen", enc(1))
@@ -113,7 +114,7 @@ async def test_a_live_client_is_not_cut_by_a_request_that_outlasts_the_stall_tim
 
     async def quiet(endpoint: str, payload: bytes) -> AsyncGenerator[bytes, None]:
         try:
-            await asyncio.sleep(1.6)
+            await asyncio.sleep(1.6)  # silent for longer than the stall timeout: what is tested
             yield payload
         except asyncio.CancelledError:
             stopped.append(payload)

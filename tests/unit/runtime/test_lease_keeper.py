@@ -48,7 +48,7 @@ async def test_keeps_keys_alive_past_the_ttl(stores: Stores) -> None:
     await keeper.start(TTL)
     try:
         await keeper.put("svc/a", b"1")
-        await asyncio.sleep(3 * TTL)
+        await asyncio.sleep(3 * TTL)  # time past the TTL is what is tested
         assert await stores.other.get_prefix("svc/") == [KeyValue("svc/a", b"1", keeper.lease_id)]
         assert keeper.regrants == 0
     finally:

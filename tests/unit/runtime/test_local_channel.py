@@ -18,10 +18,12 @@ class _Heard:
 
     def __init__(self, plane: LocalPlane, prefix: str) -> None:
         self.messages: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.live = asyncio.Event()
+        """Set once the subscription is up: what is published from then on is heard."""
         self._task = asyncio.ensure_future(self._collect(plane, prefix))
 
     async def _collect(self, plane: LocalPlane, prefix: str) -> None:
-        async with contextlib.aclosing(plane.subscribe(prefix)) as messages:
+        async with contextlib.aclosing(plane.subscribe(prefix, self.live.set)) as messages:
             async for message in messages:
                 self.messages.put_nowait(message)
 
@@ -39,7 +41,9 @@ async def _planes(directory: Path, count: int) -> AsyncIterator[list[LocalPlane]
     prepare_channel(directory)
     planes = [await local_plane(directory) for _ in range(count)]
     try:
-        await asyncio.sleep(0.1)  # every plane has accepted the others' connections and connected back
+        # Every plane has accepted the others' connections and connected back.
+        for plane in planes:
+            await asyncio.wait_for(_until_connected(plane, count - 1), 5.0)
         yield planes
     finally:
         for plane in planes:
@@ -49,7 +53,8 @@ async def _planes(directory: Path, count: int) -> AsyncIterator[list[LocalPlane]
 async def test_every_plane_hears_every_other_plane_and_not_itself(tmp_path: Path) -> None:
     async with _planes(tmp_path, 3) as (a, b, c):
         heard = [_Heard(p, "ns.m.router.") for p in (a, b, c)]
-        await asyncio.sleep(0.01)  # the subscriptions have started
+        for h in heard:
+            await h.live.wait()
         a.publish("ns.other.x", b"nobody subscribed to this")
         for i in range(3):
             a.publish("ns.m.router.a", b"%d" % i)
@@ -71,7 +76,7 @@ async def test_every_plane_hears_every_other_plane_and_not_itself(tmp_path: Path
 async def test_a_sibling_that_exits_and_one_that_replaces_it(tmp_path: Path) -> None:
     async with _planes(tmp_path, 2) as (a, b):
         heard = _Heard(a, "ns.")
-        await asyncio.sleep(0.01)
+        await heard.live.wait()
         b.publish("ns.b", b"1")
         assert await heard.next() == ("ns.b", b"1")
         await b.close()
@@ -88,7 +93,7 @@ async def test_a_sibling_that_exits_and_one_that_replaces_it(tmp_path: Path) -> 
 
 async def _until_connected(plane: LocalPlane, siblings: int) -> bool:
     while True:
-        plane.publish("ns.probe", b"")  # publishing rescans once a sibling has connected
+        plane.publish("probe", b"")  # publishing rescans once a sibling has connected; nobody hears it
         if plane.siblings == siblings:
             return True
         await asyncio.sleep(0.01)
@@ -101,7 +106,7 @@ async def test_a_burst_arrives_whole_and_in_order_when_read_late(tmp_path: Path)
     b = await local_plane(tmp_path)
     try:
         heard = _Heard(a, "ns.")
-        await asyncio.sleep(0.01)
+        await heard.live.wait()
         payloads = [bytes([i % 256]) * 1000 for i in range(50)]
         for p in payloads:
             b.publish("ns.b", p)

@@ -149,8 +149,13 @@ async def test_prefix_subscriptions_get_matching_messages_in_order(
     assert got[200] == ("ns.m.load.1", b"load")
     all_got = await everything.wait_for(203)
     assert [p for _, p in all_got[200:]] == [b"x", b"z", b"load"]
-    await asyncio.sleep(0.1)
-    assert len(model.got) == 201 and len(everything.got) == 203
+    # One connection delivers in order: once the last message is in, nothing published before it
+    # is still on its way.
+    pub.publish("ns.m.end", b"end")
+    await model.wait_for(202)
+    await everything.wait_for(204)
+    assert model.got[200:] == [("ns.m.load.1", b"load"), ("ns.m.end", b"end")]
+    assert len(everything.got) == 204 and everything.got[-1] == ("ns.m.end", b"end")
     assert pub.dropped == 0
     await model.stop()
     await everything.stop()
@@ -169,8 +174,12 @@ async def test_escaped_model_subjects_do_not_mix(planes: tuple[NatsEventPlane, N
         ((subject, payload),) = await collectors[name].wait_for(1)
         assert subject == kv_events_subject("ns", name, n) and payload == name.encode()
         assert token_name(subject.split(".")[1]) == name
-    await asyncio.sleep(0.1)
-    assert all(len(c.got) == 1 for c in collectors.values())
+    # Delivered in order: once each has its last message, nothing else is on its way to it.
+    for name in names:
+        pub.publish(load_subject("ns", name, 0), b"last")
+    for name, c in collectors.items():
+        await c.wait_for(2)
+        assert c.got[1:] == [(load_subject("ns", name, 0), b"last")]
     for c in collectors.values():
         await c.stop()
 

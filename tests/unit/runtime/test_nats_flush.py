@@ -12,6 +12,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.errors import ConnectionClosedError
 
+from tests.waiting import wait_for
 from turbine.runtime.transport.nats_flush import flush_in_order
 
 _INFO = {"server_id": "recorder", "version": "2.10.0", "proto": 1, "headers": True, "max_payload": 1 << 20}
@@ -92,7 +93,7 @@ async def test_a_connection_that_keeps_publishing_does_not_hold_it_up(recorder: 
 
     publisher = asyncio.get_running_loop().create_task(publish())
     try:
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: "PUB" in recorder.verbs)  # publishing is under way
         handshake = len(recorder.verbs)
         await nc.subscribe("a.>", cb=_ignore)
         await asyncio.wait_for(flush_in_order(nc), 2.0)

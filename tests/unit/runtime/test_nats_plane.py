@@ -9,6 +9,7 @@ from nats.aio.client import Client as NatsClient
 
 from tests.nats_server import NatsServer
 from tests.unit.runtime.plane_helpers import Echo, collect, enc
+from tests.waiting import wait_for
 from turbine.errors import EngineError, InvalidRequest, WorkerDraining, WorkerUnreachable
 from turbine.runtime.transport import framing
 from turbine.runtime.transport.nats import INBOX_PREFIX, NatsRequestClient, NatsRequestServer
@@ -101,7 +102,7 @@ async def test_silent_worker_fails_open_streams(nats_server: NatsServer) -> None
     client = NatsRequestClient(nats_server.url, stall_timeout_s=0.5)
     try:
         tasks = [asyncio.create_task(collect(client, address, "slow", enc(100000))) for _ in range(5)]
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: server.active_streams == 5)
         # Freeze the worker without unsubscribing, as a SIGSTOPped or partitioned process would.
         server._on_disconnect()
         assert server._heartbeat is not None
@@ -122,7 +123,7 @@ async def test_draining_server_refuses_new_streams_but_finishes_running_ones(nat
     client = NatsRequestClient(nats_server.url)
     try:
         running = asyncio.create_task(collect(client, address, "slow", enc(50)))
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: server.active_streams == 1)
         server.drain()
         with pytest.raises(WorkerDraining):
             await collect(client, address, "gen", enc(1))

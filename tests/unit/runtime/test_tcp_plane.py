@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from tests.unit.runtime.plane_helpers import Echo, collect, enc
+from tests.waiting import wait_for
 from turbine.errors import EngineError, InvalidRequest, WorkerDraining, WorkerUnreachable
 from turbine.runtime.transport.base import CallbackClient
 from turbine.runtime.transport.tcp import TcpRequestClient, TcpRequestServer
@@ -83,7 +84,7 @@ async def test_dropped_connection_fails_every_open_stream() -> None:
     client = TcpRequestClient()
     try:
         tasks = [asyncio.create_task(collect(client, address, "slow", enc(100000))) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: server.active_streams == 5)
         await server.stop()
         for task in tasks:
             with pytest.raises(WorkerUnreachable):
@@ -99,7 +100,7 @@ async def test_draining_server_refuses_new_streams_but_finishes_running_ones() -
     client = TcpRequestClient()
     try:
         running = asyncio.create_task(collect(client, address, "slow", enc(50)))
-        await asyncio.sleep(0.01)
+        await wait_for(lambda: server.active_streams == 1)
         server.drain()
         with pytest.raises(WorkerDraining):
             await collect(client, address, "gen", enc(1))
@@ -116,7 +117,7 @@ async def test_forget_waits_for_open_streams_to_end() -> None:
     client = TcpRequestClient()
     try:
         running = asyncio.create_task(collect(client, address, "slow", enc(30)))
-        await asyncio.sleep(0.01)
+        await wait_for(lambda: server.active_streams == 1)
         client.forget(address)
         assert len(await running) == 30
         # A new stream opens a fresh connection.
@@ -175,7 +176,7 @@ async def test_follow_fails_when_the_connection_drops() -> None:
     try:
         got: list[bytes] = []
         task = asyncio.create_task(client.follow(address, "slow", enc(100000), got.append))
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: got)
         await server.stop()
         with pytest.raises(WorkerUnreachable):
             await task

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.unit.engines.torch.helpers import request, run_engine, tokens_of
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +101,8 @@ def test_cancelling_a_stream_frees_its_blocks_at_once(tiny_llama_dir: Path) -> N
                     if out.token_ids:
                         break  # the client goes away after its first token
             held_after = engine.blocks.num_used_blocks
-            await asyncio.sleep(0.05)
+            # The scheduler lets go of it at its next step.
+            await wait_for(lambda: not engine.scheduler.running and not engine.scheduler.waiting)
             return held_after, len(engine.scheduler.running) + len(engine.scheduler.waiting)
         finally:
             await engine.stop()

@@ -51,6 +51,7 @@ def test_the_triton_hook_is_chained_and_restored() -> None:
         knobs.runtime.jit_post_compile_hook = before
 
 
+@pytest.mark.slow  # loads a model and runs its warm-up
 def test_a_full_budget_warm_up_step_writes_only_the_scratch_block(tiny_llama_dir: Path) -> None:
     """A prompt served, then a full-budget warm-up (longer than the tiny model's context, so split
     into several sequences): every block but the scratch one holds exactly what it held, and the

@@ -17,6 +17,8 @@ from turbine.engines.torch.engine import TorchEngineConfig, load_model
 from turbine.engines.torch.model import LlamaModel
 from turbine.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # compiles the kernels (once per machine) and runs them
+
 
 def _kernels() -> None:
     try:

@@ -4,12 +4,12 @@ architecture checks that refuse what the torch engine cannot run."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from turbine.engines.torch import gguf as gguf_module
 from turbine.engines.torch.arch import read_arch
 from turbine.engines.torch.gguf import _unpermute, convert_gguf, served_name
 from turbine.errors import ConfigError
@@ -50,9 +50,13 @@ def test_smollm2_conversion_equals_transformers_gguf_loading(
     template = json.loads((smollm2_dir / "tokenizer_config.json").read_text())["chat_template"]
     assert "<|im_start|>" in template
     # A second start finds the converted directory instead of converting again.
-    started = time.monotonic()
-    assert convert_gguf(smollm2_gguf, gguf_cache, progress=False) == smollm2_dir
-    assert time.monotonic() - started < 1.0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_module, "_convert", _never_converts)
+        assert convert_gguf(smollm2_gguf, gguf_cache, progress=False) == smollm2_dir
+
+
+def _never_converts(path: Path, out: Path, progress: bool) -> None:
+    raise AssertionError(f"{path} converted again")
 
 
 def test_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.slow  # Triton's interpreter, in a fresh interpreter process
+
 SCRIPT = r"""
 import random
 import torch

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.waiting import wait_for
 from turbine.engines.upstream.client import UpstreamClient
 from turbine.errors import UpstreamUnavailable
 
@@ -57,7 +58,7 @@ class Scripted:
                 for piece in reply.pieces:
                     writer.write(piece)
                     await writer.drain()
-                    await asyncio.sleep(0.002)
+                    await asyncio.sleep(0.002)  # the pieces arrive apart, as from a real server
                 if reply.hang:
                     await reader.read()  # until the client closes
                     self.closed_by_client.set()
@@ -138,7 +139,9 @@ async def test_a_pooled_connection_the_server_closed_is_replaced() -> None:
     server = Scripted([stream_reply(close=True), stream_reply(close=True)])
     async with client_for(server) as client:
         assert await events(client) == EVENTS
-        await asyncio.sleep(0.05)
+        pool = client._pool
+        assert pool is not None
+        await wait_for(lambda: not any(c.reusable for c in pool._idle))  # the client has seen the close
         assert await events(client) == EVENTS
     assert server.connections == 2
 
