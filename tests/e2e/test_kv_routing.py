@@ -200,4 +200,4 @@ def test_kv_events_interval_paces_a_busy_workers_event_stream(stack: Stack) -> N
 def test_a_bad_kv_events_interval_is_refused_in_one_line(stack: Stack) -> None:
     worker = stack.worker("--engine", "mocker", "--kv-events-interval-ms", "-1")
     assert worker.wait(30) == 2
-    assert "--kv-events-interval-ms must be within [0, 1000]" in worker.log()
+    assert "--kv-events-interval-ms -1.0 is out of range: must be within [0, 1000]" in worker.log()

@@ -12,6 +12,7 @@ from tests.e2e.conftest import (
     MODEL,
     DistStack,
     Stack,
+    first_tokens,
     http,
     live_instances,
     metric_sum,
@@ -86,7 +87,8 @@ def test_without_migration_a_killed_worker_fails_its_streams_in_band(stack: Stac
     oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(_stream, oai, 1)
-        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 1, 30)
+        # Under way on the worker (a request killed before it got there is refused, not lost).
+        wait_until(lambda: first_tokens(url) == 1, 30)
         victim.signal(signal.SIGKILL)
         with pytest.raises(openai.APIError, match="lost"):
             future.result()
