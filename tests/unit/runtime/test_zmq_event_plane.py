@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 import zmq
 
+from tests.ports import free_port
 from turbine.config import FrontendConfig, WorkerConfig, parse_config
 from turbine.errors import ConfigError
 from turbine.runtime.events.base import EventPlane
@@ -30,10 +30,7 @@ WITHIN_S = 10.0
 
 
 def _endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class Collector:

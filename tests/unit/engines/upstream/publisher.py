@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections import deque
 
 import zmq
 import zmq.asyncio
 
+from tests.ports import free_port
 from turbine.engines.upstream.kv_codec import REPLAY_END, decode_seq, encode_seq
 
 
 def free_endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class TestPublisher:
