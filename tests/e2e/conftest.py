@@ -24,7 +24,7 @@ import pytest
 
 from tests.etcd_server import EtcdServer
 from tests.nats_server import NatsServer
-from tests.ports import free_port
+from tests.ports import free_port as free_port
 
 MODEL = "turbine-tiny"
 

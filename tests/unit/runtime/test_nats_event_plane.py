@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.nats_server import NatsServer, _free_port
+from tests.nats_server import NatsServer
+from tests.ports import free_port
 from turbine.config import FrontendConfig, WorkerConfig, parse_config
 from turbine.errors import ConfigError
 from turbine.runtime.events.base import (
@@ -243,7 +244,7 @@ async def test_prefix_must_be_token_aligned(planes: tuple[NatsEventPlane, NatsEv
 
 @pytest.mark.integration
 async def test_start_fails_fast_without_a_server() -> None:
-    plane = NatsEventPlane(f"nats://127.0.0.1:{_free_port()}", connect_timeout_s=1.0)
+    plane = NatsEventPlane(f"nats://127.0.0.1:{free_port()}", connect_timeout_s=1.0)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(TimeoutError):  # bounded: nats-py alone would retry a first connect forever
