@@ -22,10 +22,10 @@ from collections.abc import Callable
 import msgspec
 
 from turbine.errors import TurbineError, WorkerStalled
-from turbine.frontend.health import Quarantine
 from turbine.protocol.instance import Instance
 from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopConditions
 from turbine.protocol.response import EngineOutput
+from turbine.router.health import Quarantine
 from turbine.runtime.lifecycle import cancel_and_wait
 from turbine.runtime.transport.base import RequestPlaneClient
 

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from turbine.frontend.health import HealthCounts
+from turbine.router.health import HealthCounts
 from turbine.router.queue import WAIT_BUCKETS, WaitStats
 
 if TYPE_CHECKING:

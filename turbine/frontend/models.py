@@ -18,7 +18,6 @@ from typing import Any
 import msgspec
 
 from turbine.errors import ConfigError, ModelNotFound, TurbineError, WorkerUnreachable
-from turbine.frontend.health import HealthCounts
 from turbine.frontend.metrics import RoutingStats
 from turbine.frontend.pipeline import ModelPipeline, PipelineSettings
 from turbine.frontend.python_engine import EngineFactory
@@ -28,6 +27,7 @@ from turbine.preprocess.tokenizer import ModelFiles, load_model_files
 from turbine.protocol.instance import Instance, instance_id_from_key, instances_prefix, models_prefix
 from turbine.protocol.model_card import ModelDeploymentCard
 from turbine.router.base import Router
+from turbine.router.health import HealthCounts
 from turbine.router.load import LoadTracker
 from turbine.runtime.discovery.base import Store, WatchKind
 from turbine.runtime.events.base import EventPlane

@@ -15,7 +15,6 @@ from turbine.config import FrontendConfig
 from turbine.errors import EngineError, ServiceUnavailable, WorkerDraining, WorkerStalled, WorkerUnreachable
 from turbine.frontend.canary import Canary
 from turbine.frontend.forced_calls import framed
-from turbine.frontend.health import HealthSettings, Quarantine
 from turbine.frontend.python_engine import PythonEngine
 from turbine.postprocess.detokenizer import ByteLevelTable
 from turbine.postprocess.logprobs import TokenStrings
@@ -34,6 +33,7 @@ from turbine.protocol.request import PreprocessedRequest, SamplingOptions, StopC
 from turbine.protocol.response import EngineOutput, FinishReason
 from turbine.router.base import Decision, Router
 from turbine.router.front import NO_HINTS, RouteHints, Routing, RoutingSettings
+from turbine.router.health import HealthSettings, Quarantine
 from turbine.router.kv_events import make_followers
 from turbine.router.kv_router import KvRouter, LoadRouter
 from turbine.router.replica_sync import ReplicaSync

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from turbine.config import FrontendConfig, parse_config
-from turbine.frontend.health import HealthSettings
 from turbine.frontend.pipeline import PipelineSettings
 from turbine.postprocess.parsers.output import ParserSettings
 from turbine.router.front import RoutingSettings
+from turbine.router.health import HealthSettings
 
 pytestmark = pytest.mark.unit
 

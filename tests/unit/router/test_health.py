@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from turbine.frontend.health import HealthCounts, Quarantine
+from turbine.router.health import HealthCounts, Quarantine
 
 
 class Answers:
