@@ -8,21 +8,19 @@ import asyncio
 import concurrent.futures
 import signal
 import threading
-import time
 
 import msgspec
 import pytest
 
-from tests.e2e.conftest import Stack, wait_instances, wait_until
+from tests.e2e.conftest import Stack, wait_instances
 from tests.e2e.test_stalled_workers import (
     LONG_TTL,
-    SLACK_S,
     STALL,
-    STALL_S,
     WORKER,
     _client,
     _stream,
     follow_load,
+    freeze_a_busy_frontend,
 )
 from tests.nats_server import NatsServer
 from turbine.protocol.instance import Instance, instances_prefix
@@ -65,19 +63,7 @@ def test_a_frozen_frontends_requests_are_stopped_and_their_blocks_freed(
     follower.start()
     pool = concurrent.futures.ThreadPoolExecutor(4)
     try:
-        oai = _client(url, timeout=30)
-        for i in range(4):
-            pool.submit(_stream, oai, i, 5000)  # outcome ignored: its frontend is frozen mid-way
-        wait_until(lambda: bool(seen) and seen[-1].num_running == 4, 10)
-        busy = seen[-1].kv_blocks_used
-        front.signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        # Meanwhile the worker serves another frontend.
-        assert _stream(_client(other_url), 9, 8).finish == "length"
-        wait_until(lambda: seen[-1].num_running + seen[-1].num_waiting == 0, STALL_S + SLACK_S + 5)
-        assert time.monotonic() - stopped_at < STALL_S + SLACK_S + 5
-        assert busy > 0 and seen[-1].kv_blocks_used == 0, (busy, seen[-1])
-        assert "frontend connection silent" in worker.log()
+        freeze_a_busy_frontend(front, url, other_url, worker, seen, pool)
         # The other frontend is still served after the stop.
         assert _stream(_client(other_url), 10, 8).finish == "length"
     finally:

@@ -239,6 +239,31 @@ def follow_load(
     asyncio.run(main())
 
 
+def freeze_a_busy_frontend(
+    front: Proc,
+    url: str,
+    other_url: str,
+    worker: Proc,
+    seen: list[LoadMetrics],
+    pool: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    """Four long streams through `front`, then SIGSTOP it: within the stall timeout the worker stops
+    them and frees their blocks (`seen`: its load, followed), while it serves `other_url` meanwhile."""
+    oai = _client(url, timeout=30)
+    for i in range(4):
+        pool.submit(_stream, oai, i, 5000)  # outcome ignored: its frontend is frozen mid-way
+    wait_until(lambda: bool(seen) and seen[-1].num_running == 4, 10)
+    busy = seen[-1].kv_blocks_used
+    front.signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    # Meanwhile the worker serves another frontend.
+    assert _stream(_client(other_url), 9, 8).finish == "length"
+    wait_until(lambda: seen[-1].num_running + seen[-1].num_waiting == 0, STALL_S + SLACK_S + 5)
+    assert time.monotonic() - stopped_at < STALL_S + SLACK_S + 5
+    assert busy > 0 and seen[-1].kv_blocks_used == 0, (busy, seen[-1])
+    assert "frontend connection silent" in worker.log()
+
+
 def test_a_frozen_frontends_requests_are_stopped_and_their_blocks_freed(
     stack: Stack, frozen: list[Proc]
 ) -> None:
@@ -254,20 +279,8 @@ def test_a_frozen_frontends_requests_are_stopped_and_their_blocks_freed(
     follower.start()
     frozen.append(front)
     try:
-        oai = _client(url, timeout=30)
         pool = concurrent.futures.ThreadPoolExecutor(4)
-        for i in range(4):
-            pool.submit(_stream, oai, i, 5000)  # outcome ignored: its frontend is frozen mid-way
-        wait_until(lambda: bool(seen) and seen[-1].num_running == 4, 10)
-        busy = seen[-1].kv_blocks_used
-        front.signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        # Meanwhile the worker serves another frontend.
-        assert _stream(_client(other_url), 9, 8).finish == "length"
-        wait_until(lambda: seen[-1].num_running + seen[-1].num_waiting == 0, STALL_S + SLACK_S + 5)
-        assert time.monotonic() - stopped_at < STALL_S + SLACK_S + 5
-        assert busy > 0 and seen[-1].kv_blocks_used == 0, (busy, seen[-1])
-        assert "frontend connection silent" in worker.log()
+        freeze_a_busy_frontend(front, url, other_url, worker, seen, pool)
         front.signal(signal.SIGCONT)
         pool.shutdown(wait=True, cancel_futures=True)
     finally:
