@@ -166,23 +166,39 @@ def _body(*, out: int, **fields: Any) -> dict[str, Any]:
 
 @dataclass
 class EngineRates:
-    prefill_tok_s: float
+    prefill: dict[int, float]
+    """Prefill tokens/s of prompts of each measured length (attention makes long prompts slower)."""
     decode_tok_s: dict[int, float]
     """Decode tokens/s at each concurrency (one step = batch / rate)."""
+
+    def prefill_tok_s(self, prompt_tokens: float) -> float:
+        """Prefill tokens/s at this prompt length, interpolated between the measured lengths."""
+        lengths = sorted(self.prefill)
+        if prompt_tokens <= lengths[0]:
+            return self.prefill[lengths[0]]
+        for lo, hi in itertools.pairwise(lengths):
+            if prompt_tokens <= hi:
+                w = (prompt_tokens - lo) / (hi - lo)
+                return self.prefill[lo] * (1 - w) + self.prefill[hi] * w
+        return self.prefill[lengths[-1]]
 
     def step_s(self, batch: int) -> float:
         return batch / self.decode_tok_s[batch]
 
-    def ideal_tok_s(self, concurrency: int, prompt_tokens: float, out: int) -> float:
+    def ideal_tok_s(self, concurrency: int, prompt_tokens: Sequence[int], out: int) -> float:
+        """Closed loop: c prompts prefilled at the engine's rate for their lengths, then `out` decode
+        steps at batch c."""
         c = concurrency
-        return c * out / (c * prompt_tokens / self.prefill_tok_s + out * self.step_s(c))
+        prefill_s = c * statistics.fmean(n / self.prefill_tok_s(n) for n in prompt_tokens)
+        return c * out / (prefill_s + out * self.step_s(c))
 
 
 def engine_rates(
-    model_dir: Path, device: str, concurrencies: list[int], prompt_len: int, out: int
+    model_dir: Path, device: str, concurrencies: list[int], prefill_lengths: list[int], out: int
 ) -> EngineRates:
-    """The engine alone on the same model: prefill tok/s of prompts of `prompt_len` tokens (lengths
-    seen before: no first-use cost) and decode tok/s at each concurrency."""
+    """The engine alone on the same model: prefill tok/s of prompts of each of `prefill_lengths`
+    tokens (lengths seen before: no first-use cost) and decode tok/s at each concurrency (prompts of
+    the first length)."""
     import torch
 
     from turbine.bench.engine import EngineRunner, prompts, request
@@ -202,9 +218,13 @@ def engine_rates(
     vocab = loaded.arch.vocab_size
     try:
         batch = 16 if device == "cuda" else 2
-        runner.run([request(p, 1) for p in prompts(batch, prompt_len, vocab, 1)])  # warm-up
-        wall, _ = runner.run([request(p, 1) for p in prompts(batch, prompt_len, vocab, 2)])
-        prefill = batch * prompt_len / wall
+        prefill: dict[int, float] = {}
+        for length in sorted(set(prefill_lengths)):
+            runner.run([request(p, 1) for p in prompts(batch, length, vocab, 1)])  # warm-up
+            wall, _ = runner.run([request(p, 1) for p in prompts(batch, length, vocab, 2)])
+            prefill[length] = batch * length / wall
+            print(f"engine alone: prefill {prefill[length]:.0f} tok/s at {length} tokens", file=sys.stderr)
+        prompt_len = prefill_lengths[0]
         decode: dict[int, float] = {}
         for c in concurrencies:
             runner.run([request(p, 4) for p in prompts(c, 32, vocab, 3 + c)])  # capture this batch
@@ -214,7 +234,6 @@ def engine_rates(
             decoded = sum(sum(1 for t in a[1:] if t > start) for a in arrivals)
             decode[c] = decoded / (end - start)
             print(f"engine alone: c={c} decode {decode[c]:.0f} tok/s", file=sys.stderr)
-        print(f"engine alone: prefill {prefill:.0f} tok/s at {prompt_len} tokens", file=sys.stderr)
     finally:
         runner.close()
         del runner, loaded
@@ -261,14 +280,13 @@ def measure(url: str, load: Workload, concurrency: int, rates: EngineRates, out:
             file=sys.stderr,
         )
     gaps = [g for s in ok for g in s.gaps_s]
-    mean_prompt = statistics.fmean(load.prompt_tokens)
     row = Row(
         load.name,
         concurrency,
         len(streams),
         len(streams) - len(ok),
         sum(s.tokens for s in ok) / wall,
-        rates.ideal_tok_s(concurrency, mean_prompt, out),
+        rates.ideal_tok_s(concurrency, load.prompt_tokens, out),
         percentile([s.ttft_s for s in ok], 0.5) * 1000,
         percentile([s.ttft_s for s in ok], 0.99) * 1000,
         percentile(gaps, 0.5) * 1000,
@@ -422,17 +440,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.output_tokens
     with tempfile.TemporaryDirectory(prefix="turbine-serve-") as tmp:
         model_dir = model_dir_for(args, Path(tmp))
-        rates = engine_rates(model_dir, args.device, concurrencies, args.fixed_tokens, out)
+        rates = engine_rates(model_dir, args.device, concurrencies, prefill_lengths(args), out)
         rows, extra = serve(args, model_dir, rates, concurrencies)
     header = (
         f"{describe(args)}; {out} new tokens per request, EOS ignored, greedy, streamed with usage; closed "
-        f"loop. Engine alone (same run, same model): prefill {rates.prefill_tok_s:,.0f} tok/s at "
-        f"{args.fixed_tokens} tokens, decode "
+        f"loop. Engine alone (same run, same model): prefill "
+        + ", ".join(f"{v:,.0f} tok/s at {n} tokens" for n, v in sorted(rates.prefill.items()))
+        + " (each prompt of a workload at the rate for its length), decode "
         + ", ".join(f"{v:,.0f} tok/s at c={c}" for c, v in rates.decode_tok_s.items())
         + f". Command: `turbine bench serve {' '.join(sys.argv[1:] if argv is None else argv)}`."
     )
     write_report(args.out, args.device, header, rows, extra)
     return 0
+
+
+def prefill_lengths(args: argparse.Namespace) -> list[int]:
+    """Where the engine's prefill rate is measured: the fixed length first, then the bounds and
+    middle of the varied and chat ranges."""
+    lengths = [args.fixed_tokens]
+    for spec in (args.varied_tokens, args.chat_tokens):
+        lo, hi = (int(x) for x in spec.split("-"))
+        lengths += [lo, (lo + hi) // 2, hi]
+    return list(dict.fromkeys(lengths))
 
 
 def describe(args: argparse.Namespace) -> str:
@@ -507,7 +536,7 @@ def serve(
                 shutil.copyfile(log, args.keep_logs / log.name)
         single = [r for r in rows if r.concurrency == 1 and r.workload == "fixed"]
         if single:
-            prefill_ms = args.fixed_tokens / rates.prefill_tok_s * 1000
+            prefill_ms = args.fixed_tokens / rates.prefill_tok_s(args.fixed_tokens) * 1000
             extra["one_request_ttft_p50_ms"] = single[0].ttft_p50_ms
             extra["prefill_plus_2_steps_plus_5_ms"] = prefill_ms + 2 * rates.step_s(1) * 1000 + 5
     return rows, extra

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llguidance
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from turbine.engines.core.scheduler import Seq
@@ -56,13 +58,17 @@ class Guides:
     """The guided sequences of one engine. `row`/`release`/`error` run on the event loop, `prepare`
     (and `constrain`) on the runner thread; a sequence is in at most one step at a time."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int) -> None:
+    def __init__(self, tokenizer_json: Path, vocab_size: int, mask_threads: int = 1) -> None:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self._grammars: Grammars | None = None
         self._states: dict[int, _State] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        # A step's rows compute their masks on this many threads at once (the library's own pool,
+        # outside the GIL): one row's mask can cost as much as a small model's decode step, so a
+        # batch of guided rows computed one after another would outlast the forward it hides behind.
+        self._executor = llguidance.LLExecutor(mask_threads) if mask_threads > 1 else None
 
     def load(self) -> None:
         """Read the vocabulary into the grammar library (slow: call it off the event loop, before
@@ -118,26 +124,43 @@ class Guides:
 
     def _masks(self, rows: list[GuideRow]) -> torch.Tensor:
         bitmask = torch.empty((len(rows), self.words), dtype=torch.int32)
+        if self._executor is None or len(rows) == 1:
+            for i, row in enumerate(rows):
+                _fill(row, bitmask[i])
+            return bitmask
+        live = [(row.state.matcher, i) for i, row in enumerate(rows) if _advance(row)]
+        if live:
+            self._executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), self.words * 4, len(rows))
         for i, row in enumerate(rows):
-            _fill(row, bitmask[i])
+            _finish(row.state, bitmask[i].numpy())
         return bitmask
 
 
 def _fill(row: GuideRow, out: torch.Tensor) -> None:
     """Advance the row's matcher over its new tokens and write its bitmask into `out`: what the
     grammar allows next, with the request's EOS ids standing for the library's end token."""
-    state = row.state
-    matcher = state.matcher
-    # The few words touched below go through a NumPy view of the row: indexing a tensor element by
-    # element costs more per row than the library's own mask computation.
-    words = out.numpy()
+    if _advance(row):
+        row.state.matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
+    _finish(row.state, out.numpy())
+
+
+def _advance(row: GuideRow) -> bool:
+    """Feed the row's matcher its new tokens; False once it has left its grammar."""
+    matcher = row.state.matcher
     if row.new_tokens and not matcher.consume_tokens(row.new_tokens):
         log.warning("a guided sequence left its grammar: %s", matcher.get_error())
-    if matcher.is_error():  # end it: EOS only
+    return not matcher.is_error()
+
+
+def _finish(state: _State, words: npt.NDArray[np.int32]) -> None:
+    """Turn the library's mask of a row (`words`, written for a live matcher) into the request's:
+    EOS ids stand for the library's end token; a matcher in error allows EOS only. The few words
+    touched go through a NumPy view: indexing a tensor element by element costs more per row than
+    the library's own mask computation."""
+    if state.matcher.is_error():  # end it: EOS only
         words[:] = 0
         can_end = True
     else:
-        matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
         can_end = bool((int(words[state.end // 32]) >> (state.end % 32)) & 1)
     ends = state.eos_ids or [state.end]
     for t in {state.end, *ends}:

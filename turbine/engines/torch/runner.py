@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ from turbine.engines.core.scheduler import Sampled, Seq, StepPlan
 from turbine.engines.torch.attention import build_meta
 from turbine.engines.torch.buckets import bucket, buckets
 from turbine.engines.torch.cuda_graphs import DecodeGraphs, Launched
-from turbine.engines.torch.grammar import Guides
+from turbine.engines.torch.grammar import Guides, constrain
 from turbine.engines.torch.logits_processors import TokenCounts, row_adjust
 from turbine.engines.torch.model import LlamaModel
 from turbine.engines.torch.sampler import RowParams, sample
@@ -320,12 +321,13 @@ class TorchExecutor:
         else:
             launched = graphs.launch(step.input_ids, step.positions, slots, tables)
         greedy = all(
-            p.greedy and p.logprobs is None and not p.banned and p.guide is None and p.adjust is None
-            for p in step.params
+            p.greedy and p.logprobs is None and not p.banned and p.adjust is None for p in step.params
         )
         if not greedy:
             sampled = sample(launched.logits, step.params)
             return dict(zip(step.sample_ids, sampled, strict=True))
+        if any(p.guide is not None for p in step.params):
+            launched = _constrained(launched, step.params)
         nxt = [pos + 1 for pos in step.positions]
         if self.run_ahead and step.continues and all(p % bs for p in nxt):  # no new block needed
             nxt_slots = [slot + 1 for slot in slots]
@@ -348,3 +350,17 @@ class TorchExecutor:
         logits = self.model.logits(hidden)[: len(step.sample_rows)]
         sampled = sample(logits, step.params)
         return dict(zip(step.sample_ids, sampled, strict=True))
+
+
+def _constrained(launched: Launched, params: list[RowParams]) -> Launched:
+    """`launched` with the greedy tokens of its guided rows chosen under their grammars, still on
+    the GPU: the next decode step can be queued from them before the host reads them (the rows'
+    masks were computed while this step's forward ran)."""
+    rows = [i for i, p in enumerate(params) if p.guide is not None]
+    logits = constrain(launched.logits, rows, [g for p in params if (g := p.guide) is not None])
+    tokens = torch.argmax(logits, dim=-1)
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    done: Any = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    done.record()
+    return Launched(launched.batch, launched.hidden, logits, tokens, host, done)

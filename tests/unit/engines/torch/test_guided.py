@@ -136,3 +136,63 @@ def test_guided_rows_on_cuda_beside_free_rows_under_cuda_graphs(tiny_llama_dir: 
     assert results[1][-1].finish_reason is FinishReason.STOP
     jsonschema_rs.validate(SCHEMA, json.loads(_text(tiny_llama_dir, tokens_of(results[1]))))
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", _text(tiny_llama_dir, tokens_of(results[2])))
+
+
+def test_masks_on_several_threads_equal_the_masks_of_one(tiny_llama_dir: Path) -> None:
+    """A step's rows computed at once on the library's threads get the bitmasks they get one after
+    another, a row that left its grammar included (EOS only)."""
+    from turbine.engines.torch.grammar import GuideRow, Guides, _State
+
+    tokenizer = tokenizers.Tokenizer.from_file(str(tiny_llama_dir / "tokenizer.json"))
+    vocab = tokenizer.get_vocab_size()
+    specs = [("json_schema", json.dumps(SCHEMA)), ("regex", "[0-9]{3}-[a-z]{2}"), ("choice", '["yes", "no"]')]
+    texts = ['{"name": "ab", "tags": ["a"', "123-", "y", '{"name": 5']  # the last leaves its grammar
+    kinds = [*specs, specs[0]]
+
+    def masks(threads: int) -> torch.Tensor:
+        guides = Guides(tiny_llama_dir / "tokenizer.json", vocab, mask_threads=threads)
+        try:
+            end = guides.grammars.tokenizer.eos_token
+            rows = [
+                GuideRow(
+                    _State(guides.grammars.matcher(GuidedDecoding(kind, spec)), 0, end, [EOS]),
+                    tokenizer.encode(text, add_special_tokens=False).ids,
+                )
+                for (kind, spec), text in zip(kinds, texts, strict=True)
+            ]
+            guides.prepare(rows)
+            return torch.stack([row.mask.result() for row in rows if row.mask is not None])
+        finally:
+            guides.close()
+
+    serial, parallel = masks(1), masks(4)
+    assert serial.shape[0] == 4 and torch.equal(serial, parallel)
+    allowed = [int(torch.count_nonzero(serial[i] != 0)) for i in range(4)]
+    assert all(allowed[:3]) and serial[3][EOS // 32] == 1 << (EOS % 32) and allowed[3] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_guided_rows_run_ahead_on_cuda(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy guided rows choose their tokens under the grammar on the GPU and queue the next decode
+    step from them (run-ahead), with the tokens of a run without it."""
+    from turbine.engines.torch.runner import TorchExecutor
+
+    cuda = {"device": "cuda", "dtype": "float32", "num_gpu_blocks": 64}
+
+    def reqs() -> list[PreprocessedRequest]:
+        return [
+            _guided("json_schema", json.dumps(SCHEMA), temperature=0.0),
+            _guided("regex", "[0-9]{3}-[a-z]{2}", temperature=0.0),
+        ]
+
+    runs, hits = {}, {}
+    for ahead in (True, False):
+        monkeypatch.setattr(TorchExecutor, "run_ahead", ahead)
+        results, engine = run_engine(tiny_llama_dir, reqs(), **cuda)
+        runs[ahead] = [tokens_of(r) for r in results]
+        hits[ahead] = engine.executor().ahead_hits  # type: ignore[attr-defined]
+    assert runs[True] == runs[False]
+    assert hits[True] > 0 and hits[False] == 0
+    jsonschema_rs.validate(SCHEMA, json.loads(_text(tiny_llama_dir, runs[True][0])))
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", _text(tiny_llama_dir, runs[True][1]))
