@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -257,11 +256,7 @@ class TorchEngine(EngineCore):
         tokenizer_json = cfg.model_dir / "tokenizer.json"
         # Guided decoding needs the vocabulary as text; a model directory without tokenizer.json
         # serves without it (its card does not list the capability, so frontends refuse such requests).
-        self._guides = (
-            Guides(tokenizer_json, loaded.arch.vocab_size, _mask_threads(loaded.device))
-            if tokenizer_json.is_file()
-            else None
-        )
+        self._guides = Guides(tokenizer_json, loaded.arch.vocab_size) if tokenizer_json.is_file() else None
         if self._guides is not None:
             self.capabilities = (*self.capabilities, CAP_GUIDED_DECODING)
         graphs = None
@@ -357,11 +352,3 @@ def _decode_kernel_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
-
-
-def _mask_threads(device: torch.device) -> int:
-    """Threads for a step's grammar masks. On CUDA the host's cores are idle while the GPU computes;
-    on CPU the forward pass uses them, so the masks take one thread beside it."""
-    if device.type != "cuda":
-        return 1
-    return max(1, min(8, (os.cpu_count() or 1) // 2))

@@ -58,17 +58,13 @@ class Guides:
     """The guided sequences of one engine. `row`/`release`/`error` run on the event loop, `prepare`
     (and `constrain`) on the runner thread; a sequence is in at most one step at a time."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int, mask_threads: int = 1) -> None:
+    def __init__(self, tokenizer_json: Path, vocab_size: int) -> None:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self._grammars: Grammars | None = None
         self._states: dict[int, _State] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
-        # A step's rows compute their masks on this many threads at once (the library's own pool,
-        # outside the GIL): one row's mask can cost as much as a small model's decode step, so a
-        # batch of guided rows computed one after another would outlast the forward it hides behind.
-        self._executor = llguidance.LLExecutor(mask_threads) if mask_threads > 1 else None
 
     def load(self) -> None:
         """Read the vocabulary into the grammar library (slow: call it off the event loop, before
@@ -124,15 +120,8 @@ class Guides:
 
     def _masks(self, rows: list[GuideRow]) -> torch.Tensor:
         bitmask = torch.empty((len(rows), self.words), dtype=torch.int32)
-        if self._executor is None or len(rows) == 1:
-            for i, row in enumerate(rows):
-                _fill(row, bitmask[i])
-            return bitmask
-        live = [(row.state.matcher, i) for i, row in enumerate(rows) if _advance(row)]
-        if live:
-            self._executor.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), self.words * 4, len(rows))
         for i, row in enumerate(rows):
-            _finish(row.state, bitmask[i].numpy())
+            _fill(row, bitmask[i])
         return bitmask
 
 

@@ -138,39 +138,6 @@ def test_guided_rows_on_cuda_beside_free_rows_under_cuda_graphs(tiny_llama_dir: 
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", _text(tiny_llama_dir, tokens_of(results[2])))
 
 
-def test_masks_on_several_threads_equal_the_masks_of_one(tiny_llama_dir: Path) -> None:
-    """A step's rows computed at once on the library's threads get the bitmasks they get one after
-    another, a row that left its grammar included (EOS only)."""
-    from turbine.engines.torch.grammar import GuideRow, Guides, _State
-
-    tokenizer = tokenizers.Tokenizer.from_file(str(tiny_llama_dir / "tokenizer.json"))
-    vocab = tokenizer.get_vocab_size()
-    specs = [("json_schema", json.dumps(SCHEMA)), ("regex", "[0-9]{3}-[a-z]{2}"), ("choice", '["yes", "no"]')]
-    texts = ['{"name": "ab", "tags": ["a"', "123-", "y", '{"name": 5']  # the last leaves its grammar
-    kinds = [*specs, specs[0]]
-
-    def masks(threads: int) -> torch.Tensor:
-        guides = Guides(tiny_llama_dir / "tokenizer.json", vocab, mask_threads=threads)
-        try:
-            end = guides.grammars.tokenizer.eos_token
-            rows = [
-                GuideRow(
-                    _State(guides.grammars.matcher(GuidedDecoding(kind, spec)), 0, end, [EOS]),
-                    tokenizer.encode(text, add_special_tokens=False).ids,
-                )
-                for (kind, spec), text in zip(kinds, texts, strict=True)
-            ]
-            guides.prepare(rows)
-            return torch.stack([row.mask.result() for row in rows if row.mask is not None])
-        finally:
-            guides.close()
-
-    serial, parallel = masks(1), masks(4)
-    assert serial.shape[0] == 4 and torch.equal(serial, parallel)
-    allowed = [int(torch.count_nonzero(serial[i] != 0)) for i in range(4)]
-    assert all(allowed[:3]) and serial[3][EOS // 32] == 1 << (EOS % 32) and allowed[3] == 1
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_greedy_guided_rows_run_ahead_on_cuda(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
