@@ -8,6 +8,9 @@ PY=${PYTHON:-.venv/bin/python}
 # pytest-xdist: one test process per core (PYTEST_WORKERS=0: all in this one). Tests share no fixed
 # port or folder; any that must (an xdist_group mark) would run on one worker.
 PARALLEL=(-n "${PYTEST_WORKERS:-auto}" --dist loadgroup)
+# Several torch processes (test workers, the workers they start) share few cores: OpenMP threads
+# that spin while idle would take turns away from the others' work.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # -rs: every skip with its reason; the slowest tests, to keep the suite fast.
 REPORT=(-q -p no:cacheprovider -rs --durations=25)
 if [ "${1:-}" = "--fast" ]; then

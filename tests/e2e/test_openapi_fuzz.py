@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from tests.e2e.conftest import MODEL, Stack, wait_instances
-from turbine.frontend.openapi import SPEC
+from turbine.frontend.openapi import spec
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,7 @@ def _check(case: Case[Any], base_url: str) -> None:
 
 OPERATIONS = [
     (method.upper(), path, mode)
-    for path, item in SPEC["paths"].items()
+    for path, item in spec()["paths"].items()
     for method in item
     if method != "parameters"
     for mode in (

@@ -20,6 +20,7 @@ import secrets
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -27,7 +28,6 @@ from turbine.config import FrontendConfig, config_from_cli
 from turbine.frontend.anthropic import AnthropicService
 from turbine.frontend.http import OpenAIService
 from turbine.frontend.interactive import serve_interactive
-from turbine.frontend.kserve import KServeServer
 from turbine.frontend.models import ModelRegistry
 from turbine.frontend.pipeline import PipelineSettings
 from turbine.frontend.python_engine import load_factory
@@ -38,7 +38,7 @@ from turbine.frontend.supervisor import (
     run_supervisor,
     stop_with_supervisor,
 )
-from turbine.frontend.tls import grpc_server_credentials, server_ssl_context
+from turbine.frontend.tls import server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
 from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
@@ -48,7 +48,9 @@ from turbine.runtime.factory import make_event_plane, make_request_client, make_
 from turbine.runtime.lifecycle import cancel_and_wait, stop_on_signals
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
 from turbine.runtime.transport.local import LocalPlane
-from turbine.worker.upstream import frontend_upstreams, with_gguf_tokenizer
+
+if TYPE_CHECKING:
+    from turbine.frontend.kserve import KServeServer
 
 log = logging.getLogger("turbine.frontend")
 
@@ -64,7 +66,12 @@ async def run_frontend(
     is entered once on one exit stack, which closes them in reverse order (a given `store` is the
     caller's to close)."""
     stop = stop or asyncio.Event()
-    cfg = await with_gguf_tokenizer(cfg)  # --upstream with --model-path FILE.gguf
+    if cfg.upstreams:
+        # Only a frontend that fronts servers itself loads the upstream sidecar (and its clients),
+        # as only one with --kserve-grpc-server loads gRPC: both are imported where they are used.
+        from turbine.worker.upstream import with_gguf_tokenizer
+
+        cfg = await with_gguf_tokenizer(cfg)  # --upstream with --model-path FILE.gguf
     # First, so a bad certificate or key fails as one ConfigError line before anything starts.
     ssl_context = None
     if cfg.tls_cert_path is not None and cfg.tls_key_path is not None:
@@ -167,7 +174,10 @@ async def _serve_http(
     if grpc_server is not None:
         stack.push_async_callback(grpc_server.stop, None)
     # --upstream MODEL=URL: the upstream sidecar's workers, registered in this process's store.
-    await stack.enter_async_context(frontend_upstreams(cfg, store, local))
+    if cfg.upstreams:
+        from turbine.worker.upstream import frontend_upstreams
+
+        await stack.enter_async_context(frontend_upstreams(cfg, store, local))
     if cfg.frontend_process_dir and not await registry.caught_up(timeout_s=30.0):
         # One of a --num-processes group (a restart, say): take connections from the shared
         # port only once the models the others serve are loaded here too, so none gets a 404.
@@ -210,6 +220,9 @@ def _grpc_server(cfg: FrontendConfig, registry: ModelRegistry, service: OpenAISe
     """The KServe v2 gRPC service with --kserve-grpc-server (TLS as the HTTP edge's)."""
     if not cfg.kserve_grpc_server:
         return None
+    from turbine.frontend.kserve import KServeServer
+    from turbine.frontend.tls import grpc_server_credentials
+
     credentials = (
         grpc_server_credentials(cfg.tls_cert_path, cfg.tls_key_path, cfg.tls_client_ca_cert_path)
         if cfg.tls_cert_path is not None and cfg.tls_key_path is not None

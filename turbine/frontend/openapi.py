@@ -10,6 +10,7 @@ ignored by the server, so request objects allow additional properties.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
@@ -235,33 +236,43 @@ _HEALTH = {
     },
 }
 
-SPEC: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "turbine frontend", "version": "0.1.0"},
-    "paths": {
-        "/v1/chat/completions": _generation(
-            "Create a chat completion", "ChatCompletionRequest", "ChatCompletion"
-        ),
-        "/v1/completions": _generation("Create a text completion", "CompletionRequest", "Completion"),
-        "/v1/models": _get("List the models with a live worker", _json(_ref("ModelList"))),
-        "/v1/models/{model}": {
-            **_get("Get one model", _json(_ref("Model")), **{"404": _ERRORS["404"]}),
-            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
-        },
-        "/health": _get("Models and their live worker counts", _json(_HEALTH)),
-        "/live": _get("Liveness", _json(_STATUS)),
-        "/metrics": _get(
-            "Prometheus metrics",
-            {METRICS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
-        ),
-        "/openapi.json": _get("This document", _json({"type": "object"})),
-    },
-    "components": {"schemas": _components()},
-}
 
-SPEC_JSON: bytes = orjson.dumps(SPEC)
+@functools.cache
+def spec() -> dict[str, Any]:
+    """The document, built on first use (msgspec's schemas of every struct: a frontend that is never
+    asked for it does not pay for them at start)."""
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "turbine frontend", "version": "0.1.0"},
+        "paths": {
+            "/v1/chat/completions": _generation(
+                "Create a chat completion", "ChatCompletionRequest", "ChatCompletion"
+            ),
+            "/v1/completions": _generation("Create a text completion", "CompletionRequest", "Completion"),
+            "/v1/models": _get("List the models with a live worker", _json(_ref("ModelList"))),
+            "/v1/models/{model}": {
+                **_get("Get one model", _json(_ref("Model")), **{"404": _ERRORS["404"]}),
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+            },
+            "/health": _get("Models and their live worker counts", _json(_HEALTH)),
+            "/live": _get("Liveness", _json(_STATUS)),
+            "/metrics": _get(
+                "Prometheus metrics",
+                {METRICS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+            ),
+            "/openapi.json": _get("This document", _json({"type": "object"})),
+        },
+        "components": {"schemas": _components()},
+    }
+
+
+@functools.cache
+def spec_json() -> bytes:
+    return orjson.dumps(spec())
 
 
 async def serve_openapi(request: web.Request) -> web.Response:
     """`GET /openapi.json`."""
-    return web.Response(body=SPEC_JSON, content_type="application/json")
+    return web.Response(body=spec_json(), content_type="application/json")

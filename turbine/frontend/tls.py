@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-
-import grpc
+from typing import TYPE_CHECKING
 
 from turbine.errors import ConfigError
 from turbine.runtime.transport.tls import check_readable, ssl_reason
+
+if TYPE_CHECKING:
+    import grpc
 
 
 def server_ssl_context(cert_path: str, key_path: str, client_ca_path: str | None = None) -> ssl.SSLContext:
@@ -47,6 +49,8 @@ def grpc_server_credentials(
     cert_path: str, key_path: str, client_ca_path: str | None = None
 ) -> grpc.ServerCredentials:
     """The same certificate (and client CA, for mTLS) for the KServe gRPC server."""
+    import grpc  # only a frontend with --kserve-grpc-server loads gRPC
+
     server_ssl_context(cert_path, key_path, client_ca_path)  # validates the files, one clear error
     key = Path(key_path).read_bytes()
     chain = Path(cert_path).read_bytes()

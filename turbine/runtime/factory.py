@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from turbine.config import RuntimeConfig
 from turbine.errors import ConfigError
 from turbine.runtime.discovery.base import Store
-from turbine.runtime.discovery.etcd import EtcdStore
 from turbine.runtime.discovery.file import FileStore, default_file_store_path
 from turbine.runtime.discovery.memory import MemoryStore
-from turbine.runtime.events.nats import NatsEventPlane
-from turbine.runtime.events.zmq import ZmqEventPlane
 from turbine.runtime.transport.base import RequestPlaneClient, RequestPlaneServer
-from turbine.runtime.transport.http import HttpRequestClient, HttpRequestServer
-from turbine.runtime.transport.nats import NatsRequestClient, NatsRequestServer
 from turbine.runtime.transport.tcp import TcpRequestClient, TcpRequestServer
 from turbine.runtime.transport.tls import client_context, server_context
+
+if TYPE_CHECKING:
+    from turbine.runtime.events.nats import NatsEventPlane
+    from turbine.runtime.events.zmq import ZmqEventPlane
+
+# The backends a configuration does not name are not imported: every frontend and worker process
+# would otherwise load the NATS, ZeroMQ and etcd clients at start whatever it uses.
 
 
 def tcp_server_tls(cfg: RuntimeConfig) -> ssl.SSLContext | None:
@@ -67,6 +70,8 @@ def make_store(cfg: RuntimeConfig, memory: MemoryStore | None = None) -> Store:
     if cfg.discovery_backend == "mem":
         return memory if memory is not None else MemoryStore()
     if cfg.discovery_backend == "etcd":
+        from turbine.runtime.discovery.etcd import EtcdStore
+
         return EtcdStore(cfg.etcd_endpoints)
     raise ConfigError(f"discovery backend {cfg.discovery_backend!r} is not available")
 
@@ -75,10 +80,14 @@ def make_request_client(cfg: RuntimeConfig) -> RequestPlaneClient:
     if cfg.request_plane == "tcp":
         return TcpRequestClient(ssl_context=tcp_client_tls(cfg), stall_timeout_s=cfg.request_stall_timeout_s)
     if cfg.request_plane == "nats":
+        from turbine.runtime.transport.nats import NatsRequestClient
+
         return NatsRequestClient(
             cfg.nats_server, stall_timeout_s=cfg.request_stall_timeout_s, tls=nats_tls(cfg)
         )
     if cfg.request_plane == "http":
+        from turbine.runtime.transport.http import HttpRequestClient
+
         return HttpRequestClient(stall_timeout_s=cfg.request_stall_timeout_s)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
 
@@ -90,10 +99,14 @@ def make_request_server(cfg: RuntimeConfig, host: str = "127.0.0.1") -> RequestP
             host, ssl_context=tcp_server_tls(cfg), stall_timeout_s=cfg.request_stall_timeout_s
         )
     if cfg.request_plane == "nats":
+        from turbine.runtime.transport.nats import NatsRequestServer
+
         return NatsRequestServer(
             cfg.nats_server, stall_timeout_s=cfg.request_stall_timeout_s, tls=nats_tls(cfg)
         )
     if cfg.request_plane == "http":
+        from turbine.runtime.transport.http import HttpRequestServer
+
         return HttpRequestServer(host, stall_timeout_s=cfg.request_stall_timeout_s)
     raise ConfigError(f"request plane {cfg.request_plane!r} is not available")
 
@@ -106,7 +119,11 @@ def make_event_plane(cfg: RuntimeConfig) -> NatsEventPlane | ZmqEventPlane | Non
     if cfg.event_plane == "request":
         return None
     if cfg.event_plane == "nats":
+        from turbine.runtime.events.nats import NatsEventPlane
+
         return NatsEventPlane(cfg.nats_server, tls=nats_tls(cfg))
     if cfg.event_plane == "zmq":
+        from turbine.runtime.events.zmq import ZmqEventPlane
+
         return ZmqEventPlane(cfg.zmq_event_endpoint)
     raise ConfigError(f"event plane {cfg.event_plane!r} is not available")

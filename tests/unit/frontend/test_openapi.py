@@ -13,7 +13,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
 from turbine.errors import ModelNotFound, ServiceUnavailable
 from turbine.frontend.openai_format import Choice, chat_completion, text_completion
-from turbine.frontend.openapi import SPEC, SPEC_JSON
+from turbine.frontend.openapi import spec, spec_json
 from turbine.postprocess.logprobs import TokenLogprob, TopLogprob
 from turbine.postprocess.parsers.output import ToolCallDelta
 from turbine.preprocess.preprocessor import MAX_N
@@ -43,7 +43,7 @@ USAGE = {
 
 
 def _schemas() -> dict[str, Any]:
-    schemas: dict[str, Any] = json.loads(SPEC_JSON)["components"]["schemas"]
+    schemas: dict[str, Any] = json.loads(spec_json())["components"]["schemas"]
     return schemas
 
 
@@ -60,8 +60,8 @@ def _check(schema: str, body: Any) -> None:
 
 
 def test_the_document_is_openapi_3_0_with_every_route_and_method() -> None:
-    OPENAPI_30_VALIDATOR.validate(json.loads(SPEC_JSON))
-    assert {path: [m for m in item if m != "parameters"] for path, item in SPEC["paths"].items()} == ROUTES
+    OPENAPI_30_VALIDATOR.validate(json.loads(spec_json()))
+    assert {path: [m for m in item if m != "parameters"] for path, item in spec()["paths"].items()} == ROUTES
 
 
 def test_request_schemas_come_from_the_structs_with_the_preprocessors_ranges() -> None:
