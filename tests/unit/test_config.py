@@ -133,3 +133,37 @@ def test_bounds_declared_on_the_option(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(FrontendConfig, argv, {}, prog="t")
     assert info.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--model-type", "chat,images"],
+            "--model-type 'chat,images' is not a comma-separated list of chat, completions, embedding",
+        ),
+        (
+            ["--engine", "openai", "--upstream-url", "http://a:1", "--upstream-url", "b:2"],
+            "--upstream-url 'b:2' is not an http(s):// URL",
+        ),
+        (
+            [
+                "--engine",
+                "openai",
+                "--upstream-url",
+                "http://a:1",
+                "--upstream-sampling-knobs",
+                "logit_bias,typo",
+            ],
+            "--upstream-sampling-knobs 'logit_bias,typo' is not a comma-separated list of presence_penalty, "
+            "frequency_penalty, repetition_penalty, logit_bias, bad_words, allowed_token_ids (or nothing)",
+        ),
+    ],
+)
+def test_worker_patterns_declared_on_the_option(argv: list[str], message: str) -> None:
+    """A pattern checks each value of a repeatable flag, and a comma-separated list of names."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(WorkerConfig, argv, {}, prog="t")
+    assert info.value.message == message
+    ok = parse_config(WorkerConfig, ["--model-type", " embedding , chat"], {}, prog="t")
+    assert ok.model_types == ("embedding", "chat")

@@ -62,8 +62,9 @@ def check_options(cfg: RuntimeConfig) -> None:
         if value is None or value == rules.get("off"):
             continue
         flag, pattern = flag_name(field.name), rules.get("pattern")
-        if pattern is not None and not re.fullmatch(pattern[0], value):
-            raise ConfigError(f"{flag} {value!r} is not {pattern[1]}")
+        for item in value if isinstance(value, tuple) else (value,):  # a repeatable flag: each value
+            if pattern is not None and not re.fullmatch(pattern[0], item):
+                raise ConfigError(f"{flag} {item!r} is not {pattern[1]}")
         low, above, high = rules.get("min"), rules.get("above"), rules.get("max")
         # `not` of the comparisons that hold, so that NaN fails them all.
         if not (
@@ -86,6 +87,14 @@ def _bound_message(
         return f"{flag} must be positive" if above == 0 else f"{flag} must be above {above:g}"
     assert low is not None
     return f"{flag} must not be negative" if low == 0 else f"{flag} must be at least {low:g}"
+
+
+def comma_list(names: Sequence[str], *, empty: bool = False) -> tuple[str, str]:
+    """A `pattern` for a comma-separated list of `names` (at least one unless `empty`)."""
+    one = "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    some = rf"\s*{one}(?:\s*,\s*{one})*\s*"
+    words = "a comma-separated list of " + ", ".join(names)
+    return (f"(?:{some})?" if empty else some), words + (" (or nothing)" if empty else "")
 
 
 def flag_name(name: str) -> str:

@@ -18,7 +18,7 @@ from turbine.choices import (
     TOOL_CALL_PARSERS,
     UPSTREAM_MODES,
 )
-from turbine.config.options import opt
+from turbine.config.options import comma_list, opt
 from turbine.config.runtime import GUIDED_HELP, RuntimeConfig, is_gguf_file
 from turbine.errors import ConfigError
 from turbine.protocol.model_card import MODEL_TYPES
@@ -69,6 +69,7 @@ class WorkerConfig(EngineOptions, RuntimeConfig):
     model_type: str = opt(
         "chat,completions",
         "What the model serves, comma-separated: chat, completions, embedding (e.g. 'embedding').",
+        pattern=comma_list(MODEL_TYPES),
     )
     host: str = opt("127.0.0.1", "Address the worker's request plane binds.")
     num_workers: int = opt(1, "Independent workers run in this process.", min=1)
@@ -143,6 +144,7 @@ class WorkerConfig(EngineOptions, RuntimeConfig):
         "--engine openai: base URL of an OpenAI-compatible server to front (vLLM, SGLang, llama.cpp); "
         "repeat for several, each becomes an instance (env: comma-separated). Formerly --upstream.",
         renamed_from="upstream",
+        pattern=(r"https?://\S+", "an http(s):// URL"),
     )
     upstream_mode: str = opt(
         "auto",
@@ -175,6 +177,7 @@ class WorkerConfig(EngineOptions, RuntimeConfig):
         "presence_penalty, frequency_penalty, repetition_penalty, logit_bias, bad_words, "
         "allowed_token_ids; vLLM takes all, SGLang and llama.cpp the default four); frontends "
         "refuse the others with a 400.",
+        pattern=comma_list(SAMPLING_KNOBS, empty=True),
     )
     upstream_guided_decoding: str = opt("none", "--engine openai: " + GUIDED_HELP, choices=GUIDED_DIALECTS)
 
@@ -203,22 +206,8 @@ class WorkerConfig(EngineOptions, RuntimeConfig):
             raise ConfigError("--engine openai and --upstream-url URL go together")
         if len(self.kv_events_endpoint) > len(self.upstream_url):
             raise ConfigError("more --kv-events-endpoint than --upstream-url")
-        unknown = set(self.upstream_knobs) - set(SAMPLING_KNOBS)
-        if unknown:
-            raise ConfigError(
-                f"--upstream-sampling-knobs: unknown {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(SAMPLING_KNOBS)})"
-            )
         if len(self.kv_replay_endpoint) > len(self.kv_events_endpoint):
             raise ConfigError("more --kv-replay-endpoint than --kv-events-endpoint")
-        for url in self.upstream_url:
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"--upstream-url {url!r} is not an http(s):// URL")
-        types = self.model_types
-        if not types or any(t not in MODEL_TYPES for t in types):
-            raise ConfigError(
-                f"--model-type {self.model_type!r}: each must be one of {', '.join(MODEL_TYPES)}"
-            )
         super().validate()
 
     def generation_overrides(self) -> dict[str, float]:
