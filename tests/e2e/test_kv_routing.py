@@ -6,11 +6,10 @@ import collections
 import itertools
 import json
 import random
-import time
 
 import pytest
 
-from tests.e2e.conftest import MODEL, Stack, http, wait_instances
+from tests.e2e.conftest import MODEL, Stack, http, wait_instances, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -78,9 +77,10 @@ def test_a_frontend_started_later_learns_the_workers_caches(stack: Stack) -> Non
     prefixes = [_prefix(rng, g) for g in range(4)]
     owners = {g: _complete(first, f"{p} warm")[1] for g, p in enumerate(prefixes)}
     # A second frontend joins now: it never saw these events and re-syncs from the workers' dumps.
-    _, second = stack.frontend("--router-mode", "kv")
+    proc, second = stack.frontend("--router-mode", "kv")
     wait_instances(second, 4)
-    time.sleep(0.5)  # its event followers fetch each worker's dump as soon as the worker appears
+    # Its event followers fetch each worker's dump as soon as the worker appears.
+    wait_until(lambda: proc.log().count("KV cache state loaded from its dump") >= 4, 20, proc)
     for group, prefix in enumerate(prefixes):
         _, worker, overlap, cached, _ = _complete(second, f"{prefix} later")
         assert worker == owners[group]

@@ -158,6 +158,8 @@ class _Resync:
             if caught_up:
                 behind = 0
                 if iid not in self._again:
+                    # Once per followed worker (and per gap): when routing first knows its cache.
+                    log.info("worker %x: KV cache state loaded from its dump", iid)
                     return
                 continue
             behind += 1
