@@ -41,12 +41,13 @@ from turbine.frontend.supervisor import (
 from turbine.frontend.tls import server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
-from turbine.runtime.blobs import NatsObjectBlobStore, StoreBlobStore
+from turbine.runtime.blobs import StoreBlobStore
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.events.local_channel import local_plane
 from turbine.runtime.factory import make_event_plane, make_request_client, make_store, nats_tls
 from turbine.runtime.lifecycle import cancel_and_wait, stop_on_signals
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
+from turbine.runtime.nats_blobs import NatsObjectBlobStore
 from turbine.runtime.transport.local import LocalPlane
 
 if TYPE_CHECKING:

@@ -37,7 +37,6 @@ from turbine.runtime.blobs import (
     BlobError,
     BlobStore,
     JetStreamUnavailable,
-    NatsObjectBlobStore,
     StoreBlobStore,
     sha256_hex,
 )
@@ -193,6 +192,8 @@ async def publish_worker_model_files(
     if via == "none":
         return ()
     if via == "nats" or (via == "auto" and request_plane == "nats"):
+        from turbine.runtime.nats_blobs import NatsObjectBlobStore  # the NATS client, only when used
+
         nats = NatsObjectBlobStore(nats_url, tls=nats_tls)
         try:
             return await publish_model_files(model_dir, nats)

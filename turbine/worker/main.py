@@ -29,7 +29,6 @@ from turbine.runtime.lifecycle import stop_on_signals
 from turbine.runtime.model_files import publish_worker_model_files
 from turbine.worker.sdk import EngineWorker, WorkerIdentity, serving, worker_events
 from turbine.worker.torch_model import TorchModel, load_torch_model
-from turbine.worker.upstream import run_upstream_workers
 
 log = logging.getLogger("turbine.worker")
 
@@ -91,7 +90,10 @@ async def run_workers(
     """Serve until `stop` is set or SIGTERM/SIGINT arrives, then drain every worker and return.
     The store, the shared event plane and the workers are entered on one exit stack, which closes
     them in reverse order (a given `store` is the caller's to close)."""
-    if cfg.engine == "openai":  # a sidecar to OpenAI-compatible servers (turbine/worker/upstream.py)
+    if cfg.engine == "openai":  # a sidecar to OpenAI-compatible servers
+        # Imported here: its HTTP and ZeroMQ clients are no other engine's start-up cost.
+        from turbine.worker.upstream import run_upstream_workers
+
         await run_upstream_workers(cfg, stop=stop, store=store, on_ready=on_ready)
         return
     stop = stop or asyncio.Event()

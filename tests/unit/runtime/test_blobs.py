@@ -14,11 +14,11 @@ from turbine.runtime.blobs import (
     STORE_PREFIX,
     BlobError,
     JetStreamUnavailable,
-    NatsObjectBlobStore,
     StoreBlobStore,
     sha256_hex,
 )
 from turbine.runtime.discovery.base import Store
+from turbine.runtime.nats_blobs import NatsObjectBlobStore
 
 # ------------------------------------------------------------------------------- in the Store
 
