@@ -6,6 +6,7 @@ import collections
 import itertools
 import json
 import random
+import re
 
 import pytest
 
@@ -80,7 +81,8 @@ def test_a_frontend_started_later_learns_the_workers_caches(stack: Stack) -> Non
     proc, second = stack.frontend("--router-mode", "kv")
     wait_instances(second, 4)
     # Its event followers fetch each worker's dump as soon as the worker appears.
-    wait_until(lambda: proc.log().count("KV cache state loaded from its dump") >= 4, 20, proc)
+    loaded = re.compile(r"worker ([0-9a-f]+): KV cache state loaded from its dump")
+    wait_until(lambda: len(set(loaded.findall(proc.log()))) == 4, 20, proc)
     for group, prefix in enumerate(prefixes):
         _, worker, overlap, cached, _ = _complete(second, f"{prefix} later")
         assert worker == owners[group]
