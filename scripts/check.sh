@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 # pytest-xdist: one test process per core (PYTEST_WORKERS=0: all in this one). Tests share no fixed
-# port or folder; any that must (an xdist_group mark) would run on one worker.
+# port or folder. A module whose servers are a module fixture carries an xdist_group mark, so that
+# one worker runs it and starts them once.
 PARALLEL=(-n "${PYTEST_WORKERS:-auto}" --dist loadgroup)
 # Several torch processes (test workers, the workers they start) share few cores: OpenMP threads
 # that spin while idle would take turns away from the others' work.

@@ -17,7 +17,8 @@ import pytest
 from tests.e2e.conftest import MODEL, Stack, http, wait_instances
 from turbine.models import bundled_model_path
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("anthropic")]
 
 ECHO = "tiny-echo"
 TOOLS = "tiny-tools"

@@ -20,7 +20,8 @@ from anthropic.types import Message, MessageParam, ToolParam
 from tests.e2e.conftest import Stack, wait_instances
 from turbine.models import bundled_model_path
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("anthropic_tools")]
 
 MODEL = "m-hermes"
 TEMPLATE = (

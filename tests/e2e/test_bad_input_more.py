@@ -12,7 +12,8 @@ import pytest
 
 from tests.e2e.conftest import MODEL, Stack, http, wait_instances
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("bad_input_more")]
 
 JSON = {"Content-Type": "application/json"}
 

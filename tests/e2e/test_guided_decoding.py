@@ -33,7 +33,8 @@ from tests.e2e.conftest import (
     wait_until,
 )
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("guided_decoding")]
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 MOCK = "mock-model"

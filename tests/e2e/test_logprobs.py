@@ -11,7 +11,8 @@ from openai.types.chat import ChatCompletionMessageParam, ChatCompletionTokenLog
 
 from tests.e2e.conftest import MODEL, Stack, wait_instances
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("logprobs")]
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about logprobs"}]
 PROMPT = "Once upon a time"

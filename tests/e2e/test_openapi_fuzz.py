@@ -22,7 +22,8 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from tests.e2e.conftest import MODEL, Stack, wait_instances
 from turbine.frontend.openapi import spec
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("openapi_fuzz")]
 
 EXAMPLES = 30
 # Generated values are unbounded; keep each generation short so the run stays within seconds.

@@ -32,7 +32,8 @@ from openai.types.chat import (
 from tests.e2e.conftest import Stack, wait_instances
 from turbine.models import bundled_model_path
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("output_parsers")]
 
 TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') "

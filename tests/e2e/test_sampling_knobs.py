@@ -17,7 +17,8 @@ from tests.e2e.conftest import TINY, Stack, tiny_torch_worker, wait_instances
 from turbine.protocol.openai import UNBUILT_CHAT, UNBUILT_COMPLETION, ChatCompletionRequest, CompletionRequest
 from turbine.protocol.request import SAMPLING_KNOBS
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("sampling_knobs")]
 
 ECHO = "echo-model"
 PROMPT = "Story: once upon a time"

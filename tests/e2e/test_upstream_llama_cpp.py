@@ -22,7 +22,8 @@ import pytest
 from tests.e2e.conftest import Proc, Stack, free_port, http, wait_instances, wait_until
 from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("upstream_llama_cpp")]
 
 _GGUF = smollm2_gguf()
 if importlib.util.find_spec("llama_cpp") is None or _GGUF is None:

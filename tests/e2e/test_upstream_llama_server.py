@@ -38,7 +38,8 @@ from turbine.bench import llama_server
 from turbine.bench.gguf_tokenizer import smollm2_gguf, write_tokenizer_dir
 from turbine.models import gguf_served_name
 
-pytestmark = pytest.mark.e2e
+# One worker runs the module: its servers (a module fixture) start once, not once per xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("upstream_llama_server")]
 
 _GGUF = smollm2_gguf()
 if not llama_server.installed() or _GGUF is None:
