@@ -41,13 +41,12 @@ from turbine.frontend.supervisor import (
 from turbine.frontend.tls import server_ssl_context
 from turbine.logs import configure_logging
 from turbine.router.factory import make_router
-from turbine.runtime.blobs import StoreBlobStore
+from turbine.runtime.blobs import NATS_SCHEME, BlobStore, LazyBlobStore, StoreBlobStore
 from turbine.runtime.discovery.base import Store
 from turbine.runtime.events.local_channel import local_plane
 from turbine.runtime.factory import make_event_plane, make_request_client, make_store, nats_tls
 from turbine.runtime.lifecycle import cancel_and_wait, stop_on_signals
 from turbine.runtime.model_files import ModelFileResolver, default_model_cache_dir
-from turbine.runtime.nats_blobs import NatsObjectBlobStore
 from turbine.runtime.transport.local import LocalPlane
 
 if TYPE_CHECKING:
@@ -104,9 +103,9 @@ async def _registry(
     executor: concurrent.futures.Executor,
 ) -> ModelRegistry:
     """The model registry, its model files, request-plane client and event planes on `stack`."""
-    # The NATS object store connects only when a card lists a nats-os: location.
+    # The NATS object store is made (and connects) only when a card lists a nats-os: location.
     model_files = ModelFileResolver(
-        [StoreBlobStore(store), NatsObjectBlobStore(cfg.nats_server, tls=nats_tls(cfg))],
+        [StoreBlobStore(store), LazyBlobStore(NATS_SCHEME, lambda: _nats_blobs(cfg))],
         Path(cfg.model_cache_dir) if cfg.model_cache_dir else default_model_cache_dir(),
     )
     await stack.enter_async_context(model_files)
@@ -215,6 +214,12 @@ def _app(cfg: FrontendConfig, registry: ModelRegistry, service: OpenAIService) -
         service.metrics.aggregate_processes(str(Path(cfg.frontend_process_dir) / METRICS_SUBDIR))
         add_pid_header(app)
     return app
+
+
+def _nats_blobs(cfg: FrontendConfig) -> BlobStore:
+    from turbine.runtime.nats_blobs import NatsObjectBlobStore
+
+    return NatsObjectBlobStore(cfg.nats_server, tls=nats_tls(cfg))
 
 
 def _grpc_server(cfg: FrontendConfig, registry: ModelRegistry, service: OpenAIService) -> KServeServer | None:

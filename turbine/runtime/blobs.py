@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Protocol, Self
 
 import msgspec
@@ -39,6 +40,7 @@ __all__ = [
     "BlobError",
     "BlobStore",
     "JetStreamUnavailable",
+    "LazyBlobStore",
     "StoreBlobStore",
     "sha256_hex",
 ]
@@ -147,3 +149,29 @@ class StoreBlobStore(Closing):
 
     async def close(self) -> None:
         """The Store belongs to the caller; nothing to close."""
+
+
+class LazyBlobStore(Closing):
+    """A blob store made on first use: a process that never meets its scheme neither builds it nor
+    imports its module (the NATS object store's client is most of a frontend's start-up imports
+    otherwise)."""
+
+    def __init__(self, scheme: str, make: Callable[[], BlobStore]) -> None:
+        self.scheme = scheme
+        self._make = make
+        self._store: BlobStore | None = None
+
+    def _made(self) -> BlobStore:
+        if self._store is None:
+            self._store = self._make()
+        return self._store
+
+    async def put(self, data: bytes) -> str:
+        return await self._made().put(data)
+
+    async def get(self, location: str) -> bytes:
+        return await self._made().get(location)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()

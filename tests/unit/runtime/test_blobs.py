@@ -14,6 +14,7 @@ from turbine.runtime.blobs import (
     STORE_PREFIX,
     BlobError,
     JetStreamUnavailable,
+    LazyBlobStore,
     StoreBlobStore,
     sha256_hex,
 )
@@ -21,6 +22,22 @@ from turbine.runtime.discovery.base import Store
 from turbine.runtime.nats_blobs import NatsObjectBlobStore
 
 # ------------------------------------------------------------------------------- in the Store
+
+
+async def test_a_lazy_store_is_made_on_first_use_only(store: Store) -> None:
+    made: list[StoreBlobStore] = []
+
+    def make() -> StoreBlobStore:
+        made.append(StoreBlobStore(store))
+        return made[-1]
+
+    async with LazyBlobStore("store", make) as unused:
+        assert unused.scheme == "store"
+    assert not made  # closing an unused store makes nothing
+    async with LazyBlobStore("store", make) as lazy:
+        location = await lazy.put(b"weights")
+        assert await lazy.get(location) == b"weights"
+    assert len(made) == 1
 
 
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 4567])
