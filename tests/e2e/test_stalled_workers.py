@@ -187,7 +187,8 @@ def test_a_worker_leaving_discovery_has_its_streams_moved_at_once(stack: Stack, 
     oai = _client(url)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_stream, oai, i, 256) for i in range(16)]
-        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 16, 30)  # all under way
+        # Every stream has its first token: the victim holds streams under way, not requests in its socket.
+        wait_until(lambda: first_tokens(url) == 16, 30)
         victim.signal(signal.SIGSTOP)
         results = [f.result() for f in futures]
     assert all(r.finish == "length" and r.tokens == 256 for r in results), results
@@ -326,7 +327,8 @@ def test_a_canary_failure_moves_the_streams_of_a_worker_that_produces_nothing(
     oai = _client(url)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(_stream, oai, i) for i in range(16)]
-        wait_until(lambda: metric_sum(url, "turbine_inflight_requests") == 16, 30)  # all under way
+        # Every stream has its first token: the victim holds streams under way, not requests in its socket.
+        wait_until(lambda: first_tokens(url) == 16, 30)
         victim.signal(signal.SIGSTOP)
         results = [f.result() for f in futures]
     assert all(r.finish == "length" and r.tokens == 128 for r in results), results
