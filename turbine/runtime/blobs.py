@@ -153,8 +153,7 @@ class StoreBlobStore(Closing):
 
 class LazyBlobStore(Closing):
     """A blob store made on first use: a process that never meets its scheme neither builds it nor
-    imports its module (the NATS object store's client is most of a frontend's start-up imports
-    otherwise)."""
+    imports its module (for the NATS object store, the NATS client)."""
 
     def __init__(self, scheme: str, make: Callable[[], BlobStore]) -> None:
         self.scheme = scheme

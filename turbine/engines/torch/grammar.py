@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llguidance
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from turbine.engines.core.scheduler import Seq
@@ -128,28 +126,18 @@ class Guides:
 def _fill(row: GuideRow, out: torch.Tensor) -> None:
     """Advance the row's matcher over its new tokens and write its bitmask into `out`: what the
     grammar allows next, with the request's EOS ids standing for the library's end token."""
-    if _advance(row):
-        row.state.matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
-    _finish(row.state, out.numpy())
-
-
-def _advance(row: GuideRow) -> bool:
-    """Feed the row's matcher its new tokens; False once it has left its grammar."""
-    matcher = row.state.matcher
+    state = row.state
+    matcher = state.matcher
+    # The few words touched below go through a NumPy view of the row: indexing a tensor element by
+    # element costs more per row than the library's own mask computation.
+    words = out.numpy()
     if row.new_tokens and not matcher.consume_tokens(row.new_tokens):
         log.warning("a guided sequence left its grammar: %s", matcher.get_error())
-    return not matcher.is_error()
-
-
-def _finish(state: _State, words: npt.NDArray[np.int32]) -> None:
-    """Turn the library's mask of a row (`words`, written for a live matcher) into the request's:
-    EOS ids stand for the library's end token; a matcher in error allows EOS only. The few words
-    touched go through a NumPy view: indexing a tensor element by element costs more per row than
-    the library's own mask computation."""
-    if state.matcher.is_error():  # end it: EOS only
+    if matcher.is_error():  # end it: EOS only
         words[:] = 0
         can_end = True
     else:
+        matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
         can_end = bool((int(words[state.end // 32]) >> (state.end % 32)) & 1)
     ends = state.eos_ids or [state.end]
     for t in {state.end, *ends}:
