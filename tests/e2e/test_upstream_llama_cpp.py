@@ -123,7 +123,7 @@ def test_shared_prefix_goes_to_the_holder(stack: Stack, model_dir: Path, servers
     oai, _ = front(stack, model_dir, servers, "--router-mode", "kv")
     placements = []
     for group in range(3):
-        prefix = f"Document {group}. " + " ".join(f"fact {group}-{i} is true." for i in range(40))
+        prefix = f"Document {group}. " + " ".join(f"fact {group}-{i} is true." for i in range(20))
         pair = []
         for question in ("Summarize it.", "List the facts."):
             prompt = f"{prefix}\nQuestion: {question}\nAnswer:"
