@@ -138,19 +138,19 @@ def bodies(n: int, out: int, seed: int, constrained: bool) -> list[dict[str, Any
 
 
 def mask_us_per_token(model_dir: Path, vocab: int, documents: list[str]) -> dict[str, float]:
-    """The worker's per-token grammar work (`grammar._fill`: the matcher consumes the last token and
+    """The worker's per-token grammar work (`grammar.fill`: the matcher consumes the last token and
     writes the row's bitmask), replayed in-process, one thread, over the served constrained outputs
     (re-tokenized; a document the matcher rejects that way is left out)."""
     import torch
     from tokenizers import Tokenizer
 
-    from turbine.engines.torch.grammar import GuideRow, Guides, _fill, _State
+    from turbine.engines.torch.grammar import GuideRow, Guides, _State, fill
     from turbine.protocol.request import GuidedDecoding
 
     guides = Guides(model_dir / "tokenizer.json", vocab)
     guided = GuidedDecoding("json_schema", json.dumps(SCHEMA))
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    row = torch.empty(guides.words, dtype=torch.int32)
+    row = torch.empty((1, guides.words), dtype=torch.int32)
     times: list[float] = []
     rejected = 0
     try:
@@ -163,7 +163,7 @@ def mask_us_per_token(model_dir: Path, vocab: int, documents: list[str]) -> dict
             new: list[int] = []
             for token in [*tokenizer.encode(text, add_special_tokens=False).ids, None]:
                 t0 = time.perf_counter()
-                _fill(GuideRow(state, new), row)
+                fill([GuideRow(state, new)], row)
                 mine.append(time.perf_counter() - t0)
                 if state.matcher.is_error():
                     break
@@ -363,7 +363,7 @@ def write_report(
         lines += [
             "",
             f"Per-token grammar work (the matcher consumes the token and writes the row's bitmask; "
-            f"`grammar._fill`, replayed in-process over {extra['mask_tokens']:.0f} tokens of the served "
+            f"`grammar.fill`, replayed in-process over {extra['mask_tokens']:.0f} tokens of the served "
             f"constrained outputs, {extra['mask_documents_rejected']:.0f} documents rejected on "
             f"re-tokenization): mean {extra['mask_us_mean']:.1f} us, p50 {extra['mask_us_p50']:.1f} us, "
             f"p99 {extra['mask_us_p99']:.1f} us per row and step.",

@@ -259,6 +259,7 @@ class TorchEngine(EngineCore):
         self._guides = Guides(tokenizer_json, loaded.arch.vocab_size) if tokenizer_json.is_file() else None
         if self._guides is not None:
             self.capabilities = (*self.capabilities, CAP_GUIDED_DECODING)
+            self._guides.pin = loaded.device.type == "cuda"
         graphs = None
         if kernel and loaded.device.type == "cuda" and not cfg.enforce_eager:
             graphs = DecodeGraphs(

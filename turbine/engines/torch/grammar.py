@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llguidance
+import numpy as np
 import torch
 
 from turbine.engines.core.scheduler import Seq
@@ -40,6 +41,9 @@ class _State:
     """The request's EOS ids, allowed exactly where the grammar may end."""
     fed: int = 0
     """Tokens from `start` already handed to the runner thread."""
+    ahead: GuideRow | None = None
+    """The row of the sequence's next step, started on the runner thread as soon as the token it
+    consumes was sampled (`Guides.speculate`)."""
 
 
 @dataclass
@@ -56,18 +60,23 @@ class Guides:
     """The guided sequences of one engine. `row`/`release`/`error` run on the event loop, `prepare`
     (and `constrain`) on the runner thread; a sequence is in at most one step at a time."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int) -> None:
+    def __init__(self, tokenizer_json: Path, vocab_size: int, threads: int = 0) -> None:
+        """`threads` > 0: each step's masks are computed by llguidance's own pool of that many threads
+        (`fill`), else one row after another on the helper thread."""
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self._grammars: Grammars | None = None
         self._states: dict[int, _State] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        self.pin = False
+        """Masks in pinned memory (CUDA: their copy to the device then does not wait for the host)."""
+        self._pool = llguidance.LLExecutor(threads) if threads > 0 else None
 
     def load(self) -> None:
         """Read the vocabulary into the grammar library (slow: call it off the event loop, before
         serving). Its end token is one of the tokenizer's special tokens, which no grammar matches as
-        text; each request's own EOS ids take its place in the masks (`_fill`)."""
+        text; each request's own EOS ids take its place in the masks (`fill`)."""
         if self._grammars is None:
             marker = _special_token(self._tokenizer_json)
             ends = [marker] if marker is not None and marker < self.vocab_size else []
@@ -93,58 +102,117 @@ class Guides:
             return None
         state = self._states.get(seq.seq_id)
         if state is None:
-            grammars = self.grammars
-            try:
-                matcher = grammars.matcher(guided)
-            except GrammarError as exc:  # `TorchEngine.rejection` refused such requests already
-                raise RuntimeError(f"request grammar does not compile: {exc}") from None
-            start = seq.prompt_len - min(seq.sampling.prior_output_tokens, seq.prompt_len)
-            eos = sorted(t for t in seq.eos_token_ids if 0 <= t < self.vocab_size)
-            end = grammars.tokenizer.eos_token
-            state = self._states[seq.seq_id] = _State(matcher, start, end, eos)
+            state = self._states[seq.seq_id] = self._new_state(seq, guided)
         new = seq.tokens[state.start + state.fed :]
+        ahead, state.ahead = state.ahead, None
+        if ahead is not None:
+            if new == ahead.new_tokens:
+                state.fed += len(new)
+                return ahead
+            # The sequence went on otherwise than the runner saw: a new matcher over all its tokens.
+            state = self._states[seq.seq_id] = self._new_state(seq, guided)
+            new = seq.tokens[state.start :]
         state.fed += len(new)
         return GuideRow(state, new)
+
+    def _new_state(self, seq: Seq, guided: GuidedDecoding) -> _State:
+        grammars = self.grammars
+        try:
+            matcher = grammars.matcher(guided)
+        except GrammarError as exc:  # `TorchEngine.rejection` refused such requests already
+            raise RuntimeError(f"request grammar does not compile: {exc}") from None
+        start = seq.prompt_len - min(seq.sampling.prior_output_tokens, seq.prompt_len)
+        eos = sorted(t for t in seq.eos_token_ids if 0 <= t < self.vocab_size)
+        return _State(matcher, start, grammars.tokenizer.eos_token, eos)
 
     def release(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
 
     def prepare(self, rows: list[GuideRow]) -> None:
-        """Start the rows' mask computation beside the forward."""
+        """Start the mask computation of the rows not started yet, beside the forward."""
+        self._submit([row for row in rows if row.mask is None])
+
+    def speculate(self, rows: list[GuideRow], tokens: list[int]) -> None:
+        """On the runner thread, once `rows` sampled `tokens`: start each sequence's next row (its
+        matcher consumes the token, then writes the next mask) at once, so that it runs while the
+        event loop delivers this step and schedules the next, not after. A token that ends the
+        sequence (EOS) starts nothing; `row` uses the started row if the sequence's next tokens are
+        exactly this one."""
+        ahead = []
+        for row, token in zip(rows, tokens, strict=True):
+            state = row.state
+            if token != state.end and token not in state.eos_ids:
+                state.ahead = GuideRow(state, [token])
+                ahead.append(state.ahead)
+        self._submit(ahead)
+
+    def _submit(self, rows: list[GuideRow]) -> None:
         if rows:
             future = self._thread.submit(self._masks, rows)
             for i, row in enumerate(rows):
                 row.mask = _Slice(future, i)
 
     def _masks(self, rows: list[GuideRow]) -> torch.Tensor:
-        bitmask = torch.empty((len(rows), self.words), dtype=torch.int32)
-        for i, row in enumerate(rows):
-            _fill(row, bitmask[i])
+        bitmask = torch.empty((len(rows), self.words), dtype=torch.int32, pin_memory=self.pin)
+        fill(rows, bitmask, self._pool)
         return bitmask
 
 
-def _fill(row: GuideRow, out: torch.Tensor) -> None:
-    """Advance the row's matcher over its new tokens and write its bitmask into `out`: what the
-    grammar allows next, with the request's EOS ids standing for the library's end token."""
-    state = row.state
-    matcher = state.matcher
-    # The few words touched below go through a NumPy view of the row: indexing a tensor element by
-    # element costs more per row than the library's own mask computation.
-    words = out.numpy()
-    if row.new_tokens and not matcher.consume_tokens(row.new_tokens):
-        log.warning("a guided sequence left its grammar: %s", matcher.get_error())
-    if matcher.is_error():  # end it: EOS only
-        words[:] = 0
-        can_end = True
+def fill(rows: list[GuideRow], out: torch.Tensor, pool: llguidance.LLExecutor | None = None) -> None:
+    """Advance each row's matcher over its new tokens and write its bitmask into `out[i]`: what the
+    grammar allows next, with the request's EOS ids standing for the library's end token. With a
+    `pool` (llguidance's threads) the batch is consumed and masked in two calls that release the GIL,
+    instead of one call per row."""
+    live = _advance(rows, pool)
+    size = out.shape[1] * out.element_size()
+    if pool is not None and sum(live) > 1:
+        batch = [(row.state.matcher, i) for i, (row, ok) in enumerate(zip(rows, live, strict=True)) if ok]
+        pool.unsafe_compute_mask_ptr(batch, out.data_ptr(), size, len(rows))
     else:
-        matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * out.element_size())
-        can_end = bool((int(words[state.end // 32]) >> (state.end % 32)) & 1)
-    ends = state.eos_ids or [state.end]
-    for t in {state.end, *ends}:
-        words[t // 32] &= ~_bit(t % 32)
-    if can_end:
+        for i, (row, ok) in enumerate(zip(rows, live, strict=True)):
+            if ok:
+                row.state.matcher.unsafe_compute_mask_ptr(out[i].data_ptr(), size)
+    _set_ends([row.state for row in rows], out.numpy(), live)
+
+
+def _advance(rows: list[GuideRow], pool: llguidance.LLExecutor | None) -> list[bool]:
+    """Feed each row's matcher its new tokens (one token each, the usual step, in one call to the
+    `pool`); False for a row whose matcher has left its grammar."""
+    single = [pool is not None and len(row.new_tokens) == 1 for row in rows]
+    if any(single):
+        assert pool is not None
+        pairs = [(row.state.matcher, row.new_tokens[0]) for row, one in zip(rows, single, strict=True) if one]
+        pool.consume_token_par(pairs)
+    for row, one in zip(rows, single, strict=True):
+        if row.new_tokens and not one:
+            row.state.matcher.consume_tokens(row.new_tokens)
+    live = []
+    for row in rows:
+        ok = not row.state.matcher.is_error()
+        if not ok and row.new_tokens:
+            log.warning("a guided sequence left its grammar: %s", row.state.matcher.get_error())
+        live.append(ok)
+    return live
+
+
+def _set_ends(states: list[_State], words: np.ndarray, live: list[bool]) -> None:
+    """Put the requests' EOS ids in place of the library's end token in the rows' masks (`words`,
+    the bitmask as NumPy int32 words: indexing a tensor element by element costs more per row than
+    the library's own mask), for all rows of one EOS list at once. A row not `live` (its matcher
+    left the grammar) allows EOS only."""
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i, state in enumerate(states):
+        groups.setdefault((state.end, tuple(state.eos_ids)), []).append(i)
+    for (end, eos), indices in groups.items():
+        rows = np.asarray(indices)
+        dead = np.asarray([not live[i] for i in indices])
+        can_end = ((words[rows, end // 32] >> (end % 32)) & 1).astype(bool) | dead
+        words[rows[dead]] = 0
+        ends = eos or (end,)
+        for t in {end, *ends}:
+            words[rows, t // 32] &= ~_bit(t % 32)
         for t in ends:
-            words[t // 32] |= _bit(t % 32)
+            words[rows[can_end], t // 32] |= _bit(t % 32)
 
 
 def _special_token(tokenizer_json: Path) -> int | None:
@@ -169,23 +237,39 @@ class _Slice(Future[torch.Tensor]):
 
     def __init__(self, whole: Future[torch.Tensor], i: int) -> None:
         super().__init__()
-        self._whole = whole
-        self._i = i
+        self.whole = whole
+        self.i = i
 
     def result(self, timeout: float | None = None) -> torch.Tensor:
-        return self._whole.result(timeout)[self._i]
+        return self.whole.result(timeout)[self.i]
 
 
 def constrain(logits: torch.Tensor, rows: list[int], guides: list[GuideRow]) -> torch.Tensor:
     """`logits` with every token that row `rows[i]`'s grammar disallows at -inf (a copy; the other
     rows unchanged). Masks not prepared beside the forward are computed now."""
-    bitmask = torch.empty((len(rows), -(-logits.shape[1] // 32)), dtype=torch.int32)
-    for i, row in enumerate(guides):
-        if row.mask is not None:
-            bitmask[i] = row.mask.result()
-        else:
-            _fill(row, bitmask[i])
+    bitmask = _whole(guides)
+    if bitmask is None:
+        bitmask = torch.empty((len(rows), -(-logits.shape[1] // 32)), dtype=torch.int32)
+        for i, row in enumerate(guides):
+            if row.mask is not None:
+                bitmask[i] = row.mask.result()
+            else:
+                fill([row], bitmask[i : i + 1])
     return apply_bitmask(logits, rows, bitmask)
+
+
+def _whole(guides: list[GuideRow]) -> torch.Tensor | None:
+    """The batch's bitmask as computed, if the rows' masks are exactly one computation's rows in
+    order (the usual case: a step's rows were started together one step before)."""
+    masks = [row.mask for row in guides]
+    first = masks[0]
+    if not isinstance(first, _Slice):
+        return None
+    whole = first.whole
+    if not all(isinstance(m, _Slice) and m.whole is whole and m.i == i for i, m in enumerate(masks)):
+        return None
+    bitmask = whole.result()
+    return bitmask if bitmask.shape[0] == len(guides) else None
 
 
 _BIAS_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

@@ -200,9 +200,22 @@ class TorchExecutor:
 
     def _locked_run(self, step: _Step) -> dict[int, Sampled]:
         if self._step_lock is None:
-            return self._run(step)
-        with self._step_lock:
-            return self._run(step)
+            results = self._run(step)
+        else:
+            with self._step_lock:
+                results = self._run(step)
+        if self.guides is not None:
+            self._speculate(self.guides, step, results)
+        return results
+
+    def _speculate(self, guides: Guides, step: _Step, results: dict[int, Sampled]) -> None:
+        """Start the guided rows' next masks from the tokens just sampled (`Guides.speculate`)."""
+        rows, tokens = [], []
+        for sid, params in zip(step.sample_ids, step.params, strict=True):
+            if params.guide is not None:
+                rows.append(params.guide)
+                tokens.append(results[sid].token_id)
+        guides.speculate(rows, tokens)
 
     @torch.inference_mode()
     def _run(self, step: _Step) -> dict[int, Sampled]:
