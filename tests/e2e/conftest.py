@@ -123,6 +123,9 @@ class Stack:
 
 
 TINY = "tiny-llama"
+SMALL_KV = ("--kv-cache-memory-bytes", str(256 << 20))
+"""A CPU torch worker's KV cache for tests: thousands of tokens of SmolLM2, where the default (1 GiB)
+is memory each worker would zero at start for nothing."""
 
 
 def tiny_torch_worker(stack: Stack, model_dir: Path, *extra: str, ttl: float = 10.0) -> Proc:

@@ -23,6 +23,7 @@ import pytest
 from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
 from tests.e2e.conftest import (
+    SMALL_KV,
     TINY,
     Stack,
     StreamProgress,
@@ -52,7 +53,7 @@ def served(
         _, url = stack.frontend("--enable-anthropic-api")
         worker = stack.worker(
             "--engine", "torch", "--model-path", str(smollm2_gguf), "--gguf-cache-dir", str(gguf_cache),
-            "--device", "cpu", "--tool-call-parser", "hermes",
+            "--device", "cpu", "--tool-call-parser", "hermes", *SMALL_KV,
         )  # fmt: skip
         stack.worker("--engine", "mocker", "--model-name", MOCK)
         wait_until(lambda: live_instances(url, SMOLLM2) == 1, 180, worker)

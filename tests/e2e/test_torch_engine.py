@@ -18,6 +18,7 @@ from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMes
 
 from tests.conftest import TINY_LLAMA_CONTEXT
 from tests.e2e.conftest import (
+    SMALL_KV,
     TINY,
     Stack,
     StreamProgress,
@@ -52,6 +53,7 @@ def test_smollm2_answers_through_the_openai_client(
         str(gguf_cache),
         "--dtype",
         "float32",
+        *SMALL_KV,
         # The output parsers on a real model's text: only what parses becomes a call, no markup leaks.
         "--tool-call-parser",
         "hermes",
@@ -125,7 +127,7 @@ def test_smollm2_in_bfloat16_answers_with_its_4bit_weights(
     _, url = stack.frontend()
     worker = stack.worker(
         "--engine", "torch", "--model-path", str(smollm2_gguf), "--gguf-cache-dir", str(gguf_cache),
-        "--device", "cpu", "--dtype", "bfloat16", "--q4-max-rows", "8",
+        "--device", "cpu", "--dtype", "bfloat16", "--q4-max-rows", "8", *SMALL_KV,
     )  # fmt: skip
     wait_until(lambda: live_instances(url, SMOLLM2) == 1, 120, worker)
     assert "use the 4-bit weights" in worker.log()
@@ -157,6 +159,7 @@ def test_smollm2_answers_concurrent_requests_through_turbines_amx_kernel(
     worker = stack.worker(
         "--engine", "torch", "--model-path", str(smollm2_gguf), "--gguf-cache-dir", str(gguf_cache),
         "--device", "cpu", "--dtype", "bfloat16", "--q4-max-rows", "16", "--cpu-kernels", "turbine",
+        *SMALL_KV,
     )  # fmt: skip
     wait_until(lambda: live_instances(url, SMOLLM2) == 1, 120, worker)
     assert "Turbine's AMX kernel" in worker.log()

@@ -36,12 +36,18 @@ def tokens_of(outputs: list[EngineOutput]) -> list[int]:
     return [t for out in outputs for t in out.token_ids]
 
 
+TEST_KV_BYTES = 64 << 20
+"""A test engine's CPU KV cache: thousands of blocks of the tiny model, where the default (1 GiB) is
+memory every engine would zero (and some tests copy and compare) for nothing."""
+
+
 def run_engine(
     model_dir: Path, requests: list[PreprocessedRequest], **config: Any
 ) -> tuple[list[list[EngineOutput]], TorchEngine]:
     """Serve every request concurrently on a fresh engine; returns the outputs and the stopped engine."""
     config.setdefault("device", "cpu")
     config.setdefault("dtype", "float32")
+    config.setdefault("kv_cache_memory_bytes", TEST_KV_BYTES)
     cfg = TorchEngineConfig(model_dir=model_dir, progress=False, **config)
     loaded = load_model(cfg)
 
