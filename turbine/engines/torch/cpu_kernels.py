@@ -96,6 +96,22 @@ def clear_stale_lock(build: Path, now: float | None = None) -> bool:
     return True
 
 
+def staged_sources(build: Path) -> list[Path]:
+    """The sources, copied into the build directory (once: its name is their hash), to compile from
+    there: torch's builder writes their paths into its build file and rebuilds when those change, so
+    compiling from the package would rebuild for every checkout or environment of the same sources."""
+    staged = build / "src"
+    staged.mkdir(exist_ok=True)
+    for src in (*SOURCES, *HEADERS):
+        dest = staged / src.name
+        data = src.read_bytes()
+        if not dest.is_file() or dest.read_bytes() != data:
+            tmp = staged / f".{src.name}.{os.getpid()}"
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)  # whole, even with several processes staging at once
+    return [staged / src.name for src in SOURCES]
+
+
 def _put_ninja_on_path() -> None:
     """torch's builder runs `ninja` from PATH; the `ninja` wheel's binary is there only when the
     environment's bin directory is, which a plain `.venv/bin/python` run does not arrange."""
@@ -126,7 +142,7 @@ def load() -> None:
             log.info("compiling Turbine's CPU kernels into %s (once, about 20 s)", build)
         cpp_extension.load(
             name="turbine_cpu_kernels",
-            sources=[str(s) for s in SOURCES],
+            sources=[str(s) for s in staged_sources(build)],
             extra_cflags=list(CFLAGS),
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

@@ -288,6 +288,18 @@ def test_the_default_row_limit_follows_the_kernel(smollm2_dir: Path) -> None:
         assert layer.qkv._q4_rows == expected and layer.down._q4_rows == expected
 
 
+def test_the_sources_are_compiled_from_a_copy_in_the_build_directory(tmp_path: Path) -> None:
+    """torch's builder rebuilds when the source paths in its build file change: compiling from a copy
+    in the (content-keyed) build directory lets every checkout share one build."""
+    staged = cpu_kernels.staged_sources(tmp_path)
+    assert [p.parent for p in staged] == [tmp_path / "src"] * len(cpu_kernels.SOURCES)
+    for src in (*cpu_kernels.SOURCES, *cpu_kernels.HEADERS):
+        assert (tmp_path / "src" / src.name).read_bytes() == src.read_bytes()
+    before = [p.stat().st_mtime_ns for p in staged]
+    assert cpu_kernels.staged_sources(tmp_path) == staged
+    assert [p.stat().st_mtime_ns for p in staged] == before  # unchanged copies are not rewritten
+
+
 def test_a_dead_builders_lock_is_cleared_and_a_live_ones_kept(tmp_path: Path) -> None:
     lock = tmp_path / "lock"
     lock.write_text("")
