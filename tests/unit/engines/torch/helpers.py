@@ -41,14 +41,19 @@ TEST_KV_BYTES = 64 << 20
 memory every engine would zero (and some tests copy and compare) for nothing."""
 
 
+def engine_config(model_dir: Path, **config: Any) -> TorchEngineConfig:
+    """A test engine's configuration: CPU, float32, `TEST_KV_BYTES`, unless `config` says otherwise."""
+    config.setdefault("device", "cpu")
+    config.setdefault("dtype", "float32")
+    config.setdefault("kv_cache_memory_bytes", TEST_KV_BYTES)
+    return TorchEngineConfig(model_dir=model_dir, progress=False, **config)
+
+
 def run_engine(
     model_dir: Path, requests: list[PreprocessedRequest], **config: Any
 ) -> tuple[list[list[EngineOutput]], TorchEngine]:
     """Serve every request concurrently on a fresh engine; returns the outputs and the stopped engine."""
-    config.setdefault("device", "cpu")
-    config.setdefault("dtype", "float32")
-    config.setdefault("kv_cache_memory_bytes", TEST_KV_BYTES)
-    cfg = TorchEngineConfig(model_dir=model_dir, progress=False, **config)
+    cfg = engine_config(model_dir, **config)
     loaded = load_model(cfg)
 
     async def main() -> tuple[list[list[EngineOutput]], TorchEngine]:

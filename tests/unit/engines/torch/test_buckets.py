@@ -36,17 +36,11 @@ def test_padded_steps_give_the_tokens_of_unpadded_ones(tiny_llama_dir: Path) -> 
     import torch
 
     from turbine.engines.base import NullEventSink
-    from turbine.engines.torch.engine import TorchEngine, TorchEngineConfig, load_model
+    from turbine.engines.torch.engine import TorchEngine, load_model
 
-    from .helpers import TEST_KV_BYTES, collect, request, tokens_of
+    from .helpers import collect, engine_config, request, tokens_of
 
-    cfg = TorchEngineConfig(
-        model_dir=tiny_llama_dir,
-        device="cpu",
-        dtype="float32",
-        progress=False,
-        kv_cache_memory_bytes=TEST_KV_BYTES,
-    )
+    cfg = engine_config(tiny_llama_dir)
     loaded = load_model(cfg)
     prompts = [list(range(3, 3 + n)) for n in (5, 37, 61, 90)]
 

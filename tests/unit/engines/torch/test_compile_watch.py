@@ -61,17 +61,11 @@ def test_a_full_budget_warm_up_step_writes_only_the_scratch_block(tiny_llama_dir
     import torch
 
     from turbine.engines.base import NullEventSink
-    from turbine.engines.torch.engine import TorchEngine, TorchEngineConfig, load_model
+    from turbine.engines.torch.engine import TorchEngine, load_model
 
-    from .helpers import TEST_KV_BYTES, collect, request, tokens_of
+    from .helpers import collect, engine_config, request, tokens_of
 
-    cfg = TorchEngineConfig(
-        model_dir=tiny_llama_dir,
-        device="cpu",
-        dtype="float32",
-        progress=False,
-        kv_cache_memory_bytes=TEST_KV_BYTES,
-    )
+    cfg = engine_config(tiny_llama_dir)
     loaded = load_model(cfg)
     prompt = list(range(20, 150))
 
