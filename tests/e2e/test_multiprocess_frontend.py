@@ -146,11 +146,13 @@ def test_two_processes_share_a_port_restart_and_stop(stack: Stack) -> None:
 
 
 def _long_stream(url: str, i: int) -> str:
+    """A stream that stays in flight for a few seconds (the mocker's ~7 ms steps): long enough for
+    the checks made while it runs, on a loaded machine too."""
     with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60) as oai:
         chunks = oai.completions.create(
             model=MODEL,
             prompt=f"A long tale number {i}",
-            max_tokens=150,
+            max_tokens=500,
             stream=True,
             extra_body={"ignore_eos": True},
         )
