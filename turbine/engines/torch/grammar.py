@@ -60,9 +60,7 @@ class Guides:
     """The guided sequences of one engine. `row`/`release`/`error` run on the event loop, `prepare`
     (and `constrain`) on the runner thread; a sequence is in at most one step at a time."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int, threads: int = 0) -> None:
-        """`threads` > 0: each step's masks are computed by llguidance's own pool of that many threads
-        (`fill`), else one row after another on the helper thread."""
+    def __init__(self, tokenizer_json: Path, vocab_size: int) -> None:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
@@ -71,7 +69,6 @@ class Guides:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
         self.pin = False
         """Masks in pinned memory (CUDA: their copy to the device then does not wait for the host)."""
-        self._pool = llguidance.LLExecutor(threads) if threads > 0 else None
 
     def load(self) -> None:
         """Read the vocabulary into the grammar library (slow: call it off the event loop, before
@@ -154,45 +151,24 @@ class Guides:
 
     def _masks(self, rows: list[GuideRow]) -> torch.Tensor:
         bitmask = torch.empty((len(rows), self.words), dtype=torch.int32, pin_memory=self.pin)
-        fill(rows, bitmask, self._pool)
+        fill(rows, bitmask)
         return bitmask
 
 
-def fill(rows: list[GuideRow], out: torch.Tensor, pool: llguidance.LLExecutor | None = None) -> None:
+def fill(rows: list[GuideRow], out: torch.Tensor) -> None:
     """Advance each row's matcher over its new tokens and write its bitmask into `out[i]`: what the
-    grammar allows next, with the request's EOS ids standing for the library's end token. With a
-    `pool` (llguidance's threads) the batch is consumed and masked in two calls that release the GIL,
-    instead of one call per row."""
-    live = _advance(rows, pool)
+    grammar allows next, with the request's EOS ids standing for the library's end token."""
     size = out.shape[1] * out.element_size()
-    if pool is not None and sum(live) > 1:
-        batch = [(row.state.matcher, i) for i, (row, ok) in enumerate(zip(rows, live, strict=True)) if ok]
-        pool.unsafe_compute_mask_ptr(batch, out.data_ptr(), size, len(rows))
-    else:
-        for i, (row, ok) in enumerate(zip(rows, live, strict=True)):
-            if ok:
-                row.state.matcher.unsafe_compute_mask_ptr(out[i].data_ptr(), size)
-    _set_ends([row.state for row in rows], out.numpy(), live)
-
-
-def _advance(rows: list[GuideRow], pool: llguidance.LLExecutor | None) -> list[bool]:
-    """Feed each row's matcher its new tokens (one token each, the usual step, in one call to the
-    `pool`); False for a row whose matcher has left its grammar."""
-    single = [pool is not None and len(row.new_tokens) == 1 for row in rows]
-    if any(single):
-        assert pool is not None
-        pairs = [(row.state.matcher, row.new_tokens[0]) for row, one in zip(rows, single, strict=True) if one]
-        pool.consume_token_par(pairs)
-    for row, one in zip(rows, single, strict=True):
-        if row.new_tokens and not one:
-            row.state.matcher.consume_tokens(row.new_tokens)
     live = []
-    for row in rows:
-        ok = not row.state.matcher.is_error()
-        if not ok and row.new_tokens:
-            log.warning("a guided sequence left its grammar: %s", row.state.matcher.get_error())
+    for i, row in enumerate(rows):
+        matcher = row.state.matcher
+        if row.new_tokens and not matcher.consume_tokens(row.new_tokens):
+            log.warning("a guided sequence left its grammar: %s", matcher.get_error())
+        ok = not matcher.is_error()
+        if ok:
+            matcher.unsafe_compute_mask_ptr(out[i].data_ptr(), size)
         live.append(ok)
-    return live
+    _set_ends([row.state for row in rows], out.numpy(), live)
 
 
 def _set_ends(states: list[_State], words: np.ndarray, live: list[bool]) -> None:

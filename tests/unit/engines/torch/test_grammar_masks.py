@@ -1,7 +1,7 @@
-"""The guided rows' bitmasks (`engines/torch/grammar.py`): the request's EOS ids stand for the grammar's
-end, a matcher that left its grammar allows EOS only, llguidance's thread pool writes the same masks as
-one row at a time, and a row started as soon as its token was sampled (`Guides.speculate`) is the one
-the next step uses, unless the sequence went on otherwise."""
+"""The guided rows' bitmasks (`engines/torch/grammar.py`): the request's EOS ids stand for the
+grammar's end, a matcher that left its grammar allows EOS only, a batch's rows get the masks they get
+alone, and a row started as soon as its token was sampled (`Guides.speculate`) is the one the next
+step uses, unless the sequence went on otherwise."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import llguidance
 import pytest
 import tokenizers
 import torch
@@ -63,7 +62,10 @@ def test_a_row_that_left_its_grammar_allows_eos_only(guides: Guides, tiny_llama_
     assert _allowed(out[0]) == {2}
 
 
-def test_the_thread_pool_writes_the_same_masks(guides: Guides, tiny_llama_dir: Path) -> None:
+def test_a_batch_gets_each_rows_own_mask(guides: Guides, tiny_llama_dir: Path) -> None:
+    """Rows of different grammars and EOS lists (one that left its grammar) in one bitmask: each row's
+    mask is the one it gets alone."""
+
     def rows() -> list[GuideRow]:
         return [
             GuideRow(_state(guides, "regex", "[0-9]{2,4}", [2]), _ids(tiny_llama_dir, "12")),
@@ -75,12 +77,13 @@ def test_the_thread_pool_writes_the_same_masks(guides: Guides, tiny_llama_dir: P
             GuideRow(_state(guides, "regex", "ab", [2]), _ids(tiny_llama_dir, "ab")),
         ]
 
-    alone = torch.empty((5, guides.words), dtype=torch.int32)
-    fill(rows(), alone)
-    pooled = torch.empty_like(alone)
-    fill(rows(), pooled, llguidance.LLExecutor(2))
-    assert torch.equal(alone, pooled)
-    assert _allowed(alone[2]) == {3} and _allowed(alone[4]) == {2}
+    batch = torch.empty((5, guides.words), dtype=torch.int32)
+    fill(rows(), batch)
+    for i, row in enumerate(rows()):
+        alone = torch.empty((1, guides.words), dtype=torch.int32)
+        fill([row], alone)
+        assert torch.equal(batch[i], alone[0]), i
+    assert _allowed(batch[2]) == {3} and _allowed(batch[4]) == {2}
 
 
 def _seq(tokens: list[int], prompt_len: int, guided: GuidedDecoding) -> Seq:
