@@ -9,8 +9,9 @@ Workloads (closed loop, `--output-tokens` new tokens each, EOS ignored, streamed
 
 Per workload and concurrency: output tok/s, TTFT and ITL p50/p99 (ITL: gaps between a stream's
 content events), SSE content events per response, and the ideal tok/s the engine's own rates give
-for the same prompts and concurrency: c·O / (c·P / prefill_rate + O·c / decode_rate(c)), with the
-rates measured in-process on the same model right before the server starts. Then, one request at a
+for the same prompts and concurrency: c·O / (c·mean(P / prefill_rate(P)) + O·c / decode_rate(c, P̄)),
+with the rates measured in-process on the same model right before the server starts, at the
+workloads' own lengths (`engine_rates.py`). Then, one request at a
 time: TTFT of a first-seen prompt length against a length seen before, and TTFT against
 prefill + 2 decode steps.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import itertools
 import json
 import random
@@ -44,6 +44,7 @@ import aiohttp
 import orjson
 from tqdm import tqdm
 
+from turbine.bench.engine_rates import EngineRates, engine_rates, spread
 from turbine.bench.loadgen import percentile
 from turbine.bench.stack import LocalStack, proc_cpu_seconds
 from turbine.bench.workloads import EnglishText
@@ -130,16 +131,29 @@ class Workload:
 
 
 def chat_workload(tokenizer: Any, template: Any, n: int, lo: int, hi: int, out: int, seed: int) -> Workload:
+    """`n` one-message chats whose prompts, after the template, are as close to a length drawn from
+    LO-HI tokens as whole words allow (no shorter than the template and a few words)."""
     rng = random.Random(seed)
     english = EnglishText(seed)
     bodies, lengths = [], []
     for i in range(n):
         target = rng.randint(lo, hi)
-        words = english.text(rng, max(8, int(target * 0.7)))
-        messages = [{"role": "user", "content": f"Request {seed}-{i}. {words}\nSummarise the text above."}]
-        ids = tokenizer.encode(template(messages)).ids
-        bodies.append(_body(messages=messages, out=out))
-        lengths.append(len(ids))
+        words = english.text(rng, target).split(" ")  # a word is at least one token
+
+        def render(count: int, i: int = i, words: list[str] = words) -> list[dict[str, str]]:
+            text = " ".join(words[:count])
+            return [{"role": "user", "content": f"Request {seed}-{i}. {text}\nSummarise the text above."}]
+
+        def tokens(count: int) -> int:
+            return len(tokenizer.encode(template(render(count))).ids)
+
+        # The most words whose prompt fits the target (token counts grow with the word count).
+        low, high = 8, len(words)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if tokens(mid) <= target else (low, mid - 1)
+        bodies.append(_body(messages=render(low), out=out))
+        lengths.append(tokens(low))
     return Workload("chat", "/v1/chat/completions", bodies, lengths)
 
 
@@ -159,90 +173,6 @@ def _body(*, out: int, **fields: Any) -> dict[str, Any]:
         "stream_options": {"include_usage": True},
         **fields,
     }
-
-
-# ------------------------------------------------------------------------------ engine-alone rates
-
-
-@dataclass
-class EngineRates:
-    prefill: dict[int, float]
-    """Prefill tokens/s of prompts of each measured length (attention makes long prompts slower)."""
-    decode_tok_s: dict[int, float]
-    """Decode tokens/s at each concurrency (one step = batch / rate)."""
-
-    def prefill_tok_s(self, prompt_tokens: float) -> float:
-        """Prefill tokens/s at this prompt length, interpolated between the measured lengths."""
-        lengths = sorted(self.prefill)
-        if prompt_tokens <= lengths[0]:
-            return self.prefill[lengths[0]]
-        for lo, hi in itertools.pairwise(lengths):
-            if prompt_tokens <= hi:
-                w = (prompt_tokens - lo) / (hi - lo)
-                return self.prefill[lo] * (1 - w) + self.prefill[hi] * w
-        return self.prefill[lengths[-1]]
-
-    def step_s(self, batch: int) -> float:
-        return batch / self.decode_tok_s[batch]
-
-    def ideal_tok_s(self, concurrency: int, prompt_tokens: Sequence[int], out: int) -> float:
-        """Closed loop: c prompts prefilled at the engine's rate for their lengths, then `out` decode
-        steps at batch c."""
-        c = concurrency
-        prefill_s = c * statistics.fmean(n / self.prefill_tok_s(n) for n in prompt_tokens)
-        return c * out / (prefill_s + out * self.step_s(c))
-
-
-def engine_rates(
-    model_dir: Path, device: str, concurrencies: list[int], prefill_lengths: list[int], out: int
-) -> EngineRates:
-    """The engine alone on the same model: prefill tok/s of prompts of each of `prefill_lengths`
-    tokens (lengths seen before: no first-use cost) and decode tok/s at each concurrency (prompts of
-    the first length)."""
-    import torch
-
-    from turbine.bench.engine import EngineRunner, prompts, request
-    from turbine.engines.torch.engine import TorchEngineConfig, load_model
-
-    cfg = TorchEngineConfig(
-        model_dir=model_dir,
-        device=device,
-        load_format="dummy" if device == "cuda" else "auto",
-        max_num_seqs=max(concurrencies),
-        max_num_batched_tokens=8192 if device == "cuda" else 2048,
-        gpu_memory_utilization=0.5,
-        progress=False,
-    )
-    loaded = load_model(cfg)
-    runner = EngineRunner(cfg, loaded)
-    vocab = loaded.arch.vocab_size
-    try:
-        batch = 16 if device == "cuda" else 2
-        prefill: dict[int, float] = {}
-        for length in sorted(set(prefill_lengths)):
-            runner.run([request(p, 1) for p in prompts(batch, length, vocab, 1)])  # warm-up
-            # Best of three on a GPU, where one batch of prefills takes a fraction of a second.
-            seeds = (2, 3, 4) if device == "cuda" else (2,)
-            walls = [runner.run([request(p, 1) for p in prompts(batch, length, vocab, s)])[0] for s in seeds]
-            prefill[length] = batch * length / min(walls)
-            print(f"engine alone: prefill {prefill[length]:.0f} tok/s at {length} tokens", file=sys.stderr)
-        prompt_len = prefill_lengths[0]
-        decode: dict[int, float] = {}
-        for c in concurrencies:
-            runner.run([request(p, 4) for p in prompts(c, 32, vocab, 3 + c)])  # capture this batch
-            _, arrivals = runner.run([request(p, out) for p in prompts(c, prompt_len, vocab, 100 + c)])
-            start = max(a[0] for a in arrivals)
-            end = max(a[-1] for a in arrivals)
-            decoded = sum(sum(1 for t in a[1:] if t > start) for a in arrivals)
-            decode[c] = decoded / (end - start)
-            print(f"engine alone: c={c} decode {decode[c]:.0f} tok/s", file=sys.stderr)
-    finally:
-        runner.close()
-        del runner, loaded
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return EngineRates(prefill, decode)
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -295,7 +225,7 @@ def measure(url: str, load: Workload, concurrency: int, rates: EngineRates, out:
         percentile(gaps, 0.99) * 1000,
         statistics.median(s.events for s in ok) if ok else 0,
         statistics.median(s.tokens for s in ok) if ok else 0,
-        rates.step_s(concurrency) * 1000,
+        rates.step_s(concurrency, statistics.fmean(load.prompt_tokens)) * 1000,
     )
     print(
         f"{load.name} c={concurrency}: {row.tok_s:.0f} tok/s "
@@ -442,15 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.output_tokens
     with tempfile.TemporaryDirectory(prefix="turbine-serve-") as tmp:
         model_dir = model_dir_for(args, Path(tmp))
-        rates = engine_rates(model_dir, args.device, concurrencies, prefill_lengths(args), out)
-        rows, extra = serve(args, model_dir, rates, concurrencies)
+        plan = plan_workloads(args, model_dir, concurrencies)
+        # Decode is measured over each workload's mean prompt length (and the fixed one).
+        means = [args.fixed_tokens, *(statistics.fmean(load.prompt_tokens) for _, load in plan.loads)]
+        rates = engine_rates(model_dir, args.device, concurrencies, prefill_lengths(args), spread(means), out)
+        rows, extra = serve(args, model_dir, rates, plan)
     header = (
         f"{describe(args)}; {out} new tokens per request, EOS ignored, greedy, streamed with usage; closed "
-        f"loop. Engine alone (same run, same model): prefill "
-        + ", ".join(f"{v:,.0f} tok/s at {n} tokens" for n, v in sorted(rates.prefill.items()))
-        + " (each prompt of a workload at the rate for its length), decode "
-        + ", ".join(f"{v:,.0f} tok/s at c={c}" for c, v in rates.decode_tok_s.items())
-        + f". Command: `turbine bench serve {' '.join(sys.argv[1:] if argv is None else argv)}`."
+        f"loop. Engine alone (same run, same model): {rates.describe()}. The ideal takes each prompt's "
+        "prefill at the rate for its length and the decode steps at the rate for the workload's mean "
+        "prompt length, both interpolated between the measured lengths. "
+        f"Command: `turbine bench serve {' '.join(sys.argv[1:] if argv is None else argv)}`."
     )
     write_report(args.out, args.device, header, rows, extra)
     return 0
@@ -487,13 +419,20 @@ def worker_argv(args: argparse.Namespace, model_dir: Path, max_seqs: int) -> lis
     return [*worker, "--log-level", "info", *args.worker_args.split()]
 
 
-def serve(
-    args: argparse.Namespace, model_dir: Path, rates: EngineRates, concurrencies: list[int]
-) -> tuple[list[Row], dict[str, Any]]:
+@dataclass
+class Plan:
+    loads: list[tuple[int, Workload]]
+    """Each run in order: its concurrency and workload."""
+    vocab: int
+    """Token ids the prompts may use (the tokenizer's and the model's vocabulary both)."""
+
+
+def plan_workloads(args: argparse.Namespace, model_dir: Path, concurrencies: list[int]) -> Plan:
+    """Every run's prompts, drawn before anything is measured (the engine's decode rate is then
+    measured at their lengths)."""
     from turbine.preprocess.chat_template import ChatTemplate
     from turbine.preprocess.tokenizer import load_model_files
 
-    worker = worker_argv(args, model_dir, max(concurrencies))
     files = load_model_files(model_dir)
     assert files.chat_template is not None, "the chat workload needs the model's chat template"
     template = ChatTemplate(files.chat_template, files.bos_token, files.eos_token)
@@ -502,6 +441,29 @@ def serve(
         json.loads((model_dir / "config.json").read_text()).get("vocab_size", 32000),
         files.tokenizer.get_vocab_size(),
     )
+    rng = random.Random(7)
+    lo, hi = (int(x) for x in args.varied_tokens.split("-"))
+    out = args.output_tokens
+    loads: list[tuple[int, Workload]] = []
+    for c in concurrencies:
+        n = args.requests or max(16, 3 * c)
+        for name in args.workloads.split(","):
+            seed = 1000 * c + len(loads)
+            if name == "chat":
+                clo, chi = (int(x) for x in args.chat_tokens.split("-"))
+                load = chat_workload(files.tokenizer, template.render, n, clo, chi, out, seed)
+            elif name == "varied":
+                load = token_workload(name, [rng.randint(lo, hi) for _ in range(n)], vocab, out, seed)
+            else:
+                load = token_workload(name, [args.fixed_tokens] * n, vocab, out, seed)
+            loads.append((c, load))
+    return Plan(loads, vocab)
+
+
+def serve(
+    args: argparse.Namespace, model_dir: Path, rates: EngineRates, plan: Plan
+) -> tuple[list[Row], dict[str, Any]]:
+    worker = worker_argv(args, model_dir, max(c for c, _ in plan.loads))
     out = args.output_tokens
     rows: list[Row] = []
     extra: dict[str, Any] = {}
@@ -509,28 +471,17 @@ def serve(
         stack.wait_ready(timeout=900)
         rng = random.Random(7)
         lo, hi = (int(x) for x in args.varied_tokens.split("-"))
-        extra.update(first_seen_ttft(stack.url, vocab, [rng.randint(lo, hi) for _ in range(8)], 11))
-        workloads = args.workloads.split(",")
-        total = sum(len(workloads) * (args.requests or max(16, 3 * c)) for c in concurrencies)
-        bar = tqdm(total=total, desc="serve", unit="req")
-        for c in concurrencies:
-            n = args.requests or max(16, 3 * c)
-            for name in workloads:
-                seed = 1000 * c + len(rows)
-                if name == "chat":
-                    clo, chi = (int(x) for x in args.chat_tokens.split("-"))
-                    load = chat_workload(files.tokenizer, template.render, n, clo, chi, out, seed)
-                elif name == "varied":
-                    load = token_workload(name, [rng.randint(lo, hi) for _ in range(n)], vocab, out, seed)
-                else:
-                    warm = token_workload(name, [args.fixed_tokens] * c, vocab, 4, seed + 1)
-                    asyncio.run(closed_loop(stack.url + warm.path, warm.bodies, c))
-                    load = token_workload(name, [args.fixed_tokens] * n, vocab, out, seed)
-                before = (stack.frontend_cpu_s(), proc_cpu_seconds(stack.workers[0].pid))
-                row = measure(stack.url, load, c, rates, out, bar)
-                row.frontend_cpu_ms = (stack.frontend_cpu_s() - before[0]) * 1000 / row.requests
-                row.worker_cpu_ms = (proc_cpu_seconds(stack.workers[0].pid) - before[1]) * 1000 / row.requests
-                rows.append(row)
+        extra.update(first_seen_ttft(stack.url, plan.vocab, [rng.randint(lo, hi) for _ in range(8)], 11))
+        bar = tqdm(total=sum(len(load.bodies) for _, load in plan.loads), desc="serve", unit="req")
+        for c, load in plan.loads:
+            if load.name == "fixed":  # one round at this length first: every size seen before
+                warm = token_workload(load.name, [args.fixed_tokens] * c, plan.vocab, 4, len(rows))
+                asyncio.run(closed_loop(stack.url + warm.path, warm.bodies, c))
+            before = (stack.frontend_cpu_s(), proc_cpu_seconds(stack.workers[0].pid))
+            row = measure(stack.url, load, c, rates, out, bar)
+            row.frontend_cpu_ms = (stack.frontend_cpu_s() - before[0]) * 1000 / row.requests
+            row.worker_cpu_ms = (proc_cpu_seconds(stack.workers[0].pid) - before[1]) * 1000 / row.requests
+            rows.append(row)
         bar.close()
         if args.keep_logs is not None:
             args.keep_logs.mkdir(parents=True, exist_ok=True)
@@ -539,6 +490,7 @@ def serve(
         single = [r for r in rows if r.concurrency == 1 and r.workload == "fixed"]
         if single:
             prefill_ms = args.fixed_tokens / rates.prefill_tok_s(args.fixed_tokens) * 1000
+            step_ms = rates.step_s(1, args.fixed_tokens) * 1000
             extra["one_request_ttft_p50_ms"] = single[0].ttft_p50_ms
-            extra["prefill_plus_2_steps_plus_5_ms"] = prefill_ms + 2 * rates.step_s(1) * 1000 + 5
+            extra["prefill_plus_2_steps_plus_5_ms"] = prefill_ms + 2 * step_ms + 5
     return rows, extra
