@@ -120,6 +120,8 @@ class TorchExecutor:
         self.guides = guides
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-runner")
         self._generators: dict[int, torch.Generator] = {}
+        self._steady: dict[int, RowParams] = {}
+        """Each sequence's knobs while they stay the same from step to step (`_params`)."""
         self._counts = TokenCounts(model.arch.vocab_size, model.device)
         """Token counts of the sequences with penalties (logits_processors.py)."""
         self._ahead: _Ahead | None = None
@@ -139,6 +141,7 @@ class TorchExecutor:
 
     def release(self, seq: Seq) -> None:
         self._generators.pop(seq.seq_id, None)
+        self._steady.pop(seq.seq_id, None)
         self._counts.release(seq.seq_id)
         if self.guides is not None:
             self.guides.release(seq.seq_id)
@@ -158,20 +161,39 @@ class TorchExecutor:
 
     def _snapshot(self, plan: StepPlan) -> _Step:
         step = _Step([], [], [], [], [], [])
+        input_ids, positions, chunks = step.input_ids, step.positions, step.chunks
+        table_of = self.blocks.block_table
+        continues = True
         for seq, num_new, _ in plan.chunks:
             start = seq.num_computed
             end = start + num_new
-            step.input_ids += seq.tokens[start:end]
-            step.positions += range(start, end)
-            step.chunks.append((list(self.blocks.block_table(seq.seq_id)), start, num_new))
-            if end == len(seq.tokens):
-                step.sample_rows.append(len(step.input_ids) - 1)
+            tokens = seq.tokens
+            if num_new == 1:  # a decode, most rows of most steps
+                input_ids.append(tokens[start])
+                positions.append(start)
+            else:
+                input_ids += tokens[start:end]
+                positions += range(start, end)
+            chunks.append((list(table_of(seq.seq_id)), start, num_new))
+            if end == len(tokens):
+                step.sample_rows.append(len(input_ids) - 1)
                 step.sample_ids.append(seq.seq_id)
                 step.params.append(self._params(seq))
-                step.continues = step.continues and seq.num_output + 2 <= seq.max_tokens
+                continues = continues and end - seq.prompt_len + 2 <= seq.max_tokens
+        step.continues = continues
         return step
 
     def _params(self, seq: Seq) -> RowParams:
+        """The row's knobs; the same object every step while nothing in them can change (no
+        grammar, penalties or bias, past `min_tokens`), built anew otherwise."""
+        params = self._steady.get(seq.seq_id)
+        if params is None:
+            params = self._new_params(seq)
+            if params.guide is None and params.adjust is None and seq.num_output >= seq.min_tokens:
+                self._steady[seq.seq_id] = params
+        return params
+
+    def _new_params(self, seq: Seq) -> RowParams:
         s, d = seq.sampling, self.defaults
         generator = None
         if s.seed is not None:
@@ -333,10 +355,7 @@ class TorchExecutor:
             self.ahead_hits += 1
         else:
             launched = graphs.launch(step.input_ids, step.positions, slots, tables)
-        greedy = all(
-            p.greedy and p.logprobs is None and not p.banned and p.adjust is None for p in step.params
-        )
-        if not greedy:
+        if not all(p.plain_greedy for p in step.params):
             sampled = sample(launched.logits, step.params)
             return dict(zip(step.sample_ids, sampled, strict=True))
         if any(p.guide is not None for p in step.params):

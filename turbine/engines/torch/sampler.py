@@ -21,7 +21,7 @@ from turbine.engines.torch.grammar import GuideRow, constrain
 from turbine.engines.torch.logits_processors import RowAdjust, adjust_logits
 
 
-@dataclass
+@dataclass(slots=True)
 class RowParams:
     """One sequence's sampling knobs for this step."""
 
@@ -40,6 +40,13 @@ class RowParams:
     """Penalties, logit bias, allowed tokens and bad words (logits_processors.py); None: none."""
     guide: GuideRow | None = None
     """The row's grammar (guided decoding): only the tokens it allows can be sampled."""
+
+    plain_greedy: bool = field(init=False)
+    """Greedy with nothing else to apply but a grammar: the argmax of the raw logits, or of the
+    masked ones (no logprobs, banned tokens or adjustments)."""
+
+    def __post_init__(self) -> None:
+        self.plain_greedy = self.greedy and self.logprobs is None and not self.banned and self.adjust is None
 
     @property
     def greedy(self) -> bool:

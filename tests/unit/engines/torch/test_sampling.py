@@ -4,6 +4,7 @@ log-softmax; and the sampler's filters on hand-made distributions."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -110,3 +111,36 @@ def test_seeded_generators_repeat_their_draws() -> None:
 
     assert draw(5) == draw(5)
     assert draw(5) != draw(6)
+
+
+def test_a_rows_knobs_are_built_once_unless_they_change_from_step_to_step(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The executor keeps a sequence's `RowParams` while nothing in them can change; rows with
+    penalties (token counts) or under `min_tokens` (banned ids) get theirs built every step."""
+    from turbine.engines.torch.runner import TorchExecutor
+
+    built: dict[int, int] = {}
+    original = TorchExecutor._new_params
+
+    def counting(self: TorchExecutor, seq: Any) -> RowParams:
+        built[seq.tokens[0]] = built.get(seq.tokens[0], 0) + 1
+        return original(self, seq)
+
+    monkeypatch.setattr(TorchExecutor, "_new_params", counting)
+    plain = request([11, *PROMPT], 10, temperature=0.0)
+    penalised = request([12, *PROMPT], 10, temperature=0.0, presence_penalty=1.0)
+    seeded = request([13, *PROMPT], 10, temperature=1.0, seed=5)
+    late_eos = PreprocessedRequest(
+        request_id="late-eos",
+        model="m",
+        token_ids=[14, *PROMPT],
+        sampling=SamplingOptions(temperature=0.0),
+        stop=StopConditions(max_tokens=10, min_tokens=4, ignore_eos=True),
+        eos_token_ids=(2,),
+    )
+    results, _ = run_engine(tiny_llama_dir, [plain, penalised, seeded, late_eos])
+    assert [len(tokens_of(r)) for r in results] == [10, 10, 10, 10]
+    assert built == {11: 1, 12: 10, 13: 1, 14: 5}
+    (again,), _ = run_engine(tiny_llama_dir, [request([13, *PROMPT], 10, temperature=1.0, seed=5)])
+    assert tokens_of(again) == tokens_of(results[2])  # the kept generator goes on drawing as before
