@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from turbine.bench.machine import cpu_class
 from turbine.engines.base import NullEventSink
 from turbine.engines.core.scheduler import Sampled, Seq, StepPlan
 from turbine.engines.torch.engine import TorchEngine, TorchEngineConfig, load_model
@@ -182,7 +183,7 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     lines = [
         "# Host work per decode step (forward stubbed)",
         "",
-        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; "
+        f"{cpu_class()}, Python {platform.python_version()}; "
         f"{args.steps} tokens per sequence after a 300-700-token prompt, best of {args.rounds} "
         "interleaved rounds. Command: `.venv/bin/python benchmarks/host_step.py`.",
         "",
