@@ -116,6 +116,12 @@ class WorkerConfig(EngineOptions, RuntimeConfig):
         "config.json shape drawn on the device, no weights read: for benchmarks; vLLM's flag).",
         choices=LOAD_FORMATS,
     )
+    guided_decoding_threads: int | None = opt(
+        None,
+        "Torch engine: threads computing guided decoding's token masks, a step's rows together "
+        "(default: a quarter of the CPUs, 1 to 4).",
+        min=1,
+    )
     override_generation_config: str | None = opt(
         None,
         "Torch engine: JSON object of default sampling knobs (temperature, top_p, top_k, min_p) over "

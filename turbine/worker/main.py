@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import secrets
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -153,12 +154,20 @@ async def run_workers(
         log.info("shutting down %d worker(s)", len(started))
 
 
+TORCH_SWITCH_INTERVAL_S = 0.0005
+
+
 async def _load_model(cfg: WorkerConfig) -> tuple[Path, str, TorchModel | None]:
     """The model's directory, its served name, and with --engine torch the loaded model."""
     model_dir = Path(cfg.model_path) if cfg.model_path else bundled_model_path()
     model_name = cfg.model_name or (model_dir.resolve().name if cfg.model_path else BUNDLED_MODEL_NAME)
     if cfg.engine != "torch":
         return model_dir, model_name, None
+    # The torch engine's runner and grammar threads come back from GIL-free work (CUDA calls, the
+    # grammar library) several times a step, and each time wait for the GIL while the event loop
+    # holds it: by up to the switch interval, whose default (5 ms) is longer than a small model's
+    # whole decode step.
+    sys.setswitchinterval(TORCH_SWITCH_INTERVAL_S)
     # Loaded before anything registers: frontends see this worker only once it can serve.
     torch_model = await asyncio.to_thread(load_torch_model, cfg)
     if cfg.is_gguf and not cfg.model_name:

@@ -78,6 +78,7 @@ def load_torch_model(cfg: WorkerConfig) -> TorchModel:
         q4_max_rows=cfg.q4_max_rows,
         cpu_kernels=cfg.cpu_kernels,
         load_format=cfg.load_format,
+        guided_decoding_threads=cfg.guided_decoding_threads,
     )
     loaded = load_model(config)
     overrides = cfg.generation_overrides()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,9 @@ class TorchEngineConfig:
     load_format: str = "auto"
     """auto: the checkpoint's weights; dummy: random weights of its config's shape, drawn on the device
     (benchmarks of shapes whose weights are not at hand)."""
+    guided_decoding_threads: int | None = None
+    """Threads of the grammar library computing a step's token masks together; None: a quarter of
+    the CPUs, 1 to 4 (`default_mask_threads`)."""
 
 
 @dataclass
@@ -97,6 +101,13 @@ class LoadedModel:
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     """Held by each engine's runner around a CUDA step: engines sharing the model (and the GPU) then
     never launch work while another captures a CUDA graph, which capture does not allow."""
+
+
+def default_mask_threads() -> int:
+    """A quarter of the CPUs this process may use, 1 to 4: a step's masks (tens of microseconds a
+    row) spread over a few threads, leaving the event loop, the runner and the frontend theirs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus // 4))
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -256,7 +267,10 @@ class TorchEngine(EngineCore):
         tokenizer_json = cfg.model_dir / "tokenizer.json"
         # Guided decoding needs the vocabulary as text; a model directory without tokenizer.json
         # serves without it (its card does not list the capability, so frontends refuse such requests).
-        self._guides = Guides(tokenizer_json, loaded.arch.vocab_size) if tokenizer_json.is_file() else None
+        self._guides = None
+        if tokenizer_json.is_file():
+            threads = cfg.guided_decoding_threads or default_mask_threads()
+            self._guides = Guides(tokenizer_json, loaded.arch.vocab_size, threads)
         if self._guides is not None:
             self.capabilities = (*self.capabilities, CAP_GUIDED_DECODING)
             self._guides.pin = loaded.device.type == "cuda"

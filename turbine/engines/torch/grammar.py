@@ -3,11 +3,12 @@
 Each guided sequence has a matcher (`engines/grammar.py`) that has consumed every token the sequence
 produced under the grammar: its own output, and after a migration also the earlier worker's (the
 last `prior_output_tokens` of the prompt). On the event loop, a step hands each guided row the
-tokens appended since its last step (`Guides.row`); on the runner thread the matcher consumes them
-and writes the row's bitmask of allowed next tokens (`Guides.prepare`, started before the forward so
-that on CUDA, where the forward only queues kernels, the mask is computed while the GPU works, and on
-CPU in a thread beside it); the sampler then sets every disallowed logit of those rows to -inf on
-the logits' device (`constrain`). Rows without a grammar are untouched. EOS is allowed only where the
+tokens appended since its last step (`Guides.row`); on the grammar thread the matchers consume them
+and write the rows' bitmasks of allowed next tokens, a step's rows together on the library's own
+threads (`fill`), started as soon as the previous step sampled (`Guides.speculate`) or else before
+the forward (`Guides.prepare`), so that on CUDA, where the forward only queues kernels, the masks are
+computed while the GPU works, and on CPU beside it; the sampler then sets every disallowed logit of
+those rows to -inf on the logits' device (`constrain`). Rows without a grammar are untouched. EOS is allowed only where the
 grammar is complete; a finished grammar allows nothing but EOS.
 """
 
@@ -60,7 +61,8 @@ class Guides:
     """The guided sequences of one engine. `row`/`release`/`error` run on the event loop, `prepare`
     (and `constrain`) on the runner thread; a sequence is in at most one step at a time."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int) -> None:
+    def __init__(self, tokenizer_json: Path, vocab_size: int, threads: int = 1) -> None:
+        """`threads`: the grammar library's own threads, which compute a step's masks together."""
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
@@ -69,6 +71,7 @@ class Guides:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
         self.pin = False
         """Masks in pinned memory (CUDA: their copy to the device then does not wait for the host)."""
+        self._pool = llguidance.LLExecutor(threads)
 
     def load(self) -> None:
         """Read the vocabulary into the grammar library (slow: call it off the event loop, before
@@ -151,24 +154,59 @@ class Guides:
 
     def _masks(self, rows: list[GuideRow]) -> torch.Tensor:
         bitmask = torch.empty((len(rows), self.words), dtype=torch.int32, pin_memory=self.pin)
-        fill(rows, bitmask)
+        fill(rows, bitmask, self._pool)
         return bitmask
 
 
-def fill(rows: list[GuideRow], out: torch.Tensor) -> None:
+def fill(rows: list[GuideRow], out: torch.Tensor, pool: llguidance.LLExecutor | None = None) -> None:
     """Advance each row's matcher over its new tokens and write its bitmask into `out[i]`: what the
-    grammar allows next, with the request's EOS ids standing for the library's end token."""
+    grammar allows next, with the request's EOS ids standing for the library's end token.
+
+    With `pool`, the rows go to the library's threads in two calls (each row consumes its token, then
+    every mask is written), each without the GIL from start to end. Calls row by row would need the
+    GIL back between rows, and wait for it whenever the event loop or the runner holds it (by up to
+    the interpreter's switch interval each time)."""
     size = out.shape[1] * out.element_size()
-    live = []
-    for i, row in enumerate(rows):
-        matcher = row.state.matcher
-        if row.new_tokens and not matcher.consume_tokens(row.new_tokens):
-            log.warning("a guided sequence left its grammar: %s", matcher.get_error())
-        ok = not matcher.is_error()
-        if ok:
-            matcher.unsafe_compute_mask_ptr(out[i].data_ptr(), size)
-        live.append(ok)
+    if pool is not None and len(rows) > 1:
+        live = _fill_together(rows, out, pool, size)
+    else:
+        live = []
+        for i, row in enumerate(rows):
+            matcher = row.state.matcher
+            if row.new_tokens:
+                _consume(matcher, row.new_tokens)
+            ok = not matcher.is_error()
+            if ok:
+                matcher.unsafe_compute_mask_ptr(out[i].data_ptr(), size)
+            live.append(ok)
     _set_ends([row.state for row in rows], out.numpy(), live)
+
+
+def _fill_together(
+    rows: list[GuideRow], out: torch.Tensor, pool: llguidance.LLExecutor, size: int
+) -> list[bool]:
+    """`fill` of a batch through the library's pool; returns which rows' matchers are still live."""
+    matchers = [row.state.matcher for row in rows]
+    single = []
+    for matcher, row in zip(matchers, rows, strict=True):
+        if len(row.new_tokens) == 1:
+            single.append((matcher, row.new_tokens[0]))
+        elif row.new_tokens:  # the first step after a migration: its whole prior output
+            _consume(matcher, row.new_tokens)
+    if single:
+        for (matcher, _), ok in zip(single, pool.consume_token_par(single), strict=True):
+            if not ok:
+                log.warning("a guided sequence left its grammar: %s", matcher.get_error())
+    live = [not matcher.is_error() for matcher in matchers]
+    todo = [(matcher, i) for i, matcher in enumerate(matchers) if live[i]]
+    if todo:
+        pool.unsafe_compute_mask_ptr(todo, out.data_ptr(), size, out.shape[0])
+    return live
+
+
+def _consume(matcher: llguidance.LLMatcher, tokens: list[int]) -> None:
+    if not matcher.consume_tokens(tokens):
+        log.warning("a guided sequence left its grammar: %s", matcher.get_error())
 
 
 def _set_ends(states: list[_State], words: np.ndarray, live: list[bool]) -> None:

@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import llguidance
 import pytest
 import tokenizers
 import torch
@@ -62,9 +63,10 @@ def test_a_row_that_left_its_grammar_allows_eos_only(guides: Guides, tiny_llama_
     assert _allowed(out[0]) == {2}
 
 
-def test_a_batch_gets_each_rows_own_mask(guides: Guides, tiny_llama_dir: Path) -> None:
-    """Rows of different grammars and EOS lists (one that left its grammar) in one bitmask: each row's
-    mask is the one it gets alone."""
+@pytest.mark.parametrize("threads", [None, 1, 2], ids=["row by row", "pool of 1", "pool of 2"])
+def test_a_batch_gets_each_rows_own_mask(guides: Guides, tiny_llama_dir: Path, threads: int | None) -> None:
+    """Rows of different grammars and EOS lists (one that left its grammar) in one bitmask, row by row
+    or through the library's pool: each row's mask is the one it gets alone."""
 
     def rows() -> list[GuideRow]:
         return [
@@ -78,7 +80,7 @@ def test_a_batch_gets_each_rows_own_mask(guides: Guides, tiny_llama_dir: Path) -
         ]
 
     batch = torch.empty((5, guides.words), dtype=torch.int32)
-    fill(rows(), batch)
+    fill(rows(), batch, None if threads is None else llguidance.LLExecutor(threads))
     for i, row in enumerate(rows()):
         alone = torch.empty((1, guides.words), dtype=torch.int32)
         fill([row], alone)
