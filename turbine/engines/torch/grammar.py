@@ -8,8 +8,8 @@ and write the rows' bitmasks of allowed next tokens, a step's rows together on t
 threads (`fill`), started as soon as the previous step sampled (`Guides.speculate`) or else before
 the forward (`Guides.prepare`), so that on CUDA, where the forward only queues kernels, the masks are
 computed while the GPU works, and on CPU beside it; the sampler then sets every disallowed logit of
-those rows to -inf on the logits' device (`constrain`). Rows without a grammar are untouched. EOS is allowed only where the
-grammar is complete; a finished grammar allows nothing but EOS.
+those rows to -inf on the logits' device (`constrain`). Rows without a grammar are untouched. EOS is
+allowed only where the grammar is complete; a finished grammar allows nothing but EOS.
 """
 
 from __future__ import annotations
