@@ -21,6 +21,7 @@ delivery, the thread hop) behind the GPU's, which is what bounds batch-1 decode 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,8 @@ from turbine.engines.torch.grammar import Guides, constrain
 from turbine.engines.torch.logits_processors import TokenCounts, row_adjust
 from turbine.engines.torch.model import LlamaModel
 from turbine.engines.torch.sampler import RowParams, sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,21 @@ class TorchExecutor:
         self._ahead: _Ahead | None = None
         self.ahead_hits = 0
         """Steps served by a launch queued ahead (for tests and benchmarks)."""
+        self.ahead_queued = 0
+        self.graph_steps = 0
+        self.eager_steps = 0
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        log.info(
+            "torch runner: %d steps: %d decode steps by CUDA graph (%d of %d launches queued ahead "
+            "used), %d eager (prefill, mixed, or no graph)",
+            self.graph_steps + self.eager_steps,
+            self.graph_steps,
+            self.ahead_hits,
+            self.ahead_queued,
+            self.eager_steps,
+        )
         if self.guides is not None:
             self.guides.close()
 
@@ -254,6 +269,7 @@ class TorchExecutor:
             if graphs.fits(len(tables), max(len(t) for t in tables)):
                 return self._graph_decode(graphs, step, tables)
         self._ahead = None
+        self.eager_steps += 1
         chunks, input_ids, positions = step.chunks, step.input_ids, step.positions
         if self.pad_steps and self._scratch is not None:
             filler = bucket(len(input_ids)) - len(input_ids)
@@ -350,6 +366,7 @@ class TorchExecutor:
         bs = self.blocks.block_size
         slots = [t[-1] * bs + pos % bs for t, pos in zip(tables, step.positions, strict=True)]
         ahead, self._ahead = self._ahead, None
+        self.graph_steps += 1
         if ahead is not None and ahead.matches(step.input_ids, step.positions, slots, tables):
             launched = ahead.launched
             self.ahead_hits += 1
@@ -365,6 +382,7 @@ class TorchExecutor:
             nxt_slots = [slot + 1 for slot in slots]
             queued = graphs.launch(None, nxt, nxt_slots, tables, ids_from=launched)
             self._ahead = _Ahead(queued, [], nxt, nxt_slots, tables)
+            self.ahead_queued += 1
         tokens = launched.greedy_tokens()
         if self._ahead is not None:
             self._ahead.input_ids = tokens
