@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class MaskStats:
+    """What the masks cost an engine, logged when it stops: computing them (grammar thread) and
+    waiting for them (runner thread), each written by its one thread."""
+
+    computations: int = 0
+    rows: int = 0
+    computing_s: float = 0.0
+    waiting_s: float = 0.0
+
+
+@dataclass
 class _State:
     matcher: llguidance.LLMatcher
     start: int
@@ -45,6 +57,8 @@ class _State:
     ahead: GuideRow | None = None
     """The row of the sequence's next step, started on the runner thread as soon as the token it
     consumes was sampled (`Guides.speculate`)."""
+    stats: MaskStats | None = None
+    """The engine's (`Guides.stats`)."""
 
 
 @dataclass
@@ -72,6 +86,7 @@ class Guides:
         self.pin = False
         """Masks in pinned memory (CUDA: their copy to the device then does not wait for the host)."""
         self._pool = llguidance.LLExecutor(threads)
+        self.stats = MaskStats()
 
     def load(self) -> None:
         """Read the vocabulary into the grammar library (slow: call it off the event loop, before
@@ -91,6 +106,17 @@ class Guides:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+        st = self.stats
+        if st.computations:
+            log.info(
+                "guided masks: %d rows in %d computations, %.1f ms computing (%.1f us a row); the "
+                "runner waited %.1f ms for them",
+                st.rows,
+                st.computations,
+                st.computing_s * 1e3,
+                st.computing_s / st.rows * 1e6,
+                st.waiting_s * 1e3,
+            )
 
     def error(self, guided: GuidedDecoding) -> str | None:
         """Why this engine cannot enforce `guided` (it does not compile), or None."""
@@ -123,7 +149,7 @@ class Guides:
             raise RuntimeError(f"request grammar does not compile: {exc}") from None
         start = seq.prompt_len - min(seq.sampling.prior_output_tokens, seq.prompt_len)
         eos = sorted(t for t in seq.eos_token_ids if 0 <= t < self.vocab_size)
-        return _State(matcher, start, grammars.tokenizer.eos_token, eos)
+        return _State(matcher, start, grammars.tokenizer.eos_token, eos, stats=self.stats)
 
     def release(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
@@ -153,8 +179,13 @@ class Guides:
                 row.mask = _Slice(future, i)
 
     def _masks(self, rows: list[GuideRow]) -> torch.Tensor:
+        started = time.perf_counter()
         bitmask = torch.empty((len(rows), self.words), dtype=torch.int32, pin_memory=self.pin)
         fill(rows, bitmask, self._pool)
+        st = self.stats
+        st.computing_s += time.perf_counter() - started
+        st.computations += 1
+        st.rows += len(rows)
         return bitmask
 
 
@@ -261,6 +292,7 @@ class _Slice(Future[torch.Tensor]):
 def constrain(logits: torch.Tensor, rows: list[int], guides: list[GuideRow]) -> torch.Tensor:
     """`logits` with every token that row `rows[i]`'s grammar disallows at -inf (a copy; the other
     rows unchanged). Masks not prepared beside the forward are computed now."""
+    started = time.perf_counter()
     bitmask = _whole(guides)
     if bitmask is None:
         bitmask = torch.empty((len(rows), -(-logits.shape[1] // 32)), dtype=torch.int32)
@@ -269,6 +301,9 @@ def constrain(logits: torch.Tensor, rows: list[int], guides: list[GuideRow]) -> 
                 bitmask[i] = row.mask.result()
             else:
                 fill([row], bitmask[i : i + 1])
+    stats = guides[0].state.stats
+    if stats is not None:
+        stats.waiting_s += time.perf_counter() - started
     return apply_bitmask(logits, rows, bitmask)
 
 

@@ -6,6 +6,7 @@ step uses, unless the sequence went on otherwise."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import tokenizers
 import torch
 
 from turbine.engines.core.scheduler import Seq
-from turbine.engines.torch.grammar import GuideRow, Guides, _State, fill
+from turbine.engines.torch.grammar import GuideRow, Guides, _State, constrain, fill
 from turbine.protocol.request import GuidedDecoding, SamplingOptions
 
 pytestmark = pytest.mark.unit
@@ -145,3 +146,22 @@ def _fresh_mask(guides: Guides, seq: Seq, guided: GuidedDecoding) -> torch.Tenso
     out = torch.empty((1, guides.words), dtype=torch.int32)
     fill([GuideRow(state, seq.tokens[seq.prompt_len :])], out)
     return out[0]
+
+
+def test_what_the_masks_cost_is_counted_and_logged_at_close(
+    tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    guides = Guides(tiny_llama_dir / "tokenizer.json", VOCAB, threads=2)
+    guided = GuidedDecoding("regex", "[0-9]{1,6}", "test")
+    seqs = [_seq([5, 6], 2, guided) for _ in range(3)]
+    for i, seq in enumerate(seqs):
+        seq.seq_id = 10 + i
+    ready = [row for seq in seqs if (row := guides.row(seq)) is not None]
+    assert len(ready) == 3
+    guides.prepare(ready)
+    constrain(torch.zeros((3, VOCAB)), [0, 1, 2], ready)
+    assert guides.stats.computations == 1 and guides.stats.rows == 3
+    assert guides.stats.computing_s > 0 and guides.stats.waiting_s >= 0
+    with caplog.at_level(logging.INFO, logger="turbine.engines.torch.grammar"):
+        guides.close()
+    assert "guided masks: 3 rows in 1 computations" in caplog.text
