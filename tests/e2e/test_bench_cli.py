@@ -126,11 +126,15 @@ def test_serve(tmp_path: Path, small_llama_dir: Path) -> None:
         "32",
         "--out",
         str(tmp_path),
+        "--keep-logs",
+        str(tmp_path / "logs"),
     )
     assert_reported(result, tmp_path, "serve_cpu")
     report = (tmp_path / "serve_cpu.md").read_text()
     for workload in ("chat", "varied", "fixed"):
         assert f"| {workload} | 2 |" in report
+    # The worker's logs, kept after it stopped: its runner's step counts are their last lines.
+    assert "torch runner: " in (tmp_path / "logs" / "worker-0.log").read_text()
 
 
 @pytest.mark.timeout(600)
@@ -151,8 +155,11 @@ def test_structured(tmp_path: Path, small_llama_dir: Path) -> None:
         "2",
         "--out",
         str(tmp_path),
+        "--keep-logs",
+        str(tmp_path / "logs"),
     )
     assert_reported(result, tmp_path, "structured_cpu")
+    assert "guided masks: " in (tmp_path / "logs" / "worker-0.log").read_text()
 
 
 def test_vs_dynamo_without_dynamo_says_how_to_set_it_up(tmp_path: Path) -> None:

@@ -467,7 +467,7 @@ def serve(
     out = args.output_tokens
     rows: list[Row] = []
     extra: dict[str, Any] = {}
-    with LocalStack(["--router-mode", "round-robin"], worker) as stack:
+    with LocalStack(["--router-mode", "round-robin"], worker, keep_logs=args.keep_logs) as stack:
         stack.wait_ready(timeout=900)
         rng = random.Random(7)
         lo, hi = (int(x) for x in args.varied_tokens.split("-"))
@@ -483,10 +483,6 @@ def serve(
             row.worker_cpu_ms = (proc_cpu_seconds(stack.workers[0].pid) - before[1]) * 1000 / row.requests
             rows.append(row)
         bar.close()
-        if args.keep_logs is not None:
-            args.keep_logs.mkdir(parents=True, exist_ok=True)
-            for log in stack.root.glob("*.log"):
-                shutil.copyfile(log, args.keep_logs / log.name)
         single = [r for r in rows if r.concurrency == 1 and r.workload == "fixed"]
         if single:
             prefill_ms = args.fixed_tokens / rates.prefill_tok_s(args.fixed_tokens) * 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,8 +88,12 @@ class LocalStack:
         frontend_prefix: Sequence[str] = (),
         worker_prefix: Sequence[str] = (),
         extra_frontends: int = 0,
+        keep_logs: Path | None = None,
     ) -> None:
-        """`frontend_prefix`/`worker_prefix` go before the commands (e.g. `taskset -c 0-7`)."""
+        """`frontend_prefix`/`worker_prefix` go before the commands (e.g. `taskset -c 0-7`).
+        `keep_logs`: where the processes' logs are copied once they have stopped (their last lines
+        are what they log on the way out)."""
+        self._keep_logs = keep_logs
         self._dir = tempfile.TemporaryDirectory(prefix="turbine-bench-")
         self.root = Path(self._dir.name)
         ports = [free_port() for _ in range(1 + extra_frontends)]
@@ -183,6 +188,10 @@ class LocalStack:
         stop_processes(self.processes)
         for log in self._logs:
             log.close()
+        if self._keep_logs is not None:
+            self._keep_logs.mkdir(parents=True, exist_ok=True)
+            for log_file in self.root.glob("*.log"):
+                shutil.copyfile(log_file, self._keep_logs / log_file.name)
         self._dir.cleanup()
 
     def __enter__(self) -> LocalStack:

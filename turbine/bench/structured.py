@@ -445,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--worker-args", default="", help="extra worker flags, space-separated")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--keep-logs", type=Path, help="copy the frontend's and worker's logs here")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     counts = (
@@ -492,7 +493,7 @@ def serve(
     worker = worker_argv(args, model_dir, max(concurrencies))
     runs: list[Run] = []
     out = args.output_tokens
-    with LocalStack(["--router-mode", "round-robin"], worker) as stack:
+    with LocalStack(["--router-mode", "round-robin"], worker, keep_logs=args.keep_logs) as stack:
         stack.wait_ready(timeout=900)
         for c in concurrencies:  # first use of each batch size and of the schema, in both modes
             for constrained in (False, True):
