@@ -11,7 +11,8 @@ delivered to a sink as the worker delivers them (`generate_into`), at batch 32 /
 
 The baseline, in the same run: the same engine loop with an executor that does nothing but return
 the tokens (no snapshot of the step, no sampling knobs): the scheduler and delivery alone, which
-every engine (mocker included) pays. "executor" is the difference.
+every engine (mocker included) pays. "executor" is the difference in CPU time per token (the work;
+wall time adds the hand-offs to the runner thread, whose latency on a small VM varies run to run).
 
     .venv/bin/python benchmarks/host_step.py [--steps 600] [--rounds 3] [--out benchmarks/results]
 """
@@ -23,6 +24,7 @@ import asyncio
 import json
 import platform
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -82,24 +84,28 @@ def _requests(batch: int, steps: int, knobs: dict[str, Any], seed: int) -> list[
     ]
 
 
-async def _one(engine: TorchEngine, batch: int, steps: int, knobs: dict[str, Any], seed: int) -> float:
-    """Seconds per delivered token over `batch` sequences decoding `steps` tokens each."""
+async def _one(
+    engine: TorchEngine, batch: int, steps: int, knobs: dict[str, Any], seed: int
+) -> tuple[float, float]:
+    """CPU seconds (the process's, all threads: work, not waiting) and wall seconds per delivered
+    token over `batch` sequences decoding `steps` tokens each."""
     delivered = 0
 
     def sink(out: EngineOutput) -> None:
         nonlocal delivered
         delivered += len(out.token_ids)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(engine.generate_into(r, sink) for r in _requests(batch, steps, knobs, seed)))
-    elapsed = time.perf_counter() - started
+    requests = _requests(batch, steps, knobs, seed)  # drawn before the clocks start
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(engine.generate_into(r, sink) for r in requests))
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     assert delivered == batch * steps, (delivered, batch * steps)
-    return elapsed / delivered
+    return cpu / delivered, wall / delivered
 
 
 def measure(model_dir: Path, batch: int, steps: int, knobs: dict[str, Any], rounds: int) -> dict[str, float]:
-    """Best-of-`rounds` µs per token of the engine with the stubbed forward and of the bare loop,
-    interleaved."""
+    """Median over `rounds` interleaved rounds of µs per token: CPU and wall time of the engine with
+    the stubbed forward, and of the bare loop."""
     cfg = TorchEngineConfig(
         model_dir=model_dir,
         device="cpu",
@@ -119,7 +125,7 @@ def measure(model_dir: Path, batch: int, steps: int, knobs: dict[str, Any], roun
         _stub_forward(torch_engine)
         for engine in (torch_engine, bare):
             await engine.start()
-        times: dict[str, list[float]] = {"engine": [], "bare": []}
+        times: dict[str, list[tuple[float, float]]] = {"engine": [], "bare": []}
         try:
             for r in range(rounds):
                 times["engine"].append(await _one(torch_engine, batch, steps, knobs, r))
@@ -127,7 +133,11 @@ def measure(model_dir: Path, batch: int, steps: int, knobs: dict[str, Any], roun
         finally:
             for engine in (torch_engine, bare):
                 await engine.stop()
-        return {name: min(values) * 1e6 for name, values in times.items()}
+        out: dict[str, float] = {}
+        for name, pairs in times.items():
+            out[f"{name}_cpu"] = statistics.median(c for c, _ in pairs) * 1e6
+            out[f"{name}_wall"] = statistics.median(w for _, w in pairs) * 1e6
+        return out
 
     return asyncio.run(run())
 
@@ -140,11 +150,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['knobs']}\nbatch {r['batch']}" for r in rows]
-    bare = [r["bare_us"] for r in rows]
-    executor = [r["engine_us"] - r["bare_us"] for r in rows]
+    bare = [r["bare_cpu_us"] for r in rows]
+    executor = [r["engine_cpu_us"] - r["bare_cpu_us"] for r in rows]
     ax.bar(labels, bare, label="scheduler + delivery (bare loop)")
     ax.bar(labels, executor, bottom=bare, label="torch executor's host work")
-    ax.set_ylabel("µs per token")
+    ax.set_ylabel("CPU µs per token")
     ax.set_title("host work per decode token, forward stubbed")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -166,12 +176,8 @@ def main() -> None:
         for knobs_name, knobs in KNOBS.items():
             for batch in (int(b) for b in args.batches.split(",")):
                 result = measure(model_dir, batch, args.steps, knobs, args.rounds)
-                row = {
-                    "knobs": knobs_name,
-                    "batch": batch,
-                    "engine_us": result["engine"],
-                    "bare_us": result["bare"],
-                }
+                row: dict[str, Any] = {"knobs": knobs_name, "batch": batch}
+                row.update({f"{name}_us": value for name, value in result.items()})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     write_report(args, rows)
@@ -184,16 +190,20 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         "# Host work per decode step (forward stubbed)",
         "",
         f"{cpu_class()}, Python {platform.python_version()}; "
-        f"{args.steps} tokens per sequence after a 300-700-token prompt, best of {args.rounds} "
-        "interleaved rounds. Command: `.venv/bin/python benchmarks/host_step.py`.",
+        f"{args.steps} tokens per sequence after a 300-700-token prompt, median of {args.rounds} "
+        "interleaved rounds. CPU: the process's CPU time (all threads) per token, the work done; "
+        "wall: elapsed time per token, which adds the waits for the runner thread (noisy on a "
+        "small VM). Command: `.venv/bin/python benchmarks/host_step.py`.",
         "",
-        "| knobs | batch | engine µs/token | bare loop µs/token | executor µs/token | engine ms/step |",
-        "|---|---|---|---|---|---|",
+        "| knobs | batch | engine CPU µs/token | bare loop CPU µs/token | executor CPU µs/token "
+        "| engine wall µs/token | bare wall µs/token | engine wall ms/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['knobs']} | {r['batch']} | {r['engine_us']:.2f} | {r['bare_us']:.2f} | "
-            f"{r['engine_us'] - r['bare_us']:.2f} | {r['engine_us'] * r['batch'] / 1000:.2f} |"
+            f"| {r['knobs']} | {r['batch']} | {r['engine_cpu_us']:.2f} | {r['bare_cpu_us']:.2f} | "
+            f"{r['engine_cpu_us'] - r['bare_cpu_us']:.2f} | {r['engine_wall_us']:.2f} | "
+            f"{r['bare_wall_us']:.2f} | {r['engine_wall_us'] * r['batch'] / 1000:.2f} |"
         )
     lines += ["", "![host step](host_step.png)", ""]
     (args.out / "host_step.md").write_text("\n".join(lines))
