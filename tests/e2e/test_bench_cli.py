@@ -157,9 +157,12 @@ def test_structured(tmp_path: Path, small_llama_dir: Path) -> None:
         str(tmp_path),
         "--keep-logs",
         str(tmp_path / "logs"),
+        "--worker-args",
+        "--guided-decoding-threads 2",
     )
     assert_reported(result, tmp_path, "structured_cpu")
-    assert "guided masks: " in (tmp_path / "logs" / "worker-0.log").read_text()
+    # The worker's flag sized the pool its masks were computed on (the line it logs when it stops).
+    assert " computations on 2 threads, " in (tmp_path / "logs" / "worker-0.log").read_text()
 
 
 def test_vs_dynamo_without_dynamo_says_how_to_set_it_up(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ def test_boolean_flags_both_ways() -> None:
         (WorkerConfig, ["--eos-probability", "2"], "within"),
         (WorkerConfig, ["--q4-max-rows", "-1"], "q4-max-rows must not be negative"),
         (WorkerConfig, ["--cpu-kernels", "native"], "not one of"),
+        (WorkerConfig, ["--guided-decoding-threads", "0"], "--guided-decoding-threads must be at least 1"),
         (WorkerConfig, ["--model-type", "chat,images"], "model-type"),
         (UpConfig, ["--workers", "0"], "at least 1"),
     ],

@@ -86,6 +86,7 @@ class Guides:
         self.pin = False
         """Masks in pinned memory (CUDA: their copy to the device then does not wait for the host)."""
         self._pool = llguidance.LLExecutor(threads)
+        self.threads = threads
         self.stats = MaskStats()
 
     def load(self) -> None:
@@ -109,10 +110,11 @@ class Guides:
         st = self.stats
         if st.computations:
             log.info(
-                "guided masks: %d rows in %d computations, %.1f ms computing (%.1f us a row); the "
-                "runner waited %.1f ms for them",
+                "guided masks: %d rows in %d computations on %d threads, %.1f ms computing (%.1f us a "
+                "row); the runner waited %.1f ms for them",
                 st.rows,
                 st.computations,
+                self.threads,
                 st.computing_s * 1e3,
                 st.computing_s / st.rows * 1e6,
                 st.waiting_s * 1e3,

@@ -164,4 +164,4 @@ def test_what_the_masks_cost_is_counted_and_logged_at_close(
     assert guides.stats.computing_s > 0 and guides.stats.waiting_s >= 0
     with caplog.at_level(logging.INFO, logger="turbine.engines.torch.grammar"):
         guides.close()
-    assert "guided masks: 3 rows in 1 computations" in caplog.text
+    assert "guided masks: 3 rows in 1 computations on 2 threads" in caplog.text
